@@ -1,0 +1,121 @@
+"""Typed configuration of a BLSP model and of generation.
+
+`BlspConfig` keeps the key names of the released checkpoint (`whisper_config`, `llama_config`,
+`conv_kernel_sizes`, `adapter_inner_dim`) so that its config.json loads unchanged; `llama_config`
+holds the config of any causal LM (its `model_type` says which), the name is kept for compatibility.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from transformers import AutoConfig, PretrainedConfig, WhisperConfig
+
+EncoderPadding = Literal["30s", "none"]
+ENCODER_PADDINGS: tuple[str, ...] = ("30s", "none")
+PROMPT_TEMPLATES: tuple[str, ...] = ("blsp", "chat")
+CONFIG_NAME = "config.json"
+
+
+@dataclass
+class BlspConfig:
+    whisper_config: dict[str, Any]
+    llama_config: dict[str, Any]
+    conv_kernel_sizes: str = "5,5,5"
+    adapter_inner_dim: int = 512
+    # "30s" pads every window to 30 s as the release does; "none" encodes only the real frames.
+    # Training and decoding must agree, so inference follows what the adapter was trained with.
+    encoder_padding: EncoderPadding = "30s"
+    prompt_template: str = "blsp"
+    # Where the frozen base models come from when a checkpoint holds only the adapter.
+    whisper_name_or_path: str | None = None
+    llm_name_or_path: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.encoder_padding not in ENCODER_PADDINGS:
+            raise ValueError(f"encoder_padding must be one of {ENCODER_PADDINGS}, got {self.encoder_padding!r}")
+        if self.prompt_template not in PROMPT_TEMPLATES:
+            raise ValueError(f"prompt_template must be one of {PROMPT_TEMPLATES}, got {self.prompt_template!r}")
+        if not self.kernel_sizes:
+            raise ValueError("conv_kernel_sizes must name at least one kernel size, e.g. '5,5,5'")
+
+    @property
+    def kernel_sizes(self) -> list[int]:
+        return [int(k) for k in str(self.conv_kernel_sizes).split(",") if k.strip()]
+
+    def whisper(self) -> WhisperConfig:
+        return WhisperConfig(**self.whisper_config)
+
+    def llm(self) -> PretrainedConfig:
+        return llm_config_from_dict(self.llama_config)
+
+    @classmethod
+    def from_base_configs(cls, whisper: WhisperConfig, llm: PretrainedConfig, **kwargs: Any) -> "BlspConfig":
+        return cls(whisper_config=whisper.to_dict(), llama_config=llm.to_dict(), **kwargs)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data.update(data.pop("extra"))
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "BlspConfig":
+        known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        if "whisper_config" not in data or "llama_config" not in data:
+            raise ValueError("not a BLSP config: it needs both 'whisper_config' and 'llama_config'")
+        kwargs = {k: v for k, v in data.items() if k in known}
+        kwargs["extra"] = {k: v for k, v in data.items() if k not in known}
+        return cls(**kwargs)
+
+    def save(self, directory: str | Path) -> None:
+        path = Path(directory) / CONFIG_NAME
+        path.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+
+    @classmethod
+    def load(cls, directory: str | Path) -> "BlspConfig":
+        return cls.from_dict(json.loads((Path(directory) / CONFIG_NAME).read_text()))
+
+
+def llm_config_from_dict(data: dict[str, Any]) -> PretrainedConfig:
+    """Any causal LM's config; the released checkpoint's `llama_config` may lack `model_type`."""
+    data = dict(data)
+    model_type = data.pop("model_type", None) or "llama"
+    try:
+        return AutoConfig.for_model(model_type, **data)
+    except ValueError as err:
+        raise ValueError(f"unsupported LLM architecture {model_type!r}: {err}") from err
+
+
+@dataclass(frozen=True)
+class GenerationOptions:
+    """How a reply is decoded. Change with `dataclasses.replace`."""
+
+    max_new_tokens: int = 256
+    do_sample: bool = False
+    temperature: float = 0.7
+    top_p: float = 0.9
+    repetition_penalty: float = 1.1
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
+        if self.do_sample and not self.temperature > 0:
+            raise ValueError(f"temperature must be positive when sampling, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty must be positive, got {self.repetition_penalty}")
+
+    def to_hf_kwargs(self) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {
+            "max_new_tokens": self.max_new_tokens,
+            "do_sample": self.do_sample,
+            "repetition_penalty": self.repetition_penalty,
+        }
+        if self.do_sample:
+            kwargs.update(temperature=self.temperature, top_p=self.top_p)
+        return kwargs

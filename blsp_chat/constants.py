@@ -1,0 +1,36 @@
+"""Every fixed number and string of the project, with its derivation, in one place."""
+
+# --- audio (Whisper's front end) -------------------------------------------------------------
+SAMPLE_RATE = 16_000                      # Hz: Whisper's only input rate
+CHUNK_LENGTH = 30                         # seconds: Whisper's receptive window
+N_SAMPLES = CHUNK_LENGTH * SAMPLE_RATE    # 480000 samples in one window
+HOP_LENGTH = 160                          # samples between mel frames (10 ms)
+N_FFT = 400                               # STFT window (25 ms)
+N_FRAMES = N_SAMPLES // HOP_LENGTH        # 3000 mel frames in one window
+ENCODER_STRIDE = 2                        # Whisper's second conv halves the frame rate
+SAMPLES_PER_ENCODER_FRAME = HOP_LENGTH * ENCODER_STRIDE  # 320 samples = 20 ms
+
+# --- prompt format of the released BLSP model (paper section 3, DESIGN.md section 3) --------------
+HUMAN_PREFIX = "###[Human]:"
+TURN_SEPARATOR = "\n\n\n"
+ASSISTANT_PREFIX = "###[Assistant]:"
+# The raw `###` format can run on into an invented next turn; generation stops on this too.
+STOP_STRINGS = ("###",)
+
+# --- instructions (paper Table 1 and Table 11) ---------------------------------------------------
+CONTINUATION_INSTRUCTION = (
+    "Continue the following text in a coherent and engaging style with less than 40 words."
+)
+REPEAT_INSTRUCTION = "Please repeat the following words."
+TRANSLATE_INSTRUCTION = "Please translate the following English text into {target} text."
+SENTIMENT_INSTRUCTION = (
+    "Please classify the emotional tone of the text as either positive, negative, or neutral."
+)
+INTENT_INSTRUCTION = "Please classify the intent of the text, choose from [{labels}]."
+
+# --- weights ---------------------------------------------------------------------------------
+CACHE_ENV_VAR = "BLSP_CHAT_CACHE"          # overrides the cache directory below
+DEFAULT_CACHE_DIR = "~/.cache/blsp_chat"
+
+# --- training --------------------------------------------------------------------------------
+IGNORE_INDEX = -100                        # label value the loss skips (PyTorch's cross-entropy default)

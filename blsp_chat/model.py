@@ -1,0 +1,262 @@
+"""BlspModel: frozen Whisper encoder -> modality adapter -> frozen causal LM.
+
+Speech enters the LLM only at placeholder positions (`speech_mask`), filled in order with
+`masked_scatter`. No file, network, session or UI code here: inputs are 16 kHz float arrays and token ids.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, PreTrainedModel, WhisperFeatureExtractor
+from transformers.models.whisper.modeling_whisper import WhisperEncoder
+
+from .adapter import Bottleneck, Conv1dSubsampler, subsampled_lengths, zero_past
+from .config import BlspConfig, GenerationOptions
+from .constants import HOP_LENGTH, N_FFT, N_SAMPLES, SAMPLE_RATE
+
+TRAINABLE_PREFIXES = ("subsampler.", "adapter.", "speech_ln.")
+SPEECH_LN_EPS = 1e-5
+
+
+@dataclass
+class SpeechBatch:
+    """Log-mel features of a batch of <=30 s windows and the number of real frames in each."""
+
+    features: torch.Tensor       # (B, n_mels, F)
+    frame_lengths: torch.Tensor  # (B,)
+
+
+def split_into_windows(audio: np.ndarray, window_samples: int = N_SAMPLES) -> list[np.ndarray]:
+    """Consecutive windows of at most `window_samples` samples, in order, covering every sample once."""
+    return [audio[start:start + window_samples] for start in range(0, max(len(audio), 1), window_samples)]
+
+
+def window_lengths(num_samples: int, window_samples: int = N_SAMPLES) -> list[int]:
+    """Lengths of the windows `split_into_windows` makes, without touching any audio."""
+    full, rest = divmod(num_samples, window_samples)
+    return [window_samples] * full + ([rest] if rest or not full else [])
+
+
+def mel_frame_count(num_samples: int) -> int:
+    return -(-num_samples // HOP_LENGTH)
+
+
+def encoder_lengths(frame_lengths: torch.Tensor) -> torch.Tensor:
+    """Whisper's stride-2 conv: floor((F - 1) / 2) + 1 output frames."""
+    return subsampled_lengths(frame_lengths, 1)
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions count only real tokens, so padding anywhere in a row does not shift them."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def merge_speech(inputs_embeds: torch.Tensor, speech_mask: torch.Tensor, speech_embeds: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Fill the positions where speech_mask is True, in row-major order, with the speech vectors.
+
+    inputs_embeds (B, T, d), speech_mask (B, T) bool, speech_embeds: one (L_i, d) per speech slot.
+    """
+    num_slots = int(speech_mask.sum())
+    flat = torch.cat(list(speech_embeds)) if speech_embeds else inputs_embeds.new_zeros(0, inputs_embeds.shape[-1])
+    if num_slots != flat.shape[0]:
+        raise ValueError(
+            f"speech placeholder count ({num_slots}) does not match the number of speech vectors "
+            f"({flat.shape[0]}): the prompt was rendered for different audio than was encoded"
+        )
+    if num_slots == 0:
+        return inputs_embeds
+    return inputs_embeds.masked_scatter(speech_mask.unsqueeze(-1), flat.to(inputs_embeds.dtype))
+
+
+class BlspModel(nn.Module):
+    """Parameter names match the released checkpoint: whisper_model.*, llama_model.*, subsampler.*,
+    adapter.*, speech_ln.*."""
+
+    def __init__(
+        self,
+        config: BlspConfig,
+        whisper_encoder: WhisperEncoder | None = None,
+        llm: PreTrainedModel | None = None,
+        feature_extractor: WhisperFeatureExtractor | None = None,
+    ):
+        super().__init__()
+        self.config = config
+        whisper_config = config.whisper()
+        self.whisper_model = whisper_encoder if whisper_encoder is not None else WhisperEncoder(whisper_config)
+        self.llama_model = llm if llm is not None else AutoModelForCausalLM.from_config(config.llm())
+        llm_dim = self.llama_model.get_input_embeddings().embedding_dim
+        self.subsampler = Conv1dSubsampler(whisper_config.d_model, llm_dim, config.kernel_sizes)
+        self.adapter = Bottleneck(llm_dim, config.adapter_inner_dim)
+        self.speech_ln = nn.LayerNorm(llm_dim, eps=SPEECH_LN_EPS)
+        self.feature_extractor = feature_extractor or WhisperFeatureExtractor(
+            feature_size=whisper_config.num_mel_bins, sampling_rate=SAMPLE_RATE
+        )
+        self.freeze_base_models()
+
+    # --- parameters ------------------------------------------------------------------------------
+    def freeze_base_models(self) -> None:
+        """Only the adapter trains; Whisper and the LLM are frozen and kept in eval mode."""
+        for name, param in self.named_parameters():
+            param.requires_grad = name.startswith(TRAINABLE_PREFIXES)
+        self.whisper_model.eval()
+        self.llama_model.eval()
+
+    def train(self, mode: bool = True) -> "BlspModel":
+        super().train(mode)
+        self.whisper_model.eval()  # frozen parts never use dropout
+        self.llama_model.eval()
+        return self
+
+    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        return {k: v for k, v in self.state_dict().items() if k.startswith(TRAINABLE_PREFIXES)}
+
+    def num_trainable_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+    @property
+    def device(self) -> torch.device:
+        return self.speech_ln.weight.device
+
+    @property
+    def encoder_dtype(self) -> torch.dtype:
+        return self.whisper_model.conv1.weight.dtype
+
+    # --- speech ----------------------------------------------------------------------------------
+    def speech_token_count(self, num_samples: int) -> int:
+        """How many LLM positions a clip of `num_samples` 16 kHz samples occupies."""
+        frames = torch.tensor([mel_frame_count(n) for n in window_lengths(num_samples)])
+        return int(subsampled_lengths(encoder_lengths(frames), len(self.subsampler.conv_layers)).sum())
+
+    def extract_features(self, windows: Sequence[np.ndarray]) -> SpeechBatch:
+        """Windows of <=30 s -> log-mel features, padded to 30 s or to the longest window."""
+        frame_lengths = torch.tensor([mel_frame_count(len(w)) for w in windows])
+        if self.config.encoder_padding == "30s":
+            out = self.feature_extractor(list(windows), sampling_rate=SAMPLE_RATE, padding="max_length", return_tensors="pt")
+            return SpeechBatch(out.input_features, frame_lengths)
+        # Zeros past the last frame's STFT window, as the 30 s path has, so that no clip's edge frames
+        # depend on how far the batch padded it.
+        target = int(frame_lengths.max()) * HOP_LENGTH + N_FFT // 2
+        padded = [np.pad(np.asarray(w, dtype=np.float32), (0, target - len(w))) for w in windows]
+        out = self.feature_extractor(padded, sampling_rate=SAMPLE_RATE, padding="longest", return_tensors="pt")
+        return SpeechBatch(out.input_features[..., : int(frame_lengths.max())], frame_lengths)
+
+    def encode_frames(self, batch: SpeechBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Whisper encoder: (B, n_mels, F) -> (B, T, d_whisper) sliced to the longest real length, lengths (B,)."""
+        features = batch.features.to(self.device, self.encoder_dtype)
+        frame_lengths = batch.frame_lengths.to(self.device)
+        lengths = encoder_lengths(frame_lengths)
+        if self.config.encoder_padding == "30s":
+            hidden = self.whisper_model(features).last_hidden_state
+        else:
+            hidden = self._encode_unpadded(features, frame_lengths, lengths)
+        return hidden[:, : int(lengths.max())], lengths
+
+    def _encode_unpadded(self, features: torch.Tensor, frame_lengths: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """Whisper's encoder on the real frames only: its positional table is sliced to the length,
+        batch padding is zeroed before each conv (as a lone clip's conv padding is) and masked out of
+        attention."""
+        enc = self.whisper_model
+        x = nn.functional.gelu(enc.conv1(zero_past(features, frame_lengths)))
+        x = nn.functional.gelu(enc.conv2(zero_past(x, frame_lengths))).transpose(1, 2)
+        x = x + enc.embed_positions.weight[: x.shape[1]]
+        keep = torch.arange(x.shape[1], device=x.device)[None, :] < lengths[:, None]
+        mask = torch.zeros(keep.shape, dtype=x.dtype, device=x.device).masked_fill(~keep, torch.finfo(x.dtype).min)
+        mask = mask[:, None, None, :]
+        for layer in enc.layers:
+            x = layer(x, mask)
+        return enc.layer_norm(x)
+
+    def adapt(self, hidden: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, T, d_whisper) -> (B, T', d_llm) in the LLM's embedding space, lengths (B,)."""
+        x, out_lengths = self.subsampler(hidden.to(self.speech_ln.weight.dtype), lengths)
+        return self.speech_ln(self.adapter(x)), out_lengths
+
+    def encode_speech(self, audios: Sequence[np.ndarray]) -> list[torch.Tensor]:
+        """16 kHz mono clips of any length -> one (L_i, d_llm) tensor per clip.
+
+        Clips longer than 30 s are cut into windows whose outputs are concatenated in order.
+        """
+        windows, owners = [], []
+        for index, audio in enumerate(audios):
+            for window in split_into_windows(np.asarray(audio, dtype=np.float32)):
+                windows.append(window)
+                owners.append(index)
+        if not windows:
+            return []
+        embeds, lengths = self.adapt(*self.encode_frames(self.extract_features(windows)))
+        per_clip: list[list[torch.Tensor]] = [[] for _ in audios]
+        for row, owner in enumerate(owners):
+            per_clip[owner].append(embeds[row, : int(lengths[row])])
+        return [torch.cat(parts) for parts in per_clip]
+
+    # --- language model ----------------------------------------------------------------------------
+    def embed_inputs(self, input_ids: torch.Tensor, speech_mask: torch.Tensor | None, speech_embeds: Sequence[torch.Tensor] = ()) -> torch.Tensor:
+        input_ids = input_ids.to(self.device)
+        embeds = self.llama_model.get_input_embeddings()(input_ids)
+        if speech_mask is None:
+            speech_mask = torch.zeros_like(input_ids, dtype=torch.bool)
+        return merge_speech(embeds, speech_mask.to(self.device), speech_embeds)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        speech_mask: torch.Tensor | None = None,
+        audios: Sequence[np.ndarray] | None = None,
+        speech_embeds: Sequence[torch.Tensor] | None = None,
+        labels: torch.Tensor | None = None,
+        **llm_kwargs: Any,
+    ):
+        """input_ids (B, T) with placeholders where speech_mask is True; speech comes as raw `audios`
+        (encoded here) or precomputed `speech_embeds`. Returns the LLM's output; `.loss` only with labels."""
+        if speech_embeds is None:
+            speech_embeds = self.encode_speech(audios or [])
+        inputs_embeds = self.embed_inputs(input_ids, speech_mask, speech_embeds)
+        if attention_mask is None:
+            attention_mask = torch.ones(input_ids.shape, dtype=torch.long)
+        attention_mask = attention_mask.to(self.device)
+        return self.llama_model(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids_from_mask(attention_mask),
+            labels=None if labels is None else labels.to(self.device),
+            **llm_kwargs,
+        )
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        speech_mask: torch.Tensor | None = None,
+        audios: Sequence[np.ndarray] | None = None,
+        options: GenerationOptions = GenerationOptions(),
+        **hf_kwargs: Any,
+    ) -> torch.Tensor:
+        """Left-padded prompts -> new token ids (B, N). `hf_kwargs` go to the LLM's generate
+        (eos_token_id, stop_strings with tokenizer, streamer, ...)."""
+        inputs_embeds = self.embed_inputs(input_ids, speech_mask, self.encode_speech(audios or []))
+        if attention_mask is None:
+            attention_mask = torch.ones(input_ids.shape, dtype=torch.long)
+        return self.llama_model.generate(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask.to(self.device),
+            **options.to_hf_kwargs(),
+            **hf_kwargs,
+        )
+
+    # --- transformers-style persistence (implemented in weights.py, which owns all file I/O) -----
+    def save_pretrained(self, directory) -> None:
+        from .weights import save_adapter
+
+        save_adapter(self, directory)
+
+    @classmethod
+    def from_pretrained(cls, name_or_path=None, **kwargs: Any) -> "BlspModel":
+        from .weights import load_model
+
+        return load_model(name_or_path, **kwargs)

