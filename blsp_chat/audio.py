@@ -95,7 +95,7 @@ def split_into_windows(audio: np.ndarray, window_samples: int = N_SAMPLES) -> li
 
     Whisper hears at most 30 s at once; the model encodes each window and concatenates the adapter
     outputs. Every sample lands in exactly one window; the last window is the remainder (shorter,
-    possibly very short); audio of one window or less comes back as a single window.
+    possibly very short); audio of one window or less comes back as one window, empty audio as [].
     """
     if window_samples <= 0:
         raise ValueError(f"window_samples must be positive, got {window_samples}")

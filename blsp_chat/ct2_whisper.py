@@ -106,8 +106,8 @@ def _read_variable(r: _Reader) -> tuple[str, np.ndarray]:
     if type_id not in _DTYPES:
         raise CT2FormatError(f"{r.path}: variable {name} has unsupported dtype id {type_id}")
     n_bytes = r.unpack("I", f"size of {name}")
-    expected = int(np.prod(shape, dtype=np.int64)) * (2 if _DTYPES[type_id] == "bfloat16"
-                                                      else np.dtype(_DTYPES[type_id]).itemsize)
+    itemsize = 2 if _DTYPES[type_id] == "bfloat16" else np.dtype(_DTYPES[type_id]).itemsize
+    expected = int(np.prod(shape, dtype=np.int64)) * itemsize
     if n_bytes != expected:
         raise CT2FormatError(f"{r.path}: variable {name} {shape} {_DTYPES[type_id]} "
                              f"claims {n_bytes} bytes, expected {expected}")

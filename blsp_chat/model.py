@@ -14,6 +14,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel, WhisperFeatureExtractor
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
+from .audio import split_into_windows
 from .adapter import Bottleneck, Conv1dSubsampler, subsampled_lengths, zero_past
 from .config import BlspConfig, GenerationOptions
 from .constants import HOP_LENGTH, N_FFT, N_SAMPLES, SAMPLE_RATE
@@ -28,11 +29,6 @@ class SpeechBatch:
 
     features: torch.Tensor       # (B, n_mels, F)
     frame_lengths: torch.Tensor  # (B,)
-
-
-def split_into_windows(audio: np.ndarray, window_samples: int = N_SAMPLES) -> list[np.ndarray]:
-    """Consecutive windows of at most `window_samples` samples, in order, covering every sample once."""
-    return [audio[start:start + window_samples] for start in range(0, max(len(audio), 1), window_samples)]
 
 
 def window_lengths(num_samples: int, window_samples: int = N_SAMPLES) -> list[int]:

