@@ -98,7 +98,7 @@ class GenerationOptions:
     do_sample: bool = False
     temperature: float = 0.7
     top_p: float = 0.9
-    repetition_penalty: float = 1.1
+    repetition_penalty: float = 1.0  # the paper decodes greedily with none; raise it if a small LLM loops
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
