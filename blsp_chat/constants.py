@@ -34,3 +34,17 @@ DEFAULT_CACHE_DIR = "~/.cache/blsp_chat"
 
 # --- training --------------------------------------------------------------------------------
 IGNORE_INDEX = -100                        # label value the loss skips (PyTorch's cross-entropy default)
+
+# --- task presets: the instruction placed before a spoken turn (paper Tables 1 and 11) ----------
+TASK_PRESETS = {
+    "Chat": "",
+    "Continue": CONTINUATION_INSTRUCTION,
+    "Transcribe": REPEAT_INSTRUCTION,
+    "Translate": TRANSLATE_INSTRUCTION,
+    "Sentiment": SENTIMENT_INSTRUCTION,
+    "Intent": INTENT_INSTRUCTION,
+}
+DEFAULT_TRANSLATION_TARGET = "German"
+# SNIPS light-control intents (paper Table 11), the default label list of the intent preset.
+SNIPS_LIGHT_INTENTS = ("DecreaseBrightness", "IncreaseBrightness", "SetLightBrightness",
+                       "SetLightColor", "SwitchLightOff", "SwitchLightOn")

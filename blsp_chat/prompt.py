@@ -11,7 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, Sequence
 
-from .constants import ASSISTANT_PREFIX, HUMAN_PREFIX, TURN_SEPARATOR
+from .constants import (
+    ASSISTANT_PREFIX, DEFAULT_TRANSLATION_TARGET, HUMAN_PREFIX, SNIPS_LIGHT_INTENTS, TASK_PRESETS, TURN_SEPARATOR,
+)
 from .constants import IGNORE_INDEX
 
 Role = Literal["human", "assistant"]
@@ -146,3 +148,10 @@ def _check_alternation(turns: Sequence[Turn]) -> None:
         expected = "human" if index % 2 == 0 else "assistant"
         if turn.role != expected:
             raise ValueError(f"turn {index} is {turn.role!r} but turns must alternate human/assistant from a human turn")
+
+
+def task_instruction(task: str, target: str = DEFAULT_TRANSLATION_TARGET, labels: Sequence[str] = SNIPS_LIGHT_INTENTS) -> str:
+    """The instruction of a task preset, with its target language or label list filled in."""
+    if task not in TASK_PRESETS:
+        raise ValueError(f"unknown task {task!r}; choose from {sorted(TASK_PRESETS)}")
+    return TASK_PRESETS[task].format(target=target, labels=", ".join(labels))

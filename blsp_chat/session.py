@@ -1,17 +1,42 @@
-"""Turning a conversation into a reply: rendering, stop rules and decoding around BlspModel.generate."""
+"""Turning a conversation into a reply.
+
+`ChatSession` is the conversation engine, one per user: it keeps the history as `prompt.Turn`s, the
+speech embeddings of each spoken turn (encoded once, on the model's device) and the LLM's KV cache of
+the rendered history, and streams each reply as typed `ReplyChunk`s from a background thread.
+
+KV reuse rests on one fact of `prompt.render`: the rendering of a history is a prefix of the rendering
+of that history plus more turns, as long as assistant turns keep the token ids they were generated as.
+The session remembers, for every position the cache holds, a key (the token id, or the speech clip and
+frame for a speech position); before a reply it crops the cache to the longest prefix whose keys agree
+with the new rendering and prefills only the rest. Dropped turns, `regenerate()` and `undo()` are all
+handled by that one rule.
+
+`generate_reply` is the one-shot path (`model.generate`) the CLI uses.
+"""
 from __future__ import annotations
 
-from typing import Sequence
+import itertools
+import queue
+import threading
+import weakref
+from dataclasses import dataclass
+from typing import Iterator, Literal, Sequence
 
 import numpy as np
 import torch
+from transformers import DynamicCache
 
+from .audio import validate_audio
 from .config import GenerationOptions
 from .constants import STOP_STRINGS
-from .prompt import Turn, render, template_for
+from .prompt import RenderedPrompt, Turn, render, template_for
 
 # End-of-text spellings of common LLM families; any present in the vocabulary ends a reply.
 END_OF_TEXT_TOKENS = ("</s>", "<|endoftext|>", "<|im_end|>", "<|eot_id|>", "<|end|>")
+REPLACEMENT_CHAR = "\ufffd"  # what a decoder writes for an incomplete UTF-8 sequence
+CANCEL_JOIN_SECONDS = 60.0   # cancel() waits at most this long for the step in flight to finish
+
+StopReason = Literal["eos", "stop_string", "max_new_tokens", "cancelled"]
 
 
 def eos_token_ids(tokenizer, llm) -> list[int]:
@@ -41,9 +66,439 @@ def generate_reply(loaded, turns: Sequence[Turn], audios: Sequence[np.ndarray] =
     model, tokenizer = loaded.model, loaded.tokenizer
     prompt = render(turns, tokenizer, template_for(model.config.prompt_template, tokenizer))
     ids = torch.tensor([prompt.input_ids])
-    new_ids = model.generate(
-        ids, torch.ones_like(ids), torch.tensor([prompt.speech_mask]), audios=list(audios), options=options,
-        eos_token_id=eos_token_ids(tokenizer, model.llama_model), pad_token_id=tokenizer.pad_token_id,
-        stop_strings=list(STOP_STRINGS), tokenizer=tokenizer,
-    )
+    with model_lock(model):
+        new_ids = model.generate(
+            ids, torch.ones_like(ids), torch.tensor([prompt.speech_mask]), audios=list(audios), options=options,
+            eos_token_id=eos_token_ids(tokenizer, model.llama_model), pad_token_id=tokenizer.pad_token_id,
+            stop_strings=list(STOP_STRINGS), tokenizer=tokenizer,
+        )
     return cut_at_stop(tokenizer.decode(new_ids[0], skip_special_tokens=True))
+
+
+# --- one lock per model ---------------------------------------------------------------------------
+_MODEL_LOCKS: "weakref.WeakKeyDictionary[torch.nn.Module, threading.Lock]" = weakref.WeakKeyDictionary()
+_MODEL_LOCKS_GUARD = threading.Lock()
+
+
+def model_lock(model) -> threading.Lock:
+    """The lock every forward pass on `model` holds, so sessions sharing a model take turns step by
+    step (their caches are their own, so interleaved steps are safe)."""
+    with _MODEL_LOCKS_GUARD:
+        lock = _MODEL_LOCKS.get(model)
+        if lock is None:
+            lock = _MODEL_LOCKS[model] = threading.Lock()
+        return lock
+
+
+# --- streaming text ------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ReplyChunk:
+    """One piece of a streamed reply.
+
+    delta: text new since the previous chunk (the deltas of a reply concatenate to the last chunk's text).
+    text: the reply so far, as `cut_at_stop` would give it (never ends in half a character).
+    done: True on the last chunk only, which carries `stopped_by`.
+    stopped_by: "eos", "stop_string" (`###`), "max_new_tokens" or "cancelled"; None before the end.
+    dropped_turns: how many of the oldest turns (human and assistant each count one) were dropped
+        from the history to fit this reply into the context; the same on every chunk of a reply.
+    """
+
+    delta: str
+    text: str
+    done: bool = False
+    stopped_by: StopReason | None = None
+    dropped_turns: int = 0
+
+
+class TextStream:
+    """Token ids in, UTF-8-safe text deltas out, stopping at the stop strings.
+
+    The whole id list is decoded each time; nothing is shown while it ends in U+FFFD (half a
+    multi-byte character), nor a tail that could still grow into a stop string (`#`, `##`) or is only
+    whitespace (the final text is stripped). So the shown text only ever grows, and equals
+    `cut_at_stop(decode(ids))` at the end."""
+
+    def __init__(self, tokenizer, stop_strings: Sequence[str] = STOP_STRINGS):
+        self.tokenizer = tokenizer
+        self.stop_strings = tuple(stop_strings)
+        self.ids: list[int] = []
+        self.shown = ""
+        self.stop_hit = False
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+    def raw_before_stop(self) -> str:
+        """Decoded ids up to the first stop string (unstripped)."""
+        raw = self.decode(self.ids)
+        hits = [raw.find(s) for s in self.stop_strings if s in raw]
+        return raw[: min(hits)] if hits else raw
+
+    def push(self, token_id: int) -> str:
+        """Add one generated id; returns the text it made safe to show (often "")."""
+        self.ids.append(int(token_id))
+        raw = self.decode(self.ids)
+        if any(s in raw for s in self.stop_strings):
+            self.stop_hit = True
+            return ""  # the rest is shown by finish()
+        if raw.endswith(REPLACEMENT_CHAR):
+            return ""
+        visible = _hold_back_stop_prefix(raw, self.stop_strings).strip()
+        return self._advance(visible)
+
+    def finish(self) -> str:
+        """The last delta: everything not yet shown of the final text."""
+        return self._advance(self.final_text())
+
+    def final_text(self) -> str:
+        return cut_at_stop(self.raw_before_stop().rstrip(REPLACEMENT_CHAR))
+
+    def _advance(self, visible: str) -> str:
+        if not visible.startswith(self.shown):
+            return ""  # a decoder that rewrote earlier text: wait (does not happen for byte-level BPE)
+        delta, self.shown = visible[len(self.shown):], visible
+        return delta
+
+
+def _hold_back_stop_prefix(text: str, stop_strings: Sequence[str]) -> str:
+    """`text` without a tail that is the start of a stop string (it may become one with more tokens)."""
+    for stop in stop_strings:
+        for size in range(min(len(stop) - 1, len(text)), 0, -1):
+            if text.endswith(stop[:size]):
+                return text[:-size]
+    return text
+
+
+# --- sampling ------------------------------------------------------------------------------------
+def apply_repetition_penalty(logits: torch.Tensor, previous: Sequence[int], penalty: float) -> torch.Tensor:
+    """transformers' rule: divide positive and multiply negative logits of every id already generated."""
+    if penalty == 1.0 or not previous:
+        return logits
+    ids = torch.tensor(sorted(set(previous)), device=logits.device)
+    scores = logits[ids]
+    logits = logits.clone()
+    logits[ids] = torch.where(scores < 0, scores * penalty, scores / penalty)
+    return logits
+
+
+def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Keep the smallest set of ids whose probability reaches top_p (always at least the best one)."""
+    if top_p >= 1.0:
+        return logits
+    sorted_logits, order = torch.sort(logits, descending=False)
+    cumulative = sorted_logits.softmax(-1).cumsum(-1)
+    remove = cumulative <= 1 - top_p
+    remove[-1] = False
+    return logits.masked_fill(remove.scatter(0, order, remove), float("-inf"))
+
+
+def next_token(logits: torch.Tensor, previous: Sequence[int], options: GenerationOptions,
+               generator: torch.Generator | None = None) -> int:
+    """logits (V,) of the last position -> the next id: greedy, or temperature + top-p sampling."""
+    logits = apply_repetition_penalty(logits.float(), previous, options.repetition_penalty)
+    if not options.do_sample:
+        return int(logits.argmax())
+    logits = top_p_filter(logits / options.temperature, options.top_p)
+    return int(torch.multinomial(logits.softmax(-1), 1, generator=generator))
+
+
+# --- the session ---------------------------------------------------------------------------------
+class ContextOverflowError(ValueError):
+    """The current turn alone (plus max_new_tokens) does not fit into the LLM's context."""
+
+
+@dataclass
+class _Entry:
+    turn: Turn
+    speech: torch.Tensor | None = None  # (L, d_llm) on the model's device, for a spoken human turn
+    uid: int = 0                        # names this turn's speech positions in the cache keys
+
+
+@dataclass
+class _Job:
+    options: GenerationOptions
+    prompt: RenderedPrompt
+    keys: list
+    speech: list[torch.Tensor]
+    dropped_turns: int
+    chunks: "queue.Queue"
+    cancel: threading.Event
+    thread: threading.Thread | None = None
+
+
+_DONE = object()
+_uids = itertools.count(1)
+
+
+class ChatSession:
+    """One user's conversation with a (shared) BlspModel.
+
+        session = ChatSession(loaded.model, loaded.tokenizer)
+        session.submit_audio(audio)          # or submit_text("...")
+        for chunk in session.stream_reply(GenerationOptions(max_new_tokens=64)):
+            print(chunk.delta, end="")
+
+    The history alternates human and assistant turns; submit a human turn, then stream its reply.
+    A reply runs on a background thread; while it runs only `cancel()` (and reading) is allowed.
+    `max_context_tokens` caps the rendered history plus max_new_tokens (default: the LLM's
+    max_position_embeddings); older turn pairs are dropped to fit. `reuse_cache=False` recomputes the
+    whole history every reply (for comparison).
+    """
+
+    def __init__(self, model, tokenizer, *, max_context_tokens: int | None = None, reuse_cache: bool = True,
+                 generator: torch.Generator | None = None):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.template = template_for(model.config.prompt_template, tokenizer)
+        llm_limit = getattr(model.llama_model.config, "max_position_embeddings", None)
+        self.max_context_tokens = max_context_tokens or llm_limit
+        if not self.max_context_tokens:
+            raise ValueError("the LLM's config has no max_position_embeddings; pass max_context_tokens")
+        self.reuse_cache = reuse_cache
+        self.generator = generator
+        self.eos_ids = set(eos_token_ids(tokenizer, model.llama_model))
+        self._entries: list[_Entry] = []
+        self._cache: DynamicCache | None = None
+        self._cache_keys: list = []  # one key per position the cache holds
+        self._job: _Job | None = None
+        self._state = threading.Lock()
+
+    @classmethod
+    def from_loaded(cls, loaded, **kwargs) -> "ChatSession":
+        return cls(loaded.model, loaded.tokenizer, **kwargs)
+
+    # --- reading ---------------------------------------------------------------------------------
+    @property
+    def turns(self) -> tuple[Turn, ...]:
+        with self._state:
+            return tuple(e.turn for e in self._entries)
+
+    @property
+    def busy(self) -> bool:
+        return self._job is not None
+
+    @property
+    def cached_tokens(self) -> int:
+        """How many positions of the history the KV cache holds."""
+        return len(self._cache_keys)
+
+    # --- human turns -----------------------------------------------------------------------------
+    def submit_text(self, text: str, instruction: str = "") -> Turn:
+        return self._append(_Entry(Turn("human", text=text, instruction=instruction)))
+
+    def submit_audio(self, audio: np.ndarray, instruction: str = "", text: str = "") -> Turn:
+        """A spoken turn: 16 kHz mono float audio, encoded here once and kept for later replies."""
+        audio = validate_audio(audio, max_seconds=None)
+        turn = speech_turn(audio, self.model, instruction=instruction, text=text)
+        self._check_can_submit()
+        with torch.inference_mode(), model_lock(self.model):
+            (speech,) = self.model.encode_speech([audio])
+        return self._append(_Entry(turn, speech, next(_uids)))
+
+    def _check_can_submit(self) -> None:
+        self._check_idle()
+        if self._entries and self._entries[-1].turn.role == "human":
+            raise ValueError("the last human turn has no reply yet: call stream_reply() (or undo()) first")
+
+    def _append(self, entry: _Entry) -> Turn:
+        with self._state:
+            self._check_can_submit()
+            self._entries.append(entry)
+        return entry.turn
+
+    # --- editing ---------------------------------------------------------------------------------
+    def undo(self) -> int:
+        """Drop the last human turn and its reply (or a human turn still awaiting one); returns how
+        many turns went. The cache is cropped lazily by the next reply."""
+        with self._state:
+            self._check_idle()
+            if not self._entries:
+                return 0
+            count = 2 if self._entries[-1].turn.role == "assistant" else 1
+            del self._entries[-count:]
+            return count
+
+    def clear(self) -> None:
+        with self._state:
+            self._check_idle()
+            self._entries.clear()
+            self._reset_cache()
+
+    def regenerate(self, options: GenerationOptions = GenerationOptions()) -> Iterator[ReplyChunk]:
+        """Drop the last reply and generate another (sample to get a different one)."""
+        with self._state:
+            self._check_idle()
+            if not self._entries or self._entries[-1].turn.role != "assistant":
+                raise ValueError("there is no reply to regenerate")
+            self._entries.pop()
+        return self.stream_reply(options)
+
+    def cancel(self, timeout: float = CANCEL_JOIN_SECONDS) -> bool:
+        """Stop the reply in flight after its current step; the partial reply stays in the history.
+        Returns whether a reply was running."""
+        job = self._job
+        if job is None:
+            return False
+        job.cancel.set()
+        if job.thread is not None and job.thread is not threading.current_thread():
+            job.thread.join(timeout)
+        return True
+
+    def _check_idle(self) -> None:
+        if self._job is not None:
+            raise RuntimeError("a reply is being generated: wait for it or cancel() it first")
+
+    # --- replies ---------------------------------------------------------------------------------
+    def stream_reply(self, options: GenerationOptions = GenerationOptions()) -> Iterator[ReplyChunk]:
+        """Start the reply to the last human turn on a background thread and return an iterator of
+        its chunks. Raises ContextOverflowError at once (and drops that turn) if the turn alone cannot
+        fit. Leaving the iterator early cancels the reply."""
+        with self._state:
+            self._check_idle()
+            if not self._entries or self._entries[-1].turn.role != "human":
+                raise ValueError("submit a human turn before asking for a reply")
+            dropped = self._fit_context(options.max_new_tokens)
+            prompt = render([e.turn for e in self._entries], self.tokenizer, self.template)
+            job = _Job(options, prompt, self._keys_of(prompt), [e.speech for e in self._entries if e.speech is not None],
+                       dropped, queue.Queue(), threading.Event())
+            self._job = job
+            job.thread = threading.Thread(target=self._generate, args=(job,), name="blsp-reply", daemon=True)
+            job.thread.start()
+        return self._drain(job)
+
+    def _drain(self, job: _Job) -> Iterator[ReplyChunk]:
+        finished = False
+        try:
+            while True:
+                item = job.chunks.get()
+                if item is _DONE:
+                    finished = True
+                    return
+                if isinstance(item, BaseException):
+                    finished = True
+                    raise item
+                yield item
+        finally:
+            if not finished:
+                job.cancel.set()
+
+    def _fit_context(self, max_new_tokens: int) -> int:
+        """Drop the oldest turn pairs until history + max_new_tokens fits; returns turns dropped."""
+        limit = self.max_context_tokens
+        current = render([self._entries[-1].turn], self.tokenizer, self.template)
+        if len(current) + max_new_tokens > limit:
+            self._entries.pop()
+            raise ContextOverflowError(
+                f"this turn takes {len(current)} tokens and the reply up to {max_new_tokens} more, but the "
+                f"model's context holds {limit}: send a shorter message or clip, or lower max_new_tokens "
+                "(the turn was not added to the history)"
+            )
+        dropped = 0
+        while len(render([e.turn for e in self._entries], self.tokenizer, self.template)) + max_new_tokens > limit:
+            del self._entries[:2]
+            dropped += 2
+        return dropped
+
+    def _keys_of(self, prompt: RenderedPrompt) -> list:
+        """A key per position: the token id, or (speech uid, frame) so that different clips differ."""
+        frames = iter([(e.uid, i) for e in self._entries if e.speech is not None for i in range(e.speech.shape[0])])
+        return [next(frames) if speech else token for token, speech in zip(prompt.input_ids, prompt.speech_mask)]
+
+    # --- the generation thread -------------------------------------------------------------------
+    def _generate(self, job: _Job) -> None:
+        stream = TextStream(self.tokenizer)
+        generated: list[int] = []
+        stopped_by: StopReason = "max_new_tokens"
+        try:
+            with torch.inference_mode():
+                logits = None if job.cancel.is_set() else self._prefill(job)
+                for step in range(job.options.max_new_tokens):
+                    if logits is None or job.cancel.is_set():
+                        stopped_by = "cancelled"
+                        break
+                    token = next_token(logits, generated, job.options, self.generator)
+                    if token in self.eos_ids:
+                        stopped_by = "eos"
+                        break
+                    generated.append(token)
+                    delta = stream.push(token)
+                    if stream.stop_hit:
+                        stopped_by = "stop_string"
+                        break
+                    if delta:
+                        job.chunks.put(ReplyChunk(delta, stream.shown, dropped_turns=job.dropped_turns))
+                    if step + 1 < job.options.max_new_tokens:
+                        logits = self._forward([token], [False], [], start=len(self._cache_keys), keys=[token])
+        except BaseException as err:  # handed to the caller's iterator; the cache may be half-written
+            self._reset_cache()
+            with self._state:
+                self._job = None
+            job.chunks.put(err)
+            job.chunks.put(_DONE)
+            return
+        delta = stream.finish()
+        reply = Turn("assistant", text=stream.shown, token_ids=tuple(self._kept_ids(stream, stopped_by)))
+        with self._state:
+            self._entries.append(_Entry(reply))
+            self._job = None
+        job.chunks.put(ReplyChunk(delta, stream.shown, True, stopped_by, job.dropped_turns))
+        job.chunks.put(_DONE)
+
+    def _kept_ids(self, stream: TextStream, stopped_by: StopReason) -> list[int]:
+        """The ids the reply is kept as in the history: all generated ids, or, cut at a stop string,
+        the longest prefix of them that spells the text before it (plus the missing rest re-tokenised)."""
+        ids = stream.ids
+        if stopped_by != "stop_string":
+            return ids
+        target = stream.raw_before_stop().rstrip()
+        keep = next(k for k in range(len(ids), -1, -1) if target.startswith(stream.decode(ids[:k])))
+        rest = target[len(stream.decode(ids[:keep])):]
+        return ids[:keep] + (self.tokenizer(rest, add_special_tokens=False).input_ids if rest else [])
+
+    def _prefill(self, job: _Job) -> torch.Tensor:
+        """Crop the cache to the prefix it shares with the prompt and run the rest; logits (V,)."""
+        keys = job.keys
+        if not self.reuse_cache:
+            self._reset_cache()
+        shared = _common_prefix(self._cache_keys, keys)
+        shared = min(shared, len(keys) - 1)  # the last position is always run: its logits start the reply
+        self._crop_cache(shared)
+        mask = job.prompt.speech_mask
+        speech_before = sum(mask[:shared])
+        speech = torch.cat(job.speech)[speech_before:] if job.speech else None
+        return self._forward(job.prompt.input_ids[shared:], mask[shared:], [] if speech is None else [speech],
+                             start=shared, keys=keys[shared:])
+
+    def _forward(self, ids: Sequence[int], speech_mask: Sequence[bool], speech: list[torch.Tensor],
+                 start: int, keys: list) -> torch.Tensor:
+        """Run positions start.. through the LLM on the cache; returns the last position's logits (V,)."""
+        model = self.model
+        with model_lock(model):
+            if self._cache is None:
+                self._cache = DynamicCache(config=model.llama_model.config)
+            embeds = model.embed_inputs(torch.tensor([list(ids)]), torch.tensor([list(speech_mask)]), speech)
+            positions = torch.arange(start, start + len(ids), device=model.device)[None]
+            out = model.llama_model(inputs_embeds=embeds, past_key_values=self._cache, position_ids=positions,
+                                    use_cache=True, logits_to_keep=1)
+        self._cache_keys.extend(keys)
+        return out.logits[0, -1]
+
+    def _crop_cache(self, length: int) -> None:
+        if length == 0:
+            self._reset_cache()
+        elif length < len(self._cache_keys):
+            self._cache.crop(length - len(self._cache_keys))  # transformers 5: a negative count to remove
+            del self._cache_keys[length:]
+
+    def _reset_cache(self) -> None:
+        self._cache = None
+        self._cache_keys = []
+
+
+def _common_prefix(a: Sequence, b: Sequence) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n

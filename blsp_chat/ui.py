@@ -1,0 +1,173 @@
+"""The Gradio page. It adapts ChatSession to Gradio's messages format and never touches the GPU itself.
+
+Each browser session holds its own `UserChat` in `gr.State`, so histories never mix; generation handlers
+sit behind a concurrency limit, while cheap steps (stop, undo, clear) skip the queue.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import gradio as gr
+
+from .audio import AudioError, load_audio
+from .config import GenerationOptions
+from .constants import DEFAULT_TRANSLATION_TARGET, TASK_PRESETS
+from .prompt import task_instruction
+from .session import ChatSession, ContextOverflowError
+
+EXAMPLES_DIR = Path(__file__).resolve().parent.parent / "assets" / "examples"
+TITLE = "BLSP chat: talk to a language model"
+UNTRAINED_NOTICE = ("**Note:** this model's speech adapter is untrained, so spoken turns are not understood yet; "
+                    "typed turns work.")
+
+
+@dataclass
+class UserChat:
+    """One browser session: the engine's history and what the page shows of it."""
+
+    session: ChatSession
+    messages: list[dict] = field(default_factory=list)
+    turn_sizes: list[int] = field(default_factory=list)  # page messages per human+assistant exchange
+
+    def add_exchange(self, user_messages: list[dict]) -> None:
+        self.messages.extend(user_messages + [{"role": "assistant", "content": ""}])
+        self.turn_sizes.append(len(user_messages) + 1)
+
+    def drop_last_exchange(self) -> None:
+        if self.turn_sizes:
+            del self.messages[-self.turn_sizes.pop():]
+
+
+def _options(max_new_tokens, do_sample, temperature, top_p, repetition_penalty) -> GenerationOptions:
+    return GenerationOptions(max_new_tokens=int(max_new_tokens), do_sample=bool(do_sample),
+                             temperature=float(temperature), top_p=float(top_p),
+                             repetition_penalty=float(repetition_penalty))
+
+
+def _notice(text: str) -> dict:
+    return {"role": "assistant", "content": text, "metadata": {"title": "⚠️ Notice"}}
+
+
+class ChatHandlers:
+    """The page's event handlers, bound to one shared model."""
+
+    def __init__(self, loaded, max_audio_seconds: float | None):
+        self.loaded = loaded
+        self.max_audio_seconds = max_audio_seconds
+
+    def _chat(self, state: UserChat | None) -> UserChat:
+        return state if state is not None else UserChat(ChatSession.from_loaded(self.loaded))
+
+    def send(self, text, audio_path, task, target, *settings_and_state) -> Iterator[tuple]:
+        *settings, state = settings_and_state
+        chat, text = self._chat(state), (text or "").strip()
+        if chat.session.busy:
+            chat.session.cancel()
+        if not text and not audio_path:
+            yield chat.messages + [_notice("Type a message or record/upload audio first.")], chat, text, audio_path
+            return
+        try:
+            user = self._submit(chat, text, audio_path, task, target)
+        except (AudioError, ContextOverflowError, ValueError) as err:
+            yield chat.messages + [_notice(str(err))], chat, "", None
+            return
+        chat.add_exchange(user)
+        yield from self._stream(chat, chat.session.stream_reply(_options(*settings)), ("", None))
+
+    def _submit(self, chat: UserChat, text: str, audio_path, task, target) -> list[dict]:
+        if not audio_path:
+            chat.session.submit_text(text)
+            return [{"role": "user", "content": text}]
+        audio = load_audio(audio_path, max_seconds=self.max_audio_seconds)
+        chat.session.submit_audio(audio, instruction=task_instruction(task, target or DEFAULT_TRANSLATION_TARGET), text=text)
+        return [{"role": "user", "content": {"path": audio_path}}] + ([{"role": "user", "content": text}] if text else [])
+
+    def _stream(self, chat: UserChat, chunks, extra: tuple) -> Iterator[tuple]:
+        try:
+            for chunk in chunks:
+                chat.messages[-1]["content"] = chunk.text
+                shown = chat.messages
+                if chunk.dropped_turns:
+                    shown = shown + [_notice(f"The conversation outgrew the model's context: the oldest "
+                                             f"{chunk.dropped_turns} turns are no longer seen by the model.")]
+                yield (shown, chat, *extra)
+        except Exception as err:  # out of memory, a broken model: say so, keep the page usable
+            chat.session.undo()
+            chat.drop_last_exchange()
+            yield (chat.messages + [_notice(f"Generation failed: {err}. Please try again.")], chat, *extra)
+
+    def regenerate(self, *settings_and_state) -> Iterator[tuple]:
+        *settings, state = settings_and_state
+        chat = self._chat(state)
+        if not chat.turn_sizes or chat.session.busy:
+            yield chat.messages, chat
+            return
+        chat.messages[-1]["content"] = ""
+        yield from self._stream(chat, chat.session.regenerate(_options(*settings)), ())
+
+    def stop(self, state: UserChat | None) -> None:
+        if state is not None:
+            state.session.cancel()
+
+    def undo(self, state: UserChat | None):
+        chat = self._chat(state)
+        chat.session.cancel()
+        if chat.turn_sizes:
+            chat.session.undo()
+            chat.drop_last_exchange()
+        return chat.messages, chat
+
+    def clear(self, state: UserChat | None):
+        chat = self._chat(state)
+        chat.session.cancel()
+        chat.session.clear()
+        chat.messages.clear()
+        chat.turn_sizes.clear()
+        return chat.messages, chat
+
+
+def build_demo(loaded, *, max_audio_seconds: float | None = 120.0, concurrency: int = 1) -> gr.Blocks:
+    handlers = ChatHandlers(loaded, max_audio_seconds)
+    with gr.Blocks(title=TITLE) as demo:
+        gr.Markdown(f"# {TITLE}\nSpeak or type; spoken and typed turns share one conversation. "
+                    f"Model: `{loaded.source}`." + ("" if loaded.adapter_trained else "\n\n" + UNTRAINED_NOTICE))
+        state = gr.State(None)
+        chatbot = gr.Chatbot(label="Conversation", height=480, elem_id="chatbot", buttons=["copy"])
+        with gr.Row():
+            audio = gr.Audio(sources=["microphone", "upload"], type="filepath", label="Speak or upload audio", scale=2)
+            with gr.Column(scale=3):
+                text = gr.Textbox(label="Message", placeholder="Type a message, or add text to your audio", lines=2)
+                with gr.Row():
+                    task = gr.Dropdown(list(TASK_PRESETS), value="Chat", label="Task for the next spoken turn")
+                    target = gr.Textbox(value=DEFAULT_TRANSLATION_TARGET, label="Translate into")
+        with gr.Row():
+            send = gr.Button("Send", variant="primary", elem_id="send")
+            stop = gr.Button("Stop", elem_id="stop")
+            regenerate = gr.Button("Regenerate", elem_id="regenerate")
+            undo = gr.Button("Undo", elem_id="undo")
+            clear = gr.Button("Clear", elem_id="clear")
+        with gr.Accordion("Generation settings", open=False):
+            defaults = GenerationOptions()
+            settings = [
+                gr.Slider(1, 1024, value=defaults.max_new_tokens, step=1, label="Max new tokens"),
+                gr.Checkbox(value=defaults.do_sample, label="Sample (off: greedy)"),
+                gr.Slider(0.05, 2.0, value=defaults.temperature, step=0.05, label="Temperature"),
+                gr.Slider(0.05, 1.0, value=defaults.top_p, step=0.05, label="Top-p"),
+                gr.Slider(1.0, 2.0, value=defaults.repetition_penalty, step=0.05, label="Repetition penalty"),
+            ]
+        examples = sorted(str(p) for p in EXAMPLES_DIR.glob("*.wav"))
+        if examples:
+            gr.Examples([[p] for p in examples], inputs=[audio], label="Example clips")
+        gr.Examples([["What is the capital of France?"], ["Write a haiku about the sea."]], inputs=[text], label="Example prompts")
+
+        inputs = [text, audio, task, target, *settings, state]
+        outputs = [chatbot, state, text, audio]
+        for trigger in (send.click, text.submit):
+            trigger(handlers.send, inputs, outputs, concurrency_limit=concurrency, concurrency_id="gpu", api_name="send" if trigger == send.click else False)
+        regenerate.click(handlers.regenerate, [*settings, state], [chatbot, state], concurrency_limit=concurrency, concurrency_id="gpu", api_name="regenerate")
+        stop.click(handlers.stop, [state], None, queue=False, api_name="stop")
+        undo.click(handlers.undo, [state], [chatbot, state], queue=False, api_name="undo")
+        clear.click(handlers.clear, [state], [chatbot, state], queue=False, api_name="clear")
+    return demo

@@ -1,0 +1,107 @@
+"""The real app on 127.0.0.1, driven by gradio_client, on the offline default model."""
+import socket
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+pytestmark = pytest.mark.integration
+EXAMPLES = Path(__file__).resolve().parent.parent / "assets" / "examples"
+SETTINGS = dict(param_4=24, param_5=False, param_6=0.7, param_7=0.9, param_8=1.0)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def app_url(default_blsp):
+    from blsp_chat.ui import build_demo
+
+    demo = build_demo(default_blsp, max_audio_seconds=60, concurrency=2)
+    demo.queue().launch(server_name="127.0.0.1", server_port=_free_port(), prevent_thread_lock=True, quiet=True)
+    yield demo.local_url
+    demo.close()
+
+
+def _client(url):
+    from gradio_client import Client
+
+    return Client(url, verbose=False)
+
+
+def _send(client, text="", audio=None):
+    from gradio_client import handle_file
+
+    job = client.submit(text, handle_file(str(audio)) if audio else None, "Chat", "German", 24, False, 0.7, 0.9, 1.0, api_name="/send")
+    updates = list(job)
+    return updates, job.result()
+
+
+def _contents(messages):
+    return [m["content"] for m in messages]
+
+
+def _last_text(messages) -> str:
+    content = messages[-1]["content"]
+    return content if isinstance(content, str) else " ".join(c.get("text", "") for c in content if isinstance(c, dict))
+
+
+def test_spoken_typed_spoken_in_one_session_stream(app_url):
+    client = _client(app_url)
+    for turn in (dict(audio=EXAMPLES / "capital_of_france.wav"), dict(text="Tell me more."),
+                 dict(audio=EXAMPLES / "walk_in_the_park.wav")):
+        updates, final = _send(client, **turn)
+        assert len(updates) > 2, "the reply should stream in several updates"
+        assert _last_text(final[0]).strip()
+    messages = final[0]
+    assert [m["role"] for m in messages] == ["user", "assistant"] * 3
+    kinds = ["file" if "file" in str(m["content"]) else "text" for m in messages[::2]]
+    assert kinds == ["file", "text", "file"], "spoken turns show as audio, typed turns as text"
+
+
+def test_two_clients_keep_separate_histories(app_url):
+    a, b = _client(app_url), _client(app_url)
+    results = {}
+
+    def talk(name, client, text):
+        results[name] = _send(client, text=text)[1][0]
+
+    threads = [threading.Thread(target=talk, args=("a", a, "What is the capital of France?")),
+               threading.Thread(target=talk, args=("b", b, "Name a colour of the sky."))]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    assert len(results["a"]) == len(results["b"]) == 2
+    assert "capital of France" in str(results["a"][0]["content"]) and "sky" in str(results["b"][0]["content"])
+
+
+@pytest.mark.parametrize("make_bad, message", [
+    (lambda p: p.write_bytes(b"not audio at all"), "could not|unreadable|not .*audio"),
+    (lambda p: sf.write(p, np.zeros(16000, dtype=np.float32), 16000), "silent"),
+    (lambda p: sf.write(p, 0.1 * np.sin(np.arange(16000 * 61) / 10).astype(np.float32), 16000), "60"),
+])
+def test_bad_audio_shows_a_message_and_the_next_turn_works(app_url, tmp_path, make_bad, message):
+    import re
+
+    bad = tmp_path / "bad.wav"
+    make_bad(bad)
+    client = _client(app_url)
+    _, final = _send(client, audio=bad)
+    assert re.search(message, _last_text(final[0]), re.IGNORECASE), final[0]
+    _, final = _send(client, text="What is the capital of France?")
+    assert "Paris" in _last_text(final[0])
+    assert [m["role"] for m in final[0]] == ["user", "assistant"]
+
+
+def test_undo_and_clear(app_url):
+    client = _client(app_url)
+    _send(client, text="What is the capital of France?")
+    _send(client, text="And of Italy?")
+    messages, = [client.predict(api_name="/undo")]
+    assert len(messages) == 2
+    cleared = client.predict(api_name="/clear")
+    assert cleared == []

@@ -1,0 +1,446 @@
+"""ChatSession on tiny in-memory models: KV reuse equals recompute, streaming, editing, limits, threads."""
+import threading
+import time
+
+import pytest
+import torch
+from transformers import RepetitionPenaltyLogitsProcessor, TopPLogitsWarper
+
+from blsp_chat.config import GenerationOptions
+from blsp_chat.prompt import Turn, render
+from blsp_chat.session import (
+    REPLACEMENT_CHAR, ChatSession, ContextOverflowError, TextStream, apply_repetition_penalty, cut_at_stop,
+    eos_token_ids, model_lock, next_token, top_p_filter,
+)
+from tiny import tiny_blsp, tiny_tokenizer, tone
+
+REPEAT = "Please repeat the following words."
+
+
+def lively_blsp(seed: int = 0, std: float = 0.3):
+    """tiny_blsp with larger LLM weights: its greedy replies depend on the context (the default init
+    repeats one token whatever it reads), so a wrong cache or position shows."""
+    model = tiny_blsp(seed=seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for param in model.llama_model.parameters():
+            if param.dim() > 1:
+                param.copy_(torch.randn(param.shape, generator=gen) * std)
+    return model
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return tiny_tokenizer()
+
+
+def record_forward(model, before=None):
+    """Wrap the LLM's forward: returns the list of input lengths of every call."""
+    llm, original, lengths = model.llama_model, model.llama_model.forward, []
+
+    def forward(*args, **kwargs):
+        embeds = kwargs.get("inputs_embeds")
+        lengths.append(embeds.shape[1] if embeds is not None else kwargs["input_ids"].shape[1])
+        if before is not None:
+            before(len(lengths))
+        return original(*args, **kwargs)
+
+    llm.forward = forward
+    return lengths
+
+
+def reply(session, options=GenerationOptions(max_new_tokens=12)):
+    chunks = list(session.stream_reply(options))
+    assert chunks[-1].done and all(not c.done for c in chunks[:-1])
+    assert "".join(c.delta for c in chunks) == chunks[-1].text
+    assert session.turns[-1].text == chunks[-1].text
+    return chunks
+
+
+def scratch(model, tokenizer, turns, audios, max_new_tokens=12, repetition_penalty=1.0):
+    """The reply `model.generate` gives to the whole history at once: (text, ids up to EOS). The text
+    drops a half character at the very end, as the session's does."""
+    prompt = render(turns, tokenizer)
+    ids = torch.tensor([prompt.input_ids])
+    options = GenerationOptions(max_new_tokens=max_new_tokens, repetition_penalty=repetition_penalty)
+    eos = eos_token_ids(tokenizer, model.llama_model)
+    new = model.generate(ids, torch.ones_like(ids), torch.tensor([prompt.speech_mask]), audios=audios, options=options,
+                         eos_token_id=eos, pad_token_id=tokenizer.pad_token_id)[0].tolist()
+    new = new[: next((i for i, t in enumerate(new) if t in eos), len(new))]
+    text = tokenizer.decode(new, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+    return cut_at_stop(text.rstrip(REPLACEMENT_CHAR)), new
+
+
+def assert_same_as_scratch(session, chunks, audios, **kwargs):
+    """The session's last reply equals a from-scratch `model.generate` on the history before it."""
+    text, ids = scratch(session.model, session.tokenizer, session.turns[:-1], audios, **kwargs)
+    last = session.turns[-1]
+    assert last.text == text
+    if chunks[-1].stopped_by != "stop_string":
+        assert list(last.token_ids) == ids
+    else:
+        assert list(last.token_ids[:1]) == ids[:1]
+
+
+@pytest.mark.parametrize("penalty", [1.0, 1.3])
+@pytest.mark.parametrize("spoken", [False, True])
+def test_greedy_first_turn_equals_model_generate(tok, spoken, penalty):
+    model = lively_blsp()
+    session = ChatSession(model, tok)
+    audio = tone(1.3)
+    if spoken:
+        session.submit_audio(audio, instruction=REPEAT)
+    else:
+        session.submit_text("what is the capital of france?")
+    options = GenerationOptions(max_new_tokens=16, repetition_penalty=penalty)
+    chunks = reply(session, options)
+    assert_same_as_scratch(session, chunks, [audio] if spoken else [], max_new_tokens=16, repetition_penalty=penalty)
+    assert len(chunks[-1].text) > 0
+
+
+def test_mixed_conversation_with_cache_equals_recompute_from_scratch(tok):
+    model = lively_blsp(seed=3)
+    session = ChatSession(model, tok)
+    lengths = record_forward(model)
+    audios, previous_prompt_len = [], 0
+    steps = [("text", "hello there"), ("audio", tone(0.9, 330)), ("text", "the quick brown fox"),
+             ("audio", tone(1.7, 440, seed=1)), ("text", "paris.")]
+    for kind, value in steps:
+        if kind == "audio":
+            session.submit_audio(value, instruction=REPEAT)
+            audios.append(value)
+        else:
+            session.submit_text(value)
+        cached = session.cached_tokens
+        prompt_len = len(render(session.turns, tok))
+        del lengths[:]
+        chunks = reply(session)
+        # Only the positions the cache lacked are prefilled, and it lacked none of the last prompt.
+        assert lengths[0] == prompt_len - cached
+        assert cached >= previous_prompt_len
+        previous_prompt_len = prompt_len
+        assert_same_as_scratch(session, chunks, list(audios))
+    assert len(session.turns) == 2 * len(steps)
+    # A session that recomputes everything each turn gives the same conversation.
+    again = ChatSession(model, tok, reuse_cache=False)
+    for kind, value in steps:
+        again.submit_audio(value, instruction=REPEAT) if kind == "audio" else again.submit_text(value)
+        reply(again)
+    assert again.turns == session.turns
+
+
+def test_speech_is_encoded_once_per_turn(tok):
+    model = lively_blsp()
+    calls = []
+    original = model.encode_speech
+    model.encode_speech = lambda audios: calls.append(len(audios)) or original(audios)
+    session = ChatSession(model, tok)
+    for seconds in (0.6, 1.1, 0.8):
+        session.submit_audio(tone(seconds), instruction=REPEAT)
+        reply(session)
+        session.submit_text("and again")
+        reply(session)
+    list(session.regenerate(GenerationOptions(max_new_tokens=4)))
+    session.undo()
+    session.submit_text("more")
+    reply(session)
+    assert calls == [1, 1, 1]
+    # Dropping the cache does not re-encode: the embeddings live in the session.
+    fresh = ChatSession(model, tok, reuse_cache=False)
+    fresh.submit_audio(tone(0.5))
+    reply(fresh)
+    fresh.submit_text("next")
+    reply(fresh)
+    assert calls == [1, 1, 1, 1]
+
+
+def test_context_overflow_drops_oldest_pairs_and_reports_it(tok):
+    model = lively_blsp(seed=1)
+    options = GenerationOptions(max_new_tokens=8)
+    probe = ChatSession(model, tok)
+    texts = ["hello there", "what is the capital of france?", "the lazy dog", "paris."]
+    for text in texts[:2]:
+        probe.submit_text(text)
+        reply(probe, options)
+    probe.submit_text(texts[2])
+    limit = len(render(probe.turns, tok)) + options.max_new_tokens - 1  # one token short for 3 turns
+    session = ChatSession(model, tok, max_context_tokens=limit)
+    for text in texts[:2]:
+        session.submit_text(text)
+        assert {c.dropped_turns for c in reply(session, options)} == {0}
+    session.submit_text(texts[2])
+    chunks = reply(session, options)
+    assert {c.dropped_turns for c in chunks} == {2}
+    assert session.turns[0].text == texts[1] and len(session.turns) == 4
+    assert len(render(session.turns[:-1], tok)) + options.max_new_tokens <= limit
+    assert_same_as_scratch(session, chunks, [], max_new_tokens=8)  # the cache was rebuilt, not reused wrongly
+
+
+def test_a_turn_too_long_alone_raises_and_leaves_the_session_usable(tok):
+    model = lively_blsp()
+    session = ChatSession(model, tok, max_context_tokens=64)
+    session.submit_text("hello")
+    reply(session, GenerationOptions(max_new_tokens=4))
+    before = session.turns
+    session.submit_text("the quick brown fox jumps over the lazy dog " * 8)
+    with pytest.raises(ContextOverflowError, match="context holds 64") as err:
+        session.stream_reply(GenerationOptions(max_new_tokens=4))
+    assert isinstance(err.value, ValueError)
+    assert session.turns == before and not session.busy
+    session.submit_audio(tone(12.0))  # 12 s of speech: 75 positions of the tiny model
+    with pytest.raises(ContextOverflowError):
+        session.stream_reply(GenerationOptions(max_new_tokens=4))
+    assert session.turns == before
+    session.submit_text("short")
+    reply(session, GenerationOptions(max_new_tokens=4))
+
+
+def test_sessions_sharing_a_model_on_threads_match_running_alone(tok):
+    model = lively_blsp(seed=2)
+    scripts = {
+        "a": [("text", "hello there"), ("audio", tone(0.8)), ("text", "paris.")],
+        "b": [("audio", tone(1.2, 440)), ("text", "the lazy dog"), ("text", "what is the capital")],
+    }
+
+    def run(name, results, barrier=None):
+        session = ChatSession(model, tok)
+        for kind, value in scripts[name]:
+            if barrier is not None:
+                barrier.wait()
+            session.submit_audio(value) if kind == "audio" else session.submit_text(value)
+            reply(session, GenerationOptions(max_new_tokens=10))
+        results[name] = session.turns
+
+    alone = {}
+    for name in scripts:
+        run(name, alone)
+    active, most = [0], [0]
+    original = model.llama_model.forward
+
+    def forward(*args, **kwargs):
+        active[0] += 1
+        most[0] = max(most[0], active[0])
+        time.sleep(0.001)
+        try:
+            return original(*args, **kwargs)
+        finally:
+            active[0] -= 1
+
+    model.llama_model.forward = forward
+    together, barrier = {}, threading.Barrier(2)
+    threads = [threading.Thread(target=run, args=(name, together, barrier)) for name in scripts]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert together == alone
+    assert together["a"][0].text == "hello there" and together["b"][0].speech_tokens > 0
+    assert most[0] == 1  # the model lock: never two forward passes at once
+
+
+def test_model_lock_is_one_per_model():
+    first, second = tiny_blsp(), tiny_blsp()
+    assert model_lock(first) is model_lock(first) and model_lock(first) is not model_lock(second)
+
+
+def test_cancel_stops_promptly_and_keeps_the_partial_reply(tok):
+    model = lively_blsp(seed=4)
+    reached, release = threading.Event(), threading.Event()
+
+    def gate(call):
+        if call == 4:  # prefill + 3 decode steps, then hold
+            reached.set()
+            release.wait(10)
+
+    session = ChatSession(model, tok)
+    session.submit_text("hello there")
+    record_forward(model, before=gate)
+    stream = session.stream_reply(GenerationOptions(max_new_tokens=200))
+    assert reached.wait(10)
+    with pytest.raises(RuntimeError, match="cancel"):
+        session.submit_text("too early")
+    threading.Timer(0.05, release.set).start()
+    assert session.cancel() is True
+    assert not session.busy
+    chunks = list(stream)
+    assert chunks[-1].done and chunks[-1].stopped_by == "cancelled"
+    partial = session.turns[-1]
+    assert partial.role == "assistant" and 1 <= len(partial.token_ids) <= 5
+    assert partial.text == chunks[-1].text
+    assert session.cancel() is False
+    model.llama_model.forward = type(model.llama_model).forward.__get__(model.llama_model)
+    session.submit_text("paris.")
+    assert_same_as_scratch(session, reply(session), [])  # the cache is consistent with the partial reply
+
+
+def test_leaving_the_stream_early_cancels_the_reply(tok):
+    model = lively_blsp(seed=4)
+    record_forward(model, before=lambda call: time.sleep(0.005))
+    session = ChatSession(model, tok)
+    session.submit_text("hello there")
+    stream = session.stream_reply(GenerationOptions(max_new_tokens=300))
+    next(stream)
+    stream.close()
+    deadline = time.time() + 10
+    while session.busy and time.time() < deadline:
+        time.sleep(0.01)
+    assert not session.busy and len(session.turns[-1].token_ids) < 300
+
+
+def test_regenerate_undo_clear(tok):
+    model = lively_blsp(seed=5)
+    session = ChatSession(model, tok)
+    lengths = record_forward(model)
+    session.submit_text("hello there")
+    first = reply(session)[-1]
+    session.submit_audio(tone(0.9), instruction=REPEAT)
+    second = reply(session)[-1]
+    turns = session.turns
+    del lengths[:]
+    again = list(session.regenerate(GenerationOptions(max_new_tokens=12)))
+    assert lengths[0] == 1  # the cache was cropped to the prompt, only its last position re-run
+    assert session.turns == turns and again[-1].text == second.text  # greedy: the same reply
+    sampled = list(session.regenerate(GenerationOptions(max_new_tokens=12, do_sample=True, temperature=1.5)))
+    assert len(session.turns) == 4 and session.turns[-1].text == sampled[-1].text
+    assert session.undo() == 2
+    assert session.turns == turns[:2] and session.turns[-1].text == first.text
+    session.submit_text("paris.")
+    assert_same_as_scratch(session, reply(session), [])
+    session.submit_text("pending")
+    assert session.undo() == 1 and session.turns[-1].role == "assistant"
+    session.clear()
+    assert session.turns == () and session.cached_tokens == 0
+    session.submit_text("hello there")
+    assert reply(session)[-1].text == first.text
+    with pytest.raises(ValueError, match="no reply"):
+        session.clear() or session.regenerate()
+
+
+def test_turn_order_is_enforced(tok):
+    session = ChatSession(lively_blsp(), tok)
+    with pytest.raises(ValueError, match="submit a human turn"):
+        session.stream_reply()
+    session.submit_text("hi")
+    with pytest.raises(ValueError, match="no reply yet"):
+        session.submit_text("hi again")
+    with pytest.raises(ValueError, match="no reply to regenerate"):
+        session.regenerate()
+
+
+def test_errors_in_generation_reach_the_caller(tok):
+    model = lively_blsp()
+    session = ChatSession(model, tok)
+    session.submit_text("hi")
+    reply(session)
+
+    def boom(call):
+        raise RuntimeError("device lost")
+
+    record_forward(model, before=boom)
+    session.submit_text("again")
+    with pytest.raises(RuntimeError, match="device lost"):
+        list(session.stream_reply())
+    assert not session.busy and session.cached_tokens == 0 and session.turns[-1].role == "human"
+
+
+# --- text streaming ------------------------------------------------------------------------------
+def test_text_stream_never_splits_a_character_and_cuts_at_the_stop(tok):
+    text = "Grüße, C# café 😀 ok"
+    ids = tok(text + "\n\n\n###[Human]: more", add_special_tokens=False).input_ids
+    stream, deltas, split_seen = TextStream(tok), [], False
+    for index, token in enumerate(ids):
+        split_seen |= stream.decode(ids[: index + 1]).endswith(REPLACEMENT_CHAR)
+        deltas.append(stream.push(token))
+        if stream.stop_hit:
+            break
+    deltas.append(stream.finish())
+    assert split_seen  # the emoji and umlauts really span several byte-level tokens
+    assert not any(REPLACEMENT_CHAR in d for d in deltas)
+    assert "".join(deltas) == stream.final_text() == text
+    assert stream.stop_hit
+
+
+def test_text_stream_holds_back_a_possible_stop_and_trailing_space(tok):
+    stream = TextStream(tok)
+    shown = [stream.push(t) for t in tok(" a #", add_special_tokens=False).input_ids]
+    assert "".join(shown) == "a"
+    shown += [stream.push(t) for t in tok("# b", add_special_tokens=False).input_ids]
+    assert "".join(shown) == "a ## b" and not stream.stop_hit
+
+
+def scripted(model, tokenizer, text):
+    """Make the LLM say `text` (plus anything after) by boosting the scripted id at each step."""
+    script = tokenizer(text, add_special_tokens=False).input_ids
+    step = [0]
+    original = model.llama_model.forward
+
+    def forward(*args, **kwargs):
+        out = original(*args, **kwargs)
+        if step[0] < len(script):
+            out.logits[:, -1, script[step[0]]] += 1e4
+        step[0] += 1
+        return out
+
+    model.llama_model.forward = forward
+    return step
+
+
+def test_session_streams_multibyte_text_and_keeps_the_reply_before_the_stop(tok):
+    model = lively_blsp()
+    session = ChatSession(model, tok)
+    session.submit_text("hello")
+    step = scripted(model, tok, "Grüße 😀 C# ok\n\n\n###[Human]: invented")
+    chunks = reply(session, GenerationOptions(max_new_tokens=60))
+    assert chunks[-1].text == "Grüße 😀 C# ok" and chunks[-1].stopped_by == "stop_string"
+    assert len(chunks) > 3 and not any(REPLACEMENT_CHAR in c.delta for c in chunks)
+    kept = session.turns[-1].token_ids
+    assert tok.decode(kept) == "Grüße 😀 C# ok"
+    step[0] = 10**9  # stop scripting
+    session.submit_text("and?")
+    assert_same_as_scratch(session, reply(session), [])
+
+
+def test_eos_and_max_new_tokens_end_a_reply(tok):
+    model = lively_blsp()
+    session = ChatSession(model, tok)
+    session.submit_text("hello")
+    scripted(model, tok, "hi</s>")
+    chunks = reply(session, GenerationOptions(max_new_tokens=20))
+    assert chunks[-1].stopped_by == "eos" and chunks[-1].text == "hi"
+    assert tok.eos_token_id not in session.turns[-1].token_ids
+    model.llama_model.forward = type(model.llama_model).forward.__get__(model.llama_model)
+    session.submit_text("go on")
+    chunks = reply(session, GenerationOptions(max_new_tokens=3))
+    assert chunks[-1].stopped_by in ("max_new_tokens", "eos", "stop_string")
+    assert len(session.turns[-1].token_ids) <= 3
+
+
+# --- sampling ------------------------------------------------------------------------------------
+def test_sampling_pieces_match_transformers():
+    torch.manual_seed(0)
+    logits = torch.randn(50) * 3
+    previous = [3, 7, 7, 11]
+    expected = RepetitionPenaltyLogitsProcessor(1.4)(torch.tensor([previous]), logits[None].clone())[0]
+    torch.testing.assert_close(apply_repetition_penalty(logits, previous, 1.4), expected)
+    for top_p in (0.3, 0.9):
+        expected = TopPLogitsWarper(top_p)(torch.tensor([[0]]), logits[None].clone())[0]
+        assert torch.equal(torch.isinf(top_p_filter(logits, top_p)), torch.isinf(expected))
+
+
+def test_sampling_is_seeded_and_tiny_top_p_is_greedy():
+    logits = torch.randn(50)
+    options = GenerationOptions(do_sample=True, temperature=1.0, top_p=1e-6)
+    assert next_token(logits, [], options) == int(logits.argmax())
+    wide = GenerationOptions(do_sample=True, temperature=2.0, top_p=1.0)
+    draws = [next_token(logits, [], wide, torch.Generator().manual_seed(7)) for _ in range(3)]
+    assert len(set(draws)) == 1
+    assert len({next_token(logits, [], wide) for _ in range(50)}) > 1
+
+
+def test_dtype_follows_the_model_bf16_on_cpu(tok):
+    model = lively_blsp().to(torch.bfloat16)
+    session = ChatSession(model, tok)
+    session.submit_audio(tone(0.7))
+    chunks = reply(session, GenerationOptions(max_new_tokens=6))
+    assert session._entries[0].speech.dtype == torch.bfloat16
+    assert_same_as_scratch(session, chunks, [tone(0.7)], max_new_tokens=6)
