@@ -444,3 +444,25 @@ def test_dtype_follows_the_model_bf16_on_cpu(tok):
     chunks = reply(session, GenerationOptions(max_new_tokens=6))
     assert session._entries[0].speech.dtype == torch.bfloat16
     assert_same_as_scratch(session, chunks, [tone(0.7)], max_new_tokens=6)
+
+
+def test_a_different_clip_of_the_same_length_is_not_taken_from_the_cache(tok):
+    model = lively_blsp(seed=6)
+    original = model.encode_speech
+
+    def distinct(audios):  # the tiny random encoder hears tones alike; make each clip's vectors its own
+        return [torch.randn(e.shape, generator=torch.Generator().manual_seed(int(abs(a).sum() * 1000)))
+                for a, e in zip(audios, original(audios))]
+
+    model.encode_speech = distinct
+    session = ChatSession(model, tok)
+    session.submit_audio(tone(1.0, 220), instruction=REPEAT)
+    first = session.turns[-1]
+    reply(session)
+    before = session.turns[-1].text
+    session.undo()
+    other = tone(1.0, 880, seed=3)
+    session.submit_audio(other, instruction=REPEAT)
+    assert session.turns[-1] == first  # the same placeholders: only the cache keys tell the clips apart
+    assert_same_as_scratch(session, reply(session), [other])
+    assert session.turns[-1].text != before
