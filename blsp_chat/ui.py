@@ -35,6 +35,11 @@ class UserChat:
         self.messages.extend(user_messages + [{"role": "assistant", "content": ""}])
         self.turn_sizes.append(len(user_messages) + 1)
 
+    def note_before_reply(self, message: dict) -> None:
+        """A notice that stays in the page just above the reply it concerns."""
+        self.messages.insert(len(self.messages) - 1, message)
+        self.turn_sizes[-1] += 1
+
     def drop_last_exchange(self) -> None:
         if self.turn_sizes:
             del self.messages[-self.turn_sizes.pop():]
@@ -53,12 +58,15 @@ def _notice(text: str) -> dict:
 class ChatHandlers:
     """The page's event handlers, bound to one shared model."""
 
-    def __init__(self, loaded, max_audio_seconds: float | None):
+    def __init__(self, loaded, max_audio_seconds: float | None, max_context_tokens: int | None = None):
         self.loaded = loaded
         self.max_audio_seconds = max_audio_seconds
+        self.max_context_tokens = max_context_tokens
 
     def _chat(self, state: UserChat | None) -> UserChat:
-        return state if state is not None else UserChat(ChatSession.from_loaded(self.loaded))
+        if state is not None:
+            return state
+        return UserChat(ChatSession.from_loaded(self.loaded, max_context_tokens=self.max_context_tokens))
 
     def send(self, text, audio_path, task, target, *settings_and_state) -> Iterator[tuple]:
         *settings, state = settings_and_state
@@ -69,12 +77,14 @@ class ChatHandlers:
             yield chat.messages + [_notice("Type a message or record/upload audio first.")], chat, text, audio_path
             return
         try:
+            options = _options(*settings)
             user = self._submit(chat, text, audio_path, task, target)
+            chunks = chat.session.stream_reply(options)  # a turn too long for the context is refused here
         except (AudioError, ContextOverflowError, ValueError) as err:
             yield chat.messages + [_notice(str(err))], chat, "", None
             return
         chat.add_exchange(user)
-        yield from self._stream(chat, chat.session.stream_reply(_options(*settings)), ("", None))
+        yield from self._stream(chat, chunks, ("", None))
 
     def _submit(self, chat: UserChat, text: str, audio_path, task, target) -> list[dict]:
         if not audio_path:
@@ -86,13 +96,12 @@ class ChatHandlers:
 
     def _stream(self, chat: UserChat, chunks, extra: tuple) -> Iterator[tuple]:
         try:
-            for chunk in chunks:
+            for index, chunk in enumerate(chunks):
+                if index == 0 and chunk.dropped_turns:
+                    chat.note_before_reply(_notice(f"The conversation outgrew the model's context: the oldest "
+                                                   f"{chunk.dropped_turns} turns are no longer seen by the model."))
                 chat.messages[-1]["content"] = chunk.text
-                shown = chat.messages
-                if chunk.dropped_turns:
-                    shown = shown + [_notice(f"The conversation outgrew the model's context: the oldest "
-                                             f"{chunk.dropped_turns} turns are no longer seen by the model.")]
-                yield (shown, chat, *extra)
+                yield (chat.messages, chat, *extra)
         except Exception as err:  # out of memory, a broken model: say so, keep the page usable
             chat.session.undo()
             chat.drop_last_exchange()
@@ -104,8 +113,13 @@ class ChatHandlers:
         if not chat.turn_sizes or chat.session.busy:
             yield chat.messages, chat
             return
+        try:
+            chunks = chat.session.regenerate(_options(*settings))
+        except ValueError as err:
+            yield chat.messages + [_notice(str(err))], chat
+            return
         chat.messages[-1]["content"] = ""
-        yield from self._stream(chat, chat.session.regenerate(_options(*settings)), ())
+        yield from self._stream(chat, chunks, ())
 
     def stop(self, state: UserChat | None) -> None:
         if state is not None:
@@ -128,8 +142,10 @@ class ChatHandlers:
         return chat.messages, chat
 
 
-def build_demo(loaded, *, max_audio_seconds: float | None = 120.0, concurrency: int = 1) -> gr.Blocks:
-    handlers = ChatHandlers(loaded, max_audio_seconds)
+def build_demo(loaded, *, max_audio_seconds: float | None = 120.0, concurrency: int = 1,
+               max_context_tokens: int | None = None) -> gr.Blocks:
+    """The page for one shared model; `max_context_tokens` caps each conversation (default: the LLM's)."""
+    handlers = ChatHandlers(loaded, max_audio_seconds, max_context_tokens)
     with gr.Blocks(title=TITLE) as demo:
         gr.Markdown(f"# {TITLE}\nSpeak or type; spoken and typed turns share one conversation. "
                     f"Model: `{loaded.source}`." + ("" if loaded.adapter_trained else "\n\n" + UNTRAINED_NOTICE))

@@ -9,7 +9,7 @@ import soundfile as sf
 
 pytestmark = pytest.mark.integration
 EXAMPLES = Path(__file__).resolve().parent.parent / "assets" / "examples"
-SETTINGS = dict(param_4=24, param_5=False, param_6=0.7, param_7=0.9, param_8=1.0)
+MAX_CONTEXT = 400  # small, so that a long typed turn overflows it
 
 
 def _free_port() -> int:
@@ -22,7 +22,7 @@ def _free_port() -> int:
 def app_url(default_blsp):
     from blsp_chat.ui import build_demo
 
-    demo = build_demo(default_blsp, max_audio_seconds=60, concurrency=2)
+    demo = build_demo(default_blsp, max_audio_seconds=60, concurrency=2, max_context_tokens=MAX_CONTEXT)
     demo.queue().launch(server_name="127.0.0.1", server_port=_free_port(), prevent_thread_lock=True, quiet=True)
     yield demo.local_url
     demo.close()
@@ -105,3 +105,42 @@ def test_undo_and_clear(app_url):
     assert len(messages) == 2
     cleared = client.predict(api_name="/clear")
     assert cleared == []
+
+
+def test_context_overflow_shows_a_message_and_the_session_goes_on(app_url):
+    client = _client(app_url)
+    _, final = _send(client, text="word " * 600)
+    assert "context" in _last_text(final[0]).lower()
+    _, final = _send(client, text="What is the capital of France?")
+    assert [m["role"] for m in final[0]] == ["user", "assistant"] and "Paris" in _last_text(final[0])
+
+
+def test_long_conversation_drops_old_turns_and_says_so(app_url):
+    client = _client(app_url)
+    for _ in range(10):
+        _, final = _send(client, text="Please describe the history of Paris in some detail. " * 3)
+    notices = [m for m in final[0] if "no longer seen" in str(m["content"])]
+    assert notices, "dropping old turns must be said in the page"
+    assert final[0][-1]["role"] == "assistant" and _last_text(final[0]).strip()
+
+
+def test_generation_failure_shows_a_message_and_the_next_turn_works(app_url, monkeypatch):
+    import torch
+
+    from blsp_chat.session import ChatSession
+
+    real_prefill = ChatSession._prefill
+    calls = []
+
+    def out_of_memory_once(self, job):
+        calls.append(1)
+        if len(calls) == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real_prefill(self, job)
+
+    monkeypatch.setattr(ChatSession, "_prefill", out_of_memory_once)
+    client = _client(app_url)
+    _, final = _send(client, text="What is the capital of France?")
+    assert "out of memory" in _last_text(final[0])
+    _, final = _send(client, text="What is the capital of France?")
+    assert [m["role"] for m in final[0]] == ["user", "assistant"] and "Paris" in _last_text(final[0])
