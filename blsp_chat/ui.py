@@ -152,7 +152,8 @@ def build_demo(loaded, *, max_audio_seconds: float | None = 120.0, concurrency: 
         state = gr.State(None)
         chatbot = gr.Chatbot(label="Conversation", height=480, elem_id="chatbot", buttons=["copy"])
         with gr.Row():
-            audio = gr.Audio(sources=["microphone", "upload"], type="filepath", label="Speak or upload audio", scale=2)
+            audio = gr.Audio(sources=["microphone", "upload"], type="filepath", label="Speak or upload audio", scale=2,
+                             elem_id="audio-input")
             with gr.Column(scale=3):
                 text = gr.Textbox(label="Message", placeholder="Type a message, or add text to your audio", lines=2)
                 with gr.Row():

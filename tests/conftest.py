@@ -1,6 +1,7 @@
 """Shared fixtures. Real-weight fixtures fetch the offline default models once into the cache
 (~/.cache/blsp_chat, or $BLSP_CHAT_CACHE) and reuse them across runs."""
 import re
+import socket
 import sys
 from pathlib import Path
 
@@ -48,3 +49,23 @@ def librivox_clip() -> tuple[Path, str]:
         if match and match.group(2) == LIBRIVOX_CLIP:
             return LIBRIVOX_DIR / f"{LIBRIVOX_CLIP}.wav", match.group(1).strip()
     pytest.skip(f"{LIBRIVOX_CLIP} not listed in {transcription}")
+
+
+APP_MAX_CONTEXT = 400  # small, so that the app tests can overflow it with a long typed turn
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def app_url(default_blsp):
+    """The real app, served on 127.0.0.1 for the whole test run."""
+    from blsp_chat.ui import build_demo
+
+    demo = build_demo(default_blsp, max_audio_seconds=60, concurrency=2, max_context_tokens=APP_MAX_CONTEXT)
+    demo.queue().launch(server_name="127.0.0.1", server_port=_free_port(), prevent_thread_lock=True, quiet=True)
+    yield demo.local_url
+    demo.close()

@@ -1,5 +1,4 @@
 """The real app on 127.0.0.1, driven by gradio_client, on the offline default model."""
-import socket
 import threading
 from pathlib import Path
 
@@ -9,23 +8,6 @@ import soundfile as sf
 
 pytestmark = pytest.mark.integration
 EXAMPLES = Path(__file__).resolve().parent.parent / "assets" / "examples"
-MAX_CONTEXT = 400  # small, so that a long typed turn overflows it
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def app_url(default_blsp):
-    from blsp_chat.ui import build_demo
-
-    demo = build_demo(default_blsp, max_audio_seconds=60, concurrency=2, max_context_tokens=MAX_CONTEXT)
-    demo.queue().launch(server_name="127.0.0.1", server_port=_free_port(), prevent_thread_lock=True, quiet=True)
-    yield demo.local_url
-    demo.close()
 
 
 def _client(url):
