@@ -1,0 +1,242 @@
+"""Adapter training (train/train_adapter.py, train/speech_data.py) on tiny in-memory models and short real
+clips (espeak-ng when installed, else tones)."""
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+from safetensors.torch import load_file
+
+from blsp_chat.constants import IGNORE_INDEX, REPEAT_INSTRUCTION, SAMPLE_RATE
+from blsp_chat.weights import LoadedBlsp
+from tiny import tiny_blsp, tiny_tokenizer, tone
+from train.loop import LoopConfig
+from train.speech_data import (
+    BucketBatchSampler, EncoderCache, SpeechCollator, SpeechDataset, SpeechExample, adapter_inputs, encode_windows,
+    read_manifest, speech_embeddings, with_repetition,
+)
+from train.train_adapter import (
+    AdapterObjective, AdapterTrainConfig, DataSection, EvalSection, LossSection, ModelSection, distillation_kl,
+    load_config, run,
+)
+
+SENTENCES = ["hello there", "the quick brown fox", "what is the capital of france", "paris is a city",
+             "the lazy dog sleeps", "jumps over the dog"]
+CONTINUATIONS = ["and welcome.", "runs away fast.", "it is paris.", "in france.", "all day long.", "again and again."]
+CONFIGS = Path(__file__).resolve().parent.parent / "train" / "configs"
+
+
+def speak(text: str, path: Path, seed: int) -> None:
+    if shutil.which("espeak-ng"):
+        subprocess.run(["espeak-ng", "-s", "220", "-w", str(path), text], check=True, capture_output=True)
+    else:
+        sf.write(path, tone(0.4 + 0.1 * len(text.split()), 200 + 40 * seed, seed), SAMPLE_RATE)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    """A manifest of six spoken sentences with continuation responses."""
+    root = tmp_path_factory.mktemp("corpus")
+    lines = []
+    for i, (text, response) in enumerate(zip(SENTENCES, CONTINUATIONS)):
+        speak(text, root / f"clip{i}.wav", i)
+        lines.append(json.dumps({"audio": f"clip{i}.wav", "text": text, "response": response,
+                                 "instruction": "Continue the following text."}))
+    (root / "train.jsonl").write_text("\n".join(lines) + "\n")
+    return root / "train.jsonl"
+
+
+def loaded_tiny(padding="none", sharp=False):
+    """sharp: a frozen LLM with larger random weights, whose predictions depend on its input enough for
+    the adapter to move the loss (the default init predicts a near-uniform distribution whatever it reads)."""
+    model = tiny_blsp(padding)
+    if sharp:
+        generator = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for param in model.llama_model.parameters():
+                if param.ndim == 2:
+                    param.copy_(torch.randn(param.shape, generator=generator) * 0.25)
+    return LoadedBlsp(model, tiny_tokenizer(), "tiny", adapter_trained=False)
+
+
+def train_config(corpus, out, **loop):
+    loop_kwargs = dict(output_dir=str(out), learning_rate=1e-2, per_device_batch_size=3, num_epochs=4,
+                       warmup_steps=1, log_every=1, seed=1)
+    loop_kwargs.update(loop)
+    return AdapterTrainConfig(
+        loop=LoopConfig(**loop_kwargs), model=ModelSection(encoder_padding="none"),
+        data=DataSection(train_manifest=str(corpus), eval_manifest=str(corpus), repetition_ratio=0.5, mega_batch_factor=2),
+        loss=LossSection(kd_weight=0.5), eval=EvalSection(repeat_wer_examples=1, max_new_tokens=4))
+
+
+# --- training ----------------------------------------------------------------------------------------
+def test_a_few_steps_lower_the_loss_and_change_only_the_adapter(corpus, tmp_path):
+    loaded = loaded_tiny(sharp=True)
+    before = {k: v.clone() for k, v in loaded.model.state_dict().items()}
+    config = train_config(corpus, tmp_path, per_device_batch_size=16, num_epochs=12, learning_rate=3e-2)
+    result = run(config, loaded=loaded)  # one batch holds the whole set, so every step sees the same data
+    assert result.losses[-1] < 0.95 * result.losses[0], result.losses  # ~8% in 12 steps
+    after = result.model.blsp.state_dict()
+    adapter_keys = set(loaded.model.adapter_state_dict())
+    for key, value in before.items():
+        if key in adapter_keys:
+            assert not torch.equal(value, after[key]), f"{key} did not train"
+        else:
+            assert torch.equal(value, after[key]), f"frozen {key} changed"
+    # The output directory is an adapter-only checkpoint with its card and training record.
+    saved = load_file(str(tmp_path / "model.safetensors"))
+    assert set(saved) == adapter_keys and torch.equal(saved["speech_ln.weight"], after["speech_ln.weight"])
+    assert json.loads((tmp_path / "config.json").read_text())["encoder_padding"] == "none"
+    card = (tmp_path / "README.md").read_text()
+    assert "loss_curve.png" in card and "repeat_wer" in card and "samples/s" in card
+    assert (tmp_path / "loss_curve.png").is_file()
+    metrics = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert {"loss", "ce", "kd", "lr", "grad_norm", "samples_per_s"} <= set(metrics[0])
+
+
+def test_resume_after_a_kill_reproduces_the_loss_sequence(corpus, tmp_path):
+    cache_dir = str(tmp_path / "cache")
+    full = run(train_config(corpus, tmp_path / "full", save_every=2), loaded=loaded_tiny())
+
+    def kill(state, metrics):
+        if state.step == 5:
+            raise KeyboardInterrupt("killed")
+
+    cut = train_config(corpus, tmp_path / "cut", save_every=2)
+    cut.data.encoder_cache_dir = cache_dir  # the cache must not change the numbers either
+    with pytest.raises(KeyboardInterrupt):
+        run(cut, loaded=loaded_tiny(), callbacks=[kill])
+    resumed = run(cut, loaded=loaded_tiny(), resume=True)
+    assert len(full.losses) == 12  # 9 examples (6 + 3 repeats) / 3 per batch x 4 epochs
+    assert resumed.losses == full.losses
+
+
+# --- losses ------------------------------------------------------------------------------------------
+def test_kl_is_zero_when_speech_embeddings_equal_the_transcript_embeddings():
+    model, tokenizer = loaded_tiny(sharp=True).model, tiny_tokenizer()
+    from blsp_chat.prompt import Turn, render
+
+    teacher = render([Turn("human", instruction=REPEAT_INSTRUCTION, text="hello there"),
+                      Turn("assistant", text="hello there")], tokenizer, add_eos=True)
+    ids = torch.tensor([teacher.input_ids])
+    labels = torch.tensor([teacher.labels])
+    # The student sees the same sequence, with the transcript's positions filled through the speech path.
+    prefix = len(render([Turn("human", instruction=REPEAT_INSTRUCTION)], tokenizer).input_ids) - len(
+        tokenizer("\n\n\n###[Assistant]:", add_special_tokens=False).input_ids)
+    span = slice(prefix - 3, prefix)  # the last tokens of the human text
+    speech_mask = torch.zeros_like(ids, dtype=torch.bool)
+    speech_mask[0, span] = True
+    word_embeds = model.llama_model.get_input_embeddings()(ids[0, span])
+    with torch.no_grad():
+        teacher_logits = model(ids).logits
+        same = model(ids, speech_mask=speech_mask, speech_embeds=[word_embeds]).logits
+        other = model(ids, speech_mask=speech_mask, speech_embeds=[torch.randn_like(word_embeds)]).logits
+    assert distillation_kl(same, labels, teacher_logits, labels).abs() < 1e-6
+    assert distillation_kl(other, labels, teacher_logits, labels) > 1e-4
+
+
+def test_objective_views_carry_the_same_response(corpus):
+    loaded = loaded_tiny()
+    examples = read_manifest(corpus)[:2]
+    data = SpeechDataset(examples, loaded.tokenizer, loaded.model.speech_token_count, with_teacher=True)
+    batch = SpeechCollator(loaded.tokenizer.pad_token_id)([data[0], data[1]])
+    loss, metrics = AdapterObjective(loaded.model, LossSection(kd_weight=1.0))(batch)
+    assert loss > 0 and metrics["kd"] > 0 and metrics["response_tokens"] == sum(
+        len(loaded.tokenizer(e.response, add_special_tokens=False).input_ids) + 1 for e in examples)
+
+
+# --- data --------------------------------------------------------------------------------------------
+def test_bucketing_covers_every_example_exactly_once_per_epoch():
+    durations = list(np.random.default_rng(0).uniform(0.5, 20, size=103))
+    sampler = BucketBatchSampler(durations, 4, seed=7, mega_batch_factor=3)
+    def spread(batches):
+        return np.mean([max(durations[i] for i in b) - min(durations[i] for i in b) for b in batches])
+
+    unsorted = spread([list(range(i, min(i + 4, 103))) for i in range(0, 103, 4)])
+    orders = []
+    for epoch in range(3):
+        sampler.set_epoch(epoch)
+        batches = list(sampler)
+        flat = [i for b in batches for i in b]
+        assert sorted(flat) == list(range(103)) and len(batches) == len(sampler) == 26
+        # Within a batch lengths are close: each batch is a run of a sorted mega-batch.
+        assert spread(batches) < 0.5 * unsorted
+        orders.append(flat)
+    assert orders[0] != orders[1]
+    shards = [BucketBatchSampler(durations, 4, seed=7, mega_batch_factor=3, num_replicas=2, rank=r) for r in (0, 1)]
+    seen = [i for s in shards for b in s for i in b]
+    assert set(seen) == set(range(103)) and len(list(shards[0])) == len(list(shards[1])) == 13
+
+
+def test_collator_labels_are_ignored_except_response_and_eos(corpus):
+    loaded = loaded_tiny()
+    tokenizer = loaded.tokenizer
+    examples = read_manifest(corpus)[:3]
+    data = SpeechDataset(examples, tokenizer, loaded.model.speech_token_count)
+    batch = SpeechCollator(tokenizer.pad_token_id)([data[i] for i in range(3)])
+    for row, example in enumerate(examples):
+        labels, mask = batch["labels"][row], batch["attention_mask"][row]
+        learned = labels[labels != IGNORE_INDEX].tolist()
+        assert learned == tokenizer(example.response, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+        # The response sits right before the padding; everything after the real tokens is padding.
+        real = int(mask.sum())
+        assert labels[real - len(learned):real].tolist() == learned and (labels[real:] == IGNORE_INDEX).all()
+        assert int(batch["speech_mask"][row].sum()) == loaded.model.speech_token_count(len(batch["audios"][row]))
+        assert not batch["speech_mask"][row][labels != IGNORE_INDEX].any()
+    assert batch["input_ids"].shape == batch["labels"].shape == batch["speech_mask"].shape
+
+
+def test_repetition_mixing_adds_transcript_lines_at_the_ratio(corpus):
+    examples = [SpeechExample(f"/a{i}.wav", f"words {i}", "Continue.", f"cont {i}", 1.0) for i in range(18)]
+    mixed = with_repetition(examples, 1 / 9, seed=0)
+    repeats = [e for e in mixed if e.instruction == REPEAT_INSTRUCTION]
+    assert len(mixed) == 20 and len(repeats) == 2
+    assert all(e.response == e.text for e in repeats) and len({e.audio for e in repeats}) == 2
+
+
+def test_encoder_cache_returns_identical_adapter_inputs_and_notices_a_changed_file(corpus, tmp_path):
+    loaded = loaded_tiny("30s")
+    model, tokenizer = loaded.model, loaded.tokenizer
+    clip = tmp_path / "clip.wav"
+    shutil.copy(corpus.parent / "clip1.wav", clip)
+    example = read_manifest(corpus)[1]
+    example = SpeechExample(str(clip), example.text, example.instruction, example.response, example.duration)
+    cache = EncoderCache.for_model(tmp_path / "cache", model)
+    data = SpeechDataset([example], tokenizer, model.speech_token_count, cache=cache)
+    collate = SpeechCollator(tokenizer.pad_token_id)
+
+    first = collate([data[0]])
+    assert first["encodeds"][0] is None and cache.misses == 1
+    fresh_embeds = speech_embeddings(model, first, cache)  # encodes and stores
+    direct = encode_windows(model, first["audios"])
+    second = collate([data[0]])
+    assert second["audios"][0] is None and second["encodeds"][0] is not None and cache.hits == 1
+    for a, b in zip(adapter_inputs(direct, "cpu", torch.float32), adapter_inputs(second["encodeds"], "cpu", torch.float32)):
+        assert torch.equal(a, b)
+    assert torch.equal(speech_embeddings(model, second, cache)[0], fresh_embeds[0])
+    torch.testing.assert_close(fresh_embeds[0], model.encode_speech(first["audios"])[0], atol=1e-5, rtol=1e-4)
+
+    # A changed file (new contents, new mtime) is a miss and is encoded again.
+    sf.write(clip, tone(1.3, 500), SAMPLE_RATE)
+    os.utime(clip, ns=(os.stat(clip).st_atime_ns, os.stat(clip).st_mtime_ns + 10**9))
+    third = collate([data[0]])
+    assert third["encodeds"][0] is None and third["audios"][0] is not None and cache.misses == 2
+    assert not torch.equal(encode_windows(model, third["audios"])[0][0][:5], direct[0][0][:5])
+
+
+# --- configuration -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["adapter_tiny_offline.json", "adapter_7b_paper.json"])
+def test_shipped_configs_parse_and_take_overrides(name):
+    config = load_config(CONFIGS / name, ["loop.max_steps=7", "loss.kd_weight=0.5", "data.encoder_cache_dir=null"])
+    assert config.loop.max_steps == 7 and config.loss.kd_weight == 0.5 and config.data.encoder_cache_dir is None
+    if name == "adapter_7b_paper.json":
+        loop = config.loop
+        assert (loop.learning_rate, loop.warmup_steps, loop.num_epochs, loop.mixed_precision) == (5e-5, 1000, 1, "bf16")
+        assert loop.per_device_batch_size * 8 * loop.gradient_accumulation_steps == 768  # on 8 GPUs
+    with pytest.raises(ValueError, match="unknown keys"):
+        load_config(CONFIGS / name, ["loss.kd_weigth=1"])
