@@ -1,38 +1,90 @@
-"""`python -m blsp_chat generate|download`: the model from a terminal."""
+"""`python -m blsp_chat chat|generate|download`: the model from a terminal."""
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
+from pathlib import Path
+from typing import Callable, Iterator
 
 from .config import GenerationOptions
+from .constants import DEFAULT_TRANSLATION_TARGET, TASK_PRESETS
+
+USER_PROMPT = "you> "
+BOT_PROMPT = "bot> "
+CHAT_HELP = """\
+Type a message and press Enter. Commands:
+  (empty line)            record from the microphone; Enter again stops and sends it
+  /audio FILE [INSTR]     send an audio file, with an optional instruction
+  /task NAME [TARGET]     instruction preset for spoken turns: {tasks} (TARGET: Translate's language)
+  /undo                   remove the last exchange
+  /regenerate             answer the last turn again
+  /reset                  start a new conversation
+  /help                   this text
+  /quit                   leave (or Ctrl-D); Ctrl-C stops a reply in progress"""
+UNTRAINED_WARNING = ("warning: this model's adapter is untrained (no trained default adapter is shipped yet), "
+                     "so it cannot understand speech; typed turns work.")
+
+
+# --- arguments -------------------------------------------------------------------------------------
+def add_model_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=None, help="BLSP directory or hub id (default: the offline default model)")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+
+
+def add_generation_options(parser: argparse.ArgumentParser) -> None:
+    defaults = GenerationOptions()
+    parser.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens)
+    parser.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    parser.add_argument("--temperature", type=float, default=defaults.temperature)
+    parser.add_argument("--top-p", type=float, default=defaults.top_p)
+    parser.add_argument("--repetition-penalty", type=float, default=defaults.repetition_penalty)
+
+
+def generation_options(args: argparse.Namespace) -> GenerationOptions:
+    return GenerationOptions(max_new_tokens=args.max_new_tokens, do_sample=args.sample, temperature=args.temperature,
+                             top_p=args.top_p, repetition_penalty=args.repetition_penalty)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m blsp_chat", description="BLSP speech LLM")
     commands = parser.add_subparsers(dest="command", required=True)
-    gen = commands.add_parser("generate", help="reply to one spoken or typed turn")
+
+    chat = commands.add_parser("chat", help="a conversation in the terminal: type, record from the microphone, or send files")
+    add_model_options(chat)
+    chat.add_argument("--instruction", default=None,
+                      help="instruction placed before each spoken turn (default: the /task preset, 'Chat': none)")
+    chat.add_argument("--mic-device", default=None, help="sounddevice input device (name or index; default: the system's)")
+    add_generation_options(chat)
+
+    gen = commands.add_parser("generate", help="reply to one spoken or typed turn, or to every line of a manifest")
     source = gen.add_mutually_exclusive_group(required=True)
     source.add_argument("--audio", help="audio file to speak to the model (wav, flac, mp3, ogg, ...)")
     source.add_argument("--text", help="a typed turn instead of speech")
-    gen.add_argument("--instruction", default="", help="text placed before the speech, e.g. 'Please repeat the following words.'")
-    gen.add_argument("--model", default=None, help="BLSP directory or hub id (default: the offline default model)")
-    gen.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
-    gen.add_argument("--max-new-tokens", type=int, default=GenerationOptions.max_new_tokens)
-    gen.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
-    gen.add_argument("--temperature", type=float, default=GenerationOptions.temperature)
-    gen.add_argument("--top-p", type=float, default=GenerationOptions.top_p)
+    source.add_argument("--manifest", help='JSON lines, one {"audio": FILE, "instruction"?: ...} per line; needs --out')
+    gen.add_argument("--out", help="with --manifest: JSON lines output, appended to and resumed from")
+    gen.add_argument("--batch-size", type=int, default=8, help="with --manifest: lines generated together")
+    gen.add_argument("--instruction", default="", help="text placed before the speech, e.g. 'Please repeat the following words.' "
+                                                       "(a manifest line's own \"instruction\" wins)")
+    add_model_options(gen)
+    add_generation_options(gen)
     commands.add_parser("download", help="fetch and convert the offline default base models into the cache")
     return parser
 
 
+# --- generate --------------------------------------------------------------------------------------
 def run_generate(args: argparse.Namespace) -> int:
+    if args.manifest:
+        return run_manifest(args)
+    if args.out:
+        print("error: --out goes with --manifest", file=sys.stderr)
+        return 2
     from .audio import AudioError, load_audio
     from .prompt import Turn
     from .session import generate_reply, speech_turn
     from .weights import load_pretrained
 
-    options = GenerationOptions(max_new_tokens=args.max_new_tokens, do_sample=args.sample,
-                                temperature=args.temperature, top_p=args.top_p)
+    options = generation_options(args)
     try:
         audio = load_audio(args.audio) if args.audio else None
     except AudioError as err:
@@ -40,14 +92,243 @@ def run_generate(args: argparse.Namespace) -> int:
         return 2
     loaded = load_pretrained(args.model, device=args.device)
     if audio is not None and not loaded.adapter_trained:
-        print("warning: this model's adapter is untrained (no trained default adapter is shipped yet), "
-              "so it cannot understand speech; typed turns (--text) work.", file=sys.stderr)
+        print(UNTRAINED_WARNING, file=sys.stderr)
     if audio is None:
         turn, audios = Turn("human", instruction=args.instruction, text=args.text), []
     else:
         turn, audios = speech_turn(audio, loaded.model, instruction=args.instruction), [audio]
     print(generate_reply(loaded, [turn], audios, options))
     return 0
+
+
+def run_manifest(args: argparse.Namespace) -> int:
+    from . import manifest
+    from .weights import load_pretrained
+
+    if not args.out:
+        print("error: --manifest needs --out OUT.jsonl", file=sys.stderr)
+        return 2
+    if args.batch_size < 1:
+        print("error: --batch-size must be at least 1", file=sys.stderr)
+        return 2
+    options = generation_options(args)
+    try:
+        manifest.read_manifest(args.manifest)
+        manifest.done_lines(Path(args.out))
+    except (OSError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    loaded = load_pretrained(args.model, device=args.device)
+    if not loaded.adapter_trained:
+        print(UNTRAINED_WARNING, file=sys.stderr)
+    summary = manifest.run_manifest(loaded, args.manifest, args.out, batch_size=args.batch_size,
+                                    instruction=args.instruction, options=options)
+    print(f"{summary.answered} answered, {summary.failed} failed, {summary.skipped} already done "
+          f"(of {summary.total} lines) -> {args.out}", file=sys.stderr)
+    return 0
+
+
+# --- chat ------------------------------------------------------------------------------------------
+def say(text: str = "", end: str = "\n") -> None:
+    sys.stdout.write(text + end)
+    sys.stdout.flush()
+
+
+class TerminalChat:
+    """The read-eval-print loop of `chat` over one ChatSession. `read_line` is `input` in a terminal."""
+
+    def __init__(self, loaded, options: GenerationOptions, instruction: str | None = None, mic_device=None,
+                 read_line: Callable[[str], str] = input):
+        from .session import ChatSession
+
+        self.loaded = loaded
+        self.session = ChatSession.from_loaded(loaded)
+        self.options = options
+        self.task = "Chat"
+        self.instruction = instruction if instruction is not None else TASK_PRESETS[self.task]
+        self.mic_device = mic_device
+        self.read_line = read_line
+        self.mic_problem: str | None = None
+        self.commands = {"/audio": self.send_file, "/task": self.set_task, "/undo": self.undo,
+                         "/regenerate": self.regenerate, "/reset": self.reset, "/help": self.help}
+
+    # --- the loop --------------------------------------------------------------------------------
+    def run(self) -> int:
+        from .mic import microphone_problem
+
+        say(f"BLSP chat with {self.loaded.source}. /help lists the commands; /quit or Ctrl-D leaves.")
+        if not self.loaded.adapter_trained:
+            say(UNTRAINED_WARNING)
+        self.mic_problem = microphone_problem(self.mic_device)
+        if self.mic_problem:
+            say(f"No microphone: {self.mic_problem}. Typed messages and /audio FILE still work.")
+        else:
+            say("Press Enter on an empty line to speak.")
+        while True:
+            try:
+                line = self.read_line(USER_PROMPT)
+            except EOFError:
+                say()
+                return 0
+            except KeyboardInterrupt:
+                say("\n(/quit or Ctrl-D leaves)")
+                continue
+            if line.strip().lower() in ("/quit", "/exit"):
+                return 0
+            self.handle(line)
+
+    def handle(self, line: str) -> None:
+        """One line of input; every failure is reported and the chat goes on."""
+        from .audio import AudioError
+        from .mic import MicrophoneUnavailable
+        from .session import ContextOverflowError
+
+        try:
+            stripped = line.strip()
+            if not stripped:
+                self.record()
+            elif stripped.startswith("/"):
+                name, _, rest = stripped.partition(" ")
+                command = self.commands.get(name.lower())
+                if command is None:
+                    say(f"Unknown command {name}. /help lists the commands.")
+                else:
+                    command(rest.strip())
+            else:
+                self.session.submit_text(stripped)
+                self.reply()
+        except KeyboardInterrupt:
+            self.recover()
+            say("\n(interrupted)")
+        except (AudioError, ContextOverflowError, MicrophoneUnavailable) as err:
+            say(f"error: {err}")
+        except (ValueError, OSError) as err:  # a command the session refuses, an unreadable file
+            self.recover()
+            say(f"error: {err}")
+        except Exception as err:  # a failed generation (out of memory, a broken model): keep chatting
+            self.recover()
+            say(f"error: the reply failed: {err}")
+
+    # --- replies ---------------------------------------------------------------------------------
+    def reply(self, chunks: Iterator | None = None) -> None:
+        """Stream the reply to the last human turn; Ctrl-C stops it and keeps what was said."""
+        chunks = chunks if chunks is not None else self.session.stream_reply(self.options)
+        say(BOT_PROMPT, end="")
+        last = None
+        try:
+            for last in chunks:
+                say(last.delta, end="")
+        except KeyboardInterrupt:
+            self.session.cancel()
+            say(" [stopped]")
+            return
+        except BaseException:
+            say()
+            raise
+        say()
+        if last is None:
+            return
+        if not last.text:
+            say("(empty reply)")
+        if last.stopped_by == "max_new_tokens":
+            say(f"(reply cut at {self.options.max_new_tokens} tokens: raise --max-new-tokens for longer ones)")
+        if last.dropped_turns:
+            say(f"(the conversation outgrew the model's context: the oldest {last.dropped_turns} turns "
+                "are no longer seen by the model)")
+
+    def recover(self) -> None:
+        """After an interruption or failure: no reply running, no human turn left without a reply."""
+        self.session.cancel()
+        turns = self.session.turns
+        if turns and turns[-1].role == "human":
+            self.session.undo()
+
+    # --- spoken turns ----------------------------------------------------------------------------
+    def send_audio(self, audio, instruction: str | None = None) -> None:
+        from .constants import SAMPLE_RATE
+
+        instruction = self.instruction if instruction is None else instruction
+        self.session.submit_audio(audio, instruction=instruction)
+        say(f"(sent {len(audio) / SAMPLE_RATE:.1f} s of speech" + (f"; instruction: {instruction})" if instruction else ")"))
+        self.reply()
+
+    def send_file(self, rest: str) -> None:
+        from .audio import load_audio
+
+        try:
+            words = shlex.split(rest)
+        except ValueError:
+            words = rest.split()
+        if not words:
+            say("usage: /audio FILE [instruction]")
+            return
+        audio = load_audio(words[0])
+        self.send_audio(audio, " ".join(words[1:]) or None)
+
+    def record(self) -> None:
+        if self.mic_problem:
+            say(f"No microphone to record from: {self.mic_problem}. Type a message or use /audio FILE.")
+            return
+        from .mic import MicrophoneUnavailable, Recorder
+
+        recorder = Recorder(self.mic_device)
+        try:
+            recorder.start()
+        except Exception as err:  # sounddevice.PortAudioError: device busy, unplugged, unsupported format
+            raise MicrophoneUnavailable(f"could not start recording from {recorder.device_name}: {err}") from err
+        try:
+            say(f"Recording from {recorder.device_name}... press Enter to stop and send (Ctrl-C discards).")
+            self.read_line("")
+        except (KeyboardInterrupt, EOFError):
+            recorder.cancel()
+            say("(recording discarded)")
+            return
+        except BaseException:
+            recorder.cancel()
+            raise
+        if recorder.overflows:
+            say(f"(note: the input overflowed {recorder.overflows} times; some audio was lost)")
+        self.send_audio(recorder.stop())
+
+    # --- commands --------------------------------------------------------------------------------
+    def set_task(self, rest: str) -> None:
+        from .prompt import task_instruction
+
+        name, _, target = rest.partition(" ")
+        match = next((t for t in TASK_PRESETS if t.lower() == name.lower()), None) if name else None
+        if match is None:
+            say(f"Tasks: {', '.join(TASK_PRESETS)} (current: {self.task}). Usage: /task NAME [target language]")
+            return
+        self.task = match
+        self.instruction = task_instruction(match, target.strip() or DEFAULT_TRANSLATION_TARGET)
+        say(f"(task {match}: spoken turns now get " + (f"the instruction {self.instruction!r})" if self.instruction else "no instruction)"))
+
+    def undo(self, _: str) -> None:
+        removed = self.session.undo()
+        say("(removed the last exchange)" if removed else "(nothing to undo)")
+
+    def regenerate(self, _: str) -> None:
+        self.reply(self.session.regenerate(self.options))
+
+    def reset(self, _: str) -> None:
+        self.session.clear()
+        say("(new conversation)")
+
+    def help(self, _: str) -> None:
+        say(CHAT_HELP.format(tasks=", ".join(TASK_PRESETS)))
+
+
+def run_chat(args: argparse.Namespace) -> int:
+    from .weights import load_pretrained
+
+    try:
+        import readline  # noqa: F401  (line editing and history for input())
+    except ImportError:
+        pass
+    options = generation_options(args)
+    loaded = load_pretrained(args.model, device=args.device)
+    device = int(args.mic_device) if args.mic_device and args.mic_device.isdigit() else args.mic_device
+    return TerminalChat(loaded, options, args.instruction, device).run()
 
 
 def run_download(_: argparse.Namespace) -> int:
@@ -62,9 +343,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from .weights import WeightsError
 
-    handlers = {"generate": run_generate, "download": run_download}
+    handlers = {"chat": run_chat, "generate": run_generate, "download": run_download}
     try:
         return handlers[args.command](args)
     except WeightsError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
+    except ValueError as err:  # invalid generation options
+        print(f"error: {err}", file=sys.stderr)
+        return 2

@@ -60,19 +60,39 @@ def speech_turn(audio: np.ndarray, model, instruction: str = "", text: str = "")
     return Turn("human", instruction=instruction, text=text, speech_tokens=model.speech_token_count(len(audio)))
 
 
-@torch.inference_mode()
 def generate_reply(loaded, turns: Sequence[Turn], audios: Sequence[np.ndarray] = (), options: GenerationOptions = GenerationOptions()) -> str:
     """One reply to a conversation ending in a human turn; `audios` in the order of the speech turns."""
+    return generate_replies(loaded, [turns], [audios], options)[0]
+
+
+@torch.inference_mode()
+def generate_replies(loaded, conversations: Sequence[Sequence[Turn]], audios: Sequence[Sequence[np.ndarray]],
+                     options: GenerationOptions = GenerationOptions()) -> list[str]:
+    """One reply per conversation (each ending in a human turn), generated as one left-padded batch.
+
+    audios[i]: the clips of conversation i's speech turns, in order. Greedy replies equal those of
+    `session.generate_reply` one by one (positions come from the attention mask, so padding does not
+    shift them); each stops at EOS or `###`."""
     model, tokenizer = loaded.model, loaded.tokenizer
-    prompt = render(turns, tokenizer, template_for(model.config.prompt_template, tokenizer))
-    ids = torch.tensor([prompt.input_ids])
+    template = template_for(model.config.prompt_template, tokenizer)
+    prompts = [render(turns, tokenizer, template) for turns in conversations]
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[pad_id] * (width - len(p)) + p.input_ids for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    speech = torch.tensor([[False] * (width - len(p)) + p.speech_mask for p in prompts])
+    eos = eos_token_ids(tokenizer, model.llama_model)
     with model_lock(model):
-        new_ids = model.generate(
-            ids, torch.ones_like(ids), torch.tensor([prompt.speech_mask]), audios=list(audios), options=options,
-            eos_token_id=eos_token_ids(tokenizer, model.llama_model), pad_token_id=tokenizer.pad_token_id,
-            stop_strings=list(STOP_STRINGS), tokenizer=tokenizer,
-        )
-    return cut_at_stop(tokenizer.decode(new_ids[0], skip_special_tokens=True))
+        new_ids = model.generate(ids, mask, speech, audios=[a for clips in audios for a in clips], options=options,
+                                 eos_token_id=eos, pad_token_id=pad_id, stop_strings=list(STOP_STRINGS),
+                                 tokenizer=tokenizer)
+    return [_reply_text(row.tolist(), set(eos), tokenizer) for row in new_ids]
+
+
+def _reply_text(ids: list[int], eos: set[int], tokenizer) -> str:
+    """A row of new ids -> the reply: up to the first EOS (finished rows are padded with it), cut at `###`."""
+    end = next((i for i, t in enumerate(ids) if t in eos), len(ids))
+    return cut_at_stop(tokenizer.decode(ids[:end], skip_special_tokens=True))
 
 
 # --- one lock per model ---------------------------------------------------------------------------

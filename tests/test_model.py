@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from blsp_chat.config import GenerationOptions
-from blsp_chat.adapter import Conv1dSubsampler, subsampled_lengths
+from blsp_chat.adapter import Conv1dSubsampler
 from blsp_chat.constants import IGNORE_INDEX, N_SAMPLES, SAMPLE_RATE
 from blsp_chat.model import merge_speech, position_ids_from_mask, split_into_windows, window_lengths
 from blsp_chat.prompt import Turn, render

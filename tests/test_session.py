@@ -7,26 +7,14 @@ import torch
 from transformers import RepetitionPenaltyLogitsProcessor, TopPLogitsWarper
 
 from blsp_chat.config import GenerationOptions
-from blsp_chat.prompt import Turn, render
+from blsp_chat.prompt import render
 from blsp_chat.session import (
     REPLACEMENT_CHAR, ChatSession, ContextOverflowError, TextStream, apply_repetition_penalty, cut_at_stop,
     eos_token_ids, model_lock, next_token, top_p_filter,
 )
-from tiny import tiny_blsp, tiny_tokenizer, tone
+from tiny import lively_blsp, tiny_blsp, tiny_tokenizer, tone
 
 REPEAT = "Please repeat the following words."
-
-
-def lively_blsp(seed: int = 0, std: float = 0.3):
-    """tiny_blsp with larger LLM weights: its greedy replies depend on the context (the default init
-    repeats one token whatever it reads), so a wrong cache or position shows."""
-    model = tiny_blsp(seed=seed)
-    gen = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for param in model.llama_model.parameters():
-            if param.dim() > 1:
-                param.copy_(torch.randn(param.shape, generator=gen) * std)
-    return model
 
 
 @pytest.fixture(scope="module")

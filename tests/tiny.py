@@ -68,3 +68,15 @@ def tone(seconds: float, freq: float = 220.0, seed: int = 0) -> np.ndarray:
     rng = np.random.default_rng(seed)
     t = np.arange(int(seconds * SAMPLE_RATE)) / SAMPLE_RATE
     return (0.3 * np.sin(2 * np.pi * freq * t) + 0.01 * rng.standard_normal(t.shape)).astype(np.float32)
+
+
+def lively_blsp(seed: int = 0, std: float = 0.3):
+    """tiny_blsp with larger LLM weights: its greedy replies depend on the context (the default init
+    repeats one token whatever it reads), so a wrong cache or position shows."""
+    model = tiny_blsp(seed=seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for param in model.llama_model.parameters():
+            if param.dim() > 1:
+                param.copy_(torch.randn(param.shape, generator=gen) * std)
+    return model
