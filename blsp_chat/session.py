@@ -65,6 +65,22 @@ def generate_reply(loaded, turns: Sequence[Turn], audios: Sequence[np.ndarray] =
     return generate_replies(loaded, [turns], [audios], options)[0]
 
 
+def pad_token_id(tokenizer) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+def left_padded_batch(prompts: Sequence[RenderedPrompt], pad_id: int) -> dict[str, torch.Tensor]:
+    """Rendered prompts -> input_ids, attention_mask, speech_mask (B, T), padded on the left so that
+    every row's next token is generated at the same column."""
+    width = max(len(p) for p in prompts)
+    pads = [width - len(p) for p in prompts]
+    return {
+        "input_ids": torch.tensor([[pad_id] * n + p.input_ids for n, p in zip(pads, prompts)]),
+        "attention_mask": torch.tensor([[0] * n + [1] * len(p) for n, p in zip(pads, prompts)]),
+        "speech_mask": torch.tensor([[False] * n + p.speech_mask for n, p in zip(pads, prompts)]),
+    }
+
+
 @torch.inference_mode()
 def generate_replies(loaded, conversations: Sequence[Sequence[Turn]], audios: Sequence[Sequence[np.ndarray]],
                      options: GenerationOptions = GenerationOptions()) -> list[str]:
@@ -76,14 +92,11 @@ def generate_replies(loaded, conversations: Sequence[Sequence[Turn]], audios: Se
     model, tokenizer = loaded.model, loaded.tokenizer
     template = template_for(model.config.prompt_template, tokenizer)
     prompts = [render(turns, tokenizer, template) for turns in conversations]
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    width = max(len(p) for p in prompts)
-    ids = torch.tensor([[pad_id] * (width - len(p)) + p.input_ids for p in prompts])
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-    speech = torch.tensor([[False] * (width - len(p)) + p.speech_mask for p in prompts])
+    pad_id = pad_token_id(tokenizer)
+    batch = left_padded_batch(prompts, pad_id)
     eos = eos_token_ids(tokenizer, model.llama_model)
     with model_lock(model):
-        new_ids = model.generate(ids, mask, speech, audios=[a for clips in audios for a in clips], options=options,
+        new_ids = model.generate(**batch, audios=[a for clips in audios for a in clips], options=options,
                                  eos_token_id=eos, pad_token_id=pad_id, stop_strings=list(STOP_STRINGS),
                                  tokenizer=tokenizer)
     return [_reply_text(row.tolist(), set(eos), tokenizer) for row in new_ids]
