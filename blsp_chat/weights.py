@@ -33,7 +33,9 @@ from .model import BlspModel
 ADAPTER_WEIGHTS_NAME = "model.safetensors"
 OFFLINE_PREFIX = "offline:"
 DEFAULT_WHISPER = OFFLINE_PREFIX + "whisper-tiny.en"
-DEFAULT_LLM = OFFLINE_PREFIX + "smollm2-135m-instruct"
+# The offline default LLM: SmolLM2-135M-Instruct + the stage-1 LoRA of assets/stage1_lora (issue 8),
+# merged at load. `offline:smollm2-135m-instruct` stays resolvable as the plain base.
+DEFAULT_LLM = OFFLINE_PREFIX + "smollm2-135m-instruct-stage1"
 DEFAULT_ADAPTER_DIR = Path(__file__).resolve().parent.parent / "assets" / "default_adapter"
 COMPLETE_MARKER = ".complete"
 ADAPTER_SEED = 0
@@ -207,8 +209,13 @@ def download_defaults() -> dict[str, Path]:
 
 # --- base models by name ---------------------------------------------------------------------------
 def resolve_base(name_or_path: str) -> str:
-    """`offline:` names -> their cache directory; local paths and hub ids pass through."""
-    offline = {DEFAULT_WHISPER: default_whisper_dir, DEFAULT_LLM: default_llm_dir}
+    """`offline:` names -> their directory (cache, or the shipped stage-1 LoRA); local paths and hub ids pass through."""
+    stage1_dir = Path(__file__).resolve().parent.parent / "assets" / "stage1_lora"
+    offline = {
+        DEFAULT_WHISPER: default_whisper_dir,
+        OFFLINE_PREFIX + "smollm2-135m-instruct": default_llm_dir,  # the plain base
+        DEFAULT_LLM: lambda: stage1_dir,  # a peft LoRA whose adapter_config names the base above
+    }
     if name_or_path.startswith(OFFLINE_PREFIX):
         if name_or_path not in offline:
             raise WeightsError(f"unknown offline model {name_or_path!r}; known: {sorted(offline)}")
@@ -223,8 +230,26 @@ def load_whisper_encoder(name_or_path: str, dtype: torch.dtype):
 
 
 def load_llm(name_or_path: str, dtype: torch.dtype):
+    """A causal LM and its tokenizer. A directory holding a peft LoRA (adapter_config.json) is loaded on
+    top of the base its config names (itself any name load_llm takes, `offline:` included) and merged."""
     source = resolve_base(name_or_path)
-    return AutoModelForCausalLM.from_pretrained(source, dtype=dtype), AutoTokenizer.from_pretrained(source)
+    adapter_config = Path(source) / "adapter_config.json"
+    if not adapter_config.is_file():
+        return AutoModelForCausalLM.from_pretrained(source, dtype=dtype), AutoTokenizer.from_pretrained(source)
+    from peft import PeftModel
+
+    try:
+        base_name = json.loads(adapter_config.read_text())["base_model_name_or_path"]
+    except (KeyError, json.JSONDecodeError) as err:
+        raise WeightsError(f"{adapter_config} does not name its base model (base_model_name_or_path): {err}") from err
+    if not base_name or resolve_base(base_name) == source:
+        raise WeightsError(f"{adapter_config} names no usable base model ({base_name!r})")
+    base, tokenizer = load_llm(base_name, dtype)
+    try:
+        merged = PeftModel.from_pretrained(base, source).merge_and_unload()
+    except Exception as err:  # peft raises several types for adapters that do not fit the base
+        raise WeightsError(f"cannot apply the LoRA in {source} to {base_name!r}: {err}") from err
+    return merged.to(dtype), tokenizer
 
 
 # --- BLSP checkpoints --------------------------------------------------------------------------------

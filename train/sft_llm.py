@@ -1,0 +1,451 @@
+"""Stage 1: instruction-tune the LLM in the `blsp` format (paper section 4.1, issue 8).
+
+Every example is an Alpaca record (instruction, input, output) rendered by `blsp_chat.prompt.render`
+as one human turn (instruction and input joined, as the paper does) and one assistant turn, with EOS;
+the loss covers the response and EOS only. LoRA (peft; rank 16, alpha 16 on q, k, v, o: the paper's LoRA
+setting) by default, full fine-tuning with `--method full`. The LoRA is saved with `save_pretrained`,
+its adapter_config naming the base as the user gave it (an `offline:` name for the default), so
+`blsp_chat.weights.load_llm` loads and merges it. A card beside it records config, data and loss curve.
+
+    python -m train.sft_llm --config train/configs/sft_smollm2.json
+    python -m train.sft_llm --evaluate --out assets/stage1_lora     # before/after table into the card
+
+This file has its own small training loop (train/loop.py did not exist when it was written).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import random
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import torch
+
+from blsp_chat.constants import IGNORE_INDEX, INTENT_INSTRUCTION, REPEAT_INSTRUCTION, SNIPS_LIGHT_INTENTS
+from blsp_chat.prompt import Turn, render, template_for
+from train.build_sft_data import intent_commands, pick_label, read_alpaca, split_of, transcript_style
+
+CARD_JSON, CARD_MD = "sft_card.json", "README.md"  # README.md replaces peft's boilerplate card
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+OPTIONAL_TYPES = {"max_per_kind": int, "max_steps": int, "time_budget_min": float, "threads": int}  # fields whose default is None
+BUDGET_PROBE_STEPS = 5  # steps timed before a time budget fixes the schedule
+
+
+@dataclass
+class SftConfig:
+    llm: str = "offline:smollm2-135m-instruct"   # the base: offline: name, directory or hub id
+    data: str = "runs/sft_data/sft_data.jsonl"   # Alpaca JSON/JSONL (records with split=heldout are skipped)
+    out: str = "runs/stage1_lora"
+    template: str = "blsp"
+    method: str = "lora"                         # "lora" or "full"
+    lora_r: int = 16
+    lora_alpha: int = 16
+    lora_dropout: float = 0.05
+    lora_targets: tuple[str, ...] = LORA_TARGETS
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 10
+    epochs: float = 1.0
+    max_steps: int | None = None                  # overrides epochs
+    time_budget_min: float | None = None          # after 5 steps, shorten the schedule to fit this
+    batch_size: int = 8
+    grad_accum: int = 1
+    max_len: int = 160                            # longer examples are skipped, not cut
+    max_per_kind: int | None = None               # cap each `kind` of a self-distilled set (file order)
+    seed: int = 0
+    log_every: int = 10
+    threads: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.method not in ("lora", "full"):
+            raise ValueError(f"method must be 'lora' or 'full', got {self.method!r}")
+        self.lora_targets = tuple(self.lora_targets)
+
+    @classmethod
+    def load(cls, path: str | Path, **overrides) -> "SftConfig":
+        text = Path(path).read_text()
+        if str(path).endswith((".yaml", ".yml")):
+            import yaml
+
+            data = yaml.safe_load(text)
+        else:
+            data = json.loads(text)
+        return cls(**{**data, **{k: v for k, v in overrides.items() if v is not None}})
+
+
+# --- data ---------------------------------------------------------------------------------------------
+def example_turns(record: dict) -> list[Turn]:
+    return [Turn("human", instruction=record["instruction"], text=record.get("input", "")),
+            Turn("assistant", text=record["output"])]
+
+
+def encode(record: dict, tokenizer, template) -> tuple[list[int], list[int]]:
+    """(input_ids, labels): labels are the response + EOS, IGNORE_INDEX elsewhere."""
+    rendered = render(example_turns(record), tokenizer, template, add_eos=True)
+    return rendered.input_ids, rendered.labels
+
+
+def load_training_records(path: str | Path, max_per_kind: int | None = None) -> list[dict]:
+    records, counts = [], {}
+    for record in read_alpaca(path):
+        kind = record.get("kind", "alpaca")
+        if record.get("split", "train") == "heldout" or not record["output"].strip():
+            continue
+        counts[kind] = counts.get(kind, 0) + 1
+        if max_per_kind is None or counts[kind] <= max_per_kind:
+            records.append(record)
+    return records
+
+
+def encode_all(records: Sequence[dict], tokenizer, template, max_len: int) -> tuple[list[tuple[list[int], list[int]]], int]:
+    encoded, skipped = [], 0
+    for record in records:
+        ids, labels = encode(record, tokenizer, template)
+        if len(ids) > max_len:
+            skipped += 1
+            continue
+        encoded.append((ids, labels))
+    return encoded, skipped
+
+
+def collate(batch: Sequence[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right padding; padded positions are masked out of attention and loss."""
+    width = max(len(ids) for ids, _ in batch)
+    input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for row, (ids, labs) in enumerate(batch):
+        input_ids[row, : len(ids)] = torch.tensor(ids)
+        labels[row, : len(labs)] = torch.tensor(labs)
+        mask[row, : len(ids)] = 1
+    return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+
+
+def batches(encoded: Sequence, batch_size: int, seed: int, epoch: int) -> list[list]:
+    """Shuffled each epoch; neighbours of similar length share a batch (less padding)."""
+    order = list(range(len(encoded)))
+    random.Random(seed * 1000 + epoch).shuffle(order)
+    chunk = batch_size * 16
+    out = []
+    for start in range(0, len(order), chunk):
+        part = sorted(order[start:start + chunk], key=lambda i: len(encoded[i][0]))
+        out.extend([encoded[i] for i in part[j:j + batch_size]] for j in range(0, len(part), batch_size))
+    random.Random(seed * 1000 + epoch + 1).shuffle(out)
+    return out
+
+
+# --- model ----------------------------------------------------------------------------------------------
+def prepare_model(llm, config: SftConfig):
+    """LoRA: only the adapters train. Full: every weight trains."""
+    if config.method == "full":
+        for param in llm.parameters():
+            param.requires_grad = True
+        return llm
+    from peft import LoraConfig, get_peft_model
+
+    lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                      target_modules=list(config.lora_targets), task_type="CAUSAL_LM")
+    return get_peft_model(llm, lora)
+
+
+def lr_at(step: int, total: int, config: SftConfig) -> float:
+    """Linear warmup, then cosine decay to 10%."""
+    if step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    progress = (step - config.warmup_steps) / max(1, total - config.warmup_steps)
+    return config.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def train(model, tokenizer, encoded: Sequence, config: SftConfig, log=print) -> list[dict]:
+    """The loop (accelerate for device placement and accumulation). Returns the loss curve."""
+    from accelerate import Accelerator
+
+    torch.manual_seed(config.seed)
+    accelerator = Accelerator(gradient_accumulation_steps=config.grad_accum, cpu=not torch.cuda.is_available())
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    steps_per_epoch = math.ceil(len(encoded) / config.batch_size / config.grad_accum)
+    total = config.max_steps or max(1, round(steps_per_epoch * config.epochs))
+    curve, window, step, epoch, start = [], [], 0, 0, time.monotonic()
+    model.train()
+    while step < total:
+        for micro, batch in enumerate(batches(encoded, config.batch_size, config.seed, epoch)):
+            with accelerator.accumulate(model):
+                inputs = {k: v.to(accelerator.device) for k, v in collate(batch, tokenizer.pad_token_id).items()}
+                loss = model(**inputs).loss
+                accelerator.backward(loss)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr_at(step, total, config)
+                optimizer.step()
+                optimizer.zero_grad()
+            window.append(loss.item())
+            if accelerator.sync_gradients:
+                step += 1
+                if step == BUDGET_PROBE_STEPS and config.time_budget_min:
+                    per_step = (time.monotonic() - start) / step
+                    total = max(step, min(total, int(config.time_budget_min * 60 / per_step)))
+                    log(json.dumps({"seconds_per_step": round(per_step, 2), "planned_steps": total}))
+                if step % config.log_every == 0 or step == total:
+                    point = {"step": step, "loss": round(sum(window) / len(window), 4),
+                             "lr": lr_at(step - 1, total, config), "seconds": round(time.monotonic() - start, 1)}
+                    curve.append(point)
+                    log(json.dumps(point))
+                    window = []
+                if step >= total:
+                    break
+        epoch += 1
+    model.eval()
+    return curve
+
+
+@torch.no_grad()
+def mean_loss(model, tokenizer, encoded: Sequence, batch_size: int = 8) -> float:
+    """Token-weighted response loss over examples (for held-out loss and tests)."""
+    total, count = 0.0, 0
+    for start in range(0, len(encoded), batch_size):
+        inputs = collate(encoded[start:start + batch_size], tokenizer.pad_token_id)
+        n = int((inputs["labels"][:, 1:] != IGNORE_INDEX).sum())
+        total += float(model(**inputs).loss) * n
+        count += n
+    return total / max(1, count)
+
+
+def save(model, tokenizer, config: SftConfig, out: Path) -> None:
+    """LoRA: adapter weights + adapter_config naming the base as configured. Full: the whole model."""
+    out.mkdir(parents=True, exist_ok=True)
+    if config.method == "full":
+        model.save_pretrained(out)
+        tokenizer.save_pretrained(out)
+        return
+    model.save_pretrained(out)
+    adapter_config = out / "adapter_config.json"
+    data = json.loads(adapter_config.read_text())
+    data["base_model_name_or_path"] = config.llm
+    adapter_config.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+# --- evaluation (typed prompts the LoRA never saw) -----------------------------------------------------
+# (question, pattern any correct answer contains); none of these facts is a training prompt.
+EVAL_QUESTIONS = (
+    ("What is the capital of France?", r"\bparis\b"),
+    ("How many days are there in a week?", r"\b(seven|7)\b"),
+    ("What color is the sky on a clear day?", r"\bblue\b"),
+    ("What is the largest planet in our solar system?", r"\bjupiter\b"),
+    ("What do bees make?", r"\bhoney\b"),
+    ("At what temperature in degrees Celsius does water freeze?", r"\b(0|zero)\b"),
+    ("Who wrote Romeo and Juliet?", r"\bshakespeare\b"),
+    ("What is the opposite of hot?", r"\bcold\b"),
+)
+LIBRIVOX_TRANSCRIPTS = Path("/usr/share/pocketsphinx/test/data/librivox/transcription")
+EVAL_REPEATS = 24
+EVAL_INTENTS = 36
+
+
+def eval_repeat_sentences(count: int = EVAL_REPEATS) -> list[str]:
+    """ASR-style sentences held out of every training task: LibriVox transcripts, then held-out fortunes."""
+    from train.build_sft_data import load_sources
+
+    found = []
+    if LIBRIVOX_TRANSCRIPTS.is_file():
+        found = [re.sub(r"</?s>|\(.*\)", "", line).strip() for line in LIBRIVOX_TRANSCRIPTS.read_text().splitlines()]
+    sources = load_sources()
+    pool = sorted({transcript_style(s) for s in sources.sentences + sources.examples if split_of(s) == "heldout"})
+    pool = [s for s in pool if 6 <= len(s.split()) <= 20]
+    random.Random(0).shuffle(pool)
+    return (found + pool)[:count]
+
+
+def eval_intents(count: int = EVAL_INTENTS) -> list[tuple[str, str]]:
+    held = [c for c in intent_commands() if split_of(c[0]) == "heldout"]
+    random.Random(0).shuffle(held)
+    return held[:count]
+
+
+def word_errors(hyp: str, ref: str) -> tuple[int, int]:
+    h, r = transcript_style(hyp).split(), transcript_style(ref).split()
+    row = list(range(len(h) + 1))
+    for i, rw in enumerate(r, 1):
+        prev, row[0] = row[0], i
+        for j, hw in enumerate(h, 1):
+            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (rw != hw))
+    return row[len(h)], len(r)
+
+
+@torch.no_grad()
+def answer_all(llm, tokenizer, template_name: str, prompts: Sequence[tuple[str, str]], max_new_tokens: int,
+               batch_size: int = 16) -> list[str]:
+    """Greedy replies to (instruction, text) human turns, batched with left padding, cut at `###`."""
+    from blsp_chat.session import cut_at_stop, eos_token_ids
+
+    template = template_for(template_name, tokenizer)
+    eos = eos_token_ids(tokenizer, llm)
+    replies = []
+    for start in range(0, len(prompts), batch_size):
+        rows = [render([Turn("human", instruction=i, text=t)], tokenizer, template).input_ids for i, t in prompts[start:start + batch_size]]
+        width = max(map(len, rows))
+        ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(r)) + r for r in rows])
+        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+        out = llm.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                           eos_token_id=eos, pad_token_id=tokenizer.pad_token_id)
+        replies.extend(cut_at_stop(tokenizer.decode(row[width:], skip_special_tokens=True)) for row in out)
+    return replies
+
+
+def evaluate(llm, tokenizer, template_name: str, examples: bool = False) -> dict:
+    """Questions (keyword), light intents (accuracy against the label list), repeats (exact, WER)."""
+    questions = answer_all(llm, tokenizer, template_name, [(q, "") for q, _ in EVAL_QUESTIONS], 48)
+    q_ok = [bool(re.search(p, a.lower())) for (_, p), a in zip(EVAL_QUESTIONS, questions)]
+    intents = eval_intents()
+    instruction = INTENT_INSTRUCTION.format(labels=", ".join(SNIPS_LIGHT_INTENTS))
+    intent_answers = answer_all(llm, tokenizer, template_name, [(instruction, c) for c, _ in intents], 16)
+    i_ok = [pick_label(a, SNIPS_LIGHT_INTENTS) == gold for (_, gold), a in zip(intents, intent_answers)]
+    sentences = eval_repeat_sentences()
+    repeats = answer_all(llm, tokenizer, template_name, [(REPEAT_INSTRUCTION, s) for s in sentences], 48)
+    errors = [word_errors(h, r) for h, r in zip(repeats, sentences)]
+    result = {
+        "template": template_name,
+        "questions_correct": f"{sum(q_ok)}/{len(q_ok)}",
+        "intent_accuracy": round(sum(i_ok) / len(i_ok), 3), "intent_n": len(i_ok),
+        "repeat_exact": round(sum(e == 0 for e, _ in errors) / len(errors), 3), "repeat_n": len(errors),
+        "repeat_wer": round(sum(e for e, _ in errors) / sum(n for _, n in errors), 3),
+    }
+    if examples:
+        result["examples"] = {"questions": list(zip([q for q, _ in EVAL_QUESTIONS], questions)),
+                              "intents": list(zip([c for c, _ in intents[:6]], intent_answers[:6])),
+                              "repeats": list(zip(sentences[:4], repeats[:4]))}
+    return result
+
+
+def heldout_loss(llm, tokenizer, data: str | Path, max_len: int, limit: int = 200) -> float | None:
+    records = [r for r in read_alpaca(data) if r.get("split") == "heldout"][:limit]
+    if not records:
+        return None
+    encoded, _ = encode_all(records, tokenizer, template_for("blsp", tokenizer), max_len)
+    return round(mean_loss(llm, tokenizer, encoded), 4)
+
+
+def training_overlap(data: str | Path | None) -> int:
+    """How many evaluation prompts appear in the training data (must be 0)."""
+    if not data or not Path(data).is_file():
+        return 0
+    seen = {(r["instruction"], r["input"]) for r in read_alpaca(data) if r.get("split", "train") != "heldout"}
+    intent = INTENT_INSTRUCTION.format(labels=", ".join(SNIPS_LIGHT_INTENTS))
+    prompts = [(q, "") for q, _ in EVAL_QUESTIONS] + [(intent, c) for c, _ in eval_intents()]
+    prompts += [(REPEAT_INSTRUCTION, s) for s in eval_repeat_sentences()]
+    return sum(p in seen for p in prompts)
+
+
+def run_evaluation(base: str, tuned_dir: Path, data: str | Path | None, max_len: int) -> dict:
+    from blsp_chat.weights import load_llm
+
+    table = {}
+    overlap = training_overlap(data)
+    if overlap:
+        raise SystemExit(f"{overlap} evaluation prompts appear in the training data; the numbers would not be held out")
+    llm, tokenizer = load_llm(base, torch.float32)
+    llm.eval()
+    table["base_chat_template"] = evaluate(llm, tokenizer, "chat")
+    table["base_blsp"] = evaluate(llm, tokenizer, "blsp", examples=True)
+    if data and Path(data).is_file():
+        table["base_blsp"]["heldout_loss"] = heldout_loss(llm, tokenizer, data, max_len)
+    llm, tokenizer = load_llm(str(tuned_dir), torch.float32)
+    llm.eval()
+    table["stage1_blsp"] = evaluate(llm, tokenizer, "blsp", examples=True)
+    if data and Path(data).is_file():
+        table["stage1_blsp"]["heldout_loss"] = heldout_loss(llm, tokenizer, data, max_len)
+    return table
+
+
+# --- card -------------------------------------------------------------------------------------------------
+def write_card(out: Path, updates: dict) -> dict:
+    path = out / CARD_JSON
+    card = json.loads(path.read_text()) if path.is_file() else {}
+    card.update(updates)
+    path.write_text(json.dumps(card, indent=2) + "\n")
+    (out / CARD_MD).write_text(card_markdown(card))
+    return card
+
+
+def card_markdown(card: dict) -> str:
+    cfg = card.get("config", {})
+    lines = ["# Stage-1 LoRA for SmolLM2-135M-Instruct (blsp format)", "",
+             "Teaches the LLM the `###[Human]:...\\n\\n\\n###[Assistant]:` format (paper section 4.1, issue 8).",
+             f"Base: `{cfg.get('llm')}`; method {cfg.get('method')} (r={cfg.get('lora_r')}, alpha={cfg.get('lora_alpha')}, "
+             f"targets {', '.join(cfg.get('lora_targets', []))}). Loaded and merged by `blsp_chat.weights.load_llm`.", ""]
+    if "data" in card:
+        lines += ["## Data", "", "```", json.dumps(card["data"], indent=2), "```", ""]
+    if "training" in card:
+        t = card["training"]
+        lines += ["## Training", "", f"{t['steps']} steps, {t['examples_seen']} examples seen, {t['seconds']} s on {t['device']}.", "",
+                  "| step | loss | lr |", "|---|---|---|", *[f"| {p['step']} | {p['loss']} | {p['lr']:.2e} |" for p in t["curve"]], ""]
+    if "evaluation" in card:
+        lines += ["## Before / after (held-out typed prompts, greedy)", "",
+                  "| model / template | questions | intent acc | repeat exact | repeat WER | held-out loss |", "|---|---|---|---|---|---|"]
+        for name, r in card["evaluation"].items():
+            lines.append(f"| {name} | {r['questions_correct']} | {r['intent_accuracy']} (n={r['intent_n']}) | "
+                         f"{r['repeat_exact']} (n={r['repeat_n']}) | {r['repeat_wer']} | {r.get('heldout_loss', '-')} |")
+        lines += ["", "Questions: 8 hand-written, judged by keyword. Intents: held-out light commands, answer must name",
+                  "the right SNIPS label. Repeats: 'Please repeat the following words.' + held-out ASR-style sentences",
+                  "(LibriVox transcripts first); exact after lower-casing and removing punctuation.", ""]
+    if "config" in card:
+        lines += ["## Config", "", "```", json.dumps(card["config"], indent=2), "```", ""]
+    return "\n".join(lines)
+
+
+def main(argv: Iterable[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="JSON or YAML file of SftConfig fields")
+    for f in dataclasses.fields(SftConfig):
+        if f.name != "lora_targets":
+            kind = OPTIONAL_TYPES.get(f.name) or {int: int, float: float}.get(type(f.default), str)
+            parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=kind, default=None)
+    parser.add_argument("--evaluate", action="store_true", help="only measure base vs the LoRA in --out; write the card")
+    args = parser.parse_args(argv)
+    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(SftConfig) if f.name != "lora_targets"}
+    config = SftConfig.load(args.config, **overrides) if args.config else SftConfig(**{k: v for k, v in overrides.items() if v is not None})
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    out = Path(config.out)
+    if args.evaluate:
+        table = run_evaluation(config.llm, out, config.data, config.max_len)
+        print(json.dumps(table, indent=2))
+        write_card(out, {"evaluation": table})
+        return
+    train_and_save(config)
+
+
+def train_and_save(config: SftConfig, log=print) -> dict:
+    from blsp_chat.weights import load_llm
+
+    llm, tokenizer = load_llm(config.llm, torch.float32)
+    template = template_for(config.template, tokenizer)
+    records = load_training_records(config.data, config.max_per_kind)
+    encoded, skipped = encode_all(records, tokenizer, template, config.max_len)
+    model = prepare_model(llm, config)
+    start = time.monotonic()
+    curve = train(model, tokenizer, encoded, config, log)
+    seconds = round(time.monotonic() - start, 1)
+    out = Path(config.out)
+    save(model, tokenizer, config, out)
+    kinds: dict[str, int] = {}
+    for r in records:
+        kinds[r.get("kind", "alpaca")] = kinds.get(r.get("kind", "alpaca"), 0) + 1
+    steps = curve[-1]["step"] if curve else 0
+    return write_card(out, {
+        "config": dataclasses.asdict(config),
+        "data": {"source": config.data, "train_records": len(records), "used": len(encoded),
+                 "skipped_longer_than_max_len": skipped, "per_kind": kinds},
+        "training": {"steps": steps, "examples_seen": steps * config.batch_size * config.grad_accum,
+                     "seconds": seconds, "device": "cuda" if torch.cuda.is_available() else "cpu", "curve": curve},
+    })
+
+
+if __name__ == "__main__":
+    main()
