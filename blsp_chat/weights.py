@@ -36,7 +36,9 @@ DEFAULT_WHISPER = OFFLINE_PREFIX + "whisper-tiny.en"
 # The offline default LLM: SmolLM2-135M-Instruct + the stage-1 LoRA of assets/stage1_lora (issue 8),
 # merged at load. `offline:smollm2-135m-instruct` stays resolvable as the plain base.
 DEFAULT_LLM = OFFLINE_PREFIX + "smollm2-135m-instruct-stage1"
-DEFAULT_ADAPTER_DIR = Path(__file__).resolve().parent.parent / "assets" / "default_adapter"
+ASSETS_DIR = Path(__file__).resolve().parent.parent / "assets"
+DEFAULT_ADAPTER_DIR = ASSETS_DIR / "default_adapter"
+STAGE1_LORA_DIR = ASSETS_DIR / "stage1_lora"  # the stage-1 LoRA of the default LLM (train/sft_llm.py)
 COMPLETE_MARKER = ".complete"
 ADAPTER_SEED = 0
 
@@ -210,11 +212,10 @@ def download_defaults() -> dict[str, Path]:
 # --- base models by name ---------------------------------------------------------------------------
 def resolve_base(name_or_path: str) -> str:
     """`offline:` names -> their directory (cache, or the shipped stage-1 LoRA); local paths and hub ids pass through."""
-    stage1_dir = Path(__file__).resolve().parent.parent / "assets" / "stage1_lora"
     offline = {
         DEFAULT_WHISPER: default_whisper_dir,
         OFFLINE_PREFIX + "smollm2-135m-instruct": default_llm_dir,  # the plain base
-        DEFAULT_LLM: lambda: stage1_dir,  # a peft LoRA whose adapter_config names the base above
+        DEFAULT_LLM: lambda: STAGE1_LORA_DIR,  # a peft LoRA whose adapter_config names the base above
     }
     if name_or_path.startswith(OFFLINE_PREFIX):
         if name_or_path not in offline:
