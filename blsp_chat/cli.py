@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import shlex
 import sys
 from pathlib import Path
@@ -22,7 +23,7 @@ Type a message and press Enter. Commands:
   /reset                  start a new conversation
   /help                   this text
   /quit                   leave (or Ctrl-D); Ctrl-C stops a reply in progress"""
-UNTRAINED_WARNING = ("warning: this model's adapter is untrained (no trained default adapter is shipped yet), "
+UNTRAINED_WARNING = ("warning: this model's adapter is untrained (assets/default_adapter is missing), "
                      "so it cannot understand speech; typed turns work.")
 
 
@@ -325,6 +326,9 @@ def run_chat(args: argparse.Namespace) -> int:
         import readline  # noqa: F401  (line editing and history for input())
     except ImportError:
         pass
+    # Ctrl-C stops a reply. A shell starts background jobs (nohup, `&`) with SIGINT ignored, and Python
+    # then never raises KeyboardInterrupt: take the signal back for this interactive program.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     options = generation_options(args)
     loaded = load_pretrained(args.model, device=args.device)
     device = int(args.mic_device) if args.mic_device and args.mic_device.isdigit() else args.mic_device
