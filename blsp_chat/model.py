@@ -171,23 +171,40 @@ class BlspModel(nn.Module):
         x, out_lengths = self.subsampler(hidden.to(self.speech_ln.weight.dtype), lengths)
         return self.speech_ln(self.adapter(x)), out_lengths
 
-    def encode_speech(self, audios: Sequence[np.ndarray]) -> list[torch.Tensor]:
-        """16 kHz mono clips of any length -> one (L_i, d_llm) tensor per clip.
-
-        Clips longer than 30 s are cut into windows whose outputs are concatenated in order.
-        """
+    def encode_windows(self, audios: Sequence[np.ndarray]) -> list[list[torch.Tensor]]:
+        """Frozen encoder only: per clip, one (T_w, d_whisper) tensor of real frames per <=30 s window.
+        (Training caches these, so later epochs skip the encoder.)"""
         windows, owners = [], []
         for index, audio in enumerate(audios):
             for window in split_into_windows(np.asarray(audio, dtype=np.float32)):
                 windows.append(window)
                 owners.append(index)
-        if not windows:
-            return []
-        embeds, lengths = self.adapt(*self.encode_frames(self.extract_features(windows)))
         per_clip: list[list[torch.Tensor]] = [[] for _ in audios]
+        if not windows:
+            return per_clip
+        hidden, lengths = self.encode_frames(self.extract_features(windows))
         for row, owner in enumerate(owners):
-            per_clip[owner].append(embeds[row, : int(lengths[row])])
-        return [torch.cat(parts) for parts in per_clip]
+            per_clip[owner].append(hidden[row, : int(lengths[row])])
+        return per_clip
+
+    def adapt_windows(self, per_clip: Sequence[Sequence[torch.Tensor]]) -> list[torch.Tensor]:
+        """Encoder frames per clip and window -> one (L_i, d_llm) tensor per clip, its windows'
+        adapter outputs concatenated in order, so a clip longer than 30 s is heard whole."""
+        flat = [w for clip in per_clip for w in clip]
+        if not flat:
+            return [self.speech_ln.weight.new_zeros(0, self.speech_ln.normalized_shape[0]) for _ in per_clip]
+        lengths = torch.tensor([w.shape[0] for w in flat], device=self.device)
+        hidden = nn.utils.rnn.pad_sequence([w.to(self.device, self.encoder_dtype) for w in flat], batch_first=True)
+        embeds, out_lengths = self.adapt(hidden, lengths)
+        out, row = [], 0
+        for clip in per_clip:
+            out.append(torch.cat([embeds[r, : int(out_lengths[r])] for r in range(row, row + len(clip))]))
+            row += len(clip)
+        return out
+
+    def encode_speech(self, audios: Sequence[np.ndarray]) -> list[torch.Tensor]:
+        """16 kHz mono clips of any length -> one (L_i, d_llm) tensor per clip."""
+        return self.adapt_windows(self.encode_windows(audios))
 
     # --- language model ----------------------------------------------------------------------------
     def embed_inputs(self, input_ids: torch.Tensor, speech_mask: torch.Tensor | None, speech_embeds: Sequence[torch.Tensor] = ()) -> torch.Tensor:

@@ -17,7 +17,7 @@ from blsp_chat.weights import LoadedBlsp
 from tiny import tiny_blsp, tiny_tokenizer, tone
 from train.loop import LoopConfig
 from train.speech_data import (
-    BucketBatchSampler, EncoderCache, SpeechCollator, SpeechDataset, SpeechExample, adapter_inputs, encode_windows,
+    BucketBatchSampler, EncoderCache, SpeechCollator, SpeechDataset, SpeechExample,
     read_manifest, speech_embeddings, with_repetition,
 )
 from train.train_adapter import (
@@ -213,11 +213,11 @@ def test_encoder_cache_returns_identical_adapter_inputs_and_notices_a_changed_fi
     first = collate([data[0]])
     assert first["encodeds"][0] is None and cache.misses == 1
     fresh_embeds = speech_embeddings(model, first, cache)  # encodes and stores
-    direct = encode_windows(model, first["audios"])
+    direct = model.encode_windows(first["audios"])
     second = collate([data[0]])
     assert second["audios"][0] is None and second["encodeds"][0] is not None and cache.hits == 1
-    for a, b in zip(adapter_inputs(direct, "cpu", torch.float32), adapter_inputs(second["encodeds"], "cpu", torch.float32)):
-        assert torch.equal(a, b)
+    for cached, computed in zip(second["encodeds"][0], direct[0]):
+        assert torch.equal(cached, computed)
     assert torch.equal(speech_embeddings(model, second, cache)[0], fresh_embeds[0])
     torch.testing.assert_close(fresh_embeds[0], model.encode_speech(first["audios"])[0], atol=1e-5, rtol=1e-4)
 
@@ -226,7 +226,7 @@ def test_encoder_cache_returns_identical_adapter_inputs_and_notices_a_changed_fi
     os.utime(clip, ns=(os.stat(clip).st_atime_ns, os.stat(clip).st_mtime_ns + 10**9))
     third = collate([data[0]])
     assert third["encodeds"][0] is None and third["audios"][0] is not None and cache.misses == 2
-    assert not torch.equal(encode_windows(model, third["audios"])[0][0][:5], direct[0][0][:5])
+    assert not torch.equal(model.encode_windows(third["audios"])[0][0][:5], direct[0][0][:5])
 
 
 # --- configuration -----------------------------------------------------------------------------------

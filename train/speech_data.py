@@ -32,8 +32,8 @@ import numpy as np
 import soundfile as sf
 import torch
 
-from blsp_chat.audio import load_audio, split_into_windows
-from blsp_chat.constants import IGNORE_INDEX, REPEAT_INSTRUCTION, SAMPLE_RATE
+from blsp_chat.audio import load_audio
+from blsp_chat.constants import IGNORE_INDEX, REPEAT_INSTRUCTION
 from blsp_chat.prompt import BLSP_TEMPLATE, PromptTemplate, Turn, render
 from train.loop import shard_global_batches
 
@@ -160,50 +160,19 @@ class EncoderCache:
         os.replace(scratch, file)  # a reader never sees half an entry
 
 
-@torch.no_grad()
-def encode_windows(model, audios: Sequence[np.ndarray]) -> list[list[torch.Tensor]]:
-    """Frozen encoder only: per clip, one (T_w, d_whisper) tensor of real frames per 30 s window."""
-    windows, owners = [], []
-    for index, audio in enumerate(audios):
-        for window in split_into_windows(np.asarray(audio, dtype=np.float32)):
-            windows.append(window)
-            owners.append(index)
-    per_clip: list[list[torch.Tensor]] = [[] for _ in audios]
-    if not windows:
-        return per_clip
-    hidden, lengths = model.encode_frames(model.extract_features(windows))
-    for row, owner in enumerate(owners):
-        per_clip[owner].append(hidden[row, : int(lengths[row])])
-    return per_clip
-
-
-def adapter_inputs(per_clip: Sequence[Sequence[torch.Tensor]], device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """Windows of every clip, zero-padded: (W, T_max, d), lengths (W,). The subsampler zeroes frames past
-    each length itself, so the padding value never reaches a real frame."""
-    flat = [w for clip in per_clip for w in clip]
-    lengths = torch.tensor([w.shape[0] for w in flat], device=device)
-    hidden = torch.nn.utils.rnn.pad_sequence([w.to(device, dtype) for w in flat], batch_first=True)
-    return hidden, lengths
-
-
 def speech_embeddings(model, batch: dict[str, Any], cache: EncoderCache | None = None) -> list[torch.Tensor]:
     """One (L_i, d_llm) tensor per example: encoder outputs from `batch["encodeds"]` (cache hits, filled by
     the dataset) or computed now from `batch["audios"]` (then stored in the cache), then the adapter."""
     encoded = list(batch["encodeds"])
     missing = [i for i, e in enumerate(encoded) if e is None]
     if missing:
-        fresh = encode_windows(model, [batch["audios"][i] for i in missing])
+        with torch.no_grad():
+            fresh = model.encode_windows([batch["audios"][i] for i in missing])
         for i, windows in zip(missing, fresh):
             encoded[i] = windows
             if cache is not None and batch["cache_keys"][i] is not None:
                 cache.put(batch["cache_keys"][i], windows, len(batch["audios"][i]))
-    hidden, lengths = adapter_inputs(encoded, model.device, model.encoder_dtype)
-    embeds, out_lengths = model.adapt(hidden, lengths)
-    per_clip, row = [], 0
-    for clip in encoded:
-        per_clip.append(torch.cat([embeds[r, : int(out_lengths[r])] for r in range(row, row + len(clip))]))
-        row += len(clip)
-    return per_clip
+    return model.adapt_windows(encoded)
 
 
 # --- dataset and collator ----------------------------------------------------------------------------
