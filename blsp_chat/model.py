@@ -88,6 +88,7 @@ class BlspModel(nn.Module):
         self.subsampler = Conv1dSubsampler(whisper_config.d_model, llm_dim, config.kernel_sizes)
         self.adapter = Bottleneck(llm_dim, config.adapter_inner_dim)
         self.speech_ln = nn.LayerNorm(llm_dim, eps=SPEECH_LN_EPS)
+        self.match_speech_scale_to_embeddings()
         self.feature_extractor = feature_extractor or WhisperFeatureExtractor(
             feature_size=whisper_config.num_mel_bins, sampling_rate=SAMPLE_RATE
         )
@@ -106,6 +107,17 @@ class BlspModel(nn.Module):
         self.whisper_model.eval()  # frozen parts never use dropout
         self.llama_model.eval()
         return self
+
+    @torch.no_grad()
+    def match_speech_scale_to_embeddings(self) -> None:
+        """Start speech vectors at the scale of the LLM's word vectors.
+
+        A unit LayerNorm emits vectors of norm sqrt(d) (24 for SmolLM2) where its word embeddings have
+        norm ~3; the frozen LLM then sees speech as loud outliers, and a small learning rate spends most of
+        a short run shrinking the scale. Checkpoints overwrite this; it only shapes a fresh adapter.
+        """
+        embedding_std = self.llama_model.get_input_embeddings().weight.float().std()
+        self.speech_ln.weight.fill_(float(embedding_std))
 
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
         return {k: v for k, v in self.state_dict().items() if k.startswith(TRAINABLE_PREFIXES)}

@@ -166,3 +166,11 @@ def test_loss_gradient_reaches_only_the_adapter():
     grads = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
     assert grads and all(n.startswith(("subsampler.", "adapter.", "speech_ln.")) for n in grads)
     assert len(grads) == len(model.adapter_state_dict())
+
+
+def test_fresh_speech_vectors_start_at_the_word_embedding_scale():
+    model = tiny_blsp()
+    embedding_norm = model.llama_model.get_input_embeddings().weight.norm(dim=-1).mean()
+    speech = model.speech_ln(torch.randn(50, 24) * 7)
+    ratio = float(speech.norm(dim=-1).mean() / embedding_norm)
+    assert 0.7 < ratio < 1.4, ratio

@@ -297,6 +297,7 @@ def run(config: AdapterTrainConfig, *, resume: bool = False, loaded=None, callba
     loaded = loaded or build_model(config.model)
     blsp, tokenizer = loaded.model, loaded.tokenizer
     from blsp_chat.prompt import template_for
+    from blsp_chat.session import pad_token_id
 
     template = template_for(blsp.config.prompt_template, tokenizer)
     train_examples, eval_examples = load_splits(config.data, config.loop.seed)
@@ -314,7 +315,7 @@ def run(config: AdapterTrainConfig, *, resume: bool = False, loaded=None, callba
     objective = AdapterObjective(blsp, config.loss, cache)
     eval_fn = repeat_wer_fn(loaded, eval_examples, config.eval) if config.eval.repeat_wer_examples else None
     result = train(
-        objective, objective_loss, train_set, SpeechCollator(tokenizer.pad_token_id), config.loop,
+        objective, objective_loss, train_set, SpeechCollator(pad_token_id(tokenizer)), config.loop,
         expected_trainable=is_adapter_parameter,
         batch_sampler_fn=lambda replicas, rank: BucketBatchSampler(
             train_set.durations, batch_size, seed=seed, mega_batch_factor=factor, num_replicas=replicas, rank=rank),
