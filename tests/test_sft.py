@@ -11,6 +11,7 @@ from blsp_chat.prompt import Turn, render, template_for
 from tiny import tiny_llm, tiny_tokenizer
 from train import build_sft_data as bd
 from train import sft_llm
+from train.loop import checkpoint_dirs, read_jsonl
 
 CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
           "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
@@ -61,26 +62,114 @@ def test_sft_labels_cover_response_and_eos_only(tokenizer):
 
 
 # --- training ---------------------------------------------------------------------------------------------
-def test_lora_sft_lowers_loss_and_touches_only_lora_weights(tokenizer):
+def lively_llm():
     torch.manual_seed(0)
-    config = sft_llm.SftConfig(lr=1e-2, batch_size=4, max_steps=30, warmup_steps=1, lora_dropout=0.0, log_every=10,
-                               lora_targets=("q_proj", "k_proj", "v_proj", "o_proj"))
     llm = tiny_llm()
     with torch.no_grad():  # tied embeddings of unit scale, so that logits (and the loss) can move
         llm.get_input_embeddings().weight.normal_(0, 1.0)
-    model = sft_llm.prepare_model(llm, config)
+    return llm
+
+
+def quiet(_):
+    pass
+
+
+def test_lora_sft_lowers_loss_and_touches_only_lora_weights(tokenizer, tmp_path):
+    config = sft_llm.SftConfig(lr=1e-2, batch_size=4, max_steps=30, warmup_steps=1, lora_dropout=0.0, log_every=10,
+                               lora_targets=("q_proj", "k_proj", "v_proj", "o_proj"), run_dir=str(tmp_path))
+    model = sft_llm.prepare_model(lively_llm(), config)
     encoded, _ = sft_llm.encode_all(records(), tokenizer, template_for("blsp", tokenizer), config.max_len)
     base_before = {k: v.clone() for k, v in model.named_parameters() if "lora_" not in k}
     lora_before = {k: v.clone() for k, v in model.named_parameters() if "lora_" in k}
     assert lora_before and all(k.split(".")[-3] in config.lora_targets or "lora_" in k for k in lora_before)
     before = sft_llm.mean_loss(model, tokenizer, encoded)
-    curve = sft_llm.train(model, tokenizer, encoded, config, log=lambda _: None)
-    after = sft_llm.mean_loss(model, tokenizer, encoded)
-    assert after < 0.5 * before and len(curve) == 3
-    for name, value in model.named_parameters():
+    result = sft_llm.train(model, tokenizer, encoded, config, log=quiet)
+    after = sft_llm.mean_loss(result.model, tokenizer, encoded)
+    curve = sft_llm.loss_curve(tmp_path, result.losses)
+    assert after < 0.5 * before and [p["step"] for p in curve] == [10, 20, 30]
+    assert curve[0]["loss"] == pytest.approx(sum(result.losses[:10]) / 10, abs=1e-4)
+    for name, value in result.model.named_parameters():
         if name in base_before:
             assert torch.equal(value, base_before[name]), f"base weight {name} changed"
-    assert any(not torch.equal(v, lora_before[k]) for k, v in model.named_parameters() if k in lora_before)
+    assert any(not torch.equal(v, lora_before[k]) for k, v in result.model.named_parameters() if k in lora_before)
+
+
+def kill_at(step):
+    def callback(state, metrics):
+        if state.step == step:
+            raise KeyboardInterrupt("killed")
+
+    return callback
+
+
+def test_sft_resumed_after_a_kill_reproduces_the_loss_sequence(tokenizer, tmp_path):
+    encoded, _ = sft_llm.encode_all(records(), tokenizer, template_for("blsp", tokenizer), 160)
+
+    def run(name, **kwargs):  # lora_dropout stays on: the resumed run must restore the RNG too
+        config = sft_llm.SftConfig(lr=1e-2, batch_size=4, max_steps=8, warmup_steps=2, save_every=3, log_every=1,
+                                   run_dir=str(tmp_path / name))
+        return sft_llm.train(sft_llm.prepare_model(lively_llm(), config), tokenizer, encoded, config, log=quiet, **kwargs)
+
+    full = run("full")
+    with pytest.raises(KeyboardInterrupt):
+        run("cut", callbacks=[kill_at(5)])
+    assert [d.name for d in checkpoint_dirs(tmp_path / "cut")] == ["step-3"]
+    stepped = []
+    resumed = run("cut", resume=True, callbacks=[lambda state, metrics: stepped.append(state.step)])
+    assert stepped == [4, 5, 6, 7, 8]  # continued, not restarted (a restart would give the same losses)
+    assert len(full.losses) == 8 and resumed.losses == full.losses  # 3 batches an epoch: two epoch boundaries
+    expected = dict(full.model.named_parameters())
+    for name, value in resumed.model.named_parameters():
+        assert torch.equal(value, expected[name]), name
+
+
+def test_cli_resume_keeps_the_time_budget_plan_and_writes_the_lora_and_card(tokenizer, tmp_path, monkeypatch, capsys):
+    base_dir = tmp_path / "base"
+    lively_llm().save_pretrained(base_dir)
+    tokenizer.save_pretrained(base_dir)
+    (tmp_path / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records()))
+    settings = dict(llm=str(base_dir), data=str(tmp_path / "data.jsonl"), lr=1e-2, batch_size=4, epochs=3.0,
+                    warmup_steps=2, save_every=2, log_every=1, time_budget_min=0.2)
+
+    def config(name):
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps(dict(settings, out=str(tmp_path / name / "lora"), run_dir=str(tmp_path / name / "run"))))
+        return path
+
+    def probe_says(seconds):
+        monkeypatch.setattr(sft_llm, "seconds_per_step", lambda *args: seconds)
+
+    probe_says(2.0)  # 12 s budget: 5 of the 9 scheduled steps fit
+    full = sft_llm.train_and_save(sft_llm.SftConfig.load(config("full")), log=quiet)
+    assert full["training"]["steps"] == 5
+    with pytest.raises(KeyboardInterrupt):
+        sft_llm.train_and_save(sft_llm.SftConfig.load(config("cut")), callbacks=[kill_at(3)], log=quiet)
+    probe_says(0.5)  # a new probe would plan all 9 steps; the resumed run must keep the checkpoint's 5
+    capsys.readouterr()
+    sft_llm.main(["--config", str(config("cut")), "--resume"])
+    assert "step-2 at step 2" in capsys.readouterr().err  # continued from the kill's last checkpoint
+
+    def logged_losses(name):
+        return [r["loss"] for r in read_jsonl(tmp_path / name / "run" / "metrics.jsonl")]
+
+    assert len(logged_losses("full")) == 5 and logged_losses("cut") == logged_losses("full")
+    lora = tmp_path / "cut" / "lora"
+    assert json.loads((lora / "adapter_config.json").read_text())["base_model_name_or_path"] == str(base_dir)
+    card = json.loads((lora / sft_llm.CARD_JSON).read_text())
+    assert card["training"]["curve"] == full["training"]["curve"] and card["data"]["used"] == 12
+    assert "![loss curve](loss_curve.png)" in (lora / sft_llm.CARD_MD).read_text()
+    assert (lora / "loss_curve.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_time_budget_probe_times_steps_and_puts_the_weights_back(tokenizer):
+    config = sft_llm.SftConfig(lr=1e-2)
+    model = sft_llm.prepare_model(lively_llm(), config)
+    encoded, _ = sft_llm.encode_all(records(4), tokenizer, template_for("blsp", tokenizer), config.max_len)
+    before = {k: v.clone() for k, v in model.named_parameters()}
+    batch = sft_llm.collate(encoded, tokenizer.pad_token_id)
+    assert sft_llm.seconds_per_step(model, [batch] * 4, grad_accum=2) > 0
+    for name, value in model.named_parameters():
+        assert torch.equal(value, before[name]) and value.grad is None, name
 
 
 def test_lora_checkpoint_saves_loads_and_merges_to_identical_logits(tokenizer, tmp_path):

@@ -8,20 +8,26 @@ its adapter_config naming the base as the user gave it (an `offline:` name for t
 `blsp_chat.weights.load_llm` loads and merges it. A card beside it records config, data and loss curve.
 
     python -m train.sft_llm --config train/configs/sft_smollm2.json
+    python -m train.sft_llm --config train/configs/sft_smollm2.json --resume   # after a kill
     python -m train.sft_llm --evaluate --out assets/stage1_lora     # before/after table into the card
 
-This file has its own small training loop (train/loop.py did not exist when it was written).
+Training runs on `train.loop` (warmup, then cosine decay to 10% of `lr`; batches of similar length).
+Its record and checkpoints (every `save_every` steps) go to `run_dir`, default runs/sft/<name of out>;
+`--resume` continues from the newest checkpoint there. `time_budget_min` times a few steps first and
+shortens the schedule to fit the budget.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
+import itertools
 import json
-import math
 import random
 import re
+import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -29,12 +35,21 @@ import torch
 
 from blsp_chat.constants import IGNORE_INDEX, INTENT_INSTRUCTION, REPEAT_INSTRUCTION, SNIPS_LIGHT_INTENTS
 from blsp_chat.prompt import Turn, render, template_for
+from blsp_chat.session import pad_token_id
 from train.build_sft_data import intent_commands, pick_label, read_alpaca, split_of, transcript_style
+from train.loop import (
+    LOOP_STATE_NAME, METRICS_NAME, PLOT_NAME, LoopConfig, TrainResult, checkpoint_dirs, read_jsonl, to_device,
+)
+from train.loop import train as run_loop
+from train.speech_data import BucketBatchSampler
 
 CARD_JSON, CARD_MD = "sft_card.json", "README.md"  # README.md replaces peft's boilerplate card
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
-OPTIONAL_TYPES = {"max_per_kind": int, "max_steps": int, "time_budget_min": float, "threads": int}  # fields whose default is None
+OPTIONAL_TYPES = {"max_per_kind": int, "max_steps": int, "time_budget_min": float, "threads": int,
+                  "max_grad_norm": float}  # fields whose default is None
 BUDGET_PROBE_STEPS = 5  # steps timed before a time budget fixes the schedule
+LENGTH_GROUP_BATCHES = 16  # batches sorted by length together: less padding, still shuffled
+MIN_LR_RATIO = 0.1  # the cosine decays to 10% of lr
 
 
 @dataclass
@@ -53,7 +68,7 @@ class SftConfig:
     warmup_steps: int = 10
     epochs: float = 1.0
     max_steps: int | None = None                  # overrides epochs
-    time_budget_min: float | None = None          # after 5 steps, shorten the schedule to fit this
+    time_budget_min: float | None = None          # time 5 steps first, shorten the schedule to fit this
     batch_size: int = 8
     grad_accum: int = 1
     max_len: int = 160                            # longer examples are skipped, not cut
@@ -61,11 +76,18 @@ class SftConfig:
     seed: int = 0
     log_every: int = 10
     threads: int | None = None
+    max_grad_norm: float | None = None            # None: no clipping
+    save_every: int = 50                          # checkpoint interval (optimizer steps) for --resume
+    run_dir: str | None = None                    # the loop's record and checkpoints; None: runs/sft/<name of out>
 
     def __post_init__(self) -> None:
         if self.method not in ("lora", "full"):
             raise ValueError(f"method must be 'lora' or 'full', got {self.method!r}")
         self.lora_targets = tuple(self.lora_targets)
+
+    def run_directory(self) -> Path:
+        # Not inside `out`: checkpoints hold optimizer state, and `out` may be a shipped asset directory.
+        return Path(self.run_dir) if self.run_dir else Path("runs/sft") / Path(self.out).name
 
     @classmethod
     def load(cls, path: str | Path, **overrides) -> "SftConfig":
@@ -127,20 +149,15 @@ def collate(batch: Sequence[tuple[list[int], list[int]]], pad_id: int) -> dict[s
     return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
 
 
-def batches(encoded: Sequence, batch_size: int, seed: int, epoch: int) -> list[list]:
-    """Shuffled each epoch; neighbours of similar length share a batch (less padding)."""
-    order = list(range(len(encoded)))
-    random.Random(seed * 1000 + epoch).shuffle(order)
-    chunk = batch_size * 16
-    out = []
-    for start in range(0, len(order), chunk):
-        part = sorted(order[start:start + chunk], key=lambda i: len(encoded[i][0]))
-        out.extend([encoded[i] for i in part[j:j + batch_size]] for j in range(0, len(part), batch_size))
-    random.Random(seed * 1000 + epoch + 1).shuffle(out)
-    return out
+def length_grouped_sampler(encoded: Sequence, config: SftConfig):
+    """batch_sampler_fn for the loop: shuffled each epoch, neighbours of similar length share a batch."""
+    lengths = [len(ids) for ids, _ in encoded]
+    return lambda replicas, rank: BucketBatchSampler(lengths, config.batch_size, seed=config.seed,
+                                                     mega_batch_factor=LENGTH_GROUP_BATCHES,
+                                                     num_replicas=replicas, rank=rank)
 
 
-# --- model ----------------------------------------------------------------------------------------------
+# --- model and training -----------------------------------------------------------------------------
 def prepare_model(llm, config: SftConfig):
     """LoRA: only the adapters train. Full: every weight trains."""
     if config.method == "full":
@@ -151,57 +168,91 @@ def prepare_model(llm, config: SftConfig):
 
     lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
                       target_modules=list(config.lora_targets), task_type="CAUSAL_LM")
+    torch.manual_seed(config.seed)  # lora_A starts random: the seed makes the run a function of its config
     return get_peft_model(llm, lora)
 
 
-def lr_at(step: int, total: int, config: SftConfig) -> float:
-    """Linear warmup, then cosine decay to 10%."""
-    if step < config.warmup_steps:
-        return config.lr * (step + 1) / config.warmup_steps
-    progress = (step - config.warmup_steps) / max(1, total - config.warmup_steps)
-    return config.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+def is_trainable(config: SftConfig):
+    """The parameters the loop must find trainable (and the only ones)."""
+    return (lambda name: True) if config.method == "full" else (lambda name: "lora_" in name)
 
 
-def train(model, tokenizer, encoded: Sequence, config: SftConfig, log=print) -> list[dict]:
-    """The loop (accelerate for device placement and accumulation). Returns the loss curve."""
-    from accelerate import Accelerator
+def response_loss(model, batch: dict[str, torch.Tensor]):
+    return model(**batch).loss, {}
 
-    torch.manual_seed(config.seed)
-    accelerator = Accelerator(gradient_accumulation_steps=config.grad_accum, cpu=not torch.cuda.is_available())
+
+def loop_config(config: SftConfig, max_steps: int | None) -> LoopConfig:
+    return LoopConfig(
+        output_dir=str(config.run_directory()), learning_rate=config.lr, weight_decay=config.weight_decay,
+        warmup_steps=config.warmup_steps, lr_schedule="cosine", min_lr_ratio=MIN_LR_RATIO,
+        num_epochs=config.epochs, max_steps=max_steps, per_device_batch_size=config.batch_size,
+        gradient_accumulation_steps=config.grad_accum, max_grad_norm=config.max_grad_norm,
+        save_every=config.save_every, log_every=config.log_every, seed=config.seed)
+
+
+def train(model, tokenizer, encoded: Sequence, config: SftConfig, *, resume: bool = False, callbacks=(),
+          log=print) -> TrainResult:
+    """Train on `train.loop`; its record and checkpoints go to `config.run_directory()`."""
+    collate_fn = functools.partial(collate, pad_id=pad_token_id(tokenizer))
+    sampler_fn = length_grouped_sampler(encoded, config)
+    max_steps = planned_steps(model, encoded, collate_fn, sampler_fn(1, 0), config, resume, log)
+    result = run_loop(model, response_loss, encoded, collate_fn, loop_config(config, max_steps),
+                      expected_trainable=is_trainable(config), batch_sampler_fn=sampler_fn, resume=resume,
+                      run_info={"sft_config": dataclasses.asdict(config)}, callbacks=callbacks)
+    result.model.eval()
+    return result
+
+
+def planned_steps(model, encoded: Sequence, collate_fn, sampler, config: SftConfig, resume: bool, log) -> int | None:
+    """`max_steps` for the loop: config.max_steps, or under a time budget the steps that fit it. The loop
+    builds its schedule before the first step and checkpoints record its length, so the budget becomes a
+    step count up front: by timing BUDGET_PROBE_STEPS steps, or, on resume, as the checkpoint planned it."""
+    if not config.time_budget_min:
+        return config.max_steps
+    saved = checkpoint_dirs(config.run_directory()) if resume else []
+    if saved:
+        return json.loads((saved[-1] / LOOP_STATE_NAME).read_text())["total_steps"]
+    scheduled = config.max_steps or max(1, int(config.epochs * len(sampler)) // config.grad_accum)  # as the loop counts
+    micro = list(itertools.islice(itertools.cycle(sampler), BUDGET_PROBE_STEPS * config.grad_accum))
+    started = time.monotonic()
+    per_step = seconds_per_step(model, [collate_fn([encoded[i] for i in batch]) for batch in micro], config.grad_accum)
+    # The probe's steps are thrown away (weights restored), so its time comes out of the budget.
+    fits = int((config.time_budget_min * 60 - (time.monotonic() - started)) / per_step)
+    total = max(1, min(scheduled, fits))
+    log(json.dumps({"seconds_per_step": round(per_step, 2), "planned_steps": total}))
+    return total
+
+
+def seconds_per_step(model, micro_batches: Sequence[dict], grad_accum: int) -> float:
+    """Mean time of an optimizer step over these micro-batches. The trained weights are put back
+    afterwards: the run proper starts from the untouched model."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device).train()
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    steps_per_epoch = math.ceil(len(encoded) / config.batch_size / config.grad_accum)
-    total = config.max_steps or max(1, round(steps_per_epoch * config.epochs))
-    curve, window, step, epoch, start = [], [], 0, 0, time.monotonic()
-    model.train()
-    while step < total:
-        for micro, batch in enumerate(batches(encoded, config.batch_size, config.seed, epoch)):
-            with accelerator.accumulate(model):
-                inputs = {k: v.to(accelerator.device) for k, v in collate(batch, tokenizer.pad_token_id).items()}
-                loss = model(**inputs).loss
-                accelerator.backward(loss)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr_at(step, total, config)
-                optimizer.step()
-                optimizer.zero_grad()
-            window.append(loss.item())
-            if accelerator.sync_gradients:
-                step += 1
-                if step == BUDGET_PROBE_STEPS and config.time_budget_min:
-                    per_step = (time.monotonic() - start) / step
-                    total = max(step, min(total, int(config.time_budget_min * 60 / per_step)))
-                    log(json.dumps({"seconds_per_step": round(per_step, 2), "planned_steps": total}))
-                if step % config.log_every == 0 or step == total:
-                    point = {"step": step, "loss": round(sum(window) / len(window), 4),
-                             "lr": lr_at(step - 1, total, config), "seconds": round(time.monotonic() - start, 1)}
-                    curve.append(point)
-                    log(json.dumps(point))
-                    window = []
-                if step >= total:
-                    break
-        epoch += 1
-    model.eval()
+    saved = [p.detach().clone() for p in params]
+    optimizer = torch.optim.AdamW(params)
+    started = time.monotonic()
+    for index, batch in enumerate(micro_batches, 1):
+        (model(**to_device(batch, device)).loss / grad_accum).backward()
+        if index % grad_accum == 0:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    elapsed = time.monotonic() - started
+    with torch.no_grad():
+        for param, value in zip(params, saved):
+            param.copy_(value)
+    return elapsed / (len(micro_batches) / grad_accum)
+
+
+def loss_curve(run_dir: Path, losses: Sequence[float]) -> list[dict]:
+    """The card's curve: a point per logged step, its loss the mean over the steps since the last point."""
+    curve, previous = [], 0
+    for record in read_jsonl(run_dir / METRICS_NAME):
+        window = losses[previous:record["step"]]
+        curve.append({"step": record["step"], "loss": round(sum(window) / len(window), 4), "lr": record["lr"]})
+        previous = record["step"]
     return curve
 
 
@@ -385,6 +436,8 @@ def card_markdown(card: dict) -> str:
         t = card["training"]
         lines += ["## Training", "", f"{t['steps']} steps, {t['examples_seen']} examples seen, {t['seconds']} s on {t['device']}.", "",
                   "| step | loss | lr |", "|---|---|---|", *[f"| {p['step']} | {p['loss']} | {p['lr']:.2e} |" for p in t["curve"]], ""]
+        if t.get("loss_curve"):
+            lines += [f"![loss curve]({t['loss_curve']})", ""]
     if "evaluation" in card:
         lines += ["## Before / after (held-out typed prompts, greedy)", "",
                   "| model / template | questions | intent acc | repeat exact | repeat WER | held-out loss |", "|---|---|---|---|---|---|"]
@@ -407,6 +460,7 @@ def main(argv: Iterable[str] | None = None) -> None:
             kind = OPTIONAL_TYPES.get(f.name) or {int: int, float: float}.get(type(f.default), str)
             parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=kind, default=None)
     parser.add_argument("--evaluate", action="store_true", help="only measure base vs the LoRA in --out; write the card")
+    parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in the run directory")
     args = parser.parse_args(argv)
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(SftConfig) if f.name != "lora_targets"}
     config = SftConfig.load(args.config, **overrides) if args.config else SftConfig(**{k: v for k, v in overrides.items() if v is not None})
@@ -418,10 +472,10 @@ def main(argv: Iterable[str] | None = None) -> None:
         print(json.dumps(table, indent=2))
         write_card(out, {"evaluation": table})
         return
-    train_and_save(config)
+    train_and_save(config, resume=args.resume)
 
 
-def train_and_save(config: SftConfig, log=print) -> dict:
+def train_and_save(config: SftConfig, *, resume: bool = False, callbacks=(), log=print) -> dict:
     from blsp_chat.weights import load_llm
 
     llm, tokenizer = load_llm(config.llm, torch.float32)
@@ -430,20 +484,24 @@ def train_and_save(config: SftConfig, log=print) -> dict:
     encoded, skipped = encode_all(records, tokenizer, template, config.max_len)
     model = prepare_model(llm, config)
     start = time.monotonic()
-    curve = train(model, tokenizer, encoded, config, log)
+    result = train(model, tokenizer, encoded, config, resume=resume, callbacks=callbacks, log=log)
     seconds = round(time.monotonic() - start, 1)
-    out = Path(config.out)
-    save(model, tokenizer, config, out)
+    out, run_dir = Path(config.out), config.run_directory()
+    save(result.model, tokenizer, config, out)
     kinds: dict[str, int] = {}
     for r in records:
         kinds[r.get("kind", "alpaca")] = kinds.get(r.get("kind", "alpaca"), 0) + 1
-    steps = curve[-1]["step"] if curve else 0
+    training = {"steps": result.state.step, "examples_seen": result.state.samples_seen, "seconds": seconds,
+                "device": "cuda" if torch.cuda.is_available() else "cpu", "run_dir": str(run_dir),
+                "curve": loss_curve(run_dir, result.losses)}
+    if (run_dir / PLOT_NAME).is_file():
+        shutil.copyfile(run_dir / PLOT_NAME, out / PLOT_NAME)
+        training["loss_curve"] = PLOT_NAME
     return write_card(out, {
         "config": dataclasses.asdict(config),
         "data": {"source": config.data, "train_records": len(records), "used": len(encoded),
                  "skipped_longer_than_max_len": skipped, "per_kind": kinds},
-        "training": {"steps": steps, "examples_seen": steps * config.batch_size * config.grad_accum,
-                     "seconds": seconds, "device": "cuda" if torch.cuda.is_available() else "cpu", "curve": curve},
+        "training": training,
     })
 
 
