@@ -409,3 +409,19 @@ def test_mix_cli_repetition_only(tmp_path, capsys):
     out = tmp_path / "rep.jsonl"
     assert mix_data.main(["--asr", str(asr), "--out", str(out), "--repetition-only", "--response-field", "text_raw"]) == 0
     assert [l["response"] for l in _jsonl(out)] == ["T 0.", "T 1.", "T 2.", "T 3."]
+
+
+def test_mix_cli_leaves_out_continuations_of_other_splits(tmp_path, capsys):
+    def line(i, split):
+        return {"audio": f"/a/{i}.wav", "text": f"t {i}", "split": split, "instruction": CONTINUATION_INSTRUCTION, "response": "r"}
+
+    every = [line(i, "train" if i < 6 else "test") for i in range(8)]
+    (tmp_path / "cont.jsonl").write_text("".join(json.dumps(l) + "\n" for l in every))
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps({"audio": l["audio"], "text": l["text"]}) + "\n" for l in every[:6]))
+    out = tmp_path / "mixed.jsonl"
+    assert mix_data.main(["--continuations", str(tmp_path / "cont.jsonl"), "--asr", str(tmp_path / "train.jsonl"),
+                          "--out", str(out), "--ratio", "1:1"]) == 0
+    mixed = _jsonl(out)
+    assert {l["audio"] for l in mixed} == {f"/a/{i}.wav" for i in range(6)}  # no test clip leaks into training
+    assert sum(l["task"] == "continue" for l in mixed) == 6 and sum(l["task"] == "repeat" for l in mixed) == 6
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["continuations_not_in_asr"] == 2

@@ -8,6 +8,8 @@ following words.") and the transcript as its response: the paper skips the LLM f
 `--ratio R:C` keeps every continuation line and adds round(n_continuations * R / C) repetition lines,
 drawn without replacement by a seeded generator (preferring ASR lines whose audio the continuation set
 does not use, so both behaviours see more clips); the mix is shuffled with the same seed.
+Continuation lines whose audio is not in the --asr manifest are left out (and counted): a continuations
+file made for every split then mixes into the training split without leaking dev or test clips.
 """
 from __future__ import annotations
 
@@ -64,6 +66,12 @@ def mix(continuations: Sequence[dict], asr: Sequence[dict], *, ratio: Fraction, 
     return lines
 
 
+def within(continuations: Sequence[dict], asr: Sequence[dict]) -> list[dict]:
+    """The continuation lines whose clip the ASR manifest holds."""
+    clips = {r.get("audio") for r in asr}
+    return [c for c in continuations if c.get("audio") in clips]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--asr", required=True, help="ASR manifest (prepare_data / synthesize): audio + text")
@@ -81,7 +89,9 @@ def main(argv: list[str] | None = None) -> int:
     else:
         if not args.continuations:
             parser.error("--continuations is required unless --repetition-only")
-        continuations = read_jsonl_tolerant(Path(args.continuations))
+        every_continuation = read_jsonl_tolerant(Path(args.continuations))
+        continuations = within(every_continuation, asr)
+        left_out = len(every_continuation) - len(continuations)
         try:
             lines = mix(continuations, asr, ratio=parse_ratio(args.ratio), seed=args.seed, response_field=args.response_field)
         except ValueError as err:
@@ -90,6 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     write_jsonl_atomic(Path(args.out), lines)
     counts = {"lines": len(lines), "repeat": sum(l.get("task") == "repeat" for l in lines)}
     counts["continue"] = counts["lines"] - counts["repeat"]
+    if not args.repetition_only:
+        counts["continuations_not_in_asr"] = left_out
     print(json.dumps(counts))
     return 0
 
