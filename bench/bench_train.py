@@ -6,7 +6,9 @@ Three runs of the same `--steps` steps (same seed, so the same batches) on one l
 `no cache` (Whisper runs every step), `cold cache` (Whisper runs and its outputs are written) and
 `warm cache` (outputs read back; what every epoch after the first costs). Extra arguments are config
 overrides (`section.key=value`), e.g. `loop.per_device_batch_size=32 loop.mixed_precision=bf16`.
-The adapter keeps training across the runs, which does not change the cost of a step.
+A one-step warm-up run comes first. The adapter keeps training across the runs, which does not change
+the cost of a step. Throughput is the loop's own (samples over the run's wall time, its closing evaluation
+and checkpoint included), so short runs understate it a little and alike.
 """
 from __future__ import annotations
 
@@ -42,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench_train_") as scratch:
         root = Path(scratch)
         cache = str(root / "encoder_cache")
+        timed_run(config, loaded, cache_dir=None, out_dir=root / "warmup", steps=1)  # first-call costs out of the way
         rates = {
             "no cache": timed_run(config, loaded, cache_dir=None, out_dir=root / "a", steps=args.steps),
             "cold cache": timed_run(config, loaded, cache_dir=cache, out_dir=root / "b", steps=args.steps),
