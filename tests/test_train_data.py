@@ -357,11 +357,35 @@ def test_quality_filter_reasons():
     assert gc.quality_issue(transcript, "") == "empty"
     assert gc.quality_issue(transcript, "Yes.") == "empty"
     assert gc.quality_issue(transcript, "The old lighthouse keeper watched the stormy harbour every night.") == "copy"
+    assert gc.quality_issue(transcript, "An old lighthouse keeper watched the stormy harbour each night.") == "copy"  # near copy
     assert gc.quality_issue(transcript, "and the sea and the sea and the sea and the sea roared") == "looping"
     assert gc.quality_issue(transcript, "I am happy to help you with any question you may have today.") == "off_topic"
     assert gc.quality_issue(transcript, "His lamp swept the harbor as ships fought the waves and wind.") is None
     assert gc.quality_issue(transcript, "Waves crashed while gulls cried over the rocks below us.", min_topic_words=0) is None
     assert gc.quality_issue("it was red", "She smiled and walked away into the bright afternoon.") is None  # too short to judge
+
+
+def test_rerun_applies_a_changed_filter_without_generating(tmp_path, monkeypatch):
+    records = _manifest(4)
+    plan = gc.make_plan(records, lambda text: [1] * (len(text.split()) + 1))
+    calls = []
+
+    def fake_generate(prompts):
+        calls.append(len(prompts))
+        return [gc.Generation("and so the long story of the fox went on", 9, "eos") for _ in prompts]
+
+    out = tmp_path / "o.jsonl"
+    gc.run_shard(plan, fake_generate, out, batch_size=4, progress=False)
+    first = gc.merge(plan, out)
+    assert first["kept"] == 4 and first["last_run"]["lines"] == 4
+    monkeypatch.setattr(gc, "quality_issue", lambda text, response, *_: "copy" if "brown" in text else None)
+    gc.run_shard(plan, fake_generate, out, batch_size=4, progress=False)  # the same command again
+    again = gc.merge(plan, out)
+    assert calls == [4]  # nothing generated twice
+    moved = [r["id"] for r in records if "brown" in r["text"]]
+    assert moved and {l["id"] for l in _jsonl(gc.rejected_file(out))} == set(moved)
+    assert again["kept"] == 4 - len(moved) and again["dropped"] == {"copy": len(moved)}
+    assert again["last_run"] == first["last_run"]  # the generating run's throughput stays on record
 
 
 def test_filter_counts_in_summary(tmp_path):

@@ -25,9 +25,11 @@ line is lost or doubled.
 Output: OUT (kept lines, manifest order): the manifest's fields plus "instruction", "response",
 "response_tokens", "stopped_by"; OUT.rejected.jsonl (dropped lines with "filter"); OUT.summary.json.
 
-Quality filter (`quality_issue`, a light heuristic, counted in the summary):
+Quality filter (`quality_issue`, a light heuristic, counted in the summary; every merge judges all lines
+again, so rerunning a finished command applies a changed filter without generating anything):
 - "empty": fewer than MIN_RESPONSE_WORDS words after cutting at `###`.
-- "copy": the response only repeats the transcript (it adds fewer than MIN_RESPONSE_WORDS new words).
+- "copy": the response only repeats the transcript: fewer than MIN_RESPONSE_WORDS of its words are not
+  words of the transcript (so "The dress was a violent red." for "Her dress was a violent red." is a copy).
 - "looping": a word 3-gram occurs LOOP_MAX_REPEATS or more times, or under LOOP_MIN_DISTINCT of the
   3-grams are distinct (greedy decoding of small LLMs falls into cycles).
 - "off_topic": the transcript has at least --min-topic-words content words (3+ letters, not a stop word)
@@ -101,8 +103,8 @@ def quality_issue(transcript: str, response: str, min_topic_words: int = MIN_TOP
     said, wrote = words_of(transcript), words_of(response)
     if len(wrote) < MIN_RESPONSE_WORDS:
         return "empty"
-    new_words = wrote[len(said):] if wrote[:len(said)] == said else wrote
-    if wrote == said or len(new_words) < MIN_RESPONSE_WORDS:
+    transcript_words = set(said)
+    if sum(word not in transcript_words for word in wrote) < MIN_RESPONSE_WORDS:
         return "copy"
     if is_looping(wrote):
         return "looping"
@@ -338,10 +340,23 @@ def _bar(total: int, enabled: bool):
     return tqdm(total=total, unit="line", desc="continuations", file=sys.stderr, dynamic_ncols=True)
 
 
+def _last_run(stats: Sequence[dict], out: Path) -> dict:
+    """Throughput of the run that generated; a rerun that only re-filters keeps the recorded one."""
+    stats = [s for s in stats if s["lines"]]
+    if not stats and summary_file(out).is_file():
+        return json.loads(summary_file(out).read_text())["last_run"]
+    seconds = max((s["seconds"] for s in stats), default=0.0)
+    lines, tokens = sum(s["lines"] for s in stats), sum(s["tokens"] for s in stats)
+    return {"lines": lines, "tokens": tokens, "seconds": seconds, "ranks": len(stats),
+            "lines_per_second": round(lines / seconds, 3) if seconds else None,
+            "tokens_per_second": round(tokens / seconds, 1) if seconds else None}
+
+
 # --- merging ----------------------------------------------------------------------------------------------
-def merge(plan: Plan, out: Path) -> dict:
+def merge(plan: Plan, out: Path, min_topic_words: int = MIN_TOPIC_WORDS) -> dict:
     """Collect all results into OUT (kept) and OUT.rejected.jsonl in manifest order, write the summary;
-    the part files go once every line that fits has its result."""
+    the part files go once every line that fits has its result. Every line is judged again by the current
+    filter, so rerunning a finished command applies a changed filter without generating anything."""
     out = Path(out)
     parts = parts_dir(out)
     results: dict[str, dict] = {}
@@ -353,9 +368,8 @@ def merge(plan: Plan, out: Path) -> dict:
     keys = [key_of(r) for r in plan.records if key_of(r) not in too_long]
     missing = [k for k in keys if k not in results]
     stats = [json.loads(p.read_text()) for p in sorted(parts.glob("stats-*.json"))]
-    seconds = max((s["seconds"] for s in stats), default=0.0)
-    lines, tokens = sum(s["lines"] for s in stats), sum(s["tokens"] for s in stats)
-    ordered = [results[k] for k in keys if k in results]
+    ordered = [{**results[k], "filter": quality_issue(results[k]["text"], results[k]["response"], min_topic_words)}
+               for k in keys if k in results]
     kept = [_public(r) for r in ordered if not r.get("filter")]
     dropped = [{k: v for k, v in r.items() if k != "key"} for r in ordered if r.get("filter")]
     summary = {
@@ -364,9 +378,7 @@ def merge(plan: Plan, out: Path) -> dict:
         "kept": len(kept), "dropped": dict(Counter(r["filter"] for r in dropped)),
         "stopped_by": dict(Counter(r.get("stopped_by") for r in ordered)),
         "mean_response_words": round(sum(len(words_of(r["response"])) for r in kept) / len(kept), 1) if kept else 0,
-        "last_run": {"lines": lines, "tokens": tokens, "seconds": seconds, "ranks": len(stats),
-                     "lines_per_second": round(lines / seconds, 3) if seconds else None,
-                     "tokens_per_second": round(tokens / seconds, 1) if seconds else None},
+        "last_run": _last_run(stats, out),
         "complete": not missing,
     }
     if not missing:
@@ -411,7 +423,7 @@ def main(argv: list[str] | None = None) -> int:
               batch_size=batch, min_topic_words=args.min_topic_words, progress=not args.no_progress)
     state.wait_for_everyone()
     if state.is_main_process:
-        summary = merge(plan, Path(args.out))
+        summary = merge(plan, Path(args.out), args.min_topic_words)
         print(json.dumps(summary, indent=2))
         if not summary["complete"]:
             print(f"{summary['missing']} lines still missing: run the same command again to finish", file=sys.stderr)
