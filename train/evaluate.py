@@ -253,6 +253,9 @@ class LlmRunner:
         return generate_replies(self.loaded, [[self.turn(r)] for r in requests], audios, self.options)
 
 
+FALLBACK_TEMPERATURES = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
+
+
 class WhisperTranscriber:
     """Whisper's own encoder-decoder: 16 kHz clips -> English transcripts (clips past 30 s are cut
     into 30 s windows whose transcripts are joined)."""
@@ -267,6 +270,11 @@ class WhisperTranscriber:
         self.batch_size = batch_size
         multilingual = getattr(self.model.generation_config, "is_multilingual", False)
         self.generate_kwargs = {"language": "en", "task": "transcribe"} if multilingual else {}
+        # openai/whisper's transcribe decoding: greedy first, and a window whose text compresses too well (a
+        # loop) or scores too low is decoded again at rising temperature. Plain greedy decoding falls into
+        # 300-word loops on a few unfamiliar voices, which would make the baseline look worse than Whisper is.
+        self.generate_kwargs.update(temperature=FALLBACK_TEMPERATURES, compression_ratio_threshold=1.35,
+                                    logprob_threshold=-1.0)
 
     @torch.inference_mode()
     def __call__(self, audios: Sequence[np.ndarray]) -> list[str]:
@@ -281,6 +289,7 @@ class WhisperTranscriber:
         for start in range(0, len(windows), self.batch_size):
             features = self.extractor(windows[start:start + self.batch_size], sampling_rate=SAMPLE_RATE,
                                       return_tensors="pt").input_features
+            torch.manual_seed(start)  # fallback samples: the same clips give the same transcripts on every run
             ids = self.model.generate(features.to(self.model.device, self.model.dtype), **self.generate_kwargs)
             texts += [t.strip() for t in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
         joined = [[] for _ in audios]
