@@ -261,7 +261,7 @@ def mean_loss(model, tokenizer, encoded: Sequence, batch_size: int = 8) -> float
     """Token-weighted response loss over examples (for held-out loss and tests)."""
     total, count = 0.0, 0
     for start in range(0, len(encoded), batch_size):
-        inputs = collate(encoded[start:start + batch_size], tokenizer.pad_token_id)
+        inputs = collate(encoded[start:start + batch_size], pad_token_id(tokenizer))
         n = int((inputs["labels"][:, 1:] != IGNORE_INDEX).sum())
         total += float(model(**inputs).loss) * n
         count += n
@@ -333,18 +333,17 @@ def word_errors(hyp: str, ref: str) -> tuple[int, int]:
 def answer_all(llm, tokenizer, template_name: str, prompts: Sequence[tuple[str, str]], max_new_tokens: int,
                batch_size: int = 16) -> list[str]:
     """Greedy replies to (instruction, text) human turns, batched with left padding, cut at `###`."""
-    from blsp_chat.session import cut_at_stop, eos_token_ids
+    from blsp_chat.session import cut_at_stop, eos_token_ids, left_padded_batch
 
     template = template_for(template_name, tokenizer)
-    eos = eos_token_ids(tokenizer, llm)
+    eos, pad_id = eos_token_ids(tokenizer, llm), pad_token_id(tokenizer)
     replies = []
     for start in range(0, len(prompts), batch_size):
-        rows = [render([Turn("human", instruction=i, text=t)], tokenizer, template).input_ids for i, t in prompts[start:start + batch_size]]
-        width = max(map(len, rows))
-        ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(r)) + r for r in rows])
-        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
-        out = llm.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-                           eos_token_id=eos, pad_token_id=tokenizer.pad_token_id)
+        rendered = [render([Turn("human", instruction=i, text=t)], tokenizer, template) for i, t in prompts[start:start + batch_size]]
+        batch = left_padded_batch(rendered, pad_id)
+        width = batch["input_ids"].shape[1]
+        out = llm.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], max_new_tokens=max_new_tokens,
+                           do_sample=False, eos_token_id=eos, pad_token_id=pad_id)
         replies.extend(cut_at_stop(tokenizer.decode(row[width:], skip_special_tokens=True)) for row in out)
     return replies
 
