@@ -21,8 +21,8 @@ from train.speech_data import (
     read_manifest, speech_embeddings, with_repetition,
 )
 from train.train_adapter import (
-    AdapterObjective, AdapterTrainConfig, DataSection, EvalSection, LossSection, ModelSection, distillation_kl,
-    load_config, run,
+    AdapterObjective, AdapterTrainConfig, DataSection, EvalSection, LossSection, ModelSection, ctc_blank_id,
+    distillation_kl, embedding_ctc, load_config, run,
 )
 
 SENTENCES = ["hello there", "the quick brown fox", "what is the capital of france", "paris is a city",
@@ -140,6 +140,47 @@ def test_kl_is_zero_when_speech_embeddings_equal_the_transcript_embeddings():
     assert distillation_kl(other, labels, teacher_logits, labels) > 1e-4
 
 
+def test_ctc_is_low_when_speech_vectors_spell_the_transcript_and_high_when_they_spell_another():
+    model, tokenizer = loaded_tiny().model, tiny_tokenizer()
+    table = model.llama_model.get_input_embeddings().weight.detach() * 100  # well-separated classes
+    blank = ctc_blank_id(tokenizer, " ")
+    words = tokenizer(" the quick brown fox", add_special_tokens=False).input_ids
+    spoken = torch.stack([table[i] for w in words for i in (w, w, blank)])  # each word twice, then a pause
+    other = tokenizer(" paris is a city", add_special_tokens=False).input_ids
+    right = embedding_ctc([spoken], [words], table, blank)
+    wrong = embedding_ctc([spoken], [other], table, blank)
+    assert right < 0.05 and wrong > 10 * right + 1
+    # A clip with more tokens than speech positions cannot be aligned: it adds nothing, not inf.
+    assert embedding_ctc([spoken[:2]], [words], table, blank) == 0
+
+
+def test_ctc_blank_must_be_one_token():
+    with pytest.raises(ValueError, match="exactly one"):
+        ctc_blank_id(tiny_tokenizer(), " the quick brown")
+    with pytest.raises(ValueError, match="every loss weight is 0"):
+        LossSection(ce_weight=0.0)
+
+
+def test_ctc_prealignment_trains_the_adapter_without_running_the_llm(corpus, tmp_path, monkeypatch):
+    loaded = loaded_tiny(sharp=True)
+    frozen_llm = {k: v.clone() for k, v in loaded.model.llama_model.state_dict().items()}
+
+    def no_llm(*args, **kwargs):
+        raise AssertionError("the CTC stage must not run the LLM")
+
+    config = train_config(corpus, tmp_path, per_device_batch_size=16, num_epochs=15, learning_rate=3e-2)
+    config.loss = LossSection(ce_weight=0.0, ctc_weight=1.0)
+    config.eval = EvalSection(repeat_wer_examples=0)
+    monkeypatch.setattr(loaded.model.llama_model, "forward", no_llm)
+    result = run(config, loaded=loaded)
+    assert result.losses[-1] < 0.8 * result.losses[0], result.losses
+    after = result.model.blsp.llama_model.state_dict()
+    assert all(torch.equal(v, after[k]) for k, v in frozen_llm.items())
+    metrics = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert "ctc" in metrics[0] and "ce" not in metrics[0]
+    assert "CTC" in (tmp_path / "README.md").read_text()
+
+
 def test_objective_views_carry_the_same_response(corpus):
     loaded = loaded_tiny()
     examples = read_manifest(corpus)[:2]
@@ -229,8 +270,28 @@ def test_encoder_cache_returns_identical_adapter_inputs_and_notices_a_changed_fi
     assert not torch.equal(model.encode_windows(third["audios"])[0][0][:5], direct[0][0][:5])
 
 
+def test_precomputed_cache_matches_training_and_an_interrupted_fill_resumes(corpus, tmp_path):
+    from train.precompute_encoder import fill, missing_clips
+
+    model = loaded_tiny().model
+    cache = EncoderCache.for_model(tmp_path / "cache", model)
+    todo = missing_clips([str(corpus), str(corpus)], cache)  # a clip named twice is encoded once
+    assert len(todo) == len(SENTENCES)
+    fill(model, cache, todo[:2], batch_size=4, max_seconds=30)  # as if killed after two clips
+    rest = missing_clips([str(corpus)], cache)
+    assert [path for path, _ in rest] == [path for path, _ in todo[2:]]
+    fill(model, cache, rest, batch_size=4, max_seconds=30)
+    assert missing_clips([str(corpus)], cache) == []
+    # What training then reads is what it would have computed itself (batching in `fill` changes nothing).
+    example = read_manifest(corpus)[3]
+    item = SpeechDataset([example], loaded_tiny().tokenizer, model.speech_token_count, cache=cache)[0]
+    from blsp_chat.audio import load_audio
+    direct = model.encode_windows([load_audio(example.audio)])[0][0]
+    assert torch.allclose(item["encoded"][0], direct, atol=1e-5)
+
+
 # --- configuration -----------------------------------------------------------------------------------
-@pytest.mark.parametrize("name", ["adapter_tiny_offline.json", "adapter_7b_paper.json"])
+@pytest.mark.parametrize("name", ["adapter_tiny_offline.json", "adapter_tiny_offline_ctc.json", "adapter_7b_paper.json"])
 def test_shipped_configs_parse_and_take_overrides(name):
     config = load_config(CONFIGS / name, ["loop.max_steps=7", "loss.kd_weight=0.5", "data.encoder_cache_dir=null"])
     assert config.loop.max_steps == 7 and config.loss.kd_weight == 0.5 and config.data.encoder_cache_dir is None

@@ -62,6 +62,18 @@ def audio_duration(path: str | Path) -> float:
     return info.frames / info.samplerate
 
 
+def resolve_audio(manifest: Path, audio: str) -> Path:
+    """Relative audio paths are read against the manifest's folder."""
+    audio_path = Path(audio)
+    return (audio_path if audio_path.is_absolute() else manifest.parent / audio_path).resolve()
+
+
+def manifest_audio_paths(path: str | Path) -> list[str]:
+    """Every line's clip (any manifest: the "audio" field is all this reads)."""
+    path = Path(path)
+    return [str(resolve_audio(path, json.loads(line)["audio"])) for line in path.read_text().splitlines() if line.strip()]
+
+
 def read_manifest(path: str | Path, *, limit: int | None = None) -> list[SpeechExample]:
     """Parse a manifest; errors name the line. Repeat lines may omit "response" (it is the transcript)."""
     path = Path(path)
@@ -71,8 +83,7 @@ def read_manifest(path: str | Path, *, limit: int | None = None) -> list[SpeechE
             continue
         try:
             record = json.loads(line)
-            audio = Path(record["audio"])
-            audio = audio if audio.is_absolute() else path.parent / audio
+            audio = resolve_audio(path, record["audio"])
             instruction = record.get("instruction", "")
             response = record.get("response")
             if response is None and instruction == REPEAT_INSTRUCTION:
@@ -81,7 +92,7 @@ def read_manifest(path: str | Path, *, limit: int | None = None) -> list[SpeechE
                 raise KeyError("response")
             duration = record.get("duration")
             examples.append(SpeechExample(
-                audio=str(audio.resolve()), text=record.get("text", ""), instruction=instruction, response=response,
+                audio=str(audio), text=record.get("text", ""), instruction=instruction, response=response,
                 duration=float(duration) if duration is not None else audio_duration(audio)))
         except (json.JSONDecodeError, KeyError, RuntimeError, ValueError) as err:
             raise ValueError(f"{path}:{number}: bad manifest line ({type(err).__name__}: {err})") from err
@@ -142,6 +153,9 @@ class EncoderCache:
     def _file(self, key: str) -> Path:
         return self.directory / key[:2] / f"{key}.pt"
 
+    def has(self, key: str) -> bool:
+        return self._file(key).is_file()
+
     def get(self, key: str) -> dict[str, Any] | None:
         file = self._file(key)
         if not file.is_file():
@@ -180,14 +194,16 @@ class SpeechDataset(torch.utils.data.Dataset):
     """Examples -> rendered token ids + audio (or the cached encoder output).
 
     speech_token_count: `BlspModel.speech_token_count`. with_teacher: also render the transcript view
-    for the distillation loss. max_seconds: longer clips are rejected by load_audio.
+    for the distillation loss. max_seconds: longer clips are rejected by load_audio. ctc_blank_id: also
+    give the transcript's token ids, the targets of the CTC pre-alignment loss.
     """
 
     def __init__(self, examples: Sequence[SpeechExample], tokenizer, speech_token_count: Callable[[int], int], *,
                  template: PromptTemplate = BLSP_TEMPLATE, cache: EncoderCache | None = None,
-                 with_teacher: bool = False, max_seconds: float | None = None):
+                 with_teacher: bool = False, max_seconds: float | None = None, ctc_blank_id: int | None = None):
         self.examples, self.tokenizer, self.speech_token_count = list(examples), tokenizer, speech_token_count
         self.template, self.cache, self.with_teacher, self.max_seconds = template, cache, with_teacher, max_seconds
+        self.ctc_blank_id = ctc_blank_id
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -215,7 +231,14 @@ class SpeechDataset(torch.utils.data.Dataset):
                 **self.render_speech(example, num_samples)}
         if self.with_teacher:
             item["teacher"] = self.render_text(example)
+        if self.ctc_blank_id is not None:
+            item["transcript_ids"] = self.transcript_ids(example)
         return item
+
+    def transcript_ids(self, example: SpeechExample) -> list[int]:
+        """CTC targets: the transcript's tokens as they follow other words (leading space), the blank left out."""
+        ids = self.tokenizer(" " + example.text.strip(), add_special_tokens=False).input_ids
+        return [i for i in ids if i != self.ctc_blank_id]
 
     def render_speech(self, example: SpeechExample, num_samples: int) -> dict[str, list]:
         turns = [Turn("human", instruction=example.instruction, speech_tokens=self.speech_token_count(num_samples)),
@@ -258,6 +281,8 @@ class SpeechCollator:
             batch[name + "s"] = [i[name] for i in items]
         if "teacher" in items[0]:
             batch["teacher"] = collate_tokens([i["teacher"] for i in items], self.pad_id)
+        if "transcript_ids" in items[0]:
+            batch["transcript_ids"] = [i["transcript_ids"] for i in items]
         return batch
 
 

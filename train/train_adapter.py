@@ -85,6 +85,19 @@ class LossSection:
     ce_weight: float = 1.0
     kd_weight: float = 0.0
     kd_temperature: float = 1.0
+    # CTC pre-alignment: each adapter output is classified by its distance to every LLM word embedding,
+    # and CTC aligns those classes with the transcript's tokens. No LLM pass, so it costs a fraction of
+    # a step of the other losses: a cheap first stage that puts speech vectors near the words they carry.
+    ctc_weight: float = 0.0
+    ctc_blank: str = " "        # text of the one token that stands for "no new word" (a space: harmless to the LLM)
+
+    def __post_init__(self) -> None:
+        if not (self.ce_weight or self.kd_weight or self.ctc_weight):
+            raise ValueError("every loss weight is 0: set loss.ce_weight, loss.kd_weight or loss.ctc_weight")
+
+    @property
+    def needs_llm(self) -> bool:
+        return bool(self.ce_weight or self.kd_weight)
 
 
 @dataclass
@@ -202,13 +215,38 @@ def distillation_kl(student_logits: torch.Tensor, student_labels: torch.Tensor, 
     return kl * temperature**2
 
 
+def embedding_distance_logits(speech: torch.Tensor, embeddings: torch.Tensor) -> torch.Tensor:
+    """(..., d) speech vectors x, (V, d) word embeddings e -> (..., V) logits -||x - e||^2 up to a per-row
+    constant (2 x.e - ||e||^2): the nearest embedding wins, and a vector is pulled towards the embedding
+    itself, not only along its direction, which is what the LLM reads."""
+    embeddings = embeddings.float()
+    return 2 * speech.float() @ embeddings.T - (embeddings * embeddings).sum(-1)
+
+
+def embedding_ctc(speech_embeds: Sequence[torch.Tensor], targets: Sequence[Sequence[int]], embeddings: torch.Tensor,
+                  blank_id: int) -> torch.Tensor:
+    """CTC between each clip's adapter outputs (L_i, d) and its transcript's token ids, the classes being the
+    LLM's vocabulary with `blank_id` as the blank. Mean over clips of the loss per target token; clips with
+    more tokens than speech positions contribute zero (zero_infinity) instead of inf."""
+    lengths = torch.tensor([e.shape[0] for e in speech_embeds])
+    padded = nn.utils.rnn.pad_sequence(list(speech_embeds), batch_first=True)
+    log_probs = nn.functional.log_softmax(embedding_distance_logits(padded, embeddings), dim=-1)
+    flat = torch.tensor([t for row in targets for t in row], dtype=torch.long)
+    target_lengths = torch.tensor([len(row) for row in targets])
+    return nn.functional.ctc_loss(log_probs.transpose(0, 1), flat, lengths, target_lengths, blank=blank_id,
+                                  reduction="mean", zero_infinity=True)
+
+
 class AdapterObjective(nn.Module):
     """forward(batch) -> (loss, metrics). Holds the BlspModel as `blsp`, so accelerate can wrap the whole
     objective (DDP hooks then see every adapter gradient) and the encoder cache stays outside model.py."""
 
-    def __init__(self, blsp: BlspModel, loss: LossSection, cache: EncoderCache | None = None):
+    def __init__(self, blsp: BlspModel, loss: LossSection, cache: EncoderCache | None = None,
+                 ctc_blank_id: int | None = None):
         super().__init__()
-        self.blsp, self.loss, self.cache = blsp, loss, cache
+        self.blsp, self.loss, self.cache, self.ctc_blank_id = blsp, loss, cache, ctc_blank_id
+        if loss.ctc_weight and ctc_blank_id is None:
+            raise ValueError("loss.ctc_weight is set but no CTC blank token id was given")
 
     def train(self, mode: bool = True) -> "AdapterObjective":
         super().train(mode)
@@ -217,6 +255,15 @@ class AdapterObjective(nn.Module):
 
     def forward(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
         embeds = speech_embeddings(self.blsp, batch, self.cache)
+        loss, metrics = self._llm_losses(batch, embeds) if self.loss.needs_llm else (0.0, {})
+        if self.loss.ctc_weight:
+            table = self.blsp.llama_model.get_input_embeddings().weight
+            ctc = embedding_ctc(embeds, batch["transcript_ids"], table, self.ctc_blank_id)
+            loss = loss + self.loss.ctc_weight * ctc
+            metrics["ctc"] = float(ctc.detach())
+        return loss, metrics
+
+    def _llm_losses(self, batch: dict[str, Any], embeds: list[torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
         out = self.blsp(batch["input_ids"], batch["attention_mask"], batch["speech_mask"], speech_embeds=embeds)
         ce = cross_entropy(out.logits, batch["labels"])
         loss = self.loss.ce_weight * ce
@@ -233,6 +280,13 @@ class AdapterObjective(nn.Module):
 
 def objective_loss(model: nn.Module, batch: dict[str, Any]):
     return model(batch)
+
+
+def ctc_blank_id(tokenizer, text: str) -> int:
+    ids = tokenizer(text, add_special_tokens=False).input_ids
+    if len(ids) != 1:
+        raise ValueError(f"loss.ctc_blank {text!r} is {len(ids)} tokens for this tokenizer; it must be exactly one")
+    return ids[0]
 
 
 # --- data --------------------------------------------------------------------------------------------
@@ -304,15 +358,17 @@ def run(config: AdapterTrainConfig, *, resume: bool = False, loaded=None, callba
     cache = EncoderCache.for_model(config.data.encoder_cache_dir, blsp) if config.data.encoder_cache_dir else None
     kd = config.loss.kd_weight > 0
 
+    blank_id = ctc_blank_id(tokenizer, config.loss.ctc_blank) if config.loss.ctc_weight else None
+
     def dataset(examples):
         return SpeechDataset(examples, tokenizer, blsp.speech_token_count, template=template, cache=cache,
-                             with_teacher=kd, max_seconds=config.data.max_seconds)
+                             with_teacher=kd, max_seconds=config.data.max_seconds, ctc_blank_id=blank_id)
 
     train_set, eval_set = dataset(train_examples), dataset(eval_examples)
     data_summary = {"train": summarize(train_examples), "eval": summarize(eval_examples),
                     "train_manifest": config.data.train_manifest, "eval_manifest": config.data.eval_manifest}
     batch_size, seed, factor = config.loop.per_device_batch_size, config.loop.seed, config.data.mega_batch_factor
-    objective = AdapterObjective(blsp, config.loss, cache)
+    objective = AdapterObjective(blsp, config.loss, cache, ctc_blank_id=blank_id)
     eval_fn = repeat_wer_fn(loaded, eval_examples, config.eval) if config.eval.repeat_wer_examples else None
     result = train(
         objective, objective_loss, train_set, SpeechCollator(pad_token_id(tokenizer)), config.loop,
@@ -353,8 +409,7 @@ def write_model_card(out: Path, config: AdapterTrainConfig, data_summary: dict[s
         f"- optimiser: AdamW lr {config.loop.learning_rate}, weight decay {config.loop.weight_decay}, "
         f"warmup {config.loop.warmup_steps}, {config.loop.lr_schedule} decay, clip {config.loop.max_grad_norm}, "
         f"mixed precision {config.loop.mixed_precision}",
-        f"- loss: {config.loss.ce_weight} x cross-entropy on the response"
-        + (f" + {config.loss.kd_weight} x KL(transcript || speech), T={config.loss.kd_temperature}" if config.loss.kd_weight else ""),
+        f"- loss: {loss_description(config.loss)}",
         f"- trainable parameters: {result.trainable_parameters:,}; encoder padding: {config.model.encoder_padding}; "
         f"prompt template: {config.model.prompt_template}",
         f"- throughput: {result.samples_per_s:.2f} samples/s over this invocation"
@@ -383,6 +438,18 @@ def write_model_card(out: Path, config: AdapterTrainConfig, data_summary: dict[s
     lines += ["", "## Loss curve", "", "![loss curve](loss_curve.png)", "",
               "Full record: `train_config.json`, `metrics.jsonl`, `eval.jsonl`, `data_summary.json`.", ""]
     (out / CARD_NAME).write_text("\n".join(lines))
+
+
+def loss_description(loss: LossSection) -> str:
+    parts = []
+    if loss.ce_weight:
+        parts.append(f"{loss.ce_weight} x cross-entropy on the response")
+    if loss.kd_weight:
+        parts.append(f"{loss.kd_weight} x KL(transcript || speech), T={loss.kd_temperature}")
+    if loss.ctc_weight:
+        parts.append(f"{loss.ctc_weight} x CTC of the adapter outputs against the transcript's tokens "
+                     f"(blank {loss.ctc_blank!r}; no LLM pass)")
+    return " + ".join(parts)
 
 
 def _fmt(value: Any) -> str:
