@@ -275,10 +275,10 @@ class BlspModel(nn.Module):
         )
 
     # --- transformers-style persistence (implemented in weights.py, which owns all file I/O) -----
-    def save_pretrained(self, directory) -> None:
+    def save_pretrained(self, directory, dtype: torch.dtype | None = None) -> None:
         from .weights import save_adapter
 
-        save_adapter(self, directory)
+        save_adapter(self, directory, dtype)
 
     @classmethod
     def from_pretrained(cls, name_or_path=None, **kwargs: Any) -> "BlspModel":

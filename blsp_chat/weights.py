@@ -262,13 +262,14 @@ class LoadedBlsp:
     adapter_trained: bool
 
 
-def save_adapter(model: BlspModel, directory: str | Path) -> None:
-    """Adapter-only checkpoint: config.json naming the base models + the trainable weights."""
+def save_adapter(model: BlspModel, directory: str | Path, dtype: torch.dtype | None = None) -> None:
+    """Adapter-only checkpoint: config.json naming the base models + the trainable weights (stored as
+    `dtype` when given: float16 halves a shipped adapter; loading casts them to the model's dtype)."""
     directory = _mkdir(Path(directory))
     if not (model.config.whisper_name_or_path and model.config.llm_name_or_path):
         raise WeightsError("cannot save an adapter-only checkpoint: the config does not name its base models")
     model.config.save(directory)
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.adapter_state_dict().items()}
+    tensors = {k: v.detach().to("cpu", dtype or v.dtype).contiguous() for k, v in model.adapter_state_dict().items()}
     save_file(tensors, str(directory / ADAPTER_WEIGHTS_NAME), metadata={"format": "pt"})
 
 

@@ -22,7 +22,7 @@ from train.speech_data import (
 )
 from train.train_adapter import (
     AdapterObjective, AdapterTrainConfig, DataSection, EvalSection, LossSection, ModelSection, ctc_blank_id,
-    distillation_kl, embedding_ctc, load_config, run,
+    cross_entropy, distillation_kl, embedding_ctc, load_config, response_span, run,
 )
 
 SENTENCES = ["hello there", "the quick brown fox", "what is the capital of france", "paris is a city",
@@ -179,6 +179,22 @@ def test_ctc_prealignment_trains_the_adapter_without_running_the_llm(corpus, tmp
     metrics = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert "ctc" in metrics[0] and "ce" not in metrics[0]
     assert "CTC" in (tmp_path / "README.md").read_text()
+
+
+def test_objective_skips_the_head_on_the_prompt_without_changing_the_losses(corpus):
+    loaded = loaded_tiny(sharp=True)
+    examples = read_manifest(corpus)[:3]
+    data = SpeechDataset(examples, loaded.tokenizer, loaded.model.speech_token_count, with_teacher=True)
+    batch = SpeechCollator(loaded.tokenizer.pad_token_id)([data[i] for i in range(3)])
+    assert response_span(batch["labels"]) < batch["labels"].shape[1]
+    _, metrics = AdapterObjective(loaded.model, LossSection(kd_weight=1.0))(batch)
+    model = loaded.model
+    with torch.no_grad():
+        embeds = speech_embeddings(model, batch)
+        full = model(batch["input_ids"], batch["attention_mask"], batch["speech_mask"], speech_embeds=embeds).logits
+        teacher = model(batch["teacher"]["input_ids"], batch["teacher"]["attention_mask"]).logits
+    assert metrics["ce"] == pytest.approx(float(cross_entropy(full, batch["labels"])), rel=1e-5)
+    assert metrics["kd"] == pytest.approx(float(distillation_kl(full, batch["labels"], teacher, batch["teacher"]["labels"])), rel=1e-4)
 
 
 def test_objective_views_carry_the_same_response(corpus):

@@ -43,6 +43,25 @@ def test_adapter_only_round_trip_gives_identical_logits(tmp_path):
     torch.testing.assert_close(_logits(loaded.model, loaded.tokenizer, audio), _logits(model, tokenizer, audio), atol=0, rtol=0)
 
 
+def test_exported_float16_adapter_loads_with_its_record(tmp_path):
+    from train.export_adapter import export
+
+    model, tokenizer = tiny_blsp("none"), tiny_tokenizer()
+    _write_base_models(model, tokenizer, tmp_path)
+    model.save_pretrained(tmp_path / "run")
+    (tmp_path / "run" / "README.md").write_text("# card\n")
+    (tmp_path / "run" / "metrics.jsonl").write_text("{}\n")
+    assert export(tmp_path / "run", tmp_path / "shipped", torch.float16) == ["README.md"]
+    stored = weights.read_state_dict(tmp_path / "shipped")
+    assert {v.dtype for v in stored.values()} == {torch.float16}
+    assert not (tmp_path / "shipped" / "metrics.jsonl").exists()  # the run's logs stay behind
+    loaded = load_pretrained(str(tmp_path / "shipped"), device="cpu")
+    assert loaded.model.speech_ln.weight.dtype == torch.float32
+    audio = tone(1.5)
+    torch.testing.assert_close(_logits(loaded.model, loaded.tokenizer, audio), _logits(model, tokenizer, audio),
+                               atol=2e-3, rtol=2e-3)
+
+
 def test_released_full_checkpoint_layout_loads(tmp_path):
     """config keys whisper_config/llama_config/conv_kernel_sizes/adapter_inner_dim and one
     pytorch_model.bin holding whisper_model.*, llama_model.*, subsampler.*, adapter.*, speech_ln.*"""

@@ -196,6 +196,13 @@ def response_logits(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.T
     return predicting[keep], targets[keep]
 
 
+def response_span(labels: torch.Tensor) -> int:
+    """How many trailing positions hold every response token and the position that predicts the first:
+    the LLM's head (a 576 x 49152 product per position for SmolLM2) need not run on the prompt."""
+    learned = (labels != IGNORE_INDEX).any(0).nonzero()
+    return labels.shape[1] - int(learned[0]) + 1 if len(learned) else 1
+
+
 def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     chosen, targets = response_logits(logits, labels)
     return nn.functional.cross_entropy(chosen.float(), targets)
@@ -264,15 +271,20 @@ class AdapterObjective(nn.Module):
         return loss, metrics
 
     def _llm_losses(self, batch: dict[str, Any], embeds: list[torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
-        out = self.blsp(batch["input_ids"], batch["attention_mask"], batch["speech_mask"], speech_embeds=embeds)
-        ce = cross_entropy(out.logits, batch["labels"])
+        keep = response_span(batch["labels"])
+        out = self.blsp(batch["input_ids"], batch["attention_mask"], batch["speech_mask"], speech_embeds=embeds,
+                        logits_to_keep=keep)
+        labels = batch["labels"][:, -keep:]
+        ce = cross_entropy(out.logits, labels)
         loss = self.loss.ce_weight * ce
-        metrics = {"ce": float(ce.detach()), "response_tokens": float((batch["labels"] != IGNORE_INDEX).sum())}
+        metrics = {"ce": float(ce.detach()), "response_tokens": float((labels != IGNORE_INDEX).sum())}
         if self.loss.kd_weight:
             teacher = batch["teacher"]
+            teacher_keep = response_span(teacher["labels"])
             with torch.no_grad():
-                teacher_logits = self.blsp(teacher["input_ids"], teacher["attention_mask"]).logits
-            kd = distillation_kl(out.logits, batch["labels"], teacher_logits, teacher["labels"], self.loss.kd_temperature)
+                teacher_logits = self.blsp(teacher["input_ids"], teacher["attention_mask"], logits_to_keep=teacher_keep).logits
+            kd = distillation_kl(out.logits, labels, teacher_logits, teacher["labels"][:, -teacher_keep:],
+                                 self.loss.kd_temperature)
             loss = loss + self.loss.kd_weight * kd
             metrics["kd"] = float(kd.detach())
         return loss, metrics
