@@ -5,6 +5,7 @@ import os
 import shutil
 import subprocess
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -22,7 +23,7 @@ from train.speech_data import (
 )
 from train.train_adapter import (
     AdapterObjective, AdapterTrainConfig, DataSection, EvalSection, LossSection, ModelSection, ctc_blank_id,
-    cross_entropy, distillation_kl, embedding_ctc, load_config, response_span, run,
+    collapse_ctc, cross_entropy, distillation_kl, embedding_ctc, load_config, readout_wer_fn, response_span, run,
 )
 
 SENTENCES = ["hello there", "the quick brown fox", "what is the capital of france", "paris is a city",
@@ -154,6 +155,27 @@ def test_ctc_is_low_when_speech_vectors_spell_the_transcript_and_high_when_they_
     assert embedding_ctc([spoken[:2]], [words], table, blank) == 0
 
 
+def test_ctc_readout_merges_repeats_and_drops_blanks():
+    assert collapse_ctc([5, 5, 0, 5, 7, 7, 0, 0, 9], blank_id=0) == [5, 5, 7, 9]
+    assert collapse_ctc([0, 0], blank_id=0) == []
+
+
+def test_ctc_readout_wer_reads_speech_vectors_as_words(corpus, monkeypatch):
+    loaded = loaded_tiny(sharp=True)
+    tokenizer, model = loaded.tokenizer, loaded.model
+    table = model.llama_model.get_input_embeddings().weight.detach()
+    blank = ctc_blank_id(tokenizer, " ")
+    examples = read_manifest(corpus)[:2]
+    spelled = {}
+    for example in examples:  # an "adapter" that outputs exactly the transcript's embeddings, with pauses
+        words = tokenizer(" " + example.text, add_special_tokens=False).input_ids
+        spelled[example.text] = torch.stack([table[i] for w in words for i in (w, blank)])
+    texts = iter([e.text for e in examples])
+    monkeypatch.setattr(model, "encode_speech", lambda audios: [spelled[next(texts)]])
+    evaluate = readout_wer_fn(tokenizer, examples, EvalSection(repeat_wer_examples=2), blank)
+    assert evaluate(SimpleNamespace(blsp=model), None) == {"readout_wer": 0.0}
+
+
 def test_ctc_blank_must_be_one_token():
     with pytest.raises(ValueError, match="exactly one"):
         ctc_blank_id(tiny_tokenizer(), " the quick brown")
@@ -173,6 +195,8 @@ def test_ctc_prealignment_trains_the_adapter_without_running_the_llm(corpus, tmp
     config.eval = EvalSection(repeat_wer_examples=0)
     monkeypatch.setattr(loaded.model.llama_model, "forward", no_llm)
     result = run(config, loaded=loaded)
+    evals = [json.loads(line) for line in (tmp_path / "eval.jsonl").read_text().splitlines()]
+    assert "eval_ctc" in evals[-1]
     assert result.losses[-1] < 0.8 * result.losses[0], result.losses
     after = result.model.blsp.llama_model.state_dict()
     assert all(torch.equal(v, after[k]) for k, v in frozen_llm.items())

@@ -351,6 +351,49 @@ def repeat_wer_fn(loaded, examples: Sequence[SpeechExample], section: EvalSectio
     return evaluate
 
 
+def collapse_ctc(ids: Sequence[int], blank_id: int) -> list[int]:
+    """Greedy CTC decoding: merge runs of the same class, then drop the blank."""
+    return [i for n, i in enumerate(ids) if i != blank_id and (n == 0 or ids[n - 1] != i)]
+
+
+def readout_wer_fn(tokenizer, examples: Sequence[SpeechExample], section: EvalSection, blank_id: int):
+    """eval_fn for CTC runs: read each held-out clip's adapter outputs as their nearest word embeddings
+    (greedy CTC) and score that text against the transcript: what the LLM is given, before it says anything."""
+    import jiwer
+
+    from blsp_chat.audio import load_audio
+
+    clips = [e for e in examples if e.text][: section.repeat_wer_examples]
+
+    def evaluate(model, accelerator) -> dict[str, float]:
+        if not clips:
+            return {}
+        table = model.blsp.llama_model.get_input_embeddings().weight
+        hypotheses = []
+        with torch.no_grad():
+            for example in clips:
+                speech = model.blsp.encode_speech([load_audio(example.audio, max_seconds=None)])[0]
+                ids = embedding_distance_logits(speech, table).argmax(-1).tolist()
+                hypotheses.append(normalise(tokenizer.decode(collapse_ctc(ids, blank_id))))
+        return {"readout_wer": float(jiwer.wer([normalise(e.text) for e in clips], hypotheses))}
+
+    return evaluate
+
+
+def combined(*eval_fns):
+    fns = [f for f in eval_fns if f is not None]
+    if not fns:
+        return None
+
+    def evaluate(model, accelerator) -> dict[str, float]:
+        scores: dict[str, float] = {}
+        for fn in fns:
+            scores.update(fn(model, accelerator))
+        return scores
+
+    return evaluate
+
+
 def normalise(text: str) -> str:
     kept = "".join(c.lower() if c.isalnum() or c.isspace() or c == "'" else " " for c in text)
     return " ".join(kept.split()) or "<empty>"
@@ -381,7 +424,10 @@ def run(config: AdapterTrainConfig, *, resume: bool = False, loaded=None, callba
                     "train_manifest": config.data.train_manifest, "eval_manifest": config.data.eval_manifest}
     batch_size, seed, factor = config.loop.per_device_batch_size, config.loop.seed, config.data.mega_batch_factor
     objective = AdapterObjective(blsp, config.loss, cache, ctc_blank_id=blank_id)
-    eval_fn = repeat_wer_fn(loaded, eval_examples, config.eval) if config.eval.repeat_wer_examples else None
+    eval_fn = None
+    if config.eval.repeat_wer_examples:
+        eval_fn = combined(repeat_wer_fn(loaded, eval_examples, config.eval),
+                           readout_wer_fn(tokenizer, eval_examples, config.eval, blank_id) if blank_id is not None else None)
     result = train(
         objective, objective_loss, train_set, SpeechCollator(pad_token_id(tokenizer)), config.loop,
         expected_trainable=is_adapter_parameter,
