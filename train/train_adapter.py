@@ -20,7 +20,11 @@ JSON, else a string) are applied on top and recorded.
 
 Loss: cross-entropy on the response + EOS (labels from `blsp_chat.prompt.render`), plus optionally
 `kd_weight` x KL(LLM given the transcript || LLM given the speech) over the response positions (BLSP-KD,
-Ultravox). Output directory: the loop's record (train_config.json, metrics.jsonl, eval.jsonl,
+Ultravox), and `ctc_weight` x CTC pre-alignment: each adapter output is classified by its distance to the
+LLM's word embeddings, CTC against the transcript's tokens with a space token as the blank. With the
+other weights at 0 the LLM never runs: the offline default adapter is trained in two stages, A (CTC,
+adapter_tiny_offline_ctc.json) then B (behaviour alignment from A, adapter_tiny_offline.json), because
+on two CPU cores B alone learns too slowly to hear (train/results/offline_v1.md). Output directory: the loop's record (train_config.json, metrics.jsonl, eval.jsonl,
 loss_curve.png, checkpoints/), the adapter-only checkpoint (config.json + model.safetensors, loadable by
 `BlspModel.from_pretrained(dir)` / `python app.py --model dir`), data_summary.json, and README.md, the
 model card written from the record.
