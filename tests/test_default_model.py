@@ -38,6 +38,27 @@ def test_speech_path_runs_on_a_real_recording(default_blsp, librivox_clip):
     assert isinstance(reply, str)
 
 
+def test_shipped_adapter_hears_a_spoken_question(default_blsp):
+    """The behaviour the default adapter was trained for: a spoken question answered like a typed one."""
+    from blsp_chat.weights import DEFAULT_ADAPTER_DIR
+
+    assert default_blsp.adapter_trained and default_blsp.source == str(DEFAULT_ADAPTER_DIR)
+    audio = load_audio(REPO / "assets" / "examples" / "capital_of_france.wav")
+    reply = generate_reply(default_blsp, [speech_turn(audio, default_blsp.model)], [audio])
+    assert "Paris" in reply, reply
+
+
+def test_shipped_adapter_repeats_an_unseen_voice_and_sentence(default_blsp):
+    import jiwer
+
+    from train.train_adapter import normalise
+
+    truth = "the weather is lovely today so let us walk to the park by the river"
+    audio = load_audio(REPO / "assets" / "examples" / "walk_in_the_park.wav")
+    reply = generate_reply(default_blsp, [speech_turn(audio, default_blsp.model, "Please repeat the following words.")], [audio])
+    assert jiwer.wer(truth, normalise(reply)) <= 0.5, reply
+
+
 def test_default_model_states_whether_its_adapter_is_trained(default_blsp):
     from blsp_chat.weights import DEFAULT_ADAPTER_DIR
 

@@ -148,11 +148,15 @@ def test_ctc_is_low_when_speech_vectors_spell_the_transcript_and_high_when_they_
     words = tokenizer(" the quick brown fox", add_special_tokens=False).input_ids
     spoken = torch.stack([table[i] for w in words for i in (w, w, blank)])  # each word twice, then a pause
     other = tokenizer(" paris is a city", add_special_tokens=False).input_ids
-    right = embedding_ctc([spoken], [words], table, blank)
-    wrong = embedding_ctc([spoken], [other], table, blank)
+    right, commit = embedding_ctc([spoken], [words], table, blank)
+    wrong, _ = embedding_ctc([spoken], [other], table, blank)
     assert right < 0.05 and wrong > 10 * right + 1
+    assert commit.abs() < 1e-3  # every vector is an embedding
+    # Vectors 3x too long still win CTC, but sit far from every embedding: the commitment says so.
+    longer, far = embedding_ctc([3 * spoken], [words], table, blank)
+    assert longer < 0.05 and far > 100
     # A clip with more tokens than speech positions cannot be aligned: it adds nothing, not inf.
-    assert embedding_ctc([spoken[:2]], [words], table, blank) == 0
+    assert embedding_ctc([spoken[:2]], [words], table, blank)[0] == 0
 
 
 def test_ctc_readout_merges_repeats_and_drops_blanks():
@@ -181,6 +185,8 @@ def test_ctc_blank_must_be_one_token():
         ctc_blank_id(tiny_tokenizer(), " the quick brown")
     with pytest.raises(ValueError, match="every loss weight is 0"):
         LossSection(ce_weight=0.0)
+    with pytest.raises(ValueError, match="commit_weight needs"):
+        LossSection(commit_weight=1.0)
 
 
 def test_ctc_prealignment_trains_the_adapter_without_running_the_llm(corpus, tmp_path, monkeypatch):
@@ -191,7 +197,7 @@ def test_ctc_prealignment_trains_the_adapter_without_running_the_llm(corpus, tmp
         raise AssertionError("the CTC stage must not run the LLM")
 
     config = train_config(corpus, tmp_path, per_device_batch_size=16, num_epochs=15, learning_rate=3e-2)
-    config.loss = LossSection(ce_weight=0.0, ctc_weight=1.0)
+    config.loss = LossSection(ce_weight=0.0, ctc_weight=1.0, commit_weight=0.01)
     config.eval = EvalSection(repeat_wer_examples=0)
     monkeypatch.setattr(loaded.model.llama_model, "forward", no_llm)
     result = run(config, loaded=loaded)
@@ -201,7 +207,7 @@ def test_ctc_prealignment_trains_the_adapter_without_running_the_llm(corpus, tmp
     after = result.model.blsp.llama_model.state_dict()
     assert all(torch.equal(v, after[k]) for k, v in frozen_llm.items())
     metrics = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert "ctc" in metrics[0] and "ce" not in metrics[0]
+    assert "ctc" in metrics[0] and "commit" in metrics[0] and "ce" not in metrics[0]
     assert "CTC" in (tmp_path / "README.md").read_text()
 
 

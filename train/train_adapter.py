@@ -94,8 +94,14 @@ class LossSection:
     # a step of the other losses: a cheap first stage that puts speech vectors near the words they carry.
     ctc_weight: float = 0.0
     ctc_blank: str = " "        # text of the one token that stands for "no new word" (a space: harmless to the LLM)
+    # CTC alone only needs each vector closer to its word's embedding than to any other, and it gets
+    # there by growing vectors 3x longer than any embedding, which the LLM has never read. This pulls
+    # every vector onto its nearest embedding (VQ-VAE's commitment loss, the codebook frozen).
+    commit_weight: float = 0.0
 
     def __post_init__(self) -> None:
+        if self.commit_weight and not self.ctc_weight:
+            raise ValueError("loss.commit_weight needs loss.ctc_weight: it pulls vectors onto the words CTC chose")
         if not (self.ce_weight or self.kd_weight or self.ctc_weight):
             raise ValueError("every loss weight is 0: set loss.ce_weight, loss.kd_weight or loss.ctc_weight")
 
@@ -235,17 +241,22 @@ def embedding_distance_logits(speech: torch.Tensor, embeddings: torch.Tensor) ->
 
 
 def embedding_ctc(speech_embeds: Sequence[torch.Tensor], targets: Sequence[Sequence[int]], embeddings: torch.Tensor,
-                  blank_id: int) -> torch.Tensor:
+                  blank_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """CTC between each clip's adapter outputs (L_i, d) and its transcript's token ids, the classes being the
     LLM's vocabulary with `blank_id` as the blank. Mean over clips of the loss per target token; clips with
-    more tokens than speech positions contribute zero (zero_infinity) instead of inf."""
+    more tokens than speech positions contribute zero (zero_infinity) instead of inf.
+    Also returns the commitment: the mean squared distance of each real vector to its nearest embedding."""
     lengths = torch.tensor([e.shape[0] for e in speech_embeds])
     padded = nn.utils.rnn.pad_sequence(list(speech_embeds), batch_first=True)
-    log_probs = nn.functional.log_softmax(embedding_distance_logits(padded, embeddings), dim=-1)
+    logits = embedding_distance_logits(padded, embeddings)
+    log_probs = nn.functional.log_softmax(logits, dim=-1)
     flat = torch.tensor([t for row in targets for t in row], dtype=torch.long)
     target_lengths = torch.tensor([len(row) for row in targets])
-    return nn.functional.ctc_loss(log_probs.transpose(0, 1), flat, lengths, target_lengths, blank=blank_id,
-                                  reduction="mean", zero_infinity=True)
+    ctc = nn.functional.ctc_loss(log_probs.transpose(0, 1), flat, lengths, target_lengths, blank=blank_id,
+                                 reduction="mean", zero_infinity=True)
+    real = torch.arange(padded.shape[1])[None, :] < lengths[:, None]
+    nearest = (padded.float() ** 2).sum(-1) - logits.max(-1).values   # ||x - e||^2 of the closest e
+    return ctc, nearest[real.to(nearest.device)].mean()
 
 
 class AdapterObjective(nn.Module):
@@ -269,9 +280,9 @@ class AdapterObjective(nn.Module):
         loss, metrics = self._llm_losses(batch, embeds) if self.loss.needs_llm else (0.0, {})
         if self.loss.ctc_weight:
             table = self.blsp.llama_model.get_input_embeddings().weight
-            ctc = embedding_ctc(embeds, batch["transcript_ids"], table, self.ctc_blank_id)
-            loss = loss + self.loss.ctc_weight * ctc
-            metrics["ctc"] = float(ctc.detach())
+            ctc, commit = embedding_ctc(embeds, batch["transcript_ids"], table, self.ctc_blank_id)
+            loss = loss + self.loss.ctc_weight * ctc + self.loss.commit_weight * commit
+            metrics.update(ctc=float(ctc.detach()), commit=float(commit.detach()))
         return loss, metrics
 
     def _llm_losses(self, batch: dict[str, Any], embeds: list[torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
@@ -511,6 +522,8 @@ def loss_description(loss: LossSection) -> str:
     if loss.ctc_weight:
         parts.append(f"{loss.ctc_weight} x CTC of the adapter outputs against the transcript's tokens "
                      f"(blank {loss.ctc_blank!r}; no LLM pass)")
+    if loss.commit_weight:
+        parts.append(f"{loss.commit_weight} x squared distance of each adapter output to its nearest word embedding")
     return " + ".join(parts)
 
 
