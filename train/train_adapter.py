@@ -21,11 +21,13 @@ JSON, else a string) are applied on top and recorded.
 Loss: cross-entropy on the response + EOS (labels from `blsp_chat.prompt.render`), plus optionally
 `kd_weight` x KL(LLM given the transcript || LLM given the speech) over the response positions (BLSP-KD,
 Ultravox), and `ctc_weight` x CTC pre-alignment: each adapter output is classified by its distance to the
-LLM's word embeddings, CTC against the transcript's tokens with a space token as the blank. With the
-other weights at 0 the LLM never runs: the offline default adapter is trained in two stages, A (CTC,
-adapter_tiny_offline_ctc.json) then B (behaviour alignment from A, adapter_tiny_offline.json), because
-on two CPU cores B alone learns too slowly to hear (train/results/offline_v1.md). Output directory: the loop's record (train_config.json, metrics.jsonl, eval.jsonl,
-loss_curve.png, checkpoints/), the adapter-only checkpoint (config.json + model.safetensors, loadable by
+LLM's word embeddings, CTC against the transcript's tokens with a space token as the blank, and
+`commit_weight` x the squared distance of each output to its nearest word embedding. With the CE and KD
+weights at 0 the LLM never runs, so the offline recipe starts with that cheap stage (A:
+adapter_tiny_offline_ctc.json, then A2 with commitment) before behaviour alignment (B:
+adapter_tiny_offline.json); train/results/offline_v2_adapter_cpu.md has the commands and what each gave.
+Output directory: the loop's record (train_config.json, metrics.jsonl, eval.jsonl, loss_curve.png,
+checkpoints/), the adapter-only checkpoint (config.json + model.safetensors, loadable by
 `BlspModel.from_pretrained(dir)` / `python app.py --model dir`), data_summary.json, and README.md, the
 model card written from the record.
 """
@@ -521,7 +523,7 @@ def loss_description(loss: LossSection) -> str:
         parts.append(f"{loss.kd_weight} x KL(transcript || speech), T={loss.kd_temperature}")
     if loss.ctc_weight:
         parts.append(f"{loss.ctc_weight} x CTC of the adapter outputs against the transcript's tokens "
-                     f"(blank {loss.ctc_blank!r}; no LLM pass)")
+                     f"(blank {loss.ctc_blank!r}; this term needs no LLM pass)")
     if loss.commit_weight:
         parts.append(f"{loss.commit_weight} x squared distance of each adapter output to its nearest word embedding")
     return " + ".join(parts)
