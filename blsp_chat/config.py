@@ -6,8 +6,8 @@ holds the config of any causal LM (its `model_type` says which), the name is kep
 """
 from __future__ import annotations
 
-import dataclasses
 import json
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -99,6 +99,11 @@ class GenerationOptions:
     temperature: float = 0.7
     top_p: float = 0.9
     repetition_penalty: float = 1.0  # the paper decodes greedily with none; raise it if a small LLM loops
+    # openai/whisper's answer to loops: a reply whose text compresses too well (zlib ratio above the
+    # threshold) is decoded again by sampling at each of these temperatures in turn. Empty: no second try.
+    # Applies to whole-reply generation (session.generate_replies), not to streamed chat replies.
+    fallback_temperatures: tuple[float, ...] = ()
+    compression_ratio_threshold: float = 2.4
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -109,6 +114,14 @@ class GenerationOptions:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.repetition_penalty <= 0:
             raise ValueError(f"repetition_penalty must be positive, got {self.repetition_penalty}")
+        if any(not t > 0 for t in self.fallback_temperatures):
+            raise ValueError(f"fallback temperatures must be positive, got {self.fallback_temperatures}")
+        if not self.compression_ratio_threshold > 1:
+            raise ValueError(f"compression_ratio_threshold must be above 1, got {self.compression_ratio_threshold}")
+
+    def sampled_at(self, temperature: float) -> "GenerationOptions":
+        """These options, sampling at `temperature` from the whole distribution (a fallback decode)."""
+        return dataclasses.replace(self, do_sample=True, temperature=temperature, top_p=1.0, fallback_temperatures=())
 
     def to_hf_kwargs(self) -> dict[str, Any]:
         kwargs: dict[str, Any] = {

@@ -19,6 +19,7 @@ import itertools
 import queue
 import threading
 import weakref
+import zlib
 from dataclasses import dataclass
 from typing import Iterator, Literal, Sequence
 
@@ -88,7 +89,30 @@ def generate_replies(loaded, conversations: Sequence[Sequence[Turn]], audios: Se
 
     audios[i]: the clips of conversation i's speech turns, in order. Greedy replies equal those of
     `session.generate_reply` one by one (positions come from the attention mask, so padding does not
-    shift them); each stops at EOS or `###`."""
+    shift them); each stops at EOS or `###`. A reply that loops (see `GenerationOptions.fallback_temperatures`)
+    is decoded again, and the first try under the compression threshold is kept, else the least looping one."""
+    replies = _generate_batch(loaded, conversations, audios, options)
+    for step, temperature in enumerate(options.fallback_temperatures):
+        looping = [i for i, reply in enumerate(replies) if compression_ratio(reply) > options.compression_ratio_threshold]
+        if not looping:
+            break
+        torch.manual_seed(step)  # the same inputs give the same replies on every run
+        retries = _generate_batch(loaded, [conversations[i] for i in looping], [audios[i] for i in looping],
+                                  options.sampled_at(temperature))
+        for i, retry in zip(looping, retries):
+            if compression_ratio(retry) < compression_ratio(replies[i]):
+                replies[i] = retry
+    return replies
+
+
+def compression_ratio(text: str) -> float:
+    """How well `text` compresses (openai/whisper's loop detector): 1 for short or varied text, above
+    2.4 for a phrase said over and over."""
+    data = text.encode("utf-8")
+    return len(data) / len(zlib.compress(data)) if data else 0.0
+
+
+def _generate_batch(loaded, conversations, audios, options: GenerationOptions) -> list[str]:
     model, tokenizer = loaded.model, loaded.tokenizer
     template = template_for(model.config.prompt_template, tokenizer)
     prompts = [render(turns, tokenizer, template) for turns in conversations]

@@ -308,3 +308,15 @@ def test_continuation_of_the_text_system_is_its_own_reference(tmp_path):
     summary = ev.evaluate(_text_items(3), ev.EvalSettings("continuation", "text"), ev.Engines(llm=llm), tmp_path, progress=False)
     assert len(llm.requests) == 3  # no second generation for the reference
     assert summary["headline"]["metric"] == "chrF" and summary["metrics"]["token_f1"] == pytest.approx(1.0)
+
+
+def test_fallback_flag_turns_on_temperature_fallback_and_is_recorded(tmp_path):
+    parser = ev.build_parser()
+    greedy = ev.settings_from_args(parser.parse_args(["--task", "asr", "--manifest", "m.jsonl"]))
+    assert greedy.options.fallback_temperatures == ()
+    settings = ev.settings_from_args(parser.parse_args(["--task", "asr", "--manifest", "m.jsonl", "--system", "text",
+                                                        "--fallback"]))
+    assert settings.options.fallback_temperatures == (0.2, 0.4, 0.6, 0.8, 1.0)
+    ev.evaluate(_text_items(2), settings, ev.Engines(llm=FakeLlm()), tmp_path, progress=False)
+    written = json.loads(next(tmp_path.glob("*.summary.json")).read_text())
+    assert written["settings"]["generation"]["fallback_temperatures"] == [0.2, 0.4, 0.6, 0.8, 1.0]

@@ -7,11 +7,12 @@ import torch
 from transformers import RepetitionPenaltyLogitsProcessor, TopPLogitsWarper
 
 from blsp_chat.config import GenerationOptions
-from blsp_chat.prompt import render
+from blsp_chat.prompt import Turn, render
 from blsp_chat.session import (
-    REPLACEMENT_CHAR, ChatSession, ContextOverflowError, TextStream, apply_repetition_penalty, cut_at_stop,
-    eos_token_ids, model_lock, next_token, top_p_filter,
+    REPLACEMENT_CHAR, ChatSession, ContextOverflowError, TextStream, apply_repetition_penalty, compression_ratio,
+    cut_at_stop, eos_token_ids, generate_replies, model_lock, next_token, speech_turn, top_p_filter,
 )
+from blsp_chat.weights import LoadedBlsp
 from tiny import lively_blsp, tiny_blsp, tiny_tokenizer, tone
 
 REPEAT = "Please repeat the following words."
@@ -454,3 +455,34 @@ def test_a_different_clip_of_the_same_length_is_not_taken_from_the_cache(tok):
     assert session.turns[-1] == first  # the same placeholders: only the cache keys tell the clips apart
     assert_same_as_scratch(session, reply(session), [other])
     assert session.turns[-1].text != before
+
+
+def test_compression_ratio_flags_a_phrase_said_over_and_over():
+    assert compression_ratio("") == 0.0
+    assert compression_ratio("the weather is lovely today so let us walk to the park by the river") < 2.4
+    assert compression_ratio("a period of time " * 12) > 2.4
+
+
+def test_fallback_decodes_only_looping_replies_again_and_keeps_the_less_looping(tok):
+    model = lively_blsp(seed=0)
+    loaded = LoadedBlsp(model, tok, "tiny", adapter_trained=True)
+    conversations = [[Turn("human", text="hello there")], [Turn("human", text="the quick brown fox")],
+                     [speech_turn(tone(1.0), model, REPEAT)]]
+    audios = [[], [], [tone(1.0)]]
+    greedy = generate_replies(loaded, conversations, audios, GenerationOptions(max_new_tokens=48))
+    ratios = [compression_ratio(reply) for reply in greedy]
+    assert ratios[1] > 2.4 and ratios[0] < 2.4 and ratios[2] < 2.4  # the tiny model loops on the second prompt
+    options = GenerationOptions(max_new_tokens=48, fallback_temperatures=(1.0,))
+    retried = generate_replies(loaded, conversations, audios, options)
+    assert retried[0] == greedy[0] and retried[2] == greedy[2]
+    assert compression_ratio(retried[1]) < ratios[1]
+    assert generate_replies(loaded, conversations, audios, options) == retried  # seeded: the same every run
+
+
+def test_fallback_options_are_checked():
+    with pytest.raises(ValueError, match="fallback temperatures"):
+        GenerationOptions(fallback_temperatures=(0.0,))
+    with pytest.raises(ValueError, match="compression_ratio_threshold"):
+        GenerationOptions(compression_ratio_threshold=0.5)
+    sampled = GenerationOptions(fallback_temperatures=(0.2, 0.4)).sampled_at(0.4)
+    assert sampled.do_sample and sampled.temperature == 0.4 and sampled.top_p == 1.0 and not sampled.fallback_temperatures

@@ -603,6 +603,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--label", default=None, help="row name in --compare (default: the system's name)")
     parser.add_argument("--limit", type=int, default=None, help="only the first N items")
     parser.add_argument("--max-new-tokens", type=int, default=None, help="default: per task")
+    parser.add_argument("--fallback", action="store_true",
+                        help="decode a looping LLM reply again at rising temperature (0.2 ... 1.0), as openai/whisper "
+                             "does and as the whisper system always does; default: greedy only, as in the paper")
     parser.add_argument("--device", default=None)
     parser.add_argument("--whisper", default=None, help="cascade/whisper: Whisper to use (default: the BLSP config's)")
     parser.add_argument("--comet-model", default=None, help="st: a local COMET checkpoint (needs unbabel-comet)")
@@ -620,7 +623,9 @@ def settings_from_args(args: argparse.Namespace) -> EvalSettings:
         task=args.task, system=args.system, model=args.model or "default", label=args.label,
         dataset=args.dataset or Path(args.manifest).stem, batch_size=args.batch_size,
         target_language=args.target_language, labels=labels, instruction=args.instruction,
-        options=GenerationOptions(max_new_tokens=max_new), comet_model=args.comet_model,
+        options=GenerationOptions(max_new_tokens=max_new,
+                                  fallback_temperatures=FALLBACK_TEMPERATURES[1:] if args.fallback else ()),
+        comet_model=args.comet_model,
     )
 
 
