@@ -336,6 +336,27 @@ def test_precomputed_cache_matches_training_and_an_interrupted_fill_resumes(corp
     assert torch.allclose(item["encoded"][0], direct, atol=1e-5)
 
 
+def test_precompute_cli_fills_the_cache_without_the_runs_starting_adapter(corpus, tmp_path, monkeypatch, capsys):
+    from train import precompute_encoder
+
+    sections = []
+
+    def build(section):
+        sections.append(section)
+        return loaded_tiny()
+
+    monkeypatch.setattr(precompute_encoder, "build_model", build)
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"model": {"init_adapter": str(tmp_path / "not_trained_yet")},
+                                  "data": {"train_manifest": str(corpus), "encoder_cache_dir": str(tmp_path / "cache")},
+                                  "loop": {"output_dir": str(tmp_path / "run")}}))
+    assert precompute_encoder.main(["--config", str(config), "--manifest", str(corpus), "--device", "cpu"]) == 0
+    assert [s.init_adapter for s in sections] == [None]
+    assert f"{len(SENTENCES)} clips to encode" in capsys.readouterr().out
+    cache = EncoderCache.for_model(tmp_path / "cache", loaded_tiny().model)
+    assert precompute_encoder.missing_clips([str(corpus)], cache) == []
+
+
 # --- configuration -----------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", ["adapter_tiny_offline.json", "adapter_tiny_offline_ctc.json", "adapter_7b_paper.json"])
 def test_shipped_configs_parse_and_take_overrides(name):

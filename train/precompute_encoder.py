@@ -11,6 +11,7 @@ stage, which needs no LLM) read every clip from disk.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 from typing import Sequence
 
@@ -65,7 +66,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     config = load_config(args.config, args.overrides)
     if not config.data.encoder_cache_dir:
         parser.error("the config sets no data.encoder_cache_dir")
-    model = build_model(config.model).model.to(args.device).eval()
+    # Only the frozen encoder runs here, and it does not depend on the adapter, so the run's starting
+    # adapter (model.init_adapter, which may not exist yet when the cache is filled) is not needed.
+    model = build_model(dataclasses.replace(config.model, init_adapter=None)).model.to(args.device).eval()
     cache = EncoderCache.for_model(config.data.encoder_cache_dir, model)
     clips = missing_clips(args.manifest, cache)
     print(f"{len(clips)} clips to encode into {cache.directory}", flush=True)
