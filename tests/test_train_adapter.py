@@ -18,7 +18,7 @@ from blsp_chat.weights import LoadedBlsp
 from tiny import tiny_blsp, tiny_tokenizer, tone
 from train.loop import LoopConfig
 from train.speech_data import (
-    BucketBatchSampler, EncoderCache, SpeechCollator, SpeechDataset, SpeechExample,
+    BucketBatchSampler, EncoderCache, FrameMasking, SpeechCollator, SpeechDataset, SpeechExample,
     read_manifest, speech_embeddings, with_repetition,
 )
 from train.train_adapter import (
@@ -235,6 +235,39 @@ def test_objective_views_carry_the_same_response(corpus):
     loss, metrics = AdapterObjective(loaded.model, LossSection(kd_weight=1.0))(batch)
     assert loss > 0 and metrics["kd"] > 0 and metrics["response_tokens"] == sum(
         len(loaded.tokenizer(e.response, add_special_tokens=False).input_ids) + 1 for e in examples)
+
+
+def test_frame_masking_zeroes_spans_and_channels_and_nothing_else():
+    window = torch.randn(200, 16) + 5  # no zeros of its own
+    torch.manual_seed(0)
+    masked = FrameMasking(time_fraction=0.2, time_span=10, channel_fraction=0.25)(window)
+    assert masked.shape == window.shape and not torch.equal(masked, window)
+    kept = masked != 0
+    assert torch.equal(masked[kept], window[kept])  # what is not masked is untouched
+    dead_channels = (~kept).all(dim=0)
+    dead_frames = (~kept[:, ~dead_channels]).all(dim=1)
+    assert 1 <= int(dead_channels.sum()) <= 10 and 10 <= int(dead_frames.sum()) <= 40  # ~4 and ~40 at most
+    assert torch.equal(FrameMasking()(window), window)  # off by default
+    torch.manual_seed(0)
+    assert torch.equal(FrameMasking(time_fraction=0.2, time_span=10, channel_fraction=0.25)(window), masked)
+    with pytest.raises(ValueError, match="mask fractions"):
+        load_config(CONFIGS / "adapter_tiny_offline.json", ["data.mask_time_fraction=1.5"])
+
+
+def test_masking_applies_in_training_only_and_leaves_the_cache_clean(corpus, tmp_path):
+    loaded = loaded_tiny()
+    cache = EncoderCache.for_model(tmp_path / "cache", loaded.model)
+    data = SpeechDataset(read_manifest(corpus)[:2], loaded.tokenizer, loaded.model.speech_token_count, cache=cache)
+    collate = SpeechCollator(loaded.tokenizer.pad_token_id)
+    objective = AdapterObjective(loaded.model, LossSection(), cache, masking=FrameMasking(time_fraction=0.5, time_span=4))
+    objective.eval()
+    with torch.no_grad():
+        clean, _ = objective(collate([data[0], data[1]]))  # fills the cache
+        objective.train()
+        noisy, _ = objective(collate([data[0], data[1]]))
+        objective.eval()
+        again, _ = objective(collate([data[0], data[1]]))  # read back from the cache: not masked
+    assert float(noisy) != pytest.approx(float(clean)) and float(again) == pytest.approx(float(clean))
 
 
 # --- data --------------------------------------------------------------------------------------------

@@ -174,9 +174,11 @@ class EncoderCache:
         os.replace(scratch, file)  # a reader never sees half an entry
 
 
-def speech_embeddings(model, batch: dict[str, Any], cache: EncoderCache | None = None) -> list[torch.Tensor]:
+def speech_embeddings(model, batch: dict[str, Any], cache: EncoderCache | None = None,
+                      augment: Callable[[torch.Tensor], torch.Tensor] | None = None) -> list[torch.Tensor]:
     """One (L_i, d_llm) tensor per example: encoder outputs from `batch["encodeds"]` (cache hits, filled by
-    the dataset) or computed now from `batch["audios"]` (then stored in the cache), then the adapter."""
+    the dataset) or computed now from `batch["audios"]` (then stored in the cache), then the adapter.
+    `augment` (training only) maps each window's (T, d) encoder output to an altered copy."""
     encoded = list(batch["encodeds"])
     missing = [i for i, e in enumerate(encoded) if e is None]
     if missing:
@@ -186,7 +188,40 @@ def speech_embeddings(model, batch: dict[str, Any], cache: EncoderCache | None =
             encoded[i] = windows
             if cache is not None and batch["cache_keys"][i] is not None:
                 cache.put(batch["cache_keys"][i], windows, len(batch["audios"][i]))
+    if augment is not None:
+        encoded = [[augment(window) for window in windows] for windows in encoded]
     return model.adapt_windows(encoded)
+
+
+@dataclass(frozen=True)
+class FrameMasking:
+    """SpecAugment (Park et al. 2019) on the frozen encoder's outputs: spans of `time_span` frames, about
+    `time_fraction` of each window in all, and about `channel_fraction` of the channels (the same ones
+    over the whole window) are set to zero. The adapter then cannot lean on any one stretch of a clip,
+    which is what it does when it learns the training sentences by heart."""
+
+    time_fraction: float = 0.0
+    time_span: int = 10
+    channel_fraction: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not (0 <= self.time_fraction < 1 and 0 <= self.channel_fraction < 1):
+            raise ValueError(f"mask fractions must be in [0, 1), got {self.time_fraction}, {self.channel_fraction}")
+        if self.time_span < 1:
+            raise ValueError(f"the masked time span must be at least 1 frame, got {self.time_span}")
+
+    @property
+    def active(self) -> bool:
+        return self.time_fraction > 0 or self.channel_fraction > 0
+
+    def __call__(self, window: torch.Tensor) -> torch.Tensor:
+        frames, channels = window.shape
+        keep = torch.ones(frames, channels, dtype=torch.bool)  # drawn on the CPU: the same masks on any device
+        spans = int(round(self.time_fraction * frames / self.time_span))
+        for start in torch.randint(0, max(frames - self.time_span, 0) + 1, (spans,)).tolist():
+            keep[start:start + self.time_span] = False
+        keep[:, torch.rand(channels) < self.channel_fraction] = False
+        return window * keep.to(window.device, window.dtype)
 
 
 # --- dataset and collator ----------------------------------------------------------------------------

@@ -50,8 +50,8 @@ from blsp_chat.constants import IGNORE_INDEX, REPEAT_INSTRUCTION
 from blsp_chat.model import TRAINABLE_PREFIXES, BlspModel
 from train.loop import LoopConfig, TrainResult, read_jsonl, train
 from train.speech_data import (
-    PAPER_REPETITION_RATIO, BucketBatchSampler, EncoderCache, SpeechCollator, SpeechDataset, SpeechExample,
-    read_manifest, speech_embeddings, summarize, with_repetition,
+    PAPER_REPETITION_RATIO, BucketBatchSampler, EncoderCache, FrameMasking, SpeechCollator, SpeechDataset,
+    SpeechExample, read_manifest, speech_embeddings, summarize, with_repetition,
 )
 
 WRAPPER_PREFIX = "blsp."  # parameter names inside AdapterObjective
@@ -84,6 +84,17 @@ class DataSection:
     max_seconds: float | None = 30.0
     mega_batch_factor: int = 50
     encoder_cache_dir: str | None = None    # cache frozen Whisper outputs here
+    # SpecAugment on the encoder outputs, training only (train.speech_data.FrameMasking): about this
+    # fraction of each clip's frames in spans of mask_time_span frames, and this fraction of channels, zeroed.
+    mask_time_fraction: float = 0.0
+    mask_time_span: int = 10
+    mask_channel_fraction: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.frame_masking()  # refuse impossible mask settings when the config is read, not at step 1
+
+    def frame_masking(self) -> FrameMasking:
+        return FrameMasking(self.mask_time_fraction, self.mask_time_span, self.mask_channel_fraction)
 
 
 @dataclass
@@ -266,9 +277,10 @@ class AdapterObjective(nn.Module):
     objective (DDP hooks then see every adapter gradient) and the encoder cache stays outside model.py."""
 
     def __init__(self, blsp: BlspModel, loss: LossSection, cache: EncoderCache | None = None,
-                 ctc_blank_id: int | None = None):
+                 ctc_blank_id: int | None = None, masking: FrameMasking = FrameMasking()):
         super().__init__()
         self.blsp, self.loss, self.cache, self.ctc_blank_id = blsp, loss, cache, ctc_blank_id
+        self.masking = masking
         if loss.ctc_weight and ctc_blank_id is None:
             raise ValueError("loss.ctc_weight is set but no CTC blank token id was given")
 
@@ -278,7 +290,8 @@ class AdapterObjective(nn.Module):
         return self
 
     def forward(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
-        embeds = speech_embeddings(self.blsp, batch, self.cache)
+        augment = self.masking if self.training and self.masking.active else None
+        embeds = speech_embeddings(self.blsp, batch, self.cache, augment)
         loss, metrics = self._llm_losses(batch, embeds) if self.loss.needs_llm else (0.0, {})
         if self.loss.ctc_weight:
             table = self.blsp.llama_model.get_input_embeddings().weight
@@ -440,7 +453,7 @@ def run(config: AdapterTrainConfig, *, resume: bool = False, loaded=None, callba
     data_summary = {"train": summarize(train_examples), "eval": summarize(eval_examples),
                     "train_manifest": config.data.train_manifest, "eval_manifest": config.data.eval_manifest}
     batch_size, seed, factor = config.loop.per_device_batch_size, config.loop.seed, config.data.mega_batch_factor
-    objective = AdapterObjective(blsp, config.loss, cache, ctc_blank_id=blank_id)
+    objective = AdapterObjective(blsp, config.loss, cache, ctc_blank_id=blank_id, masking=config.data.frame_masking())
     eval_fn = None
     if config.eval.repeat_wer_examples:
         eval_fn = combined(repeat_wer_fn(loaded, eval_examples, config.eval),
