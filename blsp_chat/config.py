@@ -6,8 +6,8 @@ holds the config of any causal LM (its `model_type` says which), the name is kep
 """
 from __future__ import annotations
 
-import json
 import dataclasses
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal

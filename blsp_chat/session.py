@@ -96,9 +96,11 @@ def generate_replies(loaded, conversations: Sequence[Sequence[Turn]], audios: Se
         looping = [i for i, reply in enumerate(replies) if compression_ratio(reply) > options.compression_ratio_threshold]
         if not looping:
             break
-        torch.manual_seed(step)  # the same inputs give the same replies on every run
-        retries = _generate_batch(loaded, [conversations[i] for i in looping], [audios[i] for i in looping],
-                                  options.sampled_at(temperature))
+        device = loaded.model.device
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # the caller's RNG is left alone
+            torch.manual_seed(step)  # the same inputs give the same replies on every run
+            retries = _generate_batch(loaded, [conversations[i] for i in looping], [audios[i] for i in looping],
+                                      options.sampled_at(temperature))
         for i, retry in zip(looping, retries):
             if compression_ratio(retry) < compression_ratio(replies[i]):
                 replies[i] = retry
@@ -106,8 +108,8 @@ def generate_replies(loaded, conversations: Sequence[Sequence[Turn]], audios: Se
 
 
 def compression_ratio(text: str) -> float:
-    """How well `text` compresses (openai/whisper's loop detector): 1 for short or varied text, above
-    2.4 for a phrase said over and over."""
+    """How well `text` compresses (openai/whisper's loop detector): below about 1.5 for an ordinary
+    sentence, above 2.4 for a phrase said over and over."""
     data = text.encode("utf-8")
     return len(data) / len(zlib.compress(data)) if data else 0.0
 

@@ -473,7 +473,9 @@ def test_fallback_decodes_only_looping_replies_again_and_keeps_the_less_looping(
     ratios = [compression_ratio(reply) for reply in greedy]
     assert ratios[1] > 2.4 and ratios[0] < 2.4 and ratios[2] < 2.4  # the tiny model loops on the second prompt
     options = GenerationOptions(max_new_tokens=48, fallback_temperatures=(1.0,))
+    caller_rng = torch.get_rng_state()
     retried = generate_replies(loaded, conversations, audios, options)
+    assert torch.equal(torch.get_rng_state(), caller_rng)  # the fallback's seeding does not leak out
     assert retried[0] == greedy[0] and retried[2] == greedy[2]
     assert compression_ratio(retried[1]) < ratios[1]
     assert generate_replies(loaded, conversations, audios, options) == retried  # seeded: the same every run
