@@ -60,3 +60,48 @@ class Bottleneck(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.fc2(nn.functional.gelu(self.fc1(x)))
+
+
+def embedding_distance_logits(speech: torch.Tensor, embeddings: torch.Tensor) -> torch.Tensor:
+    """(..., d) speech vectors x, (V, d) word embeddings e -> (..., V) logits -||x - e||^2 up to a per-row
+    constant (2 x.e - ||e||^2): the nearest embedding wins, and a vector is pulled towards the embedding
+    itself, not only along its direction, which is what the LLM reads."""
+    embeddings = embeddings.float()
+    return 2 * speech.float() @ embeddings.T - (embeddings * embeddings).sum(-1)
+
+
+def collapse_ctc(ids: list[int], blank_id: int) -> list[int]:
+    """Greedy CTC decoding: merge runs of the same class, then drop the blank."""
+    return [i for n, i in enumerate(ids) if i != blank_id and (n == 0 or ids[n - 1] != i)]
+
+
+READOUT_CHUNK = 256  # adapter outputs scored at once: bounds the (chunk, V) posterior to ~50 MB for V=49k
+
+
+def ctc_readout(speech: torch.Tensor, embeddings: torch.Tensor, blank_id: int, temperature: float) -> torch.Tensor:
+    """CTC-compressed readout (as in LegoSLM): (L, d) adapter outputs -> (L', d) vectors, L' <= L.
+
+    Each output is classified by its distance to the (V, d) word embeddings, as the CTC loss trained it.
+    Runs of outputs with the same nearest word form a segment (greedy CTC decoding); blank segments are
+    dropped, and each other segment becomes its mean posterior (softmax of the logits / temperature) times
+    the embedding table: one vector per word piece, inside the span of the LLM's own word embeddings.
+    Low temperatures approach the nearest word's embedding. A clip heard as all blank reads as the blank.
+    """
+    if speech.shape[0] == 0:
+        return speech
+    table = embeddings.float()
+    labels, expected = [], []  # per output: its nearest word, and posterior @ table (mean commutes with @)
+    for chunk in speech.split(READOUT_CHUNK):
+        logits = embedding_distance_logits(chunk, table)
+        labels.append(logits.argmax(-1))
+        expected.append(torch.softmax(logits / temperature, dim=-1) @ table)
+    labels = torch.cat(labels)
+    starts = torch.ones_like(labels, dtype=torch.bool)
+    starts[1:] = labels[1:] != labels[:-1]
+    segment_of = starts.cumsum(0) - 1
+    keep = labels[starts] != blank_id
+    if not keep.any():
+        return embeddings[blank_id][None].to(speech.dtype)
+    sums = torch.zeros(len(keep), table.shape[1], device=speech.device).index_add_(0, segment_of, torch.cat(expected))
+    sizes = torch.bincount(segment_of, minlength=len(keep)).to(sums.dtype)
+    return (sums[keep] / sizes[keep, None]).to(speech.dtype)

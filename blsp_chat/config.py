@@ -17,6 +17,7 @@ from transformers import AutoConfig, PretrainedConfig, WhisperConfig
 EncoderPadding = Literal["30s", "none"]
 ENCODER_PADDINGS: tuple[str, ...] = ("30s", "none")
 PROMPT_TEMPLATES: tuple[str, ...] = ("blsp", "chat")
+SPEECH_READOUTS: tuple[str, ...] = ("embeddings", "ctc")
 CONFIG_NAME = "config.json"
 
 
@@ -30,6 +31,12 @@ class BlspConfig:
     # Training and decoding must agree, so inference follows what the adapter was trained with.
     encoder_padding: EncoderPadding = "30s"
     prompt_template: str = "blsp"
+    # How adapter outputs reach the LLM. "embeddings": each output fills one LLM position (the paper).
+    # "ctc": for adapters trained with the CTC loss, the CTC-compressed readout (adapter.ctc_readout):
+    # one position per word piece heard, so a clip's position count depends on what was said.
+    speech_readout: str = "embeddings"
+    ctc_blank_id: int | None = None       # the LLM token CTC used as its blank ("ctc" readout only)
+    ctc_readout_temperature: float = 0.1  # softness of the readout's posteriors; near 0: the nearest word
     # Where the frozen base models come from when a checkpoint holds only the adapter.
     whisper_name_or_path: str | None = None
     llm_name_or_path: str | None = None
@@ -40,6 +47,12 @@ class BlspConfig:
             raise ValueError(f"encoder_padding must be one of {ENCODER_PADDINGS}, got {self.encoder_padding!r}")
         if self.prompt_template not in PROMPT_TEMPLATES:
             raise ValueError(f"prompt_template must be one of {PROMPT_TEMPLATES}, got {self.prompt_template!r}")
+        if self.speech_readout not in SPEECH_READOUTS:
+            raise ValueError(f"speech_readout must be one of {SPEECH_READOUTS}, got {self.speech_readout!r}")
+        if self.speech_readout == "ctc" and self.ctc_blank_id is None:
+            raise ValueError("speech_readout 'ctc' needs ctc_blank_id: the token id the CTC loss used as its blank")
+        if not self.ctc_readout_temperature > 0:
+            raise ValueError(f"ctc_readout_temperature must be positive, got {self.ctc_readout_temperature}")
         if not self.kernel_sizes:
             raise ValueError("conv_kernel_sizes must name at least one kernel size, e.g. '5,5,5'")
 

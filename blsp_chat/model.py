@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel, WhisperFeatureEx
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
 from .audio import split_into_windows
-from .adapter import Bottleneck, Conv1dSubsampler, subsampled_lengths, zero_past
+from .adapter import Bottleneck, Conv1dSubsampler, ctc_readout, subsampled_lengths, zero_past
 from .config import BlspConfig, GenerationOptions
 from .constants import HOP_LENGTH, N_FFT, N_SAMPLES, SAMPLE_RATE
 
@@ -134,8 +134,15 @@ class BlspModel(nn.Module):
         return self.whisper_model.conv1.weight.dtype
 
     # --- speech ----------------------------------------------------------------------------------
+    @property
+    def speech_length_varies(self) -> bool:
+        """True when a clip's LLM positions depend on what was said (the "ctc" readout), so that prompts
+        can be laid out only after `encode_speech`; else `speech_token_count` gives them from the length."""
+        return self.config.speech_readout != "embeddings"
+
     def speech_token_count(self, num_samples: int) -> int:
-        """How many LLM positions a clip of `num_samples` 16 kHz samples occupies."""
+        """How many LLM positions a clip of `num_samples` 16 kHz samples occupies (with the "ctc"
+        readout, the most it can occupy: `encode_speech` gives the count itself)."""
         frames = torch.tensor([mel_frame_count(n) for n in window_lengths(num_samples)])
         return int(subsampled_lengths(encoder_lengths(frames), len(self.subsampler.conv_layers)).sum())
 
@@ -215,8 +222,15 @@ class BlspModel(nn.Module):
         return out
 
     def encode_speech(self, audios: Sequence[np.ndarray]) -> list[torch.Tensor]:
-        """16 kHz mono clips of any length -> one (L_i, d_llm) tensor per clip."""
-        return self.adapt_windows(self.encode_windows(audios))
+        """16 kHz mono clips of any length -> one (L_i, d_llm) tensor per clip, as the LLM reads them."""
+        return [self.read_out(e) for e in self.adapt_windows(self.encode_windows(audios))]
+
+    def read_out(self, speech: torch.Tensor) -> torch.Tensor:
+        """One clip's adapter outputs (L, d_llm) -> the vectors the LLM reads (see BlspConfig.speech_readout)."""
+        if self.config.speech_readout == "embeddings":
+            return speech
+        table = self.llama_model.get_input_embeddings().weight
+        return ctc_readout(speech, table, self.config.ctc_blank_id, self.config.ctc_readout_temperature)
 
     # --- language model ----------------------------------------------------------------------------
     def embed_inputs(self, input_ids: torch.Tensor, speech_mask: torch.Tensor | None, speech_embeds: Sequence[torch.Tensor] = ()) -> torch.Tensor:
@@ -260,11 +274,15 @@ class BlspModel(nn.Module):
         speech_mask: torch.Tensor | None = None,
         audios: Sequence[np.ndarray] | None = None,
         options: GenerationOptions = GenerationOptions(),
+        speech_embeds: Sequence[torch.Tensor] | None = None,
         **hf_kwargs: Any,
     ) -> torch.Tensor:
-        """Left-padded prompts -> new token ids (B, N). `hf_kwargs` go to the LLM's generate
-        (eos_token_id, stop_strings with tokenizer, streamer, ...)."""
-        inputs_embeds = self.embed_inputs(input_ids, speech_mask, self.encode_speech(audios or []))
+        """Left-padded prompts -> new token ids (B, N). Speech comes as raw `audios` (encoded here) or
+        precomputed `speech_embeds`. `hf_kwargs` go to the LLM's generate (eos_token_id, stop_strings
+        with tokenizer, streamer, ...)."""
+        if speech_embeds is None:
+            speech_embeds = self.encode_speech(audios or [])
+        inputs_embeds = self.embed_inputs(input_ids, speech_mask, speech_embeds)
         if attention_mask is None:
             attention_mask = torch.ones(input_ids.shape, dtype=torch.long)
         return self.llama_model.generate(

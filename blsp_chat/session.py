@@ -15,6 +15,7 @@ handled by that one rule.
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import queue
 import threading
@@ -58,7 +59,18 @@ def cut_at_stop(text: str) -> str:
 
 
 def speech_turn(audio: np.ndarray, model, instruction: str = "", text: str = "") -> Turn:
+    """A spoken human turn laid out for `audio` (with the "ctc" readout its speech count is an upper
+    bound, settled to the encoded length by `generate_replies`)."""
     return Turn("human", instruction=instruction, text=text, speech_tokens=model.speech_token_count(len(audio)))
+
+
+def with_speech_lengths(turns: Sequence[Turn], speech: Sequence[torch.Tensor]) -> list[Turn]:
+    """`turns` with each speech turn's position count set to its encoded clip's length (clips in turn order)."""
+    spoken = sum(1 for t in turns if t.speech_tokens)
+    if spoken != len(speech):
+        raise ValueError(f"{len(speech)} speech clips for {spoken} spoken turns")
+    clips = iter(speech)
+    return [dataclasses.replace(t, speech_tokens=next(clips).shape[0]) if t.speech_tokens else t for t in turns]
 
 
 def generate_reply(loaded, turns: Sequence[Turn], audios: Sequence[np.ndarray] = (), options: GenerationOptions = GenerationOptions()) -> str:
@@ -117,14 +129,17 @@ def compression_ratio(text: str) -> float:
 def _generate_batch(loaded, conversations, audios, options: GenerationOptions) -> list[str]:
     model, tokenizer = loaded.model, loaded.tokenizer
     template = template_for(model.config.prompt_template, tokenizer)
-    prompts = [render(turns, tokenizer, template) for turns in conversations]
     pad_id = pad_token_id(tokenizer)
-    batch = left_padded_batch(prompts, pad_id)
     eos = eos_token_ids(tokenizer, model.llama_model)
     with model_lock(model):
-        new_ids = model.generate(**batch, audios=[a for clips in audios for a in clips], options=options,
-                                 eos_token_id=eos, pad_token_id=pad_id, stop_strings=list(STOP_STRINGS),
-                                 tokenizer=tokenizer)
+        speech = model.encode_speech([a for clips in audios for a in clips])
+        if model.speech_length_varies:  # prompts can be laid out only now that the clips are heard
+            heard = iter(speech)
+            conversations = [with_speech_lengths(turns, [next(heard) for _ in clips])
+                             for turns, clips in zip(conversations, audios)]
+        batch = left_padded_batch([render(turns, tokenizer, template) for turns in conversations], pad_id)
+        new_ids = model.generate(**batch, speech_embeds=speech, options=options, eos_token_id=eos,
+                                 pad_token_id=pad_id, stop_strings=list(STOP_STRINGS), tokenizer=tokenizer)
     return [_reply_text(row.tolist(), set(eos), tokenizer) for row in new_ids]
 
 
@@ -348,10 +363,10 @@ class ChatSession:
     def submit_audio(self, audio: np.ndarray, instruction: str = "", text: str = "") -> Turn:
         """A spoken turn: 16 kHz mono float audio, encoded here once and kept for later replies."""
         audio = validate_audio(audio, max_seconds=None)
-        turn = speech_turn(audio, self.model, instruction=instruction, text=text)
         self._check_can_submit()
         with torch.inference_mode(), model_lock(self.model):
             (speech,) = self.model.encode_speech([audio])
+        turn = Turn("human", instruction=instruction, text=text, speech_tokens=speech.shape[0])
         return self._append(_Entry(turn, speech, next(_uids)))
 
     def _check_can_submit(self) -> None:

@@ -30,10 +30,12 @@ def test_speech_path_runs_on_a_real_recording(default_blsp, librivox_clip):
     audio = load_audio(librivox_clip[0])
     model = default_blsp.model
     (embeds,) = model.encode_speech([audio])
-    assert embeds.shape == (model.speech_token_count(len(audio)), model.llama_model.config.hidden_size)
-    assert torch.isfinite(embeds).all()
-    # LayerNorm output: per-position zero mean, unit variance before its affine weights.
-    assert embeds.std(dim=-1).mean() > 0.1
+    most = model.speech_token_count(len(audio))
+    assert embeds.shape[1] == model.llama_model.config.hidden_size and torch.isfinite(embeds).all()
+    if model.speech_length_varies:  # the CTC readout: one position per word piece heard, a few per second
+        assert 0.5 * len(audio) / 16000 < embeds.shape[0] < most
+    else:  # one position per adapter output; LayerNorm output, not collapsed to a constant
+        assert embeds.shape[0] == most and embeds.std(dim=-1).mean() > 0.1
     reply = generate_reply(default_blsp, [speech_turn(audio, model, "Please repeat the following words.")], [audio])
     assert isinstance(reply, str)
 

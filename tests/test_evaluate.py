@@ -282,6 +282,19 @@ def test_batched_replies_equal_one_by_one(tiny_loaded):
     assert runner.replies(requests) == [runner.replies([r])[0] for r in requests]
 
 
+def test_ctc_readout_prompts_hold_exactly_the_encoded_speech():
+    model = tiny_blsp("none", speech_readout="ctc", ctc_blank_id=5)
+    runner = ev.LlmRunner(SimpleNamespace(model=model, tokenizer=tiny_tokenizer()), GenerationOptions(max_new_tokens=6))
+    clips = [tone(1.7, 300), tone(0.5, 180, seed=3)]
+    requests = [ev.Request(REPEAT_INSTRUCTION, audio=clips[0]), ev.Request("Hi", text="fox"),
+                ev.Request(REPEAT_INSTRUCTION, audio=clips[1])]
+    batch = runner.batch_inputs(requests)
+    heard = [e.shape[0] for e in batch["speech_embeds"]]
+    assert heard == [e.shape[0] for e in model.encode_speech(clips)]
+    assert batch["speech_mask"].sum(1).tolist() == [heard[0], 0, heard[1]]
+    model(**batch)  # every placeholder is filled
+
+
 def test_continuation_compares_with_the_reply_from_the_transcript(tiny_loaded, speech_items, tmp_path):
     spy = SpyRunner(tiny_loaded)
     speech_items[0]["reference"] = "given continuation"

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from blsp_chat.config import GenerationOptions
-from blsp_chat.adapter import Conv1dSubsampler
+from blsp_chat.adapter import Conv1dSubsampler, collapse_ctc, ctc_readout, embedding_distance_logits
 from blsp_chat.constants import IGNORE_INDEX, N_SAMPLES, SAMPLE_RATE
 from blsp_chat.model import merge_speech, position_ids_from_mask, split_into_windows, window_lengths
 from blsp_chat.prompt import Turn, render
@@ -174,3 +174,58 @@ def test_fresh_speech_vectors_start_at_the_word_embedding_scale():
     speech = model.speech_ln(torch.randn(50, 24) * 7)
     ratio = float(speech.norm(dim=-1).mean() / embedding_norm)
     assert 0.7 < ratio < 1.4, ratio
+
+
+def readout_table():
+    torch.manual_seed(0)
+    return torch.randn(6, 4)  # 6 words; word 0 is the blank
+
+
+def test_ctc_readout_drops_blanks_and_merges_runs_into_one_vector_per_word():
+    table = readout_table()
+    heard = [1, 1, 0, 1, 3, 3, 0, 0, 5]  # greedy CTC: 1, 1, 3, 5
+    speech = table[heard] + 0.01 * torch.randn(len(heard), 4)
+    out = ctc_readout(speech, table, blank_id=0, temperature=1e-3)
+    torch.testing.assert_close(out, table[[1, 1, 3, 5]])
+    ids = embedding_distance_logits(speech, table).argmax(-1).tolist()
+    assert collapse_ctc(ids, blank_id=0) == [1, 1, 3, 5]
+
+
+def test_ctc_readout_is_the_mean_posterior_of_each_segment_times_the_table(monkeypatch):
+    table = readout_table()
+    speech = table[[2, 2, 0, 4]] + 0.3 * torch.randn(4, 4)
+    labels = embedding_distance_logits(speech, table).argmax(-1)
+    assert labels.tolist() == [2, 2, 0, 4]
+    posteriors = torch.softmax(embedding_distance_logits(speech, table) / 2.0, dim=-1)
+    expected = torch.stack([posteriors[:2].mean(0), posteriors[3]]) @ table
+    torch.testing.assert_close(ctc_readout(speech, table, 0, temperature=2.0), expected)
+    monkeypatch.setattr("blsp_chat.adapter.READOUT_CHUNK", 1)  # chunking changes nothing
+    torch.testing.assert_close(ctc_readout(speech, table, 0, temperature=2.0), expected)
+
+
+def test_ctc_readout_of_silence_is_the_blank_and_of_nothing_is_nothing():
+    table = readout_table()
+    torch.testing.assert_close(ctc_readout(table[[0, 0, 0]], table, 0, 0.1), table[[0]])
+    assert ctc_readout(torch.zeros(0, 4), table, 0, 0.1).shape == (0, 4)
+
+
+def test_ctc_readout_model_lays_out_one_position_per_word_heard():
+    model = tiny_blsp("none", speech_readout="ctc", ctc_blank_id=5)
+    audio = tone(2.0)
+    (speech,) = model.encode_speech([audio])
+    raw = model.adapt_windows(model.encode_windows([audio]))[0]
+    table = model.llama_model.get_input_embeddings().weight
+    words = collapse_ctc(embedding_distance_logits(raw, table).argmax(-1).tolist(), blank_id=5)
+    assert speech.shape == (max(len(words), 1), 24)
+    assert speech.shape[0] <= model.speech_token_count(len(audio)) == raw.shape[0]
+    assert model.speech_length_varies and not tiny_blsp("none").speech_length_varies
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(speech_readout="tokens"), "speech_readout must be one of"),
+    (dict(speech_readout="ctc"), "needs ctc_blank_id"),
+    (dict(speech_readout="ctc", ctc_blank_id=5, ctc_readout_temperature=0.0), "temperature must be positive"),
+])
+def test_readout_settings_are_checked(bad, match):
+    with pytest.raises(ValueError, match=match):
+        tiny_blsp(**bad)

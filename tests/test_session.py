@@ -488,3 +488,50 @@ def test_fallback_options_are_checked():
         GenerationOptions(compression_ratio_threshold=0.5)
     sampled = GenerationOptions(fallback_temperatures=(0.2, 0.4)).sampled_at(0.4)
     assert sampled.do_sample and sampled.temperature == 0.4 and sampled.top_p == 1.0 and not sampled.fallback_temperatures
+
+
+def ctc_readout_blsp(audio, seed=0):
+    """lively_blsp served through the CTC readout, its blank the word the clip is heard as most: so the
+    readout drops and merges positions, and a clip's count comes only from encoding it."""
+    import dataclasses
+
+    from blsp_chat.adapter import embedding_distance_logits
+
+    model = lively_blsp(seed=seed)
+    raw = model.adapt_windows(model.encode_windows([audio]))[0]
+    labels = embedding_distance_logits(raw, model.llama_model.get_input_embeddings().weight).argmax(-1)
+    model.config = dataclasses.replace(model.config, speech_readout="ctc", ctc_blank_id=int(labels.mode().values))
+    return model
+
+
+def test_ctc_readout_turns_take_their_encoded_length_in_every_path(tok):
+    audio = tone(1.5, 330)
+    model = ctc_readout_blsp(audio)
+    with torch.no_grad():
+        (speech,) = model.encode_speech([audio])
+    assert 0 < speech.shape[0] < model.speech_token_count(len(audio))
+    session = ChatSession(model, tok)
+    session.submit_audio(audio, instruction=REPEAT)
+    assert session.turns[-1].speech_tokens == speech.shape[0]
+    chunks = reply(session, GenerationOptions(max_new_tokens=16))
+    assert_same_as_scratch(session, chunks, [audio], max_new_tokens=16)
+    # the one-shot path lays out speech_turn's upper bound again, settled once the clip is encoded
+    loaded = LoadedBlsp(model, tok, "tiny", adapter_trained=True)
+    one_shot = generate_replies(loaded, [[speech_turn(audio, model, REPEAT)]], [[audio]], GenerationOptions(max_new_tokens=16))
+    assert one_shot == [chunks[-1].text]
+
+
+def test_ctc_readout_batches_of_conversations_equal_one_by_one(tok):
+    first, second = tone(1.5, 330), tone(0.8, 520, seed=2)
+    model = ctc_readout_blsp(first)
+    loaded = LoadedBlsp(model, tok, "tiny", adapter_trained=True)
+    options = GenerationOptions(max_new_tokens=12)
+    two_clips = [speech_turn(first, model, REPEAT), Turn("assistant", text="hello there"), speech_turn(second, model)]
+    conversations = [two_clips, [Turn("human", text="the quick brown fox")], [speech_turn(second, model, REPEAT)]]
+    audios = [[first, second], [], [second]]
+    batched = generate_replies(loaded, conversations, audios, options)
+    assert batched == [generate_replies(loaded, [c], [a], options)[0] for c, a in zip(conversations, audios)]
+    with pytest.raises(ValueError, match="1 speech clips for 0 spoken turns"):
+        generate_replies(loaded, [[Turn("human", text="hi")]], [[first]], options)
+    with pytest.raises(ValueError, match="0 speech clips for 1 spoken turns"):
+        generate_replies(loaded, [[speech_turn(first, model)]], [[]], options)

@@ -175,7 +175,7 @@ def test_ctc_readout_wer_reads_speech_vectors_as_words(corpus, monkeypatch):
         words = tokenizer(" " + example.text, add_special_tokens=False).input_ids
         spelled[example.text] = torch.stack([table[i] for w in words for i in (w, blank)])
     texts = iter([e.text for e in examples])
-    monkeypatch.setattr(model, "encode_speech", lambda audios: [spelled[next(texts)]])
+    monkeypatch.setattr(model, "adapt_windows", lambda encoded: [spelled[next(texts)]])
     evaluate = readout_wer_fn(tokenizer, examples, EvalSection(repeat_wer_examples=2), blank)
     assert evaluate(SimpleNamespace(blsp=model), None) == {"readout_wer": 0.0}
 
@@ -199,6 +199,7 @@ def test_ctc_prealignment_trains_the_adapter_without_running_the_llm(corpus, tmp
     config = train_config(corpus, tmp_path, per_device_batch_size=16, num_epochs=15, learning_rate=3e-2)
     config.loss = LossSection(ce_weight=0.0, ctc_weight=1.0, commit_weight=0.01)
     config.eval = EvalSection(repeat_wer_examples=0)
+    config.model.speech_readout = "ctc"  # the checkpoint is then served through the CTC readout
     monkeypatch.setattr(loaded.model.llama_model, "forward", no_llm)
     result = run(config, loaded=loaded)
     evals = [json.loads(line) for line in (tmp_path / "eval.jsonl").read_text().splitlines()]
@@ -209,6 +210,20 @@ def test_ctc_prealignment_trains_the_adapter_without_running_the_llm(corpus, tmp
     metrics = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert "ctc" in metrics[0] and "commit" in metrics[0] and "ce" not in metrics[0]
     assert "CTC" in (tmp_path / "README.md").read_text()
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert (saved["speech_readout"], saved["ctc_blank_id"]) == ("ctc", ctc_blank_id(loaded.tokenizer, " "))
+
+
+def test_ctc_readout_is_refused_for_losses_that_run_the_llm(corpus, tmp_path):
+    config = train_config(corpus, tmp_path)
+    data = config.to_dict() | {"model": {"speech_readout": "ctc"}}
+    with pytest.raises(ValueError, match="CTC loss alone"):
+        AdapterTrainConfig.from_dict(data)  # CE only
+    data["loss"] = {"ce_weight": 1.0, "ctc_weight": 1.0}
+    with pytest.raises(ValueError, match="CTC loss alone"):
+        AdapterTrainConfig.from_dict(data)
+    data["loss"] = {"ce_weight": 0.0, "ctc_weight": 1.0}
+    assert AdapterTrainConfig.from_dict(data).model.speech_readout == "ctc"
 
 
 def test_objective_skips_the_head_on_the_prompt_without_changing_the_losses(corpus):

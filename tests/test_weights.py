@@ -6,6 +6,7 @@ import torch
 from transformers import WhisperModel
 
 from blsp_chat import weights
+from blsp_chat.adapter import ctc_readout
 from blsp_chat.config import BlspConfig
 from blsp_chat.prompt import Turn, render
 from blsp_chat.weights import PinnedWheel, WeightsError, building, is_complete, load_pretrained, save_adapter
@@ -174,3 +175,22 @@ def test_unknown_hub_id_offline_fails_clearly(monkeypatch):
 def test_unknown_offline_name():
     with pytest.raises(WeightsError, match="unknown offline model"):
         weights.resolve_base("offline:gpt-17")
+
+
+def test_export_can_serve_a_ctc_trained_adapter_through_the_ctc_readout(tmp_path):
+    from train.export_adapter import main as export_main
+
+    model, tokenizer = tiny_blsp("none"), tiny_tokenizer()
+    _write_base_models(model, tokenizer, tmp_path)
+    model.save_pretrained(tmp_path / "run")
+    assert export_main([str(tmp_path / "run"), str(tmp_path / "shipped"), "--speech-readout", "ctc",
+                        "--ctc-blank", " ", "--ctc-readout-temperature", "0.2"]) == 0
+    loaded = load_pretrained(str(tmp_path / "shipped"), device="cpu")
+    config = loaded.model.config
+    blank = tokenizer(" ", add_special_tokens=False).input_ids
+    assert (config.speech_readout, [config.ctc_blank_id], config.ctc_readout_temperature) == ("ctc", blank, 0.2)
+    audio = tone(1.5)
+    with torch.no_grad():
+        raw = loaded.model.adapt_windows(loaded.model.encode_windows([audio]))[0]
+        torch.testing.assert_close(loaded.model.encode_speech([audio])[0],
+                                   ctc_readout(raw, loaded.model.llama_model.get_input_embeddings().weight, blank[0], 0.2))

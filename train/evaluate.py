@@ -235,14 +235,16 @@ class LlmRunner:
         return Turn("human", instruction=request.instruction, text=request.text)
 
     def batch_inputs(self, requests: Sequence[Request]) -> dict:
-        """Left-padded input_ids, attention_mask, speech_mask (B, T) and the audios in row order."""
+        """Left-padded input_ids, attention_mask, speech_mask (B, T) and the encoded speech in row order."""
         from blsp_chat.prompt import render, template_for
-        from blsp_chat.session import left_padded_batch, pad_token_id
+        from blsp_chat.session import left_padded_batch, pad_token_id, with_speech_lengths
 
         template = template_for(self.model.config.prompt_template, self.tokenizer)
-        prompts = [render([self.turn(r)], self.tokenizer, template) for r in requests]
-        batch = left_padded_batch(prompts, pad_token_id(self.tokenizer))
-        return batch | {"audios": [r.audio for r in requests if r.audio is not None]}
+        speech = self.model.encode_speech([r.audio for r in requests if r.audio is not None])
+        heard = iter(speech)
+        turns = [with_speech_lengths([self.turn(r)], [] if r.audio is None else [next(heard)]) for r in requests]
+        batch = left_padded_batch([render(t, self.tokenizer, template) for t in turns], pad_token_id(self.tokenizer))
+        return batch | {"speech_embeds": speech}
 
     def replies(self, requests: Sequence[Request]) -> list[str]:
         from blsp_chat.session import generate_replies

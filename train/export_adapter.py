@@ -5,25 +5,36 @@ record, into a folder such as assets/default_adapter (the folder `python app.py`
 
 The weights are stored as --dtype (float16 halves them: 11.5 MB for the tiny default); loading casts them
 back to the dtype the model runs in. Checkpoints, optimizer state and logs of the run stay behind.
+`--speech-readout ctc` serves an adapter trained with the CTC loss through the CTC-compressed readout
+(blsp_chat.adapter.ctc_readout), whatever readout the run itself was evaluated with.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import shutil
 from pathlib import Path
 from typing import Sequence
 
 import torch
 
+from blsp_chat.config import SPEECH_READOUTS
 from blsp_chat.weights import load_blsp_dir
+from train.train_adapter import ctc_blank_id
 
 RECORD_FILES = ("README.md", "loss_curve.png", "train_config.json", "data_summary.json", "eval.jsonl")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def export(run_dir: Path, out: Path, dtype: torch.dtype) -> list[str]:
-    """Write the checkpoint and copy the record files the run has; returns the copied file names."""
+def export(run_dir: Path, out: Path, dtype: torch.dtype, speech_readout: str | None = None, ctc_blank: str = " ",
+           ctc_readout_temperature: float = 0.1) -> list[str]:
+    """Write the checkpoint and copy the record files the run has; returns the copied file names.
+    `speech_readout` (with the CTC blank's text and the readout temperature) replaces the run's readout."""
     loaded = load_blsp_dir(run_dir, torch.float32)
+    if speech_readout:
+        blank_id = ctc_blank_id(loaded.tokenizer, ctc_blank) if speech_readout == "ctc" else None
+        loaded.model.config = dataclasses.replace(loaded.model.config, speech_readout=speech_readout, ctc_blank_id=blank_id,
+                                                  ctc_readout_temperature=ctc_readout_temperature)
     loaded.model.save_pretrained(out, dtype=dtype)
     copied = []
     for name in RECORD_FILES:
@@ -38,9 +49,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("run_dir", type=Path, help="a train_adapter output directory")
     parser.add_argument("out", type=Path, help="where to write the shipped adapter")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float16")
+    parser.add_argument("--speech-readout", choices=SPEECH_READOUTS, help="serve with this readout (default: the run's)")
+    parser.add_argument("--ctc-blank", default=" ", help="text of the CTC blank token (--speech-readout ctc)")
+    parser.add_argument("--ctc-readout-temperature", type=float, default=0.1)
     args = parser.parse_args(argv)
-    copied = export(args.run_dir, args.out, DTYPES[args.dtype])
-    print(f"wrote {args.out} ({args.dtype} weights; record: {', '.join(copied) or 'none'})")
+    copied = export(args.run_dir, args.out, DTYPES[args.dtype], args.speech_readout, args.ctc_blank,
+                    args.ctc_readout_temperature)
+    readout = args.speech_readout or "the run's"
+    print(f"wrote {args.out} ({args.dtype} weights, {readout} readout; record: {', '.join(copied) or 'none'})")
     return 0
 
 

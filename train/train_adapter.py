@@ -46,6 +46,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from blsp_chat.adapter import collapse_ctc, embedding_distance_logits
 from blsp_chat.constants import IGNORE_INDEX, REPEAT_INSTRUCTION
 from blsp_chat.model import TRAINABLE_PREFIXES, BlspModel
 from train.loop import LoopConfig, TrainResult, read_jsonl, train
@@ -71,6 +72,10 @@ class ModelSection:
     prompt_template: str = "blsp"
     dtype: str = "float32"                          # weights of the frozen models: float32 | bfloat16 | float16
     seed: int = 0                                   # adapter initialisation
+    # How the trained model is served and evaluated (BlspConfig.speech_readout): "ctc" reads the outputs
+    # of a CTC-trained adapter through the CTC-compressed readout, its blank being loss.ctc_blank.
+    speech_readout: str = "embeddings"
+    ctc_readout_temperature: float = 0.1
 
 
 @dataclass
@@ -136,6 +141,12 @@ class AdapterTrainConfig:
     data: DataSection = field(default_factory=DataSection)
     loss: LossSection = field(default_factory=LossSection)
     eval: EvalSection = field(default_factory=EvalSection)
+
+    def __post_init__(self) -> None:
+        if self.model.speech_readout == "ctc" and (self.loss.needs_llm or not self.loss.ctc_weight):
+            raise ValueError("model.speech_readout 'ctc' serves outputs trained by the CTC loss alone: set "
+                             "loss.ctc_weight and leave loss.ce_weight and loss.kd_weight at 0 (those losses "
+                             "lay speech out one position per output, which the readout does not)")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "AdapterTrainConfig":
@@ -243,14 +254,6 @@ def distillation_kl(student_logits: torch.Tensor, student_labels: torch.Tensor, 
     log_p_teacher = nn.functional.log_softmax(teacher.float() / temperature, dim=-1)
     kl = nn.functional.kl_div(log_p_student, log_p_teacher, log_target=True, reduction="batchmean")
     return kl * temperature**2
-
-
-def embedding_distance_logits(speech: torch.Tensor, embeddings: torch.Tensor) -> torch.Tensor:
-    """(..., d) speech vectors x, (V, d) word embeddings e -> (..., V) logits -||x - e||^2 up to a per-row
-    constant (2 x.e - ||e||^2): the nearest embedding wins, and a vector is pulled towards the embedding
-    itself, not only along its direction, which is what the LLM reads."""
-    embeddings = embeddings.float()
-    return 2 * speech.float() @ embeddings.T - (embeddings * embeddings).sum(-1)
 
 
 def embedding_ctc(speech_embeds: Sequence[torch.Tensor], targets: Sequence[Sequence[int]], embeddings: torch.Tensor,
@@ -381,11 +384,6 @@ def repeat_wer_fn(loaded, examples: Sequence[SpeechExample], section: EvalSectio
     return evaluate
 
 
-def collapse_ctc(ids: Sequence[int], blank_id: int) -> list[int]:
-    """Greedy CTC decoding: merge runs of the same class, then drop the blank."""
-    return [i for n, i in enumerate(ids) if i != blank_id and (n == 0 or ids[n - 1] != i)]
-
-
 def readout_wer_fn(tokenizer, examples: Sequence[SpeechExample], section: EvalSection, blank_id: int):
     """eval_fn for CTC runs: read each held-out clip's adapter outputs as their nearest word embeddings
     (greedy CTC) and score that text against the transcript: what the LLM is given, before it says anything."""
@@ -402,7 +400,8 @@ def readout_wer_fn(tokenizer, examples: Sequence[SpeechExample], section: EvalSe
         hypotheses = []
         with torch.no_grad():
             for example in clips:
-                speech = model.blsp.encode_speech([load_audio(example.audio, max_seconds=None)])[0]
+                encoded = model.blsp.encode_windows([load_audio(example.audio, max_seconds=None)])
+                speech = model.blsp.adapt_windows(encoded)[0]  # the raw outputs, before any readout
                 ids = embedding_distance_logits(speech, table).argmax(-1).tolist()
                 hypotheses.append(normalise(tokenizer.decode(collapse_ctc(ids, blank_id))))
         return {"readout_wer": float(jiwer.wer([normalise(e.text) for e in clips], hypotheses))}
@@ -444,6 +443,8 @@ def run(config: AdapterTrainConfig, *, resume: bool = False, loaded=None, callba
     kd = config.loss.kd_weight > 0
 
     blank_id = ctc_blank_id(tokenizer, config.loss.ctc_blank) if config.loss.ctc_weight else None
+    blsp.config = dataclasses.replace(blsp.config, speech_readout=config.model.speech_readout, ctc_blank_id=blank_id,
+                                      ctc_readout_temperature=config.model.ctc_readout_temperature)
 
     def dataset(examples):
         return SpeechDataset(examples, tokenizer, blsp.speech_token_count, template=template, cache=cache,
