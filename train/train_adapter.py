@@ -487,8 +487,10 @@ def write_model_card(out: Path, config: AdapterTrainConfig, data_summary: dict[s
         "# BLSP modality adapter",
         "",
         f"Adapter-only checkpoint for **{config.model.whisper}** (speech encoder) + **{config.model.llm}** (LLM), "
-        "trained by behaviour alignment (BLSP): Whisper and the LLM are frozen, only the subsampler, bottleneck "
+        f"trained by {training_description(config)}: Whisper and the LLM are frozen, only the subsampler, bottleneck "
         "and LayerNorm train. Load with `BlspModel.from_pretrained(\"<this directory>\")`.",
+        "",
+        f"The LLM reads it through {readout_description(config.model)}.",
         "",
         "## Training",
         f"- steps: {result.state.step} of {record['total_steps']}, epoch reached: {result.state.epoch}, "
@@ -527,6 +529,19 @@ def write_model_card(out: Path, config: AdapterTrainConfig, data_summary: dict[s
     lines += ["", "## Loss curve", "", "![loss curve](loss_curve.png)", "",
               "Full record: `train_config.json`, `metrics.jsonl`, `eval.jsonl`, `data_summary.json`.", ""]
     (out / CARD_NAME).write_text("\n".join(lines))
+
+
+def training_description(config: AdapterTrainConfig) -> str:
+    if config.loss.needs_llm:
+        return "behaviour alignment (BLSP)" + (" with CTC pre-alignment terms" if config.loss.ctc_weight else "")
+    return "CTC pre-alignment alone (its outputs spell the transcript in the LLM's word embeddings; no LLM pass)"
+
+
+def readout_description(model: ModelSection) -> str:
+    if model.speech_readout == "ctc":
+        return ("the CTC-compressed readout (`speech_readout: ctc`): blank outputs dropped, runs merged, one "
+                f"posterior-weighted word embedding per word heard (temperature {model.ctc_readout_temperature})")
+    return "its outputs as they are, one LLM position per adapter output (the paper's readout)"
 
 
 def loss_description(loss: LossSection) -> str:
