@@ -1,0 +1,94 @@
+"""The CTC-compressed readout against the paper's readout: speech positions and time to first token.
+
+One model, the shipped default adapter, read both ways. Each clip is a run of offline_v2 test clips
+joined end to end. For each clip and readout the script reports three things: how many LLM positions the
+clip takes, the time to encode it (Whisper + adapter + readout), and the time to prefill a one-turn prompt
+with it (the speech turn's time to first token). It reports ratios of ctc to embeddings from the same run.
+
+    PYTHONPATH=. python bench/bench_readout.py --manifest data/offline_v2/test.jsonl --seconds 3 10 30 60
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+import time
+
+import numpy as np
+import torch
+
+from blsp_chat.audio import load_audio
+from blsp_chat.constants import REPEAT_INSTRUCTION, SAMPLE_RATE
+from blsp_chat.prompt import Turn, render, template_for
+from blsp_chat.weights import load_pretrained
+
+READOUTS = ("embeddings", "ctc")
+
+
+def joined_clip(manifest: str, seconds: float) -> np.ndarray:
+    """Test clips joined end to end until `seconds` of speech."""
+    parts, total = [], 0
+    with open(manifest) as lines:
+        for line in lines:
+            audio = load_audio(json.loads(line)["audio"], max_seconds=None)
+            parts.append(audio)
+            total += len(audio)
+            if total >= seconds * SAMPLE_RATE:
+                break
+    return np.concatenate(parts)[: int(seconds * SAMPLE_RATE)]
+
+
+@torch.inference_mode()
+def time_turn(loaded, audio: np.ndarray, repeats: int) -> tuple[int, float, float]:
+    """(positions, median encode s, median prefill s) of one spoken turn."""
+    model, tokenizer = loaded.model, loaded.tokenizer
+    encode, prefill = [], []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        (speech,) = model.encode_speech([audio])
+        encode.append(time.perf_counter() - start)
+        prompt = render([Turn("human", instruction=REPEAT_INSTRUCTION, speech_tokens=speech.shape[0])], tokenizer,
+                        template_for(model.config.prompt_template, tokenizer))
+        start = time.perf_counter()
+        model(torch.tensor([prompt.input_ids]), speech_mask=torch.tensor([prompt.speech_mask]), speech_embeds=[speech],
+              logits_to_keep=1)
+        prefill.append(time.perf_counter() - start)
+    return speech.shape[0], statistics.median(encode), statistics.median(prefill)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--manifest", required=True, help="JSONL of speech clips (offline_v2 test)")
+    parser.add_argument("--model", default=None, help="a CTC-trained BLSP checkpoint (default: the shipped one)")
+    parser.add_argument("--seconds", type=float, nargs="+", default=[3, 10, 30, 60])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args()
+
+    loaded = load_pretrained(args.model, device=args.device)
+    ctc_config = loaded.model.config
+    if ctc_config.speech_readout != "ctc":
+        raise SystemExit("this checkpoint is not served through the ctc readout; pass --model with one that is")
+    configs = {"embeddings": dataclasses.replace(ctc_config, speech_readout="embeddings"), "ctc": ctc_config}
+    print(f"model: {loaded.source}; device {args.device}; {torch.get_num_threads()} threads; median of {args.repeats}")
+    print(" clip s | readout    positions  encode s  prefill s  TTFT s | ctc/embeddings: positions  TTFT")
+    for seconds in args.seconds:
+        audio = joined_clip(args.manifest, seconds)
+        rows = {}
+        for readout in READOUTS:
+            loaded.model.config = configs[readout]
+            time_turn(loaded, audio, 1)  # warm-up
+            rows[readout] = time_turn(loaded, audio, args.repeats)
+        for readout in READOUTS:
+            positions, encode, prefill = rows[readout]
+            ratio = ""
+            if readout == "ctc":
+                base = rows["embeddings"]
+                ratio = f"{positions / base[0]:.2f}x  {(encode + prefill) / (base[1] + base[2]):.2f}x"
+            print(f"{seconds:7.0f} | {readout:10s} {positions:9d}  {encode:8.3f}  {prefill:9.3f}  {encode + prefill:6.3f} | {ratio}")
+    loaded.model.config = ctc_config
+
+
+if __name__ == "__main__":
+    main()
