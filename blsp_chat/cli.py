@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from .config import GenerationOptions
-from .constants import DEFAULT_TRANSLATION_TARGET, TASK_PRESETS
+from .constants import DEFAULT_TRANSLATION_TARGET, FALLBACK_TEMPERATURES, TASK_PRESETS
 
 USER_PROMPT = "you> "
 BOT_PROMPT = "bot> "
@@ -43,8 +43,9 @@ def add_generation_options(parser: argparse.ArgumentParser) -> None:
 
 
 def generation_options(args: argparse.Namespace) -> GenerationOptions:
+    fallback = FALLBACK_TEMPERATURES[1:] if getattr(args, "fallback", False) else ()
     return GenerationOptions(max_new_tokens=args.max_new_tokens, do_sample=args.sample, temperature=args.temperature,
-                             top_p=args.top_p, repetition_penalty=args.repetition_penalty)
+                             top_p=args.top_p, repetition_penalty=args.repetition_penalty, fallback_temperatures=fallback)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                        "(a manifest line's own \"instruction\" wins)")
     add_model_options(gen)
     add_generation_options(gen)
+    gen.add_argument("--fallback", action="store_true",
+                     help="decode a looping reply again at rising temperature (0.2 ... 1.0), as openai/whisper does; "
+                          "the small default model loops on some clips when asked to repeat them")
     commands.add_parser("download", help="fetch and convert the offline default base models into the cache")
     return parser
 

@@ -16,6 +16,8 @@ TURN_SEPARATOR = "\n\n\n"
 ASSISTANT_PREFIX = "###[Assistant]:"
 # The raw `###` format can run on into an invented next turn; generation stops on this too.
 STOP_STRINGS = ("###",)
+# openai/whisper's decoding temperatures: greedy first, then these for a reply that loops.
+FALLBACK_TEMPERATURES = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
 
 # --- instructions (paper Table 1 and Table 11) ---------------------------------------------------
 CONTINUATION_INSTRUCTION = (

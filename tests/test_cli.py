@@ -241,3 +241,14 @@ def test_manifest_command_resumes_after_being_killed(tmp_path):
     assert all(isinstance(by_line[i]["response"], str) for i in by_line if i != 4)
     assert all(by_line[i]["n"] == records[i - 1]["n"] for i in by_line)
     assert "already done" in result.stderr
+
+
+def test_generate_takes_whispers_temperature_fallback_on_request():
+    from blsp_chat.cli import build_parser, generation_options
+
+    plain = generation_options(build_parser().parse_args(["generate", "--text", "hi"]))
+    assert plain.fallback_temperatures == () and not plain.do_sample  # the paper's greedy decoding by default
+    fallback = generation_options(build_parser().parse_args(["generate", "--audio", "a.wav", "--fallback"]))
+    assert fallback.fallback_temperatures == (0.2, 0.4, 0.6, 0.8, 1.0) and not fallback.do_sample
+    chat = generation_options(build_parser().parse_args(["chat"]))  # streamed replies cannot be taken back
+    assert chat.fallback_temperatures == ()

@@ -54,8 +54,8 @@ import torch
 
 from blsp_chat.config import GenerationOptions
 from blsp_chat.constants import (
-    CONTINUATION_INSTRUCTION, INTENT_INSTRUCTION, REPEAT_INSTRUCTION, SAMPLE_RATE, SENTIMENT_INSTRUCTION,
-    SNIPS_LIGHT_INTENTS, TRANSLATE_INSTRUCTION,
+    CONTINUATION_INSTRUCTION, FALLBACK_TEMPERATURES, INTENT_INSTRUCTION, REPEAT_INSTRUCTION, SAMPLE_RATE,
+    SENTIMENT_INSTRUCTION, SNIPS_LIGHT_INTENTS, TRANSLATE_INSTRUCTION,
 )
 
 from . import metrics
@@ -255,7 +255,6 @@ class LlmRunner:
         return generate_replies(self.loaded, [[self.turn(r)] for r in requests], audios, self.options)
 
 
-FALLBACK_TEMPERATURES = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
 
 
 class WhisperTranscriber:
