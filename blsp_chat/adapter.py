@@ -75,7 +75,10 @@ def collapse_ctc(ids: list[int], blank_id: int) -> list[int]:
     return [i for n, i in enumerate(ids) if i != blank_id and (n == 0 or ids[n - 1] != i)]
 
 
-READOUT_CHUNK = 256  # adapter outputs scored at once: bounds the (chunk, V) posterior to ~50 MB for V=49k
+READOUT_CHUNK = 256  # adapter outputs scored at once: bounds the (chunk, V) logits to ~50 MB for V=49k
+# Words of each output's posterior that are kept: at the readout's low temperatures the rest carry
+# less than exp(-50) of it, and skipping them spares a second (chunk, V) x (V, d) product.
+READOUT_TOP_K = 64
 
 
 def ctc_readout(speech: torch.Tensor, embeddings: torch.Tensor, blank_id: int, temperature: float) -> torch.Tensor:
@@ -83,8 +86,9 @@ def ctc_readout(speech: torch.Tensor, embeddings: torch.Tensor, blank_id: int, t
 
     Each output is classified by its distance to the (V, d) word embeddings, as the CTC loss trained it.
     Runs of outputs with the same nearest word form a segment (greedy CTC decoding); blank segments are
-    dropped, and each other segment becomes its mean posterior (softmax of the logits / temperature) times
-    the embedding table: one vector per word piece, inside the span of the LLM's own word embeddings.
+    dropped, and each other segment becomes its mean posterior (softmax of the logits / temperature, over
+    each output's READOUT_TOP_K nearest words) times the embedding table: one vector per word piece,
+    inside the span of the LLM's own word embeddings.
     Low temperatures approach the nearest word's embedding. A clip heard as all blank reads as the blank.
     """
     if speech.shape[0] == 0:
@@ -92,9 +96,10 @@ def ctc_readout(speech: torch.Tensor, embeddings: torch.Tensor, blank_id: int, t
     table = embeddings.float()
     labels, expected = [], []  # per output: its nearest word, and posterior @ table (mean commutes with @)
     for chunk in speech.split(READOUT_CHUNK):
-        logits = embedding_distance_logits(chunk, table)
-        labels.append(logits.argmax(-1))
-        expected.append(torch.softmax(logits / temperature, dim=-1) @ table)
+        top, words = embedding_distance_logits(chunk, table).topk(min(READOUT_TOP_K, table.shape[0]), dim=-1)
+        labels.append(words[:, 0])
+        posterior = torch.softmax(top / temperature, dim=-1)
+        expected.append(torch.einsum("lk,lkd->ld", posterior, table[words]))
     labels = torch.cat(labels)
     starts = torch.ones_like(labels, dtype=torch.bool)
     starts[1:] = labels[1:] != labels[:-1]

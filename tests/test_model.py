@@ -229,3 +229,12 @@ def test_ctc_readout_model_lays_out_one_position_per_word_heard():
 def test_readout_settings_are_checked(bad, match):
     with pytest.raises(ValueError, match=match):
         tiny_blsp(**bad)
+
+
+def test_ctc_readout_keeps_only_the_nearest_words_of_each_posterior_without_changing_it(monkeypatch):
+    torch.manual_seed(1)
+    table = torch.randn(500, 8)
+    speech = table[torch.randint(0, 500, (40,))] + 0.3 * torch.randn(40, 8)
+    truncated = ctc_readout(speech, table, blank_id=0, temperature=0.1)
+    monkeypatch.setattr("blsp_chat.adapter.READOUT_TOP_K", 500)  # the whole posterior
+    torch.testing.assert_close(truncated, ctc_readout(speech, table, blank_id=0, temperature=0.1))
