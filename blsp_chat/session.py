@@ -126,20 +126,29 @@ def compression_ratio(text: str) -> float:
     return len(data) / len(zlib.compress(data)) if data else 0.0
 
 
+def encoded_batch(loaded, conversations: Sequence[Sequence[Turn]], audios: Sequence[Sequence[np.ndarray]]
+                  ) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
+    """Conversations -> their left-padded batch (`left_padded_batch`) and the encoded speech, in order.
+    The clips are encoded first: with a content-dependent readout the prompts can be laid out only then."""
+    model, tokenizer = loaded.model, loaded.tokenizer
+    speech = model.encode_speech([a for clips in audios for a in clips])
+    if model.speech_length_varies:
+        heard = iter(speech)
+        conversations = [with_speech_lengths(turns, [next(heard) for _ in clips])
+                         for turns, clips in zip(conversations, audios)]
+    template = template_for(model.config.prompt_template, tokenizer)
+    prompts = [render(turns, tokenizer, template) for turns in conversations]
+    return left_padded_batch(prompts, pad_token_id(tokenizer)), speech
+
+
 def _generate_batch(loaded, conversations, audios, options: GenerationOptions) -> list[str]:
     model, tokenizer = loaded.model, loaded.tokenizer
-    template = template_for(model.config.prompt_template, tokenizer)
-    pad_id = pad_token_id(tokenizer)
     eos = eos_token_ids(tokenizer, model.llama_model)
     with model_lock(model):
-        speech = model.encode_speech([a for clips in audios for a in clips])
-        if model.speech_length_varies:  # prompts can be laid out only now that the clips are heard
-            heard = iter(speech)
-            conversations = [with_speech_lengths(turns, [next(heard) for _ in clips])
-                             for turns, clips in zip(conversations, audios)]
-        batch = left_padded_batch([render(turns, tokenizer, template) for turns in conversations], pad_id)
+        batch, speech = encoded_batch(loaded, conversations, audios)
         new_ids = model.generate(**batch, speech_embeds=speech, options=options, eos_token_id=eos,
-                                 pad_token_id=pad_id, stop_strings=list(STOP_STRINGS), tokenizer=tokenizer)
+                                 pad_token_id=pad_token_id(tokenizer), stop_strings=list(STOP_STRINGS),
+                                 tokenizer=tokenizer)
     return [_reply_text(row.tolist(), set(eos), tokenizer) for row in new_ids]
 
 

@@ -236,14 +236,9 @@ class LlmRunner:
 
     def batch_inputs(self, requests: Sequence[Request]) -> dict:
         """Left-padded input_ids, attention_mask, speech_mask (B, T) and the encoded speech in row order."""
-        from blsp_chat.prompt import render, template_for
-        from blsp_chat.session import left_padded_batch, pad_token_id, with_speech_lengths
+        from blsp_chat.session import encoded_batch
 
-        template = template_for(self.model.config.prompt_template, self.tokenizer)
-        speech = self.model.encode_speech([r.audio for r in requests if r.audio is not None])
-        heard = iter(speech)
-        turns = [with_speech_lengths([self.turn(r)], [] if r.audio is None else [next(heard)]) for r in requests]
-        batch = left_padded_batch([render(t, self.tokenizer, template) for t in turns], pad_token_id(self.tokenizer))
+        batch, speech = encoded_batch(self.loaded, *self._conversations(requests))
         return batch | {"speech_embeds": speech}
 
     def replies(self, requests: Sequence[Request]) -> list[str]:
@@ -251,10 +246,11 @@ class LlmRunner:
 
         if not requests:
             return []
-        audios = [[r.audio] if r.audio is not None else [] for r in requests]
-        return generate_replies(self.loaded, [[self.turn(r)] for r in requests], audios, self.options)
+        return generate_replies(self.loaded, *self._conversations(requests), self.options)
 
-
+    def _conversations(self, requests: Sequence[Request]) -> tuple[list[list], list[list[np.ndarray]]]:
+        """One single-turn conversation per request, and its clips."""
+        return [[self.turn(r)] for r in requests], [[r.audio] if r.audio is not None else [] for r in requests]
 
 
 class WhisperTranscriber:
