@@ -168,6 +168,27 @@ def test_text_sources_clean_and_dedup(tmp_path):
     assert text_sources.clean_sentence(" ".join(["word"] * 31)) is None
 
 
+def test_entity_sentences_name_what_they_define_and_keep_holdouts_and_earlier_corpora_out(tmp_path):
+    (tmp_path / "data.noun").write_text(
+        "  1 licence header\n"
+        "00001 15 n 01 Chartres_Cathedral 0 | a Gothic cathedral (begun in 1194) in northern France\n"
+        "00002 15 n 01 Paris 0 | the capital and largest city of France; international center of culture\n"
+        "00003 05 n 01 Maja 0 | type genus of the Majidae and a long Latin name\n"
+        "00004 18 n 01 dog 0 | a common noun that is not a name of anything\n"
+        "00005 18 n 01 Napoleon 0 | French general who became emperor of the French\n"
+        '00006 18 n 01 Twain 0 | "Twain wrote books about the river"\n')
+    sentences = text_sources.collect(["entities"], wordnet_dir=tmp_path, fortunes_dir=tmp_path / "none")
+    assert sorted(sentences) == ["Chartres Cathedral is a Gothic cathedral in northern France.",
+                                 "Napoleon is French general who became emperor of the French.",
+                                 "Paris is the capital and largest city of France."]
+    kept = text_sources.collect(["entities"], wordnet_dir=tmp_path, fortunes_dir=tmp_path / "none",
+                                exclude=["napoleon is french general who became emperor of the french"],
+                                holdout=["What is the capital of France?"])
+    assert kept == ["Chartres Cathedral is a Gothic cathedral in northern France."]
+    with pytest.raises(ValueError, match="unknown text source 'glosses'"):
+        text_sources.collect(["glosses"], wordnet_dir=tmp_path)
+
+
 # --- synthesis ----------------------------------------------------------------------------------------
 needs_espeak = pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="needs espeak-ng (apt-get install espeak-ng)")
 SENTENCES = ["The cat sat on the mat today.", "A small boat drifted across the lake.", "Rain fell softly on the roof.",

@@ -1,10 +1,14 @@
 """Offline English sentences to synthesise: WordNet usage examples and fortunes, from Debian packages.
 
     apt-get install wordnet-base fortunes-min
-    python -m train.text_sources --out sentences.txt [--sources wordnet,fortunes] [--max N] [--seed S]
+    python -m train.text_sources --out sentences.txt [--sources wordnet,fortunes,entities] [--max N] [--seed S]
+        [--exclude-file earlier.txt] [--holdout-sentence "What is the capital of France?"]
 
 WordNet (`wordnet-base`): every synset line of /usr/share/wordnet/data.{noun,verb,adj,adv} ends in a gloss
 after `|`; the quoted parts of the gloss are usage examples ("he lived in a world of entities").
+WordNet entities (`wordnet-base`, source `entities`): each proper-noun synset of a few kinds (places, people,
+events, languages, artifacts, foods) read as "<name> is <definition>." ("Chartres Cathedral is a Gothic cathedral
+in northern France."): the named entities that usage examples and fortunes almost never say.
 Fortunes (`fortunes-min`): /usr/share/games/fortunes/* text files, one fortune per `%`-separated block;
 attribution lines (`-- Mark Twain`) are dropped and each block is split into sentences.
 
@@ -28,6 +32,12 @@ FORTUNES_DIR = Path("/usr/share/games/fortunes")
 MIN_WORDS = 4
 MAX_WORDS = 30
 SOURCES = ("wordnet", "fortunes")
+KNOWN_SOURCES = SOURCES + ("entities",)
+# WordNet lexicographer files whose proper nouns people say aloud (the others are mostly Latin taxonomy):
+# 06 artifact, 10 communication (languages), 11 event, 13 food, 15 location, 18 person.
+ENTITY_LEX_FILES = frozenset({"06", "10", "11", "13", "15", "18"})
+# A held-out sentence's words of this length or longer mark its topic; shorter ones are function words.
+HOLDOUT_MIN_LETTERS = 5
 
 # Letters, digits, spaces and plain punctuation; anything else (quotes, brackets, slashes, @, #, &,
 # underscores, tabs) marks code, markup, ASCII art or a formula, which no speaker reads out naturally.
@@ -36,6 +46,7 @@ _QUOTED = re.compile(r'"([^"]+)"')
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z])")
 _ATTRIBUTION = re.compile(r"^\s*(--|-- |\u2014)")
 _WORD = re.compile(r"[a-z0-9']+")
+_PARENTHESISED = re.compile(r"\s*\([^)]*\)")
 
 
 def clean_sentence(text: str) -> str | None:
@@ -80,6 +91,26 @@ def wordnet_examples(directory: Path = WORDNET_DIR) -> Iterator[str]:
                 yield from _QUOTED.findall(gloss)
 
 
+def wordnet_entities(directory: Path = WORDNET_DIR) -> Iterator[str]:
+    """Raw "<name> is <definition>." sentences of WordNet's proper-noun synsets of `ENTITY_LEX_FILES`."""
+    path = directory / "data.noun"
+    if not path.is_file():
+        return
+    with open(path, encoding="latin-1") as handle:
+        for line in handle:
+            if line.startswith("  ") or "|" not in line:
+                continue
+            fields = line.split()
+            name, lex_file = fields[4], fields[1]
+            if lex_file not in ENTITY_LEX_FILES or not name[0].isupper():
+                continue
+            definition = line.split("|", 1)[1].split(";")[0]
+            if '"' in definition:
+                continue  # a usage example, not a definition
+            definition = _PARENTHESISED.sub("", definition).strip()
+            yield f"{name.replace('_', ' ')} is {definition}"
+
+
 def fortunes(directory: Path = FORTUNES_DIR) -> Iterator[str]:
     """Raw sentences of every fortune file (skipping the .dat indexes and .u8 links)."""
     if not directory.is_dir():
@@ -99,7 +130,9 @@ def _source(name: str, wordnet_dir: Path, fortunes_dir: Path) -> Iterator[str]:
         return wordnet_examples(wordnet_dir)
     if name == "fortunes":
         return fortunes(fortunes_dir)
-    raise ValueError(f"unknown text source {name!r}; choose from {SOURCES}")
+    if name == "entities":
+        return wordnet_entities(wordnet_dir)
+    raise ValueError(f"unknown text source {name!r}; choose from {KNOWN_SOURCES}")
 
 
 def clean_unique(candidates: Iterable[str]) -> list[str]:
@@ -116,13 +149,29 @@ def clean_unique(candidates: Iterable[str]) -> list[str]:
     return out
 
 
+def topic_words(sentence: str) -> frozenset[str]:
+    return frozenset(w for w in _WORD.findall(sentence.lower()) if len(w) >= HOLDOUT_MIN_LETTERS)
+
+
+def about_a_holdout(sentence: str, holdout_topics: Iterable[frozenset[str]]) -> bool:
+    """True when the sentence holds every topic word of some held-out sentence (evaluation prompts
+    stay out of training text, however the corpus words them)."""
+    words = topic_words(sentence)
+    return any(topic and topic <= words for topic in holdout_topics)
+
+
 def collect(sources: Iterable[str] = SOURCES, *, seed: int = 0, max_sentences: int | None = None,
-            wordnet_dir: Path = WORDNET_DIR, fortunes_dir: Path = FORTUNES_DIR) -> list[str]:
-    """Cleaned, deduplicated sentences of the named sources, shuffled with `seed`."""
+            wordnet_dir: Path = WORDNET_DIR, fortunes_dir: Path = FORTUNES_DIR,
+            exclude: Iterable[str] = (), holdout: Iterable[str] = ()) -> list[str]:
+    """Cleaned, deduplicated sentences of the named sources, shuffled with `seed`; without the sentences
+    of `exclude` (an earlier corpus) and those about a sentence of `holdout` (see `about_a_holdout`)."""
     candidates: list[str] = []
     for name in sources:
         candidates.extend(_source(name, Path(wordnet_dir), Path(fortunes_dir)))
-    sentences = clean_unique(candidates)
+    excluded = {dedup_key(s) for s in exclude}
+    holdout_topics = [topic_words(s) for s in holdout]
+    sentences = [s for s in clean_unique(candidates)
+                 if dedup_key(s) not in excluded and not about_a_holdout(s, holdout_topics)]
     random.Random(seed).shuffle(sentences)
     return sentences[:max_sentences] if max_sentences else sentences
 
@@ -130,12 +179,19 @@ def collect(sources: Iterable[str] = SOURCES, *, seed: int = 0, max_sentences: i
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="text file to write, one sentence a line")
-    parser.add_argument("--sources", default=",".join(SOURCES), help=f"comma-separated, from {SOURCES}")
+    parser.add_argument("--sources", default=",".join(SOURCES), help=f"comma-separated, from {KNOWN_SOURCES}")
     parser.add_argument("--max", type=int, default=None, help="keep at most this many sentences")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--exclude-file", type=Path, action="append", default=[],
+                        help="leave out the sentences of this file (an earlier corpus); repeatable")
+    parser.add_argument("--holdout-sentence", action="append", default=[],
+                        help="leave out every sentence holding all this sentence's words of "
+                             f"{HOLDOUT_MIN_LETTERS}+ letters (an evaluation prompt); repeatable")
     args = parser.parse_args(argv)
     sources = [s for s in args.sources.split(",") if s]
-    sentences = collect(sources, seed=args.seed, max_sentences=args.max)
+    exclude = [line for path in args.exclude_file for line in path.read_text(encoding="utf-8").splitlines()]
+    sentences = collect(sources, seed=args.seed, max_sentences=args.max, exclude=exclude,
+                        holdout=args.holdout_sentence)
     if not sentences:
         print("no sentences found: apt-get install wordnet-base fortunes-min", file=sys.stderr)
         return 1
