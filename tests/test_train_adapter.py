@@ -225,6 +225,9 @@ def test_ctc_readout_is_refused_for_losses_that_run_the_llm(corpus, tmp_path):
         AdapterTrainConfig.from_dict(data)
     data["loss"] = {"ce_weight": 0.0, "ctc_weight": 1.0}
     assert AdapterTrainConfig.from_dict(data).model.speech_readout == "ctc"
+    data["model"] = {"speech_readout": "ctcc"}
+    with pytest.raises(ValueError, match="model.speech_readout must be one of .*'ctcc'"):
+        AdapterTrainConfig.from_dict(data)
 
 
 def test_objective_skips_the_head_on_the_prompt_without_changing_the_losses(corpus):

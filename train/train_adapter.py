@@ -47,6 +47,7 @@ import torch
 from torch import nn
 
 from blsp_chat.adapter import collapse_ctc, embedding_distance_logits
+from blsp_chat.config import SPEECH_READOUTS
 from blsp_chat.constants import IGNORE_INDEX, REPEAT_INSTRUCTION
 from blsp_chat.model import TRAINABLE_PREFIXES, BlspModel
 from train.loop import LoopConfig, TrainResult, read_jsonl, train
@@ -143,6 +144,9 @@ class AdapterTrainConfig:
     eval: EvalSection = field(default_factory=EvalSection)
 
     def __post_init__(self) -> None:
+        if self.model.speech_readout not in SPEECH_READOUTS:  # at config load, not after the model is built
+            raise ValueError(f"model.speech_readout must be one of {SPEECH_READOUTS}, "
+                             f"got {self.model.speech_readout!r}")
         if self.model.speech_readout == "ctc" and (self.loss.needs_llm or not self.loss.ctc_weight):
             raise ValueError("model.speech_readout 'ctc' serves outputs trained by the CTC loss alone: set "
                              "loss.ctc_weight and leave loss.ce_weight and loss.kd_weight at 0 (those losses "
