@@ -81,6 +81,17 @@ READOUT_CHUNK = 256  # adapter outputs scored at once: bounds the (chunk, V) log
 READOUT_TOP_K = 64
 
 
+def ctc_label_candidates(speech: torch.Tensor, embeddings: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each output's k most likely CTC labels: (L, k) log-probabilities (as the CTC loss scores them) and ids."""
+    table = embeddings.float()
+    values, ids = [], []
+    for chunk in speech.split(READOUT_CHUNK):
+        top = embedding_distance_logits(chunk, table).log_softmax(-1).topk(min(k, table.shape[0]), dim=-1)
+        values.append(top.values)
+        ids.append(top.indices)
+    return torch.cat(values), torch.cat(ids)
+
+
 def ctc_readout(speech: torch.Tensor, embeddings: torch.Tensor, blank_id: int, temperature: float) -> torch.Tensor:
     """CTC-compressed readout (as in LegoSLM): (L, d) adapter outputs -> (L', d) vectors, L' <= L.
 

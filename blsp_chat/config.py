@@ -37,6 +37,11 @@ class BlspConfig:
     speech_readout: str = "embeddings"
     ctc_blank_id: int | None = None       # the LLM token CTC used as its blank ("ctc" readout only)
     ctc_readout_temperature: float = 0.1  # softness of the readout's posteriors; near 0: the nearest word
+    # Above 0, the "ctc" readout decodes by prefix beam search with the frozen LLM fused in as a language
+    # model at this weight (ctc_decode.py), and hands the LLM the embeddings of the word pieces it found.
+    ctc_lm_weight: float = 0.0
+    ctc_token_bonus: float = 0.0          # added per word piece in that search (offsets the LM's short bias)
+    ctc_beam_size: int = 4
     # Where the frozen base models come from when a checkpoint holds only the adapter.
     whisper_name_or_path: str | None = None
     llm_name_or_path: str | None = None
@@ -53,6 +58,9 @@ class BlspConfig:
             raise ValueError("speech_readout 'ctc' needs ctc_blank_id: the token id the CTC loss used as its blank")
         if not self.ctc_readout_temperature > 0:
             raise ValueError(f"ctc_readout_temperature must be positive, got {self.ctc_readout_temperature}")
+        if self.ctc_lm_weight < 0 or self.ctc_beam_size < 1:
+            raise ValueError(f"ctc_lm_weight must be >= 0 and ctc_beam_size >= 1, got {self.ctc_lm_weight} "
+                             f"and {self.ctc_beam_size}")
         if not self.kernel_sizes:
             raise ValueError("conv_kernel_sizes must name at least one kernel size, e.g. '5,5,5'")
 

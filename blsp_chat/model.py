@@ -15,9 +15,14 @@ from transformers import AutoModelForCausalLM, PreTrainedModel, WhisperFeatureEx
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
 from .audio import split_into_windows
-from .adapter import Bottleneck, Conv1dSubsampler, ctc_readout, subsampled_lengths, zero_past
+from .adapter import Bottleneck, Conv1dSubsampler, ctc_label_candidates, ctc_readout, subsampled_lengths, zero_past
 from .config import BlspConfig, GenerationOptions
 from .constants import HOP_LENGTH, N_FFT, N_SAMPLES, SAMPLE_RATE
+from .ctc_decode import cached_lm, prefix_beam_search
+
+# Labels per adapter output the LM-fused readout considers: the right word piece is nearly always among
+# the first few, and each extra one multiplies the beams the LLM scores.
+CTC_BEAM_LABELS = 8
 
 TRAINABLE_PREFIXES = ("subsampler.", "adapter.", "speech_ln.")
 SPEECH_LN_EPS = 1e-5
@@ -230,7 +235,36 @@ class BlspModel(nn.Module):
         if self.config.speech_readout == "embeddings":
             return speech
         table = self.llama_model.get_input_embeddings().weight
+        if self.config.ctc_lm_weight > 0:
+            return self.lm_fused_readout(speech, table)
         return ctc_readout(speech, table, self.config.ctc_blank_id, self.config.ctc_readout_temperature)
+
+    def lm_fused_readout(self, speech: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+        """The "ctc" readout decoded by prefix beam search with the LLM as its language model: the
+        embeddings of the word pieces found (the blank's, if none)."""
+        if speech.shape[0] == 0:
+            return speech
+        config = self.config
+        log_probs, ids = ctc_label_candidates(speech, table, CTC_BEAM_LABELS)
+        pieces = prefix_beam_search(log_probs, ids, config.ctc_blank_id, cached_lm(self.next_piece_log_probs),
+                                    lm_weight=config.ctc_lm_weight, token_bonus=config.ctc_token_bonus,
+                                    beam_size=config.ctc_beam_size)
+        return table[pieces or [config.ctc_blank_id]].to(speech.dtype)
+
+    @torch.no_grad()
+    def next_piece_log_probs(self, prefixes: Sequence[tuple[int, ...]]) -> torch.Tensor:
+        """(N, V) log-probabilities of the LLM's next word piece after each prefix, as plain text."""
+        start = self.llama_model.config.bos_token_id
+        rows = [[start, *prefix] for prefix in prefixes]
+        width = max(len(row) for row in rows)
+        ids = torch.zeros(len(rows), width, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for r, row in enumerate(rows):  # left-padded, so every row's last position is its next piece
+            ids[r, width - len(row):] = torch.tensor(row)
+            mask[r, width - len(row):] = 1
+        logits = self.llama_model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                                  position_ids=position_ids_from_mask(mask).to(self.device)).logits[:, -1]
+        return logits.float().log_softmax(-1).cpu()
 
     # --- language model ----------------------------------------------------------------------------
     def embed_inputs(self, input_ids: torch.Tensor, speech_mask: torch.Tensor | None, speech_embeds: Sequence[torch.Tensor] = ()) -> torch.Tensor:

@@ -225,6 +225,8 @@ def test_ctc_readout_model_lays_out_one_position_per_word_heard():
     (dict(speech_readout="tokens"), "speech_readout must be one of"),
     (dict(speech_readout="ctc"), "needs ctc_blank_id"),
     (dict(speech_readout="ctc", ctc_blank_id=5, ctc_readout_temperature=0.0), "temperature must be positive"),
+    (dict(speech_readout="ctc", ctc_blank_id=5, ctc_lm_weight=-0.1), "ctc_lm_weight must be >= 0"),
+    (dict(speech_readout="ctc", ctc_blank_id=5, ctc_beam_size=0), "ctc_beam_size >= 1"),
 ])
 def test_readout_settings_are_checked(bad, match):
     with pytest.raises(ValueError, match=match):

@@ -194,3 +194,7 @@ def test_export_can_serve_a_ctc_trained_adapter_through_the_ctc_readout(tmp_path
         raw = loaded.model.adapt_windows(loaded.model.encode_windows([audio]))[0]
         torch.testing.assert_close(loaded.model.encode_speech([audio])[0],
                                    ctc_readout(raw, loaded.model.llama_model.get_input_embeddings().weight, blank[0], 0.2))
+    assert export_main([str(tmp_path / "run"), str(tmp_path / "fused"), "--speech-readout", "ctc",
+                        "--ctc-lm-weight", "0.3", "--ctc-token-bonus", "0.5", "--ctc-beam-size", "2"]) == 0
+    config = load_pretrained(str(tmp_path / "fused"), device="cpu").model.config
+    assert (config.ctc_lm_weight, config.ctc_token_bonus, config.ctc_beam_size) == (0.3, 0.5, 2)

@@ -6,7 +6,8 @@ record, into a folder such as assets/default_adapter (the folder `python app.py`
 The weights are stored as --dtype (float16 halves them: 11.5 MB for the tiny default); loading casts them
 back to the dtype the model runs in. Checkpoints, optimizer state and logs of the run stay behind.
 `--speech-readout ctc` serves an adapter trained with the CTC loss through the CTC-compressed readout
-(blsp_chat.adapter.ctc_readout), whatever readout the run itself was evaluated with.
+(blsp_chat.adapter.ctc_readout), whatever readout the run itself was evaluated with; `--ctc-lm-weight`
+decodes it by beam search with the LLM fused in as a language model (blsp_chat.ctc_decode).
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import argparse
 import dataclasses
 import shutil
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 
@@ -27,14 +28,15 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 
 
 def export(run_dir: Path, out: Path, dtype: torch.dtype, speech_readout: str | None = None, ctc_blank: str = " ",
-           ctc_readout_temperature: float = 0.1) -> list[str]:
+           **readout_settings: Any) -> list[str]:
     """Write the checkpoint and copy the record files the run has; returns the copied file names.
-    `speech_readout` (with the CTC blank's text and the readout temperature) replaces the run's readout."""
+    `speech_readout` (with the CTC blank's text and `readout_settings`, BlspConfig's ctc_* fields) replaces
+    the run's readout."""
     loaded = load_blsp_dir(run_dir, torch.float32)
     if speech_readout:
         blank_id = ctc_blank_id(loaded.tokenizer, ctc_blank) if speech_readout == "ctc" else None
         loaded.model.config = dataclasses.replace(loaded.model.config, speech_readout=speech_readout, ctc_blank_id=blank_id,
-                                                  ctc_readout_temperature=ctc_readout_temperature)
+                                                  **readout_settings)
     loaded.model.save_pretrained(out, dtype=dtype)
     copied = []
     for name in RECORD_FILES:
@@ -52,9 +54,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--speech-readout", choices=SPEECH_READOUTS, help="serve with this readout (default: the run's)")
     parser.add_argument("--ctc-blank", default=" ", help="text of the CTC blank token (--speech-readout ctc)")
     parser.add_argument("--ctc-readout-temperature", type=float, default=0.1)
+    parser.add_argument("--ctc-lm-weight", type=float, default=0.0,
+                        help="above 0: decode the ctc readout by beam search with the LLM as LM at this weight")
+    parser.add_argument("--ctc-token-bonus", type=float, default=0.0, help="per word piece, in that search")
+    parser.add_argument("--ctc-beam-size", type=int, default=4)
     args = parser.parse_args(argv)
     copied = export(args.run_dir, args.out, DTYPES[args.dtype], args.speech_readout, args.ctc_blank,
-                    args.ctc_readout_temperature)
+                    ctc_readout_temperature=args.ctc_readout_temperature, ctc_lm_weight=args.ctc_lm_weight,
+                    ctc_token_bonus=args.ctc_token_bonus, ctc_beam_size=args.ctc_beam_size)
     readout = args.speech_readout or "the run's"
     print(f"wrote {args.out} ({args.dtype} weights, {readout} readout; record: {', '.join(copied) or 'none'})")
     return 0

@@ -1,0 +1,95 @@
+"""CTC prefix beam search with a language model fused in (shallow fusion).
+
+A CTC-trained adapter labels each of its outputs with one of the LLM's word pieces or the blank. Greedy
+decoding takes each output's best label; a name the adapter heard rarely in training loses there to a
+common word that sounds alike ("capital of friends"). Prefix beam search keeps `beam_size` candidate
+transcripts and scores each by its acoustic log-probability plus `lm_weight` times the language model's
+log-probability of its word pieces, plus `token_bonus` per piece (the LM's scores would otherwise favour
+short transcripts). Here the LM is the frozen LLM itself, so the transcript it is handed is one it finds
+plausible: "capital of france".
+
+The decoder is pure tensor code; the LM is a callable, so it is tested without any model.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Sequence
+
+import torch
+
+Prefix = tuple[int, ...]
+# prefixes -> (N, V) log-probabilities of the next word piece after each prefix
+LmScorer = Callable[[Sequence[Prefix]], torch.Tensor]
+
+NEG_INF = -math.inf
+# Outputs whose blank probability exceeds this only extend beams by the blank: most outputs of a clip are
+# blank, and skipping them saves the LM calls they would cost without changing any beam's ranking measurably.
+BLANK_SKIP_PROBABILITY = 0.999
+
+
+def _logsumexp(a: float, b: float) -> float:
+    if a == NEG_INF:
+        return b
+    if b == NEG_INF:
+        return a
+    high = max(a, b)
+    return high + math.log(math.exp(a - high) + math.exp(b - high))
+
+
+class _Beams:
+    """prefix -> (log p of paths ending in blank, log p of paths ending in the prefix's last piece)."""
+
+    def __init__(self) -> None:
+        self.scores: dict[Prefix, tuple[float, float]] = {}
+
+    def add(self, prefix: Prefix, blank: float = NEG_INF, label: float = NEG_INF) -> None:
+        old_blank, old_label = self.scores.get(prefix, (NEG_INF, NEG_INF))
+        self.scores[prefix] = (_logsumexp(old_blank, blank), _logsumexp(old_label, label))
+
+    def best(self, count: int) -> dict[Prefix, tuple[float, float]]:
+        ranked = sorted(self.scores.items(), key=lambda item: -_logsumexp(*item[1]))
+        return dict(ranked[:count])
+
+
+def prefix_beam_search(top_log_probs: torch.Tensor, top_ids: torch.Tensor, blank_id: int, lm: LmScorer | None,
+                       *, lm_weight: float = 0.0, token_bonus: float = 0.0, beam_size: int = 4) -> list[int]:
+    """The best word-piece sequence for (L, k) log-probabilities of each output's k best labels and their ids.
+
+    With `lm` None or `lm_weight` 0 this is plain CTC prefix beam search over those labels.
+    """
+    beams = {(): (0.0, NEG_INF)}
+    blank_skip = math.log(BLANK_SKIP_PROBABILITY)
+    for log_probs, ids in zip(top_log_probs.tolist(), top_ids.tolist()):
+        candidates = list(zip(ids, log_probs))
+        if ids[0] == blank_id and log_probs[0] > blank_skip:
+            candidates = candidates[:1]
+        fused = lm is not None and lm_weight > 0 and any(c != blank_id for c, _ in candidates)
+        lm_rows = dict(zip(beams, lm(list(beams)))) if fused else {}
+        step = _Beams()
+        for prefix, (p_blank, p_label) in beams.items():
+            total = _logsumexp(p_blank, p_label)
+            for label, log_p in candidates:
+                if label == blank_id:
+                    step.add(prefix, blank=total + log_p)
+                    continue
+                extend = token_bonus + (lm_weight * float(lm_rows[prefix][label]) if fused else 0.0)
+                if prefix and prefix[-1] == label:
+                    step.add(prefix, label=p_label + log_p)                        # the same piece, held
+                    step.add(prefix + (label,), label=p_blank + log_p + extend)    # repeated after a blank
+                else:
+                    step.add(prefix + (label,), label=total + log_p + extend)
+        beams = step.best(beam_size)
+    return list(max(beams.items(), key=lambda item: _logsumexp(*item[1]))[0])
+
+
+def cached_lm(score_batch: LmScorer) -> LmScorer:
+    """Memoise an LmScorer over one decode: beams share prefixes from one output to the next."""
+    cache: dict[Prefix, torch.Tensor] = {}
+
+    def score(prefixes: Sequence[Prefix]) -> list[torch.Tensor]:
+        missing = [p for p in dict.fromkeys(prefixes) if p not in cache]
+        if missing:
+            cache.update(zip(missing, score_batch(missing)))
+        return [cache[p] for p in prefixes]
+
+    return score
