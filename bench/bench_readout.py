@@ -1,9 +1,10 @@
-"""The CTC-compressed readout against the paper's readout: speech positions and time to first token.
+"""The CTC-compressed readouts against the paper's readout: speech positions and time to first token.
 
-One model, the shipped default adapter, read both ways. Each clip is a run of offline_v2 test clips
+One model, the shipped default adapter, read three ways: the paper's readout, the greedy ctc readout and
+the ctc readout decoded by beam search with the LLM fused in (`ctc+lm`). Each clip is a run of offline_v2 test clips
 joined end to end. For each clip and readout the script reports three things: how many LLM positions the
 clip takes, the time to encode it (Whisper + adapter + readout), and the time to prefill a one-turn prompt
-with it (the speech turn's time to first token). It reports ratios of ctc to embeddings from the same run.
+with it (the speech turn's time to first token). It reports ratios to embeddings from the same run.
 
     PYTHONPATH=. python bench/bench_readout.py --manifest data/offline_v2/test.jsonl --seconds 3 10 30 60
 """
@@ -23,7 +24,7 @@ from blsp_chat.constants import REPEAT_INSTRUCTION, SAMPLE_RATE
 from blsp_chat.prompt import Turn, render, template_for
 from blsp_chat.weights import load_pretrained
 
-READOUTS = ("embeddings", "ctc")
+READOUTS = ("embeddings", "ctc", "ctc+lm")
 
 
 def joined_clip(manifest: str, seconds: float) -> np.ndarray:
@@ -64,15 +65,22 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, nargs="+", default=[3, 10, 30, 60])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--lm-weight", type=float, default=None, help="ctc+lm's (default: the checkpoint's, else 0.3)")
+    parser.add_argument("--token-bonus", type=float, default=None, help="ctc+lm's (default: the checkpoint's)")
     args = parser.parse_args()
 
     loaded = load_pretrained(args.model, device=args.device)
     ctc_config = loaded.model.config
     if ctc_config.speech_readout != "ctc":
         raise SystemExit("this checkpoint is not served through the ctc readout; pass --model with one that is")
-    configs = {"embeddings": dataclasses.replace(ctc_config, speech_readout="embeddings"), "ctc": ctc_config}
+    lm_weight = args.lm_weight if args.lm_weight is not None else (ctc_config.ctc_lm_weight or 0.3)
+    bonus = args.token_bonus if args.token_bonus is not None else ctc_config.ctc_token_bonus
+    configs = {"embeddings": dataclasses.replace(ctc_config, speech_readout="embeddings"),
+               "ctc": dataclasses.replace(ctc_config, ctc_lm_weight=0.0),
+               "ctc+lm": dataclasses.replace(ctc_config, ctc_lm_weight=lm_weight, ctc_token_bonus=bonus)}
     print(f"model: {loaded.source}; device {args.device}; {torch.get_num_threads()} threads; median of {args.repeats}")
-    print(" clip s | readout    positions  encode s  prefill s  TTFT s | ctc/embeddings: positions  TTFT")
+    print(f"ctc+lm: lm weight {lm_weight}, token bonus {bonus}, beam {ctc_config.ctc_beam_size}")
+    print(" clip s | readout    positions  encode s  prefill s  TTFT s | /embeddings: positions  TTFT")
     for seconds in args.seconds:
         audio = joined_clip(args.manifest, seconds)
         rows = {}
@@ -83,7 +91,7 @@ def main() -> None:
         for readout in READOUTS:
             positions, encode, prefill = rows[readout]
             ratio = ""
-            if readout == "ctc":
+            if readout != "embeddings":
                 base = rows["embeddings"]
                 ratio = f"{positions / base[0]:.2f}x  {(encode + prefill) / (base[1] + base[2]):.2f}x"
             print(f"{seconds:7.0f} | {readout:10s} {positions:9d}  {encode:8.3f}  {prefill:9.3f}  {encode + prefill:6.3f} | {ratio}")

@@ -51,8 +51,6 @@ needs_shipped_adapter = pytest.mark.skipif(not _adapter_shipped(), reason="no de
 
 
 @needs_shipped_adapter
-@pytest.mark.xfail(strict=True, reason="issue 4: the shipped adapter hears 'France' as 'friends' "
-                   "(train/results/offline_v2_default_adapter.md); strict, so a fix shows up as a failure here")
 def test_shipped_adapter_hears_a_spoken_question(default_blsp):
     """The behaviour the default adapter was trained for: a spoken question answered like a typed one."""
     from blsp_chat.weights import DEFAULT_ADAPTER_DIR
