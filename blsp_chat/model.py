@@ -254,7 +254,8 @@ class BlspModel(nn.Module):
     @torch.no_grad()
     def next_piece_log_probs(self, prefixes: Sequence[tuple[int, ...]]) -> torch.Tensor:
         """(N, V) log-probabilities of the LLM's next word piece after each prefix, as plain text."""
-        start = self.llama_model.config.bos_token_id
+        llm = self.llama_model.config
+        start = llm.bos_token_id if llm.bos_token_id is not None else llm.eos_token_id  # Qwen-style LLMs have no BOS
         rows = [[start, *prefix] for prefix in prefixes]
         width = max(len(row) for row in rows)
         ids = torch.zeros(len(rows), width, dtype=torch.long)

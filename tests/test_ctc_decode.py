@@ -94,3 +94,5 @@ def test_the_llm_scores_prefixes_as_plain_text_whatever_their_padding():
     padded = model.next_piece_log_probs([(7,), (3, 9, 11, 7)])
     torch.testing.assert_close(padded[0], alone[0], atol=1e-5, rtol=1e-4)
     assert torch.allclose(alone.exp().sum(-1), torch.ones(1))
+    model.llama_model.config.bos_token_id = None  # an LLM without a BOS token starts from its EOS
+    assert model.next_piece_log_probs([(7,)]).shape == alone.shape
