@@ -77,38 +77,35 @@ def dedup_key(sentence: str) -> str:
 
 
 # --- sources ---------------------------------------------------------------------------------------
-def wordnet_examples(directory: Path = WORDNET_DIR) -> Iterator[str]:
-    """Raw usage examples from WordNet's data files (the quoted parts of each gloss)."""
-    for name in WORDNET_FILES:
-        path = directory / name
-        if not path.is_file():
-            continue
-        with open(path, encoding="latin-1") as handle:
-            for line in handle:
-                if line.startswith("  ") or "|" not in line:
-                    continue  # the licence header is indented
-                gloss = line.split("|", 1)[1]
-                yield from _QUOTED.findall(gloss)
-
-
-def wordnet_entities(directory: Path = WORDNET_DIR) -> Iterator[str]:
-    """Raw "<name> is <definition>." sentences of WordNet's proper-noun synsets of `ENTITY_LEX_FILES`."""
-    path = directory / "data.noun"
+def synset_lines(path: Path) -> Iterator[tuple[list[str], str]]:
+    """(fields before the gloss, gloss) of every synset line of one WordNet data file; none if it is missing."""
     if not path.is_file():
         return
     with open(path, encoding="latin-1") as handle:
         for line in handle:
             if line.startswith("  ") or "|" not in line:
-                continue
-            fields = line.split()
-            name, lex_file = fields[4], fields[1]
-            if lex_file not in ENTITY_LEX_FILES or not name[0].isupper():
-                continue
-            definition = line.split("|", 1)[1].split(";")[0]
-            if '"' in definition:
-                continue  # a usage example, not a definition
-            definition = _PARENTHESISED.sub("", definition).strip()
-            yield f"{name.replace('_', ' ')} is {definition}"
+                continue  # the licence header is indented
+            head, gloss = line.split("|", 1)
+            yield head.split(), gloss
+
+
+def wordnet_examples(directory: Path = WORDNET_DIR) -> Iterator[str]:
+    """Raw usage examples from WordNet's data files (the quoted parts of each gloss)."""
+    for name in WORDNET_FILES:
+        for _, gloss in synset_lines(directory / name):
+            yield from _QUOTED.findall(gloss)
+
+
+def wordnet_entities(directory: Path = WORDNET_DIR) -> Iterator[str]:
+    """Raw "<name> is <definition>." sentences of WordNet's proper-noun synsets of `ENTITY_LEX_FILES`."""
+    for fields, gloss in synset_lines(directory / "data.noun"):
+        name, lex_file = fields[4], fields[1]
+        if lex_file not in ENTITY_LEX_FILES or not name[0].isupper():
+            continue
+        definition = gloss.split(";")[0]
+        if '"' in definition:
+            continue  # a usage example, not a definition
+        yield f"{name.replace('_', ' ')} is {_PARENTHESISED.sub('', definition).strip()}"
 
 
 def fortunes(directory: Path = FORTUNES_DIR) -> Iterator[str]:
