@@ -1,7 +1,8 @@
-"""`python -m blsp_chat chat|generate|download`: the model from a terminal."""
+"""`python -m blsp_chat chat|generate|serve|download`: the model from a terminal, or served to programs."""
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import shlex
 import sys
@@ -23,13 +24,14 @@ Type a message and press Enter. Commands:
   /reset                  start a new conversation
   /help                   this text
   /quit                   leave (or Ctrl-D); Ctrl-C stops a reply in progress"""
+API_KEY_ENV_VAR = "BLSP_CHAT_API_KEY"  # the serve command's key, kept out of the process list
 UNTRAINED_WARNING = ("warning: this model's adapter is untrained (assets/default_adapter is missing), "
                      "so it cannot understand speech; typed turns work.")
 
 
 # --- arguments -------------------------------------------------------------------------------------
 def add_model_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default=None, help="BLSP directory or hub id (default: the offline default model)")
+    parser.add_argument("--model", default=None, help="BLSP directory, hub id or modelscope:ORG/NAME (default: the offline default model)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
 
 
@@ -73,8 +75,26 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--fallback", action="store_true",
                      help="decode a looping reply again at rising temperature (0.2 ... 1.0), as openai/whisper does; "
                           "the small default model loops on some clips when asked to repeat them")
+    add_serve_command(commands)
     commands.add_parser("download", help="fetch and convert the offline default base models into the cache")
     return parser
+
+
+def add_serve_command(commands) -> None:
+    from .serve import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_TOKENS_LIMIT, DEFAULT_MODEL_ID, MEBIBYTE
+    from .audio import DEFAULT_MAX_AUDIO_SECONDS
+
+    serve = commands.add_parser("serve", help="an OpenAI-compatible HTTP API (chat completions with audio, transcriptions)")
+    add_model_options(serve)
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--api-key", default=os.environ.get(API_KEY_ENV_VAR),
+                       help=f"require 'Authorization: Bearer KEY' on every request (or ${API_KEY_ENV_VAR})")
+    serve.add_argument("--served-model-name", default=DEFAULT_MODEL_ID, help="the model id requests name")
+    serve.add_argument("--max-audio-seconds", type=float, default=DEFAULT_MAX_AUDIO_SECONDS, help="longest clip accepted")
+    serve.add_argument("--max-tokens-limit", type=int, default=DEFAULT_MAX_TOKENS_LIMIT, help="most max_tokens a request may ask for")
+    serve.add_argument("--max-body-mb", type=float, default=DEFAULT_MAX_BODY_BYTES / MEBIBYTE, help="largest request body")
+    serve.add_argument("--max-context-tokens", type=int, default=None, help="conversation + reply cap (default: the LLM's)")
 
 
 # --- generate --------------------------------------------------------------------------------------
@@ -339,6 +359,20 @@ def run_chat(args: argparse.Namespace) -> int:
     return TerminalChat(loaded, options, args.instruction, device).run()
 
 
+def run_serve(args: argparse.Namespace) -> int:
+    from .serve import MEBIBYTE, InProcessEngine, ServerLimits, serve
+    from .weights import load_pretrained
+
+    limits = ServerLimits(max_body_bytes=int(args.max_body_mb * MEBIBYTE), max_audio_seconds=args.max_audio_seconds,
+                          max_tokens=args.max_tokens_limit)
+    loaded = load_pretrained(args.model, device=args.device)
+    if not loaded.adapter_trained:
+        print(UNTRAINED_WARNING, file=sys.stderr)
+    engine = InProcessEngine(loaded, model_id=args.served_model_name, max_context_tokens=args.max_context_tokens)
+    serve(engine, host=args.host, port=args.port, api_key=args.api_key or None, limits=limits)
+    return 0
+
+
 def run_download(_: argparse.Namespace) -> int:
     from .weights import download_defaults
 
@@ -351,7 +385,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from .weights import WeightsError
 
-    handlers = {"chat": run_chat, "generate": run_generate, "download": run_download}
+    handlers = {"chat": run_chat, "generate": run_generate, "serve": run_serve, "download": run_download}
     try:
         return handlers[args.command](args)
     except WeightsError as err:

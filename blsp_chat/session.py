@@ -378,6 +378,16 @@ class ChatSession:
         turn = Turn("human", instruction=instruction, text=text, speech_tokens=speech.shape[0])
         return self._append(_Entry(turn, speech, next(_uids)))
 
+    def add_reply(self, text: str) -> Turn:
+        """An assistant turn the caller already has: a client that keeps its own history (the HTTP API)
+        sends earlier replies as text, and they are rendered like any reply."""
+        with self._state:
+            self._check_idle()
+            if not self._entries or self._entries[-1].turn.role != "human":
+                raise ValueError("an assistant turn must follow a human turn")
+            self._entries.append(_Entry(Turn("assistant", text=text)))
+        return self._entries[-1].turn
+
     def _check_can_submit(self) -> None:
         self._check_idle()
         if self._entries and self._entries[-1].turn.role == "human":

@@ -1,0 +1,600 @@
+"""OpenAI-compatible HTTP API over an engine: `python -m blsp_chat serve`.
+
+Routes: `POST /v1/chat/completions` (text and `input_audio` parts in any user turn, streamed as server-sent
+events on request), `GET /v1/models`, `POST /v1/audio/transcriptions` (the repeat instruction on an uploaded
+file). The web layer only adapts: it turns an OpenAI request into `EngineTurn`s (text and decoded audio) and
+`GenerationOptions`, checks the server's limits, and writes the engine's chunks as OpenAI's JSON.
+
+The engine is one seam (`Engine`): `InProcessEngine` runs a fresh `ChatSession` per request on the shared
+model (its own history and KV cache, so requests cannot see each other; forward passes take turns under the
+model's lock, step by step). A scale-out engine (vLLM) plugs in behind the same two members.
+
+Every refusal is OpenAI's error JSON `{"error": {"message", "type", "param", "code"}}` with a 4xx status;
+a 500 means the server itself failed, and it keeps serving either way.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import hmac
+import json
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, Iterator, Literal, Protocol, Sequence
+
+import numpy as np
+import torch
+from fastapi import Depends, FastAPI, File, Form, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .audio import DEFAULT_MAX_AUDIO_SECONDS, AudioError, load_audio
+from .config import GenerationOptions
+from .constants import REPEAT_INSTRUCTION, SAMPLE_RATE
+from .prompt import render
+from .session import ChatSession, ContextOverflowError, ReplyChunk
+
+DEFAULT_MODEL_ID = "blsp-chat"
+OWNER = "blsp-chat"
+MEBIBYTE = 1 << 20
+DEFAULT_MAX_BODY_BYTES = 25 * MEBIBYTE   # OpenAI's own limit on an uploaded audio file
+DEFAULT_MAX_TOKENS_LIMIT = 1024          # the most max_tokens a request may ask for (the app's slider maximum)
+DEFAULT_MAX_TOKENS = GenerationOptions().max_new_tokens  # when a request names none
+MAX_TEMPERATURE = 2.0                    # OpenAI's range is [0, 2]
+MAX_STOP_SEQUENCES = 4                   # OpenAI accepts up to four stop strings
+SSE_DONE = "data: [DONE]\n\n"
+# How the engine's reply ended -> OpenAI's finish_reason.
+FINISH_REASONS = {"eos": "stop", "stop_string": "stop", "max_new_tokens": "length", "cancelled": "stop"}
+
+
+# --- errors ----------------------------------------------------------------------------------------
+class ApiError(Exception):
+    """A refused request, answered as OpenAI's error JSON."""
+
+    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
+                 kind: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+
+    def response(self) -> JSONResponse:
+        headers = {"WWW-Authenticate": "Bearer"} if self.status == 401 else None
+        return JSONResponse(self.body(), status_code=self.status, headers=headers)
+
+
+def bad_request(message: str, param: str | None = None, code: str = "invalid_value") -> ApiError:
+    return ApiError(400, message, param=param, code=code)
+
+
+def generation_failed(err: Exception) -> ApiError:
+    return ApiError(500, f"the reply failed: {err}", kind="server_error", code="generation_failed")
+
+
+# --- limits ----------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ServerLimits:
+    """What one request may ask of the server."""
+
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    max_audio_seconds: float = DEFAULT_MAX_AUDIO_SECONDS
+    max_tokens: int = DEFAULT_MAX_TOKENS_LIMIT
+
+    def __post_init__(self) -> None:
+        if self.max_body_bytes < 1 or not self.max_audio_seconds > 0 or self.max_tokens < 1:
+            raise ValueError(f"server limits must be positive, got {self}")
+
+
+# --- the engine seam -------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class EngineTurn:
+    """One turn as the engine takes it: a human turn's instruction, text and (16 kHz mono) audio, or an
+    assistant turn's text."""
+
+    role: Literal["human", "assistant"]
+    text: str = ""
+    instruction: str = ""
+    audio: np.ndarray | None = None
+
+
+class ReplyStream(Protocol):
+    """One reply in progress: its chunks (`session.ReplyChunk`, the last one `done`), the prompt's size, and
+    after the last chunk (or `close`) the number of tokens generated."""
+
+    prompt_tokens: int
+
+    def __iter__(self) -> Iterator[ReplyChunk]: ...
+    def completion_tokens(self) -> int: ...
+    def close(self) -> None: ...
+
+
+class Engine(Protocol):
+    """What the server needs of a model: its name, and a reply to a conversation ending in a human turn.
+    `start` raises ContextOverflowError when the conversation and max_new_tokens do not fit."""
+
+    model_id: str
+
+    def start(self, turns: Sequence[EngineTurn], options: GenerationOptions, seed: int | None = None) -> ReplyStream: ...
+
+
+class SessionReply:
+    """A ChatSession's reply as a ReplyStream."""
+
+    def __init__(self, session: ChatSession, prompt_tokens: int, chunks: Iterator[ReplyChunk]):
+        self.session, self.prompt_tokens, self._chunks = session, prompt_tokens, chunks
+
+    def __iter__(self) -> Iterator[ReplyChunk]:
+        return self._chunks
+
+    def close(self) -> None:
+        self._chunks.close()  # leaving the session's iterator cancels the reply
+        self.session.cancel()  # and waits for its last step, so that the reply is in the history
+
+    def completion_tokens(self) -> int:
+        turns = self.session.turns
+        return len(turns[-1].token_ids or ()) if turns and turns[-1].role == "assistant" else 0
+
+
+class InProcessEngine:
+    """The shared in-process model: a fresh ChatSession per request."""
+
+    def __init__(self, loaded, model_id: str = DEFAULT_MODEL_ID, max_context_tokens: int | None = None):
+        self.loaded = loaded
+        self.model_id = model_id
+        self.max_context_tokens = max_context_tokens
+
+    def start(self, turns: Sequence[EngineTurn], options: GenerationOptions, seed: int | None = None) -> SessionReply:
+        session = ChatSession.from_loaded(self.loaded, max_context_tokens=self.max_context_tokens,
+                                          generator=self._generator(seed))
+        for turn in turns:
+            if turn.role == "assistant":
+                session.add_reply(turn.text)
+            elif turn.audio is not None:
+                session.submit_audio(turn.audio, instruction=turn.instruction, text=turn.text)
+            else:
+                session.submit_text(turn.text, instruction=turn.instruction)
+        prompt_tokens = self._check_fits(session, options.max_new_tokens)
+        return SessionReply(session, prompt_tokens, session.stream_reply(options))
+
+    def _generator(self, seed: int | None) -> torch.Generator | None:
+        if seed is None:
+            return None
+        return torch.Generator(device=self.loaded.model.device).manual_seed(seed)
+
+    @staticmethod
+    def _check_fits(session: ChatSession, max_new_tokens: int) -> int:
+        """The rendered conversation's length; refuses one that does not fit with its reply (the chat app
+        drops old turns instead, but an API client sent them on purpose)."""
+        length = len(render(list(session.turns), session.tokenizer, session.template))
+        if length + max_new_tokens > session.max_context_tokens:
+            raise ContextOverflowError(
+                f"the conversation takes {length} tokens and the reply up to {max_new_tokens} more, but the "
+                f"model's context holds {session.max_context_tokens}: send fewer or shorter messages or clips, "
+                "or lower max_tokens")
+        return length
+
+
+# --- requests ----------------------------------------------------------------------------------------
+class ChatCompletionRequest(BaseModel):
+    """The fields of OpenAI's chat request that change the reply; others (user, metadata, ...) are ignored."""
+
+    model_config = ConfigDict(extra="allow")
+
+    model: str
+    messages: list[Any]
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    stream: bool | None = None
+    stream_options: dict[str, Any] | None = None
+    n: int | None = None
+    logprobs: bool | None = None
+    tools: list[Any] | None = None
+
+
+def generation_options(request: ChatCompletionRequest, limits: ServerLimits) -> GenerationOptions:
+    if request.max_completion_tokens is not None:
+        return decoding_options(request.max_completion_tokens, request.temperature, request.top_p, limits,
+                                "max_completion_tokens")
+    return decoding_options(request.max_tokens, request.temperature, request.top_p, limits)
+
+
+def decoding_options(max_tokens: int | None, temperature: float | None, top_p: float | None, limits: ServerLimits,
+                     max_tokens_param: str = "max_tokens") -> GenerationOptions:
+    """Greedy when temperature is 0 or omitted (the paper decodes greedily); sampled otherwise. Without
+    max_tokens, a reply may take DEFAULT_MAX_TOKENS (or the server's limit, if lower)."""
+    max_tokens = min(DEFAULT_MAX_TOKENS, limits.max_tokens) if max_tokens is None else max_tokens
+    if max_tokens < 1:
+        raise bad_request(f"{max_tokens_param} must be at least 1, got {max_tokens}", max_tokens_param)
+    if max_tokens > limits.max_tokens:
+        raise bad_request(f"{max_tokens_param} is {max_tokens}, above this server's limit of {limits.max_tokens}",
+                          max_tokens_param)
+    temperature = temperature or 0.0
+    if not 0 <= temperature <= MAX_TEMPERATURE:
+        raise bad_request(f"temperature must be between 0 and {MAX_TEMPERATURE:g}, got {temperature}", "temperature")
+    top_p = 1.0 if top_p is None else top_p
+    if not 0 < top_p <= 1:
+        raise bad_request(f"top_p must be in (0, 1], got {top_p}", "top_p")
+    if temperature == 0:
+        return GenerationOptions(max_new_tokens=max_tokens)
+    return GenerationOptions(max_new_tokens=max_tokens, do_sample=True, temperature=temperature, top_p=top_p)
+
+
+def check_unsupported(request: ChatCompletionRequest) -> None:
+    if request.n not in (None, 1):
+        raise bad_request(f"this server generates one choice per request (n=1), got n={request.n}", "n")
+    if request.logprobs:
+        raise bad_request("logprobs are not available from this server", "logprobs")
+    if request.tools:
+        raise bad_request("this model does not call tools", "tools")
+
+
+def stop_sequences(stop: str | list[str] | None) -> list[str]:
+    stops = [stop] if isinstance(stop, str) else list(stop or [])
+    if len(stops) > MAX_STOP_SEQUENCES:
+        raise bad_request(f"at most {MAX_STOP_SEQUENCES} stop sequences, got {len(stops)}", "stop")
+    if any(not s for s in stops):
+        raise bad_request("stop sequences must not be empty", "stop")
+    return stops
+
+
+# --- messages -> turns ---------------------------------------------------------------------------------
+def parse_messages(messages: Sequence[Any], limits: ServerLimits) -> list[EngineTurn]:
+    """OpenAI messages -> alternating engine turns ending in a human turn. System (and developer) text goes
+    in front of the next user turn's text (the blsp format has no system prompt); consecutive user messages
+    are one turn."""
+    if not messages:
+        raise bad_request("messages must hold at least one user message", "messages")
+    turns: list[EngineTurn] = []
+    system: list[str] = []
+    for index, message in enumerate(messages):
+        where = f"messages[{index}]"
+        if not isinstance(message, dict):
+            raise bad_request(f"{where} must be an object with a role and content", where)
+        role = message.get("role")
+        if role in ("system", "developer"):
+            system.append(_text_only(message.get("content"), where))
+        elif role == "user":
+            text, audio = parse_content(message.get("content"), where, limits)
+            turn = EngineTurn("human", text=" ".join(t for t in (*system, text) if t), audio=audio)
+            system = []
+            if turns and turns[-1].role == "human":
+                turns[-1] = _merge_human(turns[-1], turn, where)
+            else:
+                turns.append(turn)
+        elif role == "assistant":
+            if not turns or turns[-1].role != "human":
+                raise bad_request(f"{where}: an assistant message must follow a user message", where)
+            turns.append(EngineTurn("assistant", text=_text_only(message.get("content"), where)))
+        else:
+            raise bad_request(f"{where}: role {role!r} is not supported; use system, user or assistant", f"{where}.role")
+    if not turns or turns[-1].role != "human":
+        raise bad_request("the last message must be a user message: it is the turn the model replies to", "messages")
+    return turns
+
+
+def _merge_human(first: EngineTurn, second: EngineTurn, where: str) -> EngineTurn:
+    if first.audio is not None and second.audio is not None:
+        raise bad_request(f"{where}: one audio clip per user turn; put an assistant reply between two clips", where)
+    text = " ".join(t for t in (first.text, second.text) if t)
+    return EngineTurn("human", text=text, audio=first.audio if first.audio is not None else second.audio)
+
+
+def _text_only(content: Any, where: str) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text" for p in content):
+        return " ".join(str(p.get("text", "")) for p in content)
+    raise bad_request(f"{where}: this message's content must be text", f"{where}.content")
+
+
+def parse_content(content: Any, where: str, limits: ServerLimits) -> tuple[str, np.ndarray | None]:
+    """A user message's content -> its text (parts joined) and its one audio clip, decoded."""
+    if isinstance(content, str):
+        if not content.strip():
+            raise bad_request(f"{where} is empty: send text or an input_audio part", f"{where}.content")
+        return content, None
+    if not isinstance(content, list) or not content:
+        raise bad_request(f"{where}.content must be a string or a list of content parts", f"{where}.content")
+    texts, audios = [], []
+    for index, part in enumerate(content):
+        at = f"{where}.content[{index}]"
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text":
+            texts.append(str(part.get("text", "")))
+        elif kind == "input_audio":
+            audios.append(decode_input_audio(part.get("input_audio"), f"{at}.input_audio", limits))
+        elif kind == "audio_url":
+            audios.append(decode_audio_url(part.get("audio_url"), f"{at}.audio_url", limits))
+        else:
+            raise bad_request(f"{at}: content part type {kind!r} is not supported; use text or input_audio", f"{at}.type")
+    if len(audios) > 1:
+        raise bad_request(f"{where} holds {len(audios)} audio parts; send one clip per user message", f"{where}.content")
+    text = " ".join(t for t in texts if t)
+    if not text.strip() and not audios:
+        raise bad_request(f"{where} is empty: send text or an input_audio part", f"{where}.content")
+    return text, audios[0] if audios else None
+
+
+def decode_input_audio(part: Any, where: str, limits: ServerLimits) -> np.ndarray:
+    """{"data": base64, "format": "wav"|"mp3"|...}: the format is recognised from the bytes themselves."""
+    if not isinstance(part, dict) or not isinstance(part.get("data"), str):
+        raise bad_request(f"{where} must be an object with base64 'data' and a 'format'", where)
+    return decode_audio(decode_base64(part["data"], f"{where}.data"), f"{where}.data", limits)
+
+
+def decode_audio_url(part: Any, where: str, limits: ServerLimits) -> np.ndarray:
+    """vLLM's {"url": "data:audio/wav;base64,..."}; the server fetches nothing, so only data: URLs."""
+    url = part.get("url") if isinstance(part, dict) else None
+    header, comma, data = (url or "").partition(",")
+    if not (isinstance(url, str) and url.startswith("data:") and comma and header.endswith(";base64")):
+        raise bad_request(f"{where}.url must be a data: URL with base64 audio (this server fetches no URLs)",
+                          f"{where}.url")
+    return decode_audio(decode_base64(data, f"{where}.url"), f"{where}.url", limits)
+
+
+def decode_base64(data: str, where: str) -> bytes:
+    try:
+        return base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError) as err:
+        raise bad_request(f"{where} is not valid base64: {err}", where, code="invalid_base64") from err
+
+
+def decode_audio(data: bytes, where: str, limits: ServerLimits) -> np.ndarray:
+    """Encoded audio -> 16 kHz mono float32, checked (empty, silent, corrupt, too long)."""
+    try:
+        audio = load_audio(data, max_seconds=None)  # the body limit bounds the work; the length is checked below
+    except AudioError as err:
+        raise bad_request(str(err), where, code="invalid_audio") from err
+    seconds = len(audio) / SAMPLE_RATE
+    if seconds > limits.max_audio_seconds:
+        raise bad_request(f"The audio is {seconds:.1f} s long, over this server's limit of "
+                          f"{limits.max_audio_seconds:g} s. Trim it or send a shorter clip.", where, code="audio_too_long")
+    return audio
+
+
+# --- replies -------------------------------------------------------------------------------------------
+class StopCutter:
+    """The client's stop sequences over a reply's growing text: what is safe to show (a tail that could
+    still become a stop sequence is held back) and whether one was hit (the text is cut before it)."""
+
+    def __init__(self, stops: Sequence[str]):
+        self.stops = tuple(stops)
+
+    def visible(self, text: str, final: bool) -> tuple[str, bool]:
+        hits = [text.find(s) for s in self.stops if s in text]
+        if hits:
+            return text[: min(hits)], True
+        return (text if final else self._hold_back(text)), False
+
+    def _hold_back(self, text: str) -> str:
+        held = max((size for stop in self.stops for size in range(1, min(len(stop), len(text) + 1))
+                    if text.endswith(stop[:size])), default=0)
+        return text[: len(text) - held]
+
+
+def reply_deltas(reply: ReplyStream, stops: StopCutter) -> Iterator[tuple[str, str | None]]:
+    """The reply as (text delta, finish_reason) pairs; finish_reason only on the last. A stop sequence
+    ends the reply early (and the engine's generation with it)."""
+    shown = ""
+    for chunk in reply:
+        visible, hit = stops.visible(chunk.text, chunk.done)
+        delta, shown = visible[len(shown):], visible
+        if hit:
+            reply.close()
+            yield delta, "stop"
+            return
+        if chunk.done:
+            yield delta, FINISH_REASONS[chunk.stopped_by]
+            return
+        if delta:
+            yield delta, None
+
+
+def usage(reply: ReplyStream) -> dict[str, int]:
+    prompt, completion = reply.prompt_tokens, reply.completion_tokens()
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def completion_body(reply: ReplyStream, stops: StopCutter, model_id: str) -> dict:
+    text, finish = "", "stop"
+    try:
+        for delta, reason in reply_deltas(reply, stops):
+            text, finish = text + delta, reason or finish
+    finally:
+        reply.close()
+    return {
+        "id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
+        "model": model_id,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish,
+                     "logprobs": None}],
+        "usage": usage(reply),
+    }
+
+
+def sse(data: dict) -> str:
+    return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+def completion_events(reply: ReplyStream, stops: StopCutter, model_id: str, include_usage: bool) -> Iterator[str]:
+    """The reply as server-sent events in OpenAI's chunk format, ending with `data: [DONE]`. A failure
+    after the stream has begun is sent as an error event (the status line has gone already)."""
+    head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion.chunk", "created": int(time.time()),
+            "model": model_id}
+
+    def chunk(delta: dict, finish: str | None = None) -> str:
+        return sse({**head, "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]})
+
+    try:
+        yield chunk({"role": "assistant", "content": ""})
+        for delta, finish in reply_deltas(reply, stops):
+            if delta:
+                yield chunk({"content": delta})
+            if finish:
+                yield chunk({}, finish)
+        reply.close()
+        if include_usage:
+            yield sse({**head, "choices": [], "usage": usage(reply)})
+        yield SSE_DONE
+    except Exception as err:  # a failed generation (out of memory): say so; the server goes on
+        yield sse(generation_failed(err).body())
+    finally:
+        reply.close()
+
+
+# --- the app -------------------------------------------------------------------------------------------
+class BodyLimit:
+    """ASGI middleware: a request body over `max_bytes` is answered 413 before any route reads it."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            return await self._refuse(scope, receive, send)
+        body, more = b"", True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+            if len(body) > self.max_bytes:
+                return await self._refuse(scope, receive, send)
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        return await self.app(scope, replay, send)
+
+    async def _refuse(self, scope, receive, send):
+        error = ApiError(413, f"the request body is over this server's limit of {self.max_bytes} bytes",
+                         code="request_too_large")
+        await error.response()(scope, receive, send)
+
+
+def bearer_auth(api_key: str | None):
+    """A dependency that refuses requests without `Authorization: Bearer <api_key>` (none: open)."""
+
+    async def check(request: Request) -> None:
+        if api_key is None:
+            return
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), api_key.encode()):
+            raise ApiError(401, "missing or incorrect API key: send it as 'Authorization: Bearer <key>'",
+                           code="invalid_api_key")
+
+    return check
+
+
+def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    first = exc.errors()[0] if exc.errors() else {}
+    if first.get("type") == "json_invalid":
+        return bad_request("the request body is not valid JSON", code="invalid_json").response()
+    param = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
+    message = f"{param}: {first.get('msg', 'invalid value')}" if param else first.get("msg", "invalid request")
+    return bad_request(message, param, code="missing_required_parameter" if first.get("type") == "missing" else "invalid_value").response()
+
+
+def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+    return ApiError(exc.status_code, str(exc.detail), code=code).response()
+
+
+def _server_error(request: Request, exc: Exception) -> JSONResponse:
+    return ApiError(500, f"the server failed: {exc}", kind="server_error", code="server_error").response()
+
+
+def create_app(engine: Engine, *, limits: ServerLimits = ServerLimits(), api_key: str | None = None) -> FastAPI:
+    """The API over `engine`. `api_key`: every request must carry it as a Bearer token (None: open)."""
+    app = FastAPI(title="blsp-chat OpenAI-compatible API", dependencies=[Depends(bearer_auth(api_key))])
+    app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes)
+    app.add_exception_handler(ApiError, lambda request, exc: exc.response())
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(Exception, _server_error)
+    created = int(time.time())
+
+    def check_model(name: str) -> None:
+        if name != engine.model_id:
+            raise ApiError(404, f"the model {name!r} does not exist here; this server serves {engine.model_id!r}",
+                           param="model", code="model_not_found")
+
+    def start(turns: Sequence[EngineTurn], options: GenerationOptions, seed: int | None = None) -> ReplyStream:
+        try:
+            return engine.start(turns, options, seed)
+        except ContextOverflowError as err:
+            raise bad_request(str(err), "messages", code="context_length_exceeded") from err
+        except AudioError as err:
+            raise bad_request(str(err), "messages", code="invalid_audio") from err
+        except Exception as err:  # a failed encoding or prefill (out of memory): say so; the server goes on
+            raise generation_failed(err) from err
+
+    def answer(reply: ReplyStream, stops: StopCutter) -> dict:
+        try:
+            return completion_body(reply, stops, engine.model_id)
+        except Exception as err:
+            raise generation_failed(err) from err
+
+    @app.get("/v1/models")
+    def list_models() -> dict:
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{name:path}")
+    def get_model(name: str) -> dict:
+        check_model(name)
+        return model_card()
+
+    def model_card() -> dict:
+        return {"id": engine.model_id, "object": "model", "created": created, "owned_by": OWNER}
+
+    @app.post("/v1/chat/completions")
+    def chat_completions(request: ChatCompletionRequest):
+        check_model(request.model)
+        check_unsupported(request)
+        options = generation_options(request, limits)
+        stops = StopCutter(stop_sequences(request.stop))
+        reply = start(parse_messages(request.messages, limits), options, request.seed)
+        if not request.stream:
+            return answer(reply, stops)
+        include_usage = bool((request.stream_options or {}).get("include_usage"))
+        return StreamingResponse(completion_events(reply, stops, engine.model_id, include_usage),
+                                 media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    @app.post("/v1/audio/transcriptions")
+    def transcriptions(file: UploadFile = File(...), model: str = Form(...), response_format: str = Form("json"),
+                       prompt: str = Form(""), language: str | None = Form(None), temperature: float = Form(0.0)):
+        """The repeat instruction on the clip (prompt and language are accepted and not used)."""
+        check_model(model)
+        if response_format not in ("json", "text"):
+            raise bad_request(f"response_format {response_format!r} is not supported; use json or text", "response_format")
+        options = decoding_options(None, temperature, None, limits)
+        audio = decode_audio(file.file.read(), "file", limits)
+        reply = start([EngineTurn("human", instruction=REPEAT_INSTRUCTION, audio=audio)], options)
+        text = answer(reply, StopCutter(()))["choices"][0]["message"]["content"]
+        return PlainTextResponse(text) if response_format == "text" else {"text": text}
+
+    return app
+
+
+def serve(engine: Engine, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
+          limits: ServerLimits = ServerLimits()) -> None:
+    """Run the API until interrupted."""
+    import uvicorn
+
+    uvicorn.run(create_app(engine, limits=limits, api_key=api_key), host=host, port=port)
