@@ -2,6 +2,8 @@
 
 - A BLSP directory: adapter-only (config names the base models) or the released full layout.
 - A hub id (for users who have a hub): fetched with huggingface_hub, then read as a directory.
+- `modelscope:ORG/NAME` (where BLSP's released 7B checkpoint lives): fetched into the cache with the optional
+  `modelscope` package, then read as a directory.
 - The offline default: Whisper tiny.en and SmolLM2-135M-Instruct from weights that registry packages
   ship, converted once into the cache (`~/.cache/blsp_chat`, or $BLSP_CHAT_CACHE) and reused.
 Cache entries are built in a temporary directory and renamed into place only when complete, so an
@@ -32,6 +34,8 @@ from .model import BlspModel
 
 ADAPTER_WEIGHTS_NAME = "model.safetensors"
 OFFLINE_PREFIX = "offline:"
+MODELSCOPE_PREFIX = "modelscope:"
+MODELSCOPE_PACKAGE = "modelscope==1.40.2"  # optional: only `--model modelscope:ORG/NAME` needs it
 DEFAULT_WHISPER = OFFLINE_PREFIX + "whisper-tiny.en"
 # The offline default LLM: SmolLM2-135M-Instruct + the stage-1 LoRA of assets/stage1_lora (issue 8),
 # merged at load. `offline:smollm2-135m-instruct` stays resolvable as the plain base.
@@ -230,13 +234,23 @@ def load_whisper_encoder(name_or_path: str, dtype: torch.dtype):
     return encoder, WhisperFeatureExtractor.from_pretrained(source)
 
 
+def load_tokenizer(source: str | Path):
+    """The LLM's tokenizer: tokenizer.json, or only a sentencepiece tokenizer.model as LlamaTokenizer saves it
+    (read through the sentencepiece and protobuf packages). A tokenizer without a pad token (Llama-2's) pads
+    with EOS: speech placeholders and batches need one, and label masks are built from lengths."""
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
 def load_llm(name_or_path: str, dtype: torch.dtype):
     """A causal LM and its tokenizer. A directory holding a peft LoRA (adapter_config.json) is loaded on
     top of the base its config names (itself any name load_llm takes, `offline:` included) and merged."""
     source = resolve_base(name_or_path)
     adapter_config = Path(source) / "adapter_config.json"
     if not adapter_config.is_file():
-        return AutoModelForCausalLM.from_pretrained(source, dtype=dtype), AutoTokenizer.from_pretrained(source)
+        return AutoModelForCausalLM.from_pretrained(source, dtype=dtype), load_tokenizer(source)
     from peft import PeftModel
 
     try:
@@ -340,7 +354,7 @@ def _load_full(directory: Path, config: BlspConfig, state, dtype) -> LoadedBlsp:
     if missing or result.unexpected_keys:
         raise WeightsError(f"{directory}: checkpoint does not fit its config (missing {missing[:5]}, unexpected {result.unexpected_keys[:5]})")
     model.llama_model.tie_weights()
-    tokenizer = AutoTokenizer.from_pretrained(directory)
+    tokenizer = load_tokenizer(directory)
     if (directory / "preprocessor_config.json").is_file():
         model.feature_extractor = WhisperFeatureExtractor.from_pretrained(directory)
     return LoadedBlsp(model.to(dtype), tokenizer, str(directory), adapter_trained=True)
@@ -372,6 +386,8 @@ def _load_any(name_or_path: str | None, dtype: torch.dtype) -> LoadedBlsp:
         if (DEFAULT_ADAPTER_DIR / CONFIG_NAME).is_file():
             return load_blsp_dir(DEFAULT_ADAPTER_DIR, dtype)
         return untrained_default(dtype)
+    if name_or_path.startswith(MODELSCOPE_PREFIX):
+        return load_blsp_dir(download_from_modelscope(modelscope_id(name_or_path)), dtype)
     path = Path(name_or_path).expanduser()
     if path.exists():
         if not path.is_dir():
@@ -387,6 +403,30 @@ def _download_from_hub(repo_id: str) -> Path:
         return Path(snapshot_download(repo_id))
     except Exception as err:  # offline machines, unknown ids and auth problems all land here
         raise WeightsError(f"{repo_id!r} is not a local directory and could not be fetched from the hub: {err}") from err
+
+
+def modelscope_id(name: str) -> str:
+    """`modelscope:ORG/NAME` -> `ORG/NAME`, refusing anything else."""
+    repo_id = name[len(MODELSCOPE_PREFIX):] if name.startswith(MODELSCOPE_PREFIX) else name
+    org, slash, model = repo_id.partition("/")
+    if not (slash and org and model) or "/" in model or any(c.isspace() for c in repo_id):
+        raise WeightsError(f"{name!r} is not a ModelScope model id: write {MODELSCOPE_PREFIX}ORG/NAME, "
+                           f"e.g. {MODELSCOPE_PREFIX}iic/blsp_lslm_7b")
+    return repo_id
+
+
+def download_from_modelscope(repo_id: str) -> Path:
+    """A ModelScope snapshot in the cache (`<cache>/modelscope`), fetched with the optional modelscope package."""
+    try:
+        from modelscope import snapshot_download
+    except ImportError as err:
+        raise WeightsError(f"loading {MODELSCOPE_PREFIX}{repo_id} needs the optional 'modelscope' package, "
+                           f"which is not installed: pip install {MODELSCOPE_PACKAGE}") from err
+    report(f"fetching {repo_id} with modelscope into {cache_dir() / 'modelscope'}")
+    try:
+        return Path(snapshot_download(repo_id, cache_dir=str(cache_dir() / "modelscope")))
+    except Exception as err:  # network, unknown ids and auth problems all land here
+        raise WeightsError(f"could not fetch {repo_id!r} with modelscope: {err}") from err
 
 
 def load_model(name_or_path: str | None = None, **kwargs) -> BlspModel:

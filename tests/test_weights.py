@@ -1,5 +1,8 @@
 """Checkpoints: adapter-only round trip, the released full layout, the cache, and bad files."""
 import json
+import sys
+import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -63,10 +66,30 @@ def test_exported_float16_adapter_loads_with_its_record(tmp_path):
                                atol=2e-3, rtol=2e-3)
 
 
+def write_sentencepiece_tokenizer(directory):
+    """A Llama tokenizer as the released checkpoint has it: only a sentencepiece tokenizer.model (byte
+    fallback, <unk>=0 <s>=1 </s>=2, no pad token) and the configs the slow LlamaTokenizer saves beside it."""
+    import io
+
+    import sentencepiece as spm
+
+    from tiny import TRAINING_TEXT, VOCAB
+
+    proto = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(TRAINING_TEXT), model_writer=proto, model_type="bpe",
+                                   vocab_size=VOCAB - 20, hard_vocab_limit=False, byte_fallback=True, minloglevel=2)
+    (directory / "tokenizer.model").write_bytes(proto.getvalue())
+    specials = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
+    (directory / "special_tokens_map.json").write_text(json.dumps(specials))
+    (directory / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "add_eos_token": False, "legacy": False, **specials}))
+    return spm.SentencePieceProcessor(model_proto=proto.getvalue())
+
+
 def test_released_full_checkpoint_layout_loads(tmp_path):
-    """config keys whisper_config/llama_config/conv_kernel_sizes/adapter_inner_dim and one
-    pytorch_model.bin holding whisper_model.*, llama_model.*, subsampler.*, adapter.*, speech_ln.*"""
-    model, tokenizer = tiny_blsp(), tiny_tokenizer()
+    """config keys whisper_config/llama_config/conv_kernel_sizes/adapter_inner_dim, one pytorch_model.bin
+    holding whisper_model.*, llama_model.*, subsampler.*, adapter.*, speech_ln.*, and a sentencepiece tokenizer"""
+    model = tiny_blsp()
     released = tmp_path / "blsp_lslm"
     released.mkdir()
     config = {"whisper_config": model.config.whisper_config, "llama_config": model.config.llama_config,
@@ -75,11 +98,14 @@ def test_released_full_checkpoint_layout_loads(tmp_path):
     (released / "config.json").write_text(json.dumps(config))
     state = {k: v for k, v in model.state_dict().items() if k != "llama_model.lm_head.weight"}
     torch.save(state, released / "pytorch_model.bin")
-    tokenizer.save_pretrained(released)
+    sentencepiece = write_sentencepiece_tokenizer(released)
     loaded = load_pretrained(str(released), device="cpu")
     assert loaded.model.config.encoder_padding == "30s"
+    text = "###[Human]:the quick brown fox, what is the capital of france?"
+    assert loaded.tokenizer(text).input_ids == [1] + sentencepiece.encode(text)
+    assert loaded.tokenizer.pad_token_id == loaded.tokenizer.eos_token_id == 2  # Llama-2 has no pad token
     audio = tone(2.0)
-    torch.testing.assert_close(_logits(loaded.model, loaded.tokenizer, audio), _logits(model, tokenizer, audio))
+    torch.testing.assert_close(_logits(loaded.model, loaded.tokenizer, audio), _logits(model, loaded.tokenizer, audio))
 
 
 def test_released_checkpoint_with_wrong_shapes_is_refused(tmp_path):
@@ -198,3 +224,41 @@ def test_export_can_serve_a_ctc_trained_adapter_through_the_ctc_readout(tmp_path
                         "--ctc-lm-weight", "0.3", "--ctc-token-bonus", "0.5", "--ctc-beam-size", "2"]) == 0
     config = load_pretrained(str(tmp_path / "fused"), device="cpu").model.config
     assert (config.ctc_lm_weight, config.ctc_token_bonus, config.ctc_beam_size) == (0.3, 0.5, 2)
+
+
+# --- ModelScope (where BLSP's released 7B checkpoint lives) ---------------------------------------------
+@pytest.mark.parametrize("bad", ["modelscope:", "modelscope:iic", "modelscope:/blsp", "modelscope:iic/",
+                                 "modelscope:a/b/c", "modelscope:iic/blsp lslm"])
+def test_malformed_modelscope_ids_are_refused(bad):
+    with pytest.raises(WeightsError, match="is not a ModelScope model id: write modelscope:ORG/NAME"):
+        load_pretrained(bad, device="cpu")
+
+
+def test_modelscope_without_its_package_says_which_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "modelscope", None)  # import fails, as where it is not installed
+    with pytest.raises(WeightsError, match=r"needs the optional 'modelscope' package.*pip install modelscope=="):
+        load_pretrained("modelscope:iic/blsp_lslm_7b", device="cpu")
+
+
+def test_modelscope_snapshot_is_fetched_into_the_cache_and_loads(tmp_path, monkeypatch):
+    monkeypatch.setenv("BLSP_CHAT_CACHE", str(tmp_path / "cache"))
+    model, tokenizer = tiny_blsp("none"), tiny_tokenizer()
+    _write_base_models(model, tokenizer, tmp_path)
+    calls = []
+
+    def snapshot_download(repo_id, cache_dir=None, **kwargs):
+        calls.append((repo_id, cache_dir))
+        if repo_id.endswith("missing"):
+            raise ValueError(f"model {repo_id} not found")
+        target = Path(cache_dir) / repo_id
+        model.save_pretrained(target)
+        return str(target)
+
+    monkeypatch.setitem(sys.modules, "modelscope", types.SimpleNamespace(snapshot_download=snapshot_download))
+    loaded = load_pretrained("modelscope:someone/tiny-blsp", device="cpu")
+    assert calls == [("someone/tiny-blsp", str(tmp_path / "cache" / "modelscope"))]
+    assert loaded.source == str(tmp_path / "cache" / "modelscope" / "someone" / "tiny-blsp")
+    audio = tone(1.5)
+    torch.testing.assert_close(_logits(loaded.model, loaded.tokenizer, audio), _logits(model, tokenizer, audio), atol=0, rtol=0)
+    with pytest.raises(WeightsError, match="could not fetch 'someone/missing' with modelscope: model someone/missing not found"):
+        load_pretrained("modelscope:someone/missing", device="cpu")
