@@ -18,7 +18,8 @@ from .audio import split_into_windows
 from .adapter import Bottleneck, Conv1dSubsampler, ctc_label_candidates, ctc_readout, subsampled_lengths, zero_past
 from .config import BlspConfig, GenerationOptions
 from .constants import HOP_LENGTH, N_FFT, N_SAMPLES, SAMPLE_RATE
-from .ctc_decode import cached_lm, prefix_beam_search
+from .ctc_decode import prefix_beam_search
+from .prefix_scorer import KvCachedPrefixScorer, scoring_start_id
 
 # Labels per adapter output the LM-fused readout considers: the right word piece is nearly always among
 # the first few, and each extra one multiplies the beams the LLM scores.
@@ -241,21 +242,22 @@ class BlspModel(nn.Module):
 
     def lm_fused_readout(self, speech: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
         """The "ctc" readout decoded by prefix beam search with the LLM as its language model: the
-        embeddings of the word pieces found (the blank's, if none)."""
+        embeddings of the word pieces found (the blank's, if none). The LLM reads each new beam as one
+        decode step over its parent's cached keys and values (`KvCachedPrefixScorer`)."""
         if speech.shape[0] == 0:
             return speech
         config = self.config
         log_probs, ids = ctc_label_candidates(speech, table, CTC_BEAM_LABELS)
-        pieces = prefix_beam_search(log_probs, ids, config.ctc_blank_id, cached_lm(self.next_piece_log_probs),
+        pieces = prefix_beam_search(log_probs, ids, config.ctc_blank_id, KvCachedPrefixScorer(self.llama_model),
                                     lm_weight=config.ctc_lm_weight, token_bonus=config.ctc_token_bonus,
                                     beam_size=config.ctc_beam_size)
         return table[pieces or [config.ctc_blank_id]].to(speech.dtype)
 
     @torch.no_grad()
     def next_piece_log_probs(self, prefixes: Sequence[tuple[int, ...]]) -> torch.Tensor:
-        """(N, V) log-probabilities of the LLM's next word piece after each prefix, as plain text."""
-        llm = self.llama_model.config
-        start = llm.bos_token_id if llm.bos_token_id is not None else llm.eos_token_id  # Qwen-style LLMs have no BOS
+        """(N, V) log-probabilities of the LLM's next word piece after each prefix, as plain text, each
+        prefix read from its start: the reference the KV-cached scorer of the readout is checked against."""
+        start = scoring_start_id(self.llama_model.config)
         rows = [[start, *prefix] for prefix in prefixes]
         width = max(len(row) for row in rows)
         ids = torch.zeros(len(rows), width, dtype=torch.long)

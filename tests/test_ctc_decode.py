@@ -1,12 +1,18 @@
-"""CTC prefix beam search, with and without a language model fused in."""
+"""CTC prefix beam search, with and without a language model fused in, and the KV-cached LLM scorer."""
 import math
+import random
+from pathlib import Path
 
+import pytest
 import torch
 
-from blsp_chat.adapter import collapse_ctc, embedding_distance_logits
+from blsp_chat.adapter import collapse_ctc, ctc_label_candidates, embedding_distance_logits
 from blsp_chat.ctc_decode import cached_lm, prefix_beam_search
 from blsp_chat.model import CTC_BEAM_LABELS
-from tiny import tiny_blsp, tone
+from blsp_chat.prefix_scorer import KvCachedPrefixScorer
+from tiny import VOCAB, tiny_blsp, tone
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "assets" / "examples"
 
 BLANK = 0
 
@@ -96,3 +102,97 @@ def test_the_llm_scores_prefixes_as_plain_text_whatever_their_padding():
     assert torch.allclose(alone.exp().sum(-1), torch.ones(1))
     model.llama_model.config.bos_token_id = None  # an LLM without a BOS token starts from its EOS
     assert model.next_piece_log_probs([(7,)]).shape == alone.shape
+
+
+def lively_lm_blsp(llm_kind: str = "llama", bos: bool = True, std: float = 0.3):
+    """tiny_blsp whose LLM has larger weights, so that its next-piece distribution depends on the whole
+    prefix (the default init is nearly uniform): a wrong cache, position or mask shows."""
+    model = tiny_blsp("none", llm_kind=llm_kind, speech_readout="ctc", ctc_blank_id=5, ctc_lm_weight=1.0)
+    gen = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for param in model.llama_model.parameters():
+            if param.dim() > 1:
+                param.copy_(torch.randn(param.shape, generator=gen) * std)
+    if not bos:
+        model.llama_model.config.bos_token_id = None
+    return model
+
+
+def beam_like_requests(steps: int, beam_size: int = 4, seed: int = 0):
+    """What a beam search asks: the live beams at each step, some of them last step's plus one piece."""
+    rng = random.Random(seed)
+    beams = [()]
+    for _ in range(steps):
+        yield beams
+        grown = set(beams) | {b + (rng.randrange(VOCAB),) for b in beams if rng.random() < 0.7}
+        beams = rng.sample(sorted(grown), min(beam_size, len(grown)))
+
+
+@pytest.mark.parametrize("llm_kind, bos", [("llama", True), ("llama", False), ("qwen2", True), ("qwen2", False)])
+def test_the_kv_cached_scorer_equals_reading_each_prefix_from_its_start(llm_kind, bos):
+    model = lively_lm_blsp(llm_kind, bos)
+    scorer = KvCachedPrefixScorer(model.llama_model)
+    assert scorer.start_id == (1 if bos else 2)
+    lengths = set()
+    for beams in beam_like_requests(30):
+        rows = scorer(beams)
+        torch.testing.assert_close(torch.stack(rows), model.next_piece_log_probs(beams), atol=1e-4, rtol=1e-4)
+        assert set(scorer.cached_prefixes) == set(beams)  # caches only for the beams alive
+        lengths.update(map(len, beams))
+    assert len(lengths) > 10, "prefixes of many lengths were compared"
+
+
+def test_the_kv_cached_scorer_reads_any_prefix_whatever_it_has_cached():
+    model = lively_lm_blsp()
+    scorer = KvCachedPrefixScorer(model.llama_model)
+    asked = [(9, 4, 17), (), (9,), (9, 4, 17, 3), (9, 4, 17)]  # unrelated, out of order, repeated
+    torch.testing.assert_close(torch.stack(scorer(asked)), model.next_piece_log_probs(asked), atol=1e-4, rtol=1e-4)
+    later = [(9, 4, 17, 3, 8), (250, 1)]  # one extends a cached prefix, one starts afresh
+    torch.testing.assert_close(torch.stack(scorer(later)), model.next_piece_log_probs(later), atol=1e-4, rtol=1e-4)
+
+
+def test_an_llm_with_sliding_window_layers_is_refused_by_the_kv_cached_scorer():
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    llm = Qwen2ForCausalLM(Qwen2Config(vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                       num_attention_heads=2, num_key_value_heads=1, use_sliding_window=True,
+                                       sliding_window=8, max_window_layers=0, bos_token_id=1, eos_token_id=2))
+    with pytest.raises(ValueError, match="sliding-window"):
+        KvCachedPrefixScorer(llm)
+
+
+def test_the_fused_readout_with_the_kv_cache_finds_the_pieces_that_full_rereading_finds():
+    model = lively_lm_blsp()
+    table = model.llama_model.get_input_embeddings().weight
+    for seed in range(3):
+        raw = model.adapt_windows(model.encode_windows([tone(3.0, freq=180.0 + 60 * seed, seed=seed)]))[0]
+        log_probs, ids = ctc_label_candidates(raw, table, CTC_BEAM_LABELS)
+        search = dict(lm_weight=1.0, token_bonus=0.5, beam_size=4)
+        cached = prefix_beam_search(log_probs, ids, 5, KvCachedPrefixScorer(model.llama_model), **search)
+        assert cached == prefix_beam_search(log_probs, ids, 5, cached_lm(model.next_piece_log_probs), **search)
+        (speech,) = model.encode_speech([tone(3.0, freq=180.0 + 60 * seed, seed=seed)])
+        torch.testing.assert_close(speech, table[cached or [5]])
+
+
+@pytest.mark.integration
+def test_the_default_model_reads_the_example_clips_as_full_rereading_does(default_blsp):
+    """The shipped default's replies do not change: the KV-cached readout picks the same word pieces."""
+    from blsp_chat.audio import load_audio
+
+    model = default_blsp.model
+    config = model.config
+    table = model.llama_model.get_input_embeddings().weight
+    search = dict(lm_weight=config.ctc_lm_weight, token_bonus=config.ctc_token_bonus, beam_size=config.ctc_beam_size)
+    clips = sorted(EXAMPLES.glob("*.wav"))
+    assert clips and config.ctc_lm_weight > 0
+    for clip in clips:
+        audio = load_audio(clip)
+        raw = model.adapt_windows(model.encode_windows([audio]))[0]
+        log_probs, ids = ctc_label_candidates(raw, table, CTC_BEAM_LABELS)
+        reference = prefix_beam_search(log_probs, ids, config.ctc_blank_id, cached_lm(model.next_piece_log_probs),
+                                       **search)
+        cached = prefix_beam_search(log_probs, ids, config.ctc_blank_id, KvCachedPrefixScorer(model.llama_model),
+                                    **search)
+        assert cached == reference, clip.name
+        (speech,) = model.encode_speech([audio])
+        assert torch.equal(speech, table[reference].to(speech.dtype)), clip.name
