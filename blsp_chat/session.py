@@ -11,6 +11,11 @@ frame for a speech position); before a reply it crops the cache to the longest p
 with the new rendering and prefills only the rest. Dropped turns, `regenerate()` and `undo()` are all
 handled by that one rule.
 
+Dropping turns changes the prompt's start, so the whole kept history is prefilled again. A conversation
+that outgrows the context therefore drops in one large step, down to `HISTORY_KEPT_ON_OVERFLOW` of
+the room, so that the next several turns reuse the cache again. A `CacheBudget` shared by many
+sessions caps the positions their caches hold together, dropping the least recently used idle ones.
+
 `generate_reply` is the one-shot path (`model.generate`) the CLI uses.
 """
 from __future__ import annotations
@@ -37,6 +42,12 @@ from .prompt import RenderedPrompt, Turn, render, template_for
 END_OF_TEXT_TOKENS = ("</s>", "<|endoftext|>", "<|im_end|>", "<|eot_id|>", "<|end|>")
 REPLACEMENT_CHAR = "\ufffd"  # what a decoder writes for an incomplete UTF-8 sequence
 CANCEL_JOIN_SECONDS = 60.0   # cancel() waits at most this long for the step in flight to finish
+# On overflow the history is cut down to this share of the room (context - max_new_tokens). With kept
+# history K of room H and turns of T tokens (question h + reply r), the next overflow comes after
+# (H - K) / T turns, so re-prefilling K costs K * T / (H - K) per turn on average: T / 2 at K = H / 3,
+# about one normal turn's prefill (h) when replies are as long as questions. Cutting to less keeps
+# less of the conversation; cutting to more re-prefills more often (every turn when cut by one pair).
+HISTORY_KEPT_ON_OVERFLOW = 1 / 3
 
 StopReason = Literal["eos", "stop_string", "max_new_tokens", "cancelled"]
 
@@ -476,7 +487,9 @@ class ChatSession:
                 job.cancel.set()
 
     def _fit_context(self, max_new_tokens: int) -> int:
-        """Drop the oldest turn pairs until history + max_new_tokens fits; returns turns dropped."""
+        """Make history + max_new_tokens fit; returns turns dropped. A history that does not fit is cut
+        (oldest pairs first) to `HISTORY_KEPT_ON_OVERFLOW` of the room, so that the prompt's start, and
+        with it the KV cache, stays the same for the next several turns."""
         limit = self.max_context_tokens
         current = render([self._entries[-1].turn], self.tokenizer, self.template)
         if len(current) + max_new_tokens > limit:
@@ -486,11 +499,17 @@ class ChatSession:
                 f"model's context holds {limit}: send a shorter message or clip, or lower max_new_tokens "
                 "(the turn was not added to the history)"
             )
+        room = limit - max_new_tokens
+        if self._history_length() <= room:
+            return 0
         dropped = 0
-        while len(render([e.turn for e in self._entries], self.tokenizer, self.template)) + max_new_tokens > limit:
+        while len(self._entries) > 1 and self._history_length() > room * HISTORY_KEPT_ON_OVERFLOW:
             del self._entries[:2]
             dropped += 2
         return dropped
+
+    def _history_length(self) -> int:
+        return len(render([e.turn for e in self._entries], self.tokenizer, self.template))
 
     def _keys_of(self, prompt: RenderedPrompt) -> list:
         """A key per position: the token id, or (speech uid, frame) so that different clips differ."""

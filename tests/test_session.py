@@ -9,7 +9,7 @@ from transformers import RepetitionPenaltyLogitsProcessor, TopPLogitsWarper
 from blsp_chat.config import GenerationOptions
 from blsp_chat.prompt import Turn, render
 from blsp_chat.session import (
-    REPLACEMENT_CHAR, ChatSession, ContextOverflowError, TextStream, apply_repetition_penalty, compression_ratio,
+    HISTORY_KEPT_ON_OVERFLOW, REPLACEMENT_CHAR, ChatSession, ContextOverflowError, TextStream, apply_repetition_penalty, compression_ratio,
     cut_at_stop, eos_token_ids, generate_replies, model_lock, next_token, speech_turn, top_p_filter,
 )
 from blsp_chat.weights import LoadedBlsp
@@ -143,7 +143,7 @@ def test_speech_is_encoded_once_per_turn(tok):
     assert calls == [1, 1, 1, 1]
 
 
-def test_context_overflow_drops_oldest_pairs_and_reports_it(tok):
+def test_context_overflow_drops_oldest_pairs_in_one_large_step_and_reports_it(tok):
     model = lively_blsp(seed=1)
     options = GenerationOptions(max_new_tokens=8)
     probe = ChatSession(model, tok)
@@ -159,10 +159,40 @@ def test_context_overflow_drops_oldest_pairs_and_reports_it(tok):
         assert {c.dropped_turns for c in reply(session, options)} == {0}
     session.submit_text(texts[2])
     chunks = reply(session, options)
-    assert {c.dropped_turns for c in chunks} == {2}
-    assert session.turns[0].text == texts[1] and len(session.turns) == 4
-    assert len(render(session.turns[:-1], tok)) + options.max_new_tokens <= limit
+    kept = session.turns[:-1]
+    dropped = chunks[0].dropped_turns
+    assert {c.dropped_turns for c in chunks} == {dropped} and dropped >= 2 and len(kept) == 5 - dropped
+    assert kept[-1].text == texts[2] and [t.text for t in kept[:-1]] == [t.text for t in probe.turns[dropped:-1]]
+    room = limit - options.max_new_tokens
+    assert len(render(kept, tok)) <= room * HISTORY_KEPT_ON_OVERFLOW or len(kept) == 1  # one large step
+    assert len(render(probe.turns[dropped - 2:], tok)) > room * HISTORY_KEPT_ON_OVERFLOW  # and no larger
     assert_same_as_scratch(session, chunks, [], max_new_tokens=8)  # the cache was rebuilt, not reused wrongly
+
+
+def test_overflowing_conversation_prefills_about_one_normal_turn_more_per_turn(tok):
+    """A long conversation under a small context: the prefilled positions per turn, averaged over all
+    turns, stay within twice a turn that drops nothing (dropping one pair at a time re-prefills the whole
+    history every turn), and each reply after a drop equals a fresh session's on the kept history."""
+    model = lively_blsp(seed=3)
+    options = GenerationOptions(max_new_tokens=8)
+    session = ChatSession(model, tok, max_context_tokens=160)
+    prefilled = record_forward(model)
+    questions = ["hello there", "what is the capital of france?", "the lazy dog", "paris.", "the quick brown fox"]
+    per_turn, normal, drops = [], [], 0
+    for turn in range(40):
+        session.submit_text(questions[turn % len(questions)])
+        calls_before = len(prefilled)
+        chunks = reply(session, options)
+        prefill = prefilled[calls_before]  # the first forward of a reply is its prefill
+        per_turn.append(prefill)
+        if chunks[0].dropped_turns:
+            drops += 1
+            assert_same_as_scratch(session, chunks, [], max_new_tokens=8)
+        else:
+            normal.append(prefill)
+    assert drops >= 3, "the test must overflow several times"
+    normal_turn = sorted(normal)[len(normal) // 2]
+    assert sum(per_turn) / len(per_turn) <= 2 * normal_turn, (per_turn, normal_turn)
 
 
 def test_a_turn_too_long_alone_raises_and_leaves_the_session_usable(tok):
