@@ -8,7 +8,10 @@ log-probability of its word pieces, plus `token_bonus` per piece (the LM's score
 short transcripts). Here the LM is the frozen LLM itself, so the transcript it is handed is one it finds
 plausible: "capital of france".
 
-The decoder is pure tensor code; the LM is a callable, so it is tested without any model.
+The decoder is pure tensor code; the LM is a callable, so it is tested without any model. An LM that
+reads ahead (the KV-cached LLM, prefix_scorer.py) has an `expect(pieces)` method: before each call the
+search hands it the pieces the next outputs most likely add (their best labels, collapsed), so that it can
+read them in the same forward. That changes what the LM computes when, never which beams are found.
 """
 from __future__ import annotations
 
@@ -16,6 +19,8 @@ import math
 from typing import Callable, Sequence
 
 import torch
+
+from .adapter import collapse_ctc
 
 Prefix = tuple[int, ...]
 # prefixes -> (N, V) log-probabilities of the next word piece after each prefix
@@ -25,6 +30,9 @@ NEG_INF = -math.inf
 # Outputs whose blank probability exceeds this only extend beams by the blank: most outputs of a clip are
 # blank, and skipping them saves the LM calls they would cost without changing any beam's ranking measurably.
 BLANK_SKIP_PROBABILITY = 0.999
+# How many of the next outputs' best labels an LM that reads ahead is told about: a few seconds of speech,
+# a handful of word pieces.
+LOOKAHEAD_OUTPUTS = 24
 
 
 def _logsumexp(a: float, b: float) -> float:
@@ -59,11 +67,15 @@ def prefix_beam_search(top_log_probs: torch.Tensor, top_ids: torch.Tensor, blank
     """
     beams = {(): (0.0, NEG_INF)}
     blank_skip = math.log(BLANK_SKIP_PROBABILITY)
-    for log_probs, ids in zip(top_log_probs.tolist(), top_ids.tolist()):
+    expect = getattr(lm, "expect", None)
+    best_labels = top_ids[:, 0].tolist()
+    for output, (log_probs, ids) in enumerate(zip(top_log_probs.tolist(), top_ids.tolist())):
         candidates = list(zip(ids, log_probs))
         if ids[0] == blank_id and log_probs[0] > blank_skip:
             candidates = candidates[:1]
         fused = lm is not None and lm_weight > 0 and any(c != blank_id for c, _ in candidates)
+        if fused and expect is not None:
+            expect(collapse_ctc(best_labels[output:output + LOOKAHEAD_OUTPUTS], blank_id))
         lm_rows = dict(zip(beams, lm(list(beams)))) if fused else {}
         step = _Beams()
         for prefix, (p_blank, p_label) in beams.items():

@@ -1,15 +1,19 @@
 """The frozen LLM as the CTC beam search's language model, scored incrementally over a KV cache.
 
 The beam search asks, at each adapter output, for the LLM's next-piece distribution after each of its
-beams. A beam it has not asked about before is nearly always a beam it asked about at the previous step
-plus one word piece, so its distribution costs one decode step: that piece read over the parent's cached
-keys and values. All such new beams of one step are read in one batched forward, each parent's cache
-left-padded to the longest and the padding masked out; positions count real tokens only, so every row
-is computed as if it were alone. Anything else (the first, empty prefix; a prefix whose parent is gone)
-is read from its start.
+beams. A beam it has not asked about before is nearly always one it asked about plus a word piece, so its
+distribution costs a decode step over the parent's cached keys and values, not a reread from the start.
 
-Keys and values are kept only for the prefixes of the latest call, which are the beams still alive:
-memory stays at `beam_size` caches however long the clip. One scorer serves one decode.
+On a CPU a decode step costs about as much for a dozen tokens as for one (reading the weights is the cost),
+so each forward also reads ahead: after every prefix it must read, the pieces the search expects the next
+outputs to add (`expect`), and it keeps the keys, values and next-piece distribution of every prefix along
+the way. When the beams take those pieces, their rows are already there. All prefixes of one call are read
+in one batched forward: each ancestor's cache left-padded to the longest, each new stretch right-padded,
+padding masked out and positions counting real tokens only, so every row is computed as if it were alone.
+A prefix with no read ancestor is read from the start token (BOS, or EOS for LLMs without one).
+
+Only the prefixes of the latest call (the beams alive) and what was read ahead of them keep their caches,
+so memory stays at a few caches per beam however long the clip. One scorer serves one decode.
 """
 from __future__ import annotations
 
@@ -32,7 +36,7 @@ def scoring_start_id(config: PretrainedConfig) -> int:
 
 
 @dataclass
-class _Scored:
+class _Read:
     """One prefix read by the LLM: per layer, its keys and values (heads, 1 + len(prefix), head_dim),
     and the (V,) log-probabilities of the next piece."""
 
@@ -45,17 +49,27 @@ class _Scored:
         return self.keys[0].shape[-2]
 
 
+# Pieces read ahead of each prefix that must be read: about a second of speech. More cost little more per
+# forward on a CPU, but are wasted where the beams leave the expected path.
+READ_AHEAD_PIECES = 4
+
+
 class KvCachedPrefixScorer:
     """An `LmScorer` (ctc_decode) over a causal LM: prefixes -> (V,) next-piece log-probabilities each,
-    equal to reading every prefix from the start token but one decode step per new prefix."""
+    equal to reading every prefix from the start token, at the cost of reading only its new pieces."""
 
-    def __init__(self, llm: PreTrainedModel):
-        self.llm = llm
-        self.start_id = scoring_start_id(llm.config)
-        self._scored: dict[Prefix, _Scored] = {}
+    def __init__(self, llm: PreTrainedModel, read_ahead: int = READ_AHEAD_PIECES):
         if any(DynamicCache(config=llm.config).is_sliding):
             raise ValueError("the KV-cached prefix scorer needs full attention in every layer; this LLM has "
                              "sliding-window layers")
+        if read_ahead < 0:
+            raise ValueError(f"read_ahead must be >= 0, got {read_ahead}")
+        self.llm = llm
+        self.start_id = scoring_start_id(llm.config)
+        self.read_ahead = read_ahead
+        self.forwards = 0  # how many times the LLM ran: what a decode cost
+        self._expected: tuple[int, ...] = ()
+        self._read: dict[Prefix, _Read] = {}
 
     @property
     def device(self) -> torch.device:
@@ -63,58 +77,81 @@ class KvCachedPrefixScorer:
 
     @property
     def cached_prefixes(self) -> list[Prefix]:
-        return list(self._scored)
+        return list(self._read)
+
+    def expect(self, pieces: Sequence[int]) -> None:
+        """The pieces the next outputs most likely add: read after each prefix the next call must read."""
+        self._expected = tuple(pieces)
 
     @torch.no_grad()
     def __call__(self, prefixes: Sequence[Prefix]) -> list[torch.Tensor]:
-        alive = list(dict.fromkeys(tuple(p) for p in prefixes))
-        pending = [p for p in alive if p not in self._scored]
-        while pending:
-            extendable = [p for p in pending if p and p[:-1] in self._scored]
-            waiting = set(pending) - set(extendable)
-            # A prefix whose parent is neither cached nor on its way is read from its start.
-            fresh = [p for p in pending if p in waiting and (not p or p[:-1] not in waiting)]
-            if extendable:
-                self._extend(extendable)
-            for prefix in fresh:
-                self._read_from_start(prefix)
-            pending = [p for p in pending if p not in self._scored]
-        rows = [self._scored[tuple(p)].log_probs for p in prefixes]
-        self._scored = {p: self._scored[p] for p in alive}  # only the beams still alive keep their caches
+        prefixes = [tuple(p) for p in prefixes]
+        missing = [p for p in dict.fromkeys(prefixes) if p not in self._read]
+        if missing:
+            self._read_ahead_of(missing)
+        rows = [self._read[p].log_probs for p in prefixes]
+        alive = set(prefixes)
+        self._read = {p: read for p, read in self._read.items()
+                      if any(p[:end] in alive for end in range(len(p) + 1))}  # alive, or read ahead of one
         return rows
 
-    def _read_from_start(self, prefix: Prefix) -> None:
-        ids = torch.tensor([[self.start_id, *prefix]], device=self.device)
-        out = self.llm(input_ids=ids, use_cache=True, logits_to_keep=1)
-        self._store([prefix], out, [0])
-
-    def _extend(self, prefixes: list[Prefix]) -> None:
-        """One decode step: each prefix's last piece read over its parent's cache, all in one batch."""
-        parents = [self._scored[p[:-1]] for p in prefixes]
-        lengths = [parent.length for parent in parents]
-        width = max(lengths)
-        pads = [width - length for length in lengths]
-        cache = DynamicCache(
-            ddp_cache_data=[(_left_padded([p.keys[layer] for p in parents], pads),
-                             _left_padded([p.values[layer] for p in parents], pads))
-                            for layer in range(len(parents[0].keys))],
-            config=self.llm.config,
-        )
-        mask = torch.ones(len(prefixes), width + 1, dtype=torch.long, device=self.device)
-        for row, pad in enumerate(pads):
-            mask[row, :pad] = 0
-        out = self.llm(input_ids=torch.tensor([[p[-1]] for p in prefixes], device=self.device),
-                       position_ids=torch.tensor([[length] for length in lengths], device=self.device),
-                       attention_mask=mask, past_key_values=cache, use_cache=True)
-        self._store(prefixes, out, pads)
-
-    def _store(self, prefixes: list[Prefix], out, pads: list[int]) -> None:
-        log_probs = out.logits[:, -1].float().log_softmax(-1).cpu()
+    def _read_ahead_of(self, missing: list[Prefix]) -> None:
+        """One forward: each missing prefix and the expected pieces after it, over its nearest read ancestor."""
+        targets = [p + self._expected_after(p) for p in missing]
+        targets = [t for t in dict.fromkeys(targets) if not any(o != t and o[:len(t)] == t for o in targets)]
+        ancestors = [self._nearest_read(t) for t in targets]
+        # A prefix with no read ancestor starts with the start token itself.
+        tails = [t[len(a):] if a is not None else (self.start_id, *t) for t, a in zip(targets, ancestors)]
+        reads = [self._read[a] if a is not None else None for a in ancestors]
+        lengths = [r.length if r is not None else 0 for r in reads]
+        width, added = max(lengths), max(map(len, tails))
+        mask = torch.zeros(len(targets), width + added, dtype=torch.long)
+        ids = torch.full((len(targets), added), self.start_id, dtype=torch.long)
+        for row, (length, tail) in enumerate(zip(lengths, tails)):
+            mask[row, width - length: width + len(tail)] = 1
+            ids[row, :len(tail)] = torch.tensor(tail)
+        positions = torch.tensor(lengths)[:, None] + torch.arange(added)
+        out = self.llm(input_ids=ids.to(self.device), position_ids=positions.to(self.device),
+                       attention_mask=mask.to(self.device), past_key_values=self._padded_cache(reads, lengths, width),
+                       use_cache=True)
+        self.forwards += 1
+        log_probs = out.logits.float().log_softmax(-1).cpu()
         layers = out.past_key_values.layers
-        for row, (prefix, pad) in enumerate(zip(prefixes, pads)):
-            self._scored[prefix] = _Scored(keys=tuple(layer.keys[row, :, pad:] for layer in layers),
-                                           values=tuple(layer.values[row, :, pad:] for layer in layers),
-                                           log_probs=log_probs[row])
+        for row, (target, tail, length) in enumerate(zip(targets, tails, lengths)):
+            first_new = len(target) - len(tail) + (1 if length == 0 else 0)  # pieces before the tail's first
+            for step in range(len(tail)):
+                prefix = target[:first_new + step] if length == 0 else target[:first_new + step + 1]
+                if prefix not in self._read:
+                    end = width + step + 1
+                    self._read[prefix] = _Read(keys=tuple(layer.keys[row, :, width - length:end] for layer in layers),
+                                               values=tuple(layer.values[row, :, width - length:end] for layer in layers),
+                                               log_probs=log_probs[row, step])
+
+    def _expected_after(self, prefix: Prefix) -> Prefix:
+        """The expected pieces that follow `prefix` (a piece it already ends with is being held, not added)."""
+        expected = self._expected
+        if prefix and expected and expected[0] == prefix[-1]:
+            expected = expected[1:]
+        return expected[:self.read_ahead]
+
+    def _nearest_read(self, prefix: Prefix) -> Prefix | None:
+        for end in range(len(prefix), -1, -1):
+            if prefix[:end] in self._read:
+                return prefix[:end]
+        return None
+
+    def _padded_cache(self, reads: list[_Read | None], lengths: list[int], width: int) -> DynamicCache:
+        """The ancestors' caches as one batch, each left-padded with zeros to `width` (empty if none)."""
+        known = next((r for r in reads if r is not None), None)
+        if known is None:
+            return DynamicCache(config=self.llm.config)
+        layers = []
+        for layer in range(len(known.keys)):
+            keys = [r.keys[layer] if r is not None else known.keys[layer][:, :0] for r in reads]
+            values = [r.values[layer] if r is not None else known.values[layer][:, :0] for r in reads]
+            pads = [width - length for length in lengths]
+            layers.append((_left_padded(keys, pads), _left_padded(values, pads)))
+        return DynamicCache(ddp_cache_data=layers, config=self.llm.config)
 
 
 def _left_padded(states: list[torch.Tensor], pads: list[int]) -> torch.Tensor:

@@ -137,7 +137,9 @@ def test_the_kv_cached_scorer_equals_reading_each_prefix_from_its_start(llm_kind
     for beams in beam_like_requests(30):
         rows = scorer(beams)
         torch.testing.assert_close(torch.stack(rows), model.next_piece_log_probs(beams), atol=1e-4, rtol=1e-4)
-        assert set(scorer.cached_prefixes) == set(beams)  # caches only for the beams alive
+        # caches only for the beams alive and what was read ahead of them
+        assert set(beams) <= set(scorer.cached_prefixes)
+        assert all(any(c[:len(b)] == b for b in beams) for c in scorer.cached_prefixes)
         lengths.update(map(len, beams))
     assert len(lengths) > 10, "prefixes of many lengths were compared"
 
@@ -147,8 +149,30 @@ def test_the_kv_cached_scorer_reads_any_prefix_whatever_it_has_cached():
     scorer = KvCachedPrefixScorer(model.llama_model)
     asked = [(9, 4, 17), (), (9,), (9, 4, 17, 3), (9, 4, 17)]  # unrelated, out of order, repeated
     torch.testing.assert_close(torch.stack(scorer(asked)), model.next_piece_log_probs(asked), atol=1e-4, rtol=1e-4)
-    later = [(9, 4, 17, 3, 8), (250, 1)]  # one extends a cached prefix, one starts afresh
+    later = [(9, 4, 17, 3, 8), (250, 1)]  # one extends a cached prefix by a piece, one the empty prefix by two
     torch.testing.assert_close(torch.stack(scorer(later)), model.next_piece_log_probs(later), atol=1e-4, rtol=1e-4)
+    assert sorted(scorer.cached_prefixes) == [(9, 4, 17, 3, 8), (250, 1)]
+    # three pieces over the first, batched with a prefix that has no read ancestor and reads from the start
+    last = [(9, 4, 17, 3, 8, 6, 6, 2), (30, 31)]
+    torch.testing.assert_close(torch.stack(scorer(last)), model.next_piece_log_probs(last), atol=1e-4, rtol=1e-4)
+
+
+def test_the_kv_cached_scorer_reads_the_expected_pieces_ahead_in_the_same_forward():
+    model = lively_lm_blsp()
+    scorer = KvCachedPrefixScorer(model.llama_model, read_ahead=3)
+    scorer.expect([12, 40, 40, 7, 99])
+    scorer([(5,)])
+    assert scorer.forwards == 1
+    ahead = [(5,), (5, 12), (5, 12, 40), (5, 12, 40, 40)]
+    assert set(scorer.cached_prefixes) == set(ahead)
+    rows = scorer(ahead)  # the beams took the expected pieces: no forward more, and the rows are exact
+    assert scorer.forwards == 1
+    torch.testing.assert_close(torch.stack(rows), model.next_piece_log_probs(ahead), atol=1e-4, rtol=1e-4)
+    scorer.expect([8, 7])  # a beam that ends with the first expected piece holds it: read on from the next
+    scorer([(5, 12, 40, 40, 8)])
+    assert (5, 12, 40, 40, 8, 7) in scorer.cached_prefixes and scorer.forwards == 2
+    with pytest.raises(ValueError, match="read_ahead"):
+        KvCachedPrefixScorer(model.llama_model, read_ahead=-1)
 
 
 def test_an_llm_with_sliding_window_layers_is_refused_by_the_kv_cached_scorer():
@@ -168,8 +192,10 @@ def test_the_fused_readout_with_the_kv_cache_finds_the_pieces_that_full_rereadin
         raw = model.adapt_windows(model.encode_windows([tone(3.0, freq=180.0 + 60 * seed, seed=seed)]))[0]
         log_probs, ids = ctc_label_candidates(raw, table, CTC_BEAM_LABELS)
         search = dict(lm_weight=1.0, token_bonus=0.5, beam_size=4)
-        cached = prefix_beam_search(log_probs, ids, 5, KvCachedPrefixScorer(model.llama_model), **search)
+        scorer = KvCachedPrefixScorer(model.llama_model)
+        cached = prefix_beam_search(log_probs, ids, 5, scorer, **search)
         assert cached == prefix_beam_search(log_probs, ids, 5, cached_lm(model.next_piece_log_probs), **search)
+        assert 0 < scorer.forwards
         (speech,) = model.encode_speech([tone(3.0, freq=180.0 + 60 * seed, seed=seed)])
         torch.testing.assert_close(speech, table[cached or [5]])
 
