@@ -1,6 +1,6 @@
 """An offline speech corpus from text, with the TTS engines Debian and the registries ship (no runtime download).
 
-    python -m train.synthesize --text-file T.txt --out-dir DIR [--engines espeak-ng,flite,festival,piper]
+    python -m train.synthesize --text-file T.txt --out-dir DIR [--engines espeak-ng,flite,festival,piper,kokoro]
         [--num N] [--seed S] [--jobs J] [--voices-per-sentence K]
         [--dev-frac 0.05] [--test-frac 0.05] [--holdout-voices PATTERNS]
     python -m train.synthesize split MANIFEST --out-dir DIR [--holdout-voices ...] [--dev-frac] [--test-frac]
@@ -32,8 +32,8 @@ DIR/{train,dev,test}.jsonl, DIR/summary.json and DIR/config.json.
 
 Held-out sets: sentences are split into train/dev/test by a seeded hash of their text (`--dev-frac`,
 `--test-frac`); test sentences are spoken only by held-out voices (`--holdout-voices`, glob patterns over
-voice ids such as `espeak-ng:en-029+*` or speaker names such as `rms`), train and dev sentences only by
-the others. So test shares neither sentences nor voices with train; dev has new sentences, known voices.
+voice ids such as `espeak-ng:en-029+*` or `kokoro:jm_kumo`, or speaker names such as `rms` or piper's
+`joe`), train and dev sentences only by the others. So test shares neither sentences nor voices with train; dev has new sentences, known voices.
 
 Deterministic: each clip's engine, voice and settings come from a generator seeded by (seed, clip id), so
 they do not depend on worker scheduling or on resuming. Resumable: a clip whose manifest line and wav both
