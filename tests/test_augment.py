@@ -308,6 +308,10 @@ def test_bad_input_is_refused_clearly(tmp_path, capsys):
     missing.write_text(manifest.read_text() + json.dumps({"id": "gone", "audio": "clips/gone.wav"}) + "\n")
     with pytest.raises(A.AugmentError, match=r"1 audio file\(s\).*line 3: .*gone\.wav"):
         A.augment(missing, out, copies=1, seed=0)
+    twice = tmp_path / "twice.jsonl"
+    twice.write_text(manifest.read_text() + manifest.read_text().splitlines()[0] + "\n")
+    with pytest.raises(A.AugmentError, match=r"twice.jsonl:3: id 'clip0' appears twice"):
+        A.augment(twice, out, copies=1, seed=0)
     no_audio = tmp_path / "no_audio.jsonl"
     no_audio.write_text('{"id": "x", "text": "hi"}\n')
     with pytest.raises(A.AugmentError, match=r"no_audio.jsonl:1: no \"audio\""):

@@ -426,9 +426,10 @@ def read_sources(manifest: Path) -> list[tuple[int, dict, str]]:
             raise AugmentError(f"{manifest}:{number}: no \"audio\" field")
         path = resolve_audio(manifest, record["audio"])
         record = dict(record, id=str(record.get("id") or hashlib.sha1(str(path).encode()).hexdigest()[:12]))
-        if record["id"] in seen:
-            raise AugmentError(f"{manifest}:{number}: id {record['id']!r} appears twice")
-        seen.add(record["id"])
+        if _safe(record["id"]) in seen:  # the copies' file names are made from the ids
+            raise AugmentError(f"{manifest}:{number}: id {record['id']!r} appears twice (or differs from another "
+                               "only in characters a file name cannot hold)")
+        seen.add(_safe(record["id"]))
         if not path.is_file():
             missing.append(f"line {number}: {path}")
         rows.append((number, record, str(path)))
