@@ -68,6 +68,31 @@ def test_outputs_that_are_surely_blank_cost_no_language_model_call():
     assert calls == []
 
 
+def test_an_lm_that_reads_ahead_is_told_the_next_outputs_best_pieces_and_the_beams_do_not_change():
+    heard = frames({1: 0.9, BLANK: 0.1}, {BLANK: 0.6, 1: 0.4}, {3: 0.55, 4: 0.45}, {3: 0.6, BLANK: 0.4})
+
+    def lm(prefixes):
+        rows = torch.full((len(prefixes), 5), math.log(0.01))
+        for r, prefix in enumerate(prefixes):
+            rows[r, 4 if prefix[-1:] == (1,) else 1] = math.log(0.96)
+        return rows
+
+    class ReadingAhead:
+        def __init__(self):
+            self.expected = []
+
+        def __call__(self, prefixes):
+            return lm(prefixes)
+
+        def expect(self, pieces):
+            self.expected.append(list(pieces))
+
+    reader = ReadingAhead()
+    assert prefix_beam_search(*heard, BLANK, reader, lm_weight=0.5) == prefix_beam_search(*heard, BLANK, lm, lm_weight=0.5)
+    # the best labels are 1, blank, 3, 3: collapsed from each output on
+    assert reader.expected == [[1, 3], [3], [3], [3]]
+
+
 def test_the_cache_scores_each_prefix_once():
     seen = []
 
