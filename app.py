@@ -6,6 +6,11 @@ import os
 
 import torch
 
+from blsp_chat.cli import add_context_option, positive_int
+
+# About 1.5 GB of KV cache for the CPU default (~46 KB a position); a 7B model in float16 needs ~0.5 MB a
+# position, so lower it there (or raise it on a large GPU).
+DEFAULT_MAX_CACHED_TOKENS = 32768
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -21,6 +26,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--auth", default=os.environ.get("BLSP_CHAT_AUTH"), help="USER:PASS required to open the page (or $BLSP_CHAT_AUTH)")
     parser.add_argument("--max-audio-seconds", type=float, default=120.0)
     parser.add_argument("--concurrency", type=int, default=1, help="replies generated at once on the shared model")
+    add_context_option(parser)
+    parser.add_argument("--max-cached-tokens", type=positive_int, default=DEFAULT_MAX_CACHED_TOKENS,
+                        help="KV-cache positions all browser sessions may hold together; past it the least recently "
+                             "used idle sessions drop theirs (recomputed on their next turn)")
     return parser.parse_args(argv)
 
 
@@ -38,10 +47,12 @@ def main(argv=None) -> None:
     from blsp_chat.weights import load_pretrained
 
     args = parse_args(argv)
+    auth = parse_auth(args.auth)  # before the model loads, so that a typo is reported at once
     loaded = load_pretrained(args.model, device=args.device, dtype=DTYPES.get(args.dtype))
-    demo = build_demo(loaded, max_audio_seconds=args.max_audio_seconds, concurrency=args.concurrency)
+    demo = build_demo(loaded, max_audio_seconds=args.max_audio_seconds, concurrency=args.concurrency,
+                      max_context_tokens=args.max_context_tokens, max_cached_tokens=args.max_cached_tokens)
     demo.queue(default_concurrency_limit=args.concurrency).launch(
-        server_name=args.host, server_port=args.port, share=args.share, auth=parse_auth(args.auth))
+        server_name=args.host, server_port=args.port, share=args.share, auth=auth)
 
 
 if __name__ == "__main__":

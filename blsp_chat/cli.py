@@ -35,6 +35,20 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
 
 
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive whole number, got {text}")
+    return value
+
+
+def add_context_option(parser: argparse.ArgumentParser) -> None:
+    """--max-context-tokens, the same for every entry point that builds ChatSessions (app.py too)."""
+    parser.add_argument("--max-context-tokens", type=positive_int, default=None,
+                        help="conversation + reply cap in tokens (default: the LLM's context); a conversation "
+                             "that outgrows it drops its oldest turns")
+
+
 def add_generation_options(parser: argparse.ArgumentParser) -> None:
     defaults = GenerationOptions()
     parser.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens)
@@ -56,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     chat = commands.add_parser("chat", help="a conversation in the terminal: type, record from the microphone, or send files")
     add_model_options(chat)
+    add_context_option(chat)
     chat.add_argument("--instruction", default=None,
                       help="instruction placed before each spoken turn (default: the /task preset, 'Chat': none)")
     chat.add_argument("--mic-device", default=None, help="sounddevice input device (name or index; default: the system's)")
@@ -94,7 +109,7 @@ def add_serve_command(commands) -> None:
     serve.add_argument("--max-audio-seconds", type=float, default=DEFAULT_MAX_AUDIO_SECONDS, help="longest clip accepted")
     serve.add_argument("--max-tokens-limit", type=int, default=DEFAULT_MAX_TOKENS_LIMIT, help="most max_tokens a request may ask for")
     serve.add_argument("--max-body-mb", type=float, default=DEFAULT_MAX_BODY_BYTES / MEBIBYTE, help="largest request body")
-    serve.add_argument("--max-context-tokens", type=int, default=None, help="conversation + reply cap (default: the LLM's)")
+    add_context_option(serve)
 
 
 # --- generate --------------------------------------------------------------------------------------
@@ -163,11 +178,11 @@ class TerminalChat:
     """The read-eval-print loop of `chat` over one ChatSession. `read_line` is `input` in a terminal."""
 
     def __init__(self, loaded, options: GenerationOptions, instruction: str | None = None, mic_device=None,
-                 read_line: Callable[[str], str] = input):
+                 read_line: Callable[[str], str] = input, max_context_tokens: int | None = None):
         from .session import ChatSession
 
         self.loaded = loaded
-        self.session = ChatSession.from_loaded(loaded)
+        self.session = ChatSession.from_loaded(loaded, max_context_tokens=max_context_tokens)
         self.options = options
         self.task = "Chat"
         self.instruction = instruction if instruction is not None else TASK_PRESETS[self.task]
@@ -356,7 +371,7 @@ def run_chat(args: argparse.Namespace) -> int:
     options = generation_options(args)
     loaded = load_pretrained(args.model, device=args.device)
     device = int(args.mic_device) if args.mic_device and args.mic_device.isdigit() else args.mic_device
-    return TerminalChat(loaded, options, args.instruction, device).run()
+    return TerminalChat(loaded, options, args.instruction, device, max_context_tokens=args.max_context_tokens).run()
 
 
 def run_serve(args: argparse.Namespace) -> int:

@@ -336,11 +336,12 @@ class ChatSession:
     A reply runs on a background thread; while it runs only `cancel()` (and reading) is allowed.
     `max_context_tokens` caps the rendered history plus max_new_tokens (default: the LLM's
     max_position_embeddings); older turn pairs are dropped to fit. `reuse_cache=False` recomputes the
-    whole history every reply (for comparison).
+    whole history every reply (for comparison). Sessions given one `CacheBudget` keep their caches
+    under its ceiling together.
     """
 
     def __init__(self, model, tokenizer, *, max_context_tokens: int | None = None, reuse_cache: bool = True,
-                 generator: torch.Generator | None = None):
+                 generator: torch.Generator | None = None, cache_budget: "CacheBudget | None" = None):
         self.model = model
         self.tokenizer = tokenizer
         self.template = template_for(model.config.prompt_template, tokenizer)
@@ -350,6 +351,7 @@ class ChatSession:
             raise ValueError("the LLM's config has no max_position_embeddings; pass max_context_tokens")
         self.reuse_cache = reuse_cache
         self.generator = generator
+        self.cache_budget = cache_budget
         self.eos_ids = set(eos_token_ids(tokenizer, model.llama_model))
         self._entries: list[_Entry] = []
         self._cache: DynamicCache | None = None
@@ -447,6 +449,21 @@ class ChatSession:
         if job.thread is not None and job.thread is not threading.current_thread():
             job.thread.join(timeout)
         return True
+
+    def release_cache(self, wait: bool = True) -> int:
+        """Free the KV cache of an idle session (its next reply recomputes it, so nothing is lost);
+        returns how many positions it held. A busy session (or, with wait=False, one whose state another
+        thread holds) keeps its cache and 0 is returned."""
+        if not self._state.acquire(blocking=wait):
+            return 0
+        try:
+            if self._job is not None:
+                return 0
+            held = len(self._cache_keys)
+            self._reset_cache()
+            return held
+        finally:
+            self._state.release()
 
     def _check_idle(self) -> None:
         if self._job is not None:
@@ -593,6 +610,8 @@ class ChatSession:
             out = model.llama_model(inputs_embeds=embeds, past_key_values=self._cache, position_ids=positions,
                                     use_cache=True, logits_to_keep=1)
         self._cache_keys.extend(keys)
+        if self.cache_budget is not None:
+            self.cache_budget.note_use(self)
         return out.logits[0, -1]
 
     def _crop_cache(self, length: int) -> None:
@@ -605,6 +624,39 @@ class ChatSession:
     def _reset_cache(self) -> None:
         self._cache = None
         self._cache_keys = []
+
+
+class CacheBudget:
+    """A ceiling on the KV-cache positions that the sessions sharing it hold together (a server's many
+    users). When a session's cache grows past it, the caches of the least recently used idle sessions
+    are freed until the total fits again; a freed session recomputes its cache on its next reply, so
+    nothing is lost. Sessions generating right now keep theirs, so the total can exceed the ceiling
+    while more of them run at once than it holds."""
+
+    def __init__(self, max_tokens: int):
+        if max_tokens < 1:
+            raise ValueError(f"the cache ceiling must be at least 1 position, got {max_tokens}")
+        self.max_tokens = max_tokens
+        self._last_use: "weakref.WeakKeyDictionary[ChatSession, int]" = weakref.WeakKeyDictionary()
+        self._clock = itertools.count()
+        self._lock = threading.Lock()
+
+    @property
+    def cached_tokens(self) -> int:
+        """Positions held by all sessions that use this budget."""
+        return sum(session.cached_tokens for session in list(self._last_use.keys()))
+
+    def note_use(self, session: "ChatSession") -> None:
+        """`session` just grew its cache: mark it most recently used, and free idle caches past the ceiling."""
+        with self._lock:
+            self._last_use[session] = next(self._clock)
+            excess = self.cached_tokens - self.max_tokens
+            by_age = sorted(self._last_use.items(), key=lambda item: item[1])
+            for other, _ in by_age:
+                if excess <= 0:
+                    break
+                if other is not session:
+                    excess -= other.release_cache(wait=False)  # never waits on a session's lock: no deadlock
 
 
 def _common_prefix(a: Sequence, b: Sequence) -> int:

@@ -1,10 +1,14 @@
 """The Gradio page. It adapts ChatSession to Gradio's messages format and never touches the GPU itself.
 
 Each browser session holds its own `UserChat` in `gr.State`, so histories never mix; generation handlers
-sit behind a concurrency limit, while cheap steps (stop, undo, clear) skip the queue.
+sit behind a concurrency limit, while cheap steps (stop, undo, clear) skip the queue. Memory follows use:
+all sessions' KV caches share one `CacheBudget`, and a closed page frees its cache at once (Gradio keeps
+a closed session's state for an hour). Clear and Undo bump the chat's `generation`, and a stream started
+before stops touching the page, so a reply finishing at that moment cannot bring the removed exchange back.
 """
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -15,7 +19,7 @@ from .audio import AudioError, load_audio
 from .config import GenerationOptions
 from .constants import DEFAULT_TRANSLATION_TARGET, TASK_PRESETS
 from .prompt import task_instruction
-from .session import ChatSession, ContextOverflowError
+from .session import CacheBudget, ChatSession, ContextOverflowError
 
 EXAMPLES_DIR = Path(__file__).resolve().parent.parent / "assets" / "examples"
 TITLE = "BLSP chat: talk to a language model"
@@ -30,6 +34,8 @@ class UserChat:
     session: ChatSession
     messages: list[dict] = field(default_factory=list)
     turn_sizes: list[int] = field(default_factory=list)  # page messages per human+assistant exchange
+    generation: int = 0  # bumped by Clear and Undo: streams of an older generation no longer update the page
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)  # page edits
 
     def add_exchange(self, user_messages: list[dict]) -> None:
         self.messages.extend(user_messages + [{"role": "assistant", "content": ""}])
@@ -45,6 +51,15 @@ class UserChat:
             del self.messages[-self.turn_sizes.pop():]
 
 
+def release_chat(chat: UserChat | None) -> None:
+    """A closed page: stop its reply and free its KV cache (its history stays until Gradio drops it).
+    A plain function, not a bound method: Gradio deep-copies a component's arguments, and a method would
+    drag the shared model along."""
+    if chat is not None:
+        chat.session.cancel()
+        chat.session.release_cache()
+
+
 def _options(max_new_tokens, do_sample, temperature, top_p, repetition_penalty) -> GenerationOptions:
     return GenerationOptions(max_new_tokens=int(max_new_tokens), do_sample=bool(do_sample),
                              temperature=float(temperature), top_p=float(top_p),
@@ -58,15 +73,18 @@ def _notice(text: str) -> dict:
 class ChatHandlers:
     """The page's event handlers, bound to one shared model."""
 
-    def __init__(self, loaded, max_audio_seconds: float | None, max_context_tokens: int | None = None):
+    def __init__(self, loaded, max_audio_seconds: float | None, max_context_tokens: int | None = None,
+                 cache_budget: CacheBudget | None = None):
         self.loaded = loaded
         self.max_audio_seconds = max_audio_seconds
         self.max_context_tokens = max_context_tokens
+        self.cache_budget = cache_budget
 
     def _chat(self, state: UserChat | None) -> UserChat:
         if state is not None:
             return state
-        return UserChat(ChatSession.from_loaded(self.loaded, max_context_tokens=self.max_context_tokens))
+        return UserChat(ChatSession.from_loaded(self.loaded, max_context_tokens=self.max_context_tokens,
+                                                cache_budget=self.cache_budget))
 
     def send(self, text, audio_path, task, target, *settings_and_state) -> Iterator[tuple]:
         *settings, state = settings_and_state
@@ -95,17 +113,31 @@ class ChatHandlers:
         return [{"role": "user", "content": {"path": audio_path}}] + ([{"role": "user", "content": text}] if text else [])
 
     def _stream(self, chat: UserChat, chunks, extra: tuple) -> Iterator[tuple]:
+        generation = chat.generation
         try:
             for index, chunk in enumerate(chunks):
-                if index == 0 and chunk.dropped_turns:
-                    chat.note_before_reply(_notice(f"The conversation outgrew the model's context: the oldest "
-                                                   f"{chunk.dropped_turns} turns are no longer seen by the model."))
-                chat.messages[-1]["content"] = chunk.text
+                with chat.lock:
+                    if chat.generation != generation:  # Clear or Undo took over: the page is theirs now
+                        break
+                    if index == 0 and chunk.dropped_turns:
+                        chat.note_before_reply(_notice(f"The conversation outgrew the model's context: the oldest "
+                                                       f"{chunk.dropped_turns} turns are no longer seen by the model."))
+                    chat.messages[-1]["content"] = chunk.text
                 yield (chat.messages, chat, *extra)
         except Exception as err:  # out of memory, a broken model: say so, keep the page usable
-            chat.session.undo()
-            chat.drop_last_exchange()
+            with chat.lock:
+                if chat.generation == generation:
+                    chat.session.undo()
+                    chat.drop_last_exchange()
             yield (chat.messages + [_notice(f"Generation failed: {err}. Please try again.")], chat, *extra)
+            return
+        finally:
+            chunks.close()
+        if chat.generation != generation:
+            with chat.lock:  # waits until Clear/Undo has finished editing
+                # An update of this stream sent just before theirs can reach the page after it: end on
+                # their page, so that the last word (and the stream's closing message) agrees with the server.
+                yield (chat.messages, chat, *extra)
 
     def regenerate(self, *settings_and_state) -> Iterator[tuple]:
         *settings, state = settings_and_state
@@ -127,29 +159,36 @@ class ChatHandlers:
 
     def undo(self, state: UserChat | None):
         chat = self._chat(state)
-        chat.session.cancel()
-        if chat.turn_sizes:
-            chat.session.undo()
-            chat.drop_last_exchange()
+        with chat.lock:  # a stream sees the new generation only with the edit done
+            chat.generation += 1
+            chat.session.cancel()
+            if chat.turn_sizes:
+                chat.session.undo()
+                chat.drop_last_exchange()
         return chat.messages, chat
 
     def clear(self, state: UserChat | None):
         chat = self._chat(state)
-        chat.session.cancel()
-        chat.session.clear()
-        chat.messages.clear()
-        chat.turn_sizes.clear()
+        with chat.lock:
+            chat.generation += 1
+            chat.session.cancel()
+            chat.session.clear()
+            chat.messages.clear()
+            chat.turn_sizes.clear()
         return chat.messages, chat
 
 
+
 def build_demo(loaded, *, max_audio_seconds: float | None = 120.0, concurrency: int = 1,
-               max_context_tokens: int | None = None) -> gr.Blocks:
-    """The page for one shared model; `max_context_tokens` caps each conversation (default: the LLM's)."""
-    handlers = ChatHandlers(loaded, max_audio_seconds, max_context_tokens)
+               max_context_tokens: int | None = None, max_cached_tokens: int | None = None) -> gr.Blocks:
+    """The page for one shared model; `max_context_tokens` caps each conversation (default: the LLM's),
+    `max_cached_tokens` the KV-cache positions of all sessions together (default: no ceiling)."""
+    budget = CacheBudget(max_cached_tokens) if max_cached_tokens is not None else None
+    handlers = ChatHandlers(loaded, max_audio_seconds, max_context_tokens, budget)
     with gr.Blocks(title=TITLE) as demo:
         gr.Markdown(f"# {TITLE}\nSpeak or type; spoken and typed turns share one conversation. "
                     f"Model: `{loaded.source}`." + ("" if loaded.adapter_trained else "\n\n" + UNTRAINED_NOTICE))
-        state = gr.State(None)
+        state = gr.State(None, delete_callback=release_chat)
         chatbot = gr.Chatbot(label="Conversation", height=480, elem_id="chatbot", buttons=["copy"])
         with gr.Row():
             audio = gr.Audio(sources=["microphone", "upload"], type="filepath", label="Speak or upload audio", scale=2,
@@ -187,4 +226,17 @@ def build_demo(loaded, *, max_audio_seconds: float | None = 120.0, concurrency: 
         stop.click(handlers.stop, [state], None, queue=False, api_name="stop")
         undo.click(handlers.undo, [state], [chatbot, state], queue=False, api_name="undo")
         clear.click(handlers.clear, [state], [chatbot, state], queue=False, api_name="clear")
+
+        def release_closed_page(request: gr.Request) -> None:
+            release_chat(_session_state(demo, state, request))
+
+        demo.unload(release_closed_page)
     return demo
+
+
+def _session_state(demo: gr.Blocks, state: gr.State, request: gr.Request) -> UserChat | None:
+    """The value of `state` in the browser session `request` came from (None if it has none yet)."""
+    holder = demo.state_holder
+    if request is None or request.session_hash not in holder:
+        return None
+    return holder[request.session_hash].state_data.get(state._id)

@@ -126,3 +126,103 @@ def test_generation_failure_shows_a_message_and_the_next_turn_works(app_url, mon
     assert "out of memory" in _last_text(final[0])
     _, final = _send(client, text="What is the capital of France?")
     assert [m["role"] for m in final[0]] == ["user", "assistant"] and "Paris" in _last_text(final[0])
+
+
+# --- many people at once: a server of our own, whose sessions the tests can look into ---------------------
+RACE_TRIALS = 12
+RACE_MAX_NEW_TOKENS = 6  # short replies, so that Clear/Undo often lands as one finishes
+
+
+@pytest.fixture(scope="module")
+def own_app(default_blsp):
+    """The app with a cache ceiling, on 127.0.0.1: (url, demo, the state component)."""
+    import gradio as gr
+
+    from blsp_chat.ui import build_demo
+
+    demo = build_demo(default_blsp, max_audio_seconds=60, concurrency=2, max_context_tokens=400,
+                      max_cached_tokens=100_000)
+    state = next(block for block in demo.blocks.values() if isinstance(block, gr.State))
+    demo.queue().launch(server_name="127.0.0.1", server_port=_free_port(), prevent_thread_lock=True, quiet=True)
+    yield demo.local_url, demo, state
+    demo.close()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _server_chat(demo, state, client):
+    """The UserChat the server holds for this client's browser session."""
+    return demo.state_holder.session_data[client.session_hash].state_data[state._id]
+
+
+def _wait_until(condition, seconds=60.0):
+    import time
+
+    deadline = time.monotonic() + seconds
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return condition()
+
+
+def test_a_closed_page_frees_its_cache_and_an_open_one_keeps_it(own_app):
+    url, demo, state = own_app
+    closing, staying = _client(url), _client(url)
+    for client in (closing, staying):
+        _send(client, text="What is the capital of France?")
+    closed_chat, open_chat = _server_chat(demo, state, closing), _server_chat(demo, state, staying)
+    assert closed_chat.session.cached_tokens > 0 and open_chat.session.cached_tokens > 0
+    closing.close()  # ends the page's heartbeat, as closing the tab does
+    assert _wait_until(lambda: closed_chat.session.cached_tokens == 0), "the closed page's KV cache was not freed"
+    assert open_chat.session.cached_tokens > 0
+    _, final = _send(staying, text="And of Italy?")
+    assert [m["role"] for m in final[0]] == ["user", "assistant"] * 2
+    staying.close()
+
+
+def _race(client, action, wait_updates: int):
+    """Send a turn and run `action` (clear or undo) once `wait_updates` updates of the reply arrived.
+    Returns (what the page shows last, the action's own result): a reply update that arrives after the
+    action's answer is what a browser would show."""
+    from gradio_client import handle_file  # noqa: F401  (the client module, loaded before timing starts)
+
+    job = client.submit("Tell me about Paris.", None, "Chat", "German", RACE_MAX_NEW_TOKENS, False, 0.7, 0.9, 1.0,
+                        api_name="/send")
+    _wait_until(lambda: len(job.outputs()) >= wait_updates or job.done(), seconds=120)
+    answer = client.predict(api_name=f"/{action}")
+    seen, finished_before = len(job.outputs()), job.done()
+    final = job.result()
+    late = job.outputs()[seen:] + ([] if finished_before else [final[0] if isinstance(final, tuple) else final])
+    late = [update[0] if isinstance(update, (tuple, list)) and update and isinstance(update[0], list) else update
+            for update in late]
+    return (late[-1] if late else answer), answer
+
+
+def _plain(messages) -> list[tuple[str, str]]:
+    """(role, text) of each message, as the server keeps it or as the client receives it."""
+    return [(m["role"], m["content"] if isinstance(m["content"], str) else _last_text([m])) for m in messages]
+
+
+@pytest.mark.parametrize("action", ["clear", "undo"])
+def test_clear_and_undo_win_over_a_finishing_reply_on_the_page_and_the_server(own_app, action):
+    url, demo, state = own_app
+    client = _client(url)
+    _send(client, text="What is the capital of France?")
+    for trial in range(RACE_TRIALS):
+        if action == "clear":
+            client.predict(api_name="/clear")
+            _send(client, text="What is the capital of France?")
+        before = _plain(_server_chat(demo, state, client).messages)
+        page, answer = _race(client, action, wait_updates=1 + trial % 4)
+        chat = _server_chat(demo, state, client)
+        expected = [] if action == "clear" else before
+        assert _plain(answer) == expected, f"trial {trial}: the {action} answer"
+        assert _plain(page) == expected, f"trial {trial}: a finishing reply overwrote the page after {action}"
+        assert _plain(chat.messages) == expected
+        assert len(chat.session.turns) == len(expected), f"trial {trial}: the server's history"
+    client.close()

@@ -25,3 +25,34 @@ def test_auth_from_flag_or_environment(monkeypatch):
     assert app.parse_auth(app.parse_args(["--auth", "bo:pw:with:colons"]).auth) == ("bo", "pw:with:colons")
     with pytest.raises(SystemExit, match="USER:PASS"):
         app.parse_auth("no-colon")
+
+
+def test_max_context_tokens_is_one_option_for_every_entry_point(capsys):
+    from blsp_chat.cli import build_parser
+
+    assert app.parse_args(["--max-context-tokens", "300"]).max_context_tokens == 300
+    assert app.parse_args([]).max_context_tokens is None  # the LLM's own context
+    for command in ("chat", "serve"):
+        assert build_parser().parse_args([command, "--max-context-tokens", "300"]).max_context_tokens == 300
+    for bad in ("0", "-5", "many"):
+        with pytest.raises(SystemExit):
+            app.parse_args(["--max-context-tokens", bad])
+    assert "max-context-tokens" in capsys.readouterr().err
+
+
+def test_cache_ceiling_has_a_default_and_refuses_nonsense():
+    assert app.parse_args([]).max_cached_tokens == app.DEFAULT_MAX_CACHED_TOKENS
+    assert app.parse_args(["--max-cached-tokens", "5000"]).max_cached_tokens == 5000
+    with pytest.raises(SystemExit):
+        app.parse_args(["--max-cached-tokens", "0"])
+
+
+def test_a_malformed_auth_is_reported_before_the_model_loads(monkeypatch):
+    import blsp_chat.weights
+
+    def must_not_load(*args, **kwargs):
+        raise AssertionError("the model was loaded before --auth was checked")
+
+    monkeypatch.setattr(blsp_chat.weights, "load_pretrained", must_not_load)
+    with pytest.raises(SystemExit, match="USER:PASS"):
+        app.main(["--auth", "no-colon"])

@@ -9,7 +9,7 @@ from transformers import RepetitionPenaltyLogitsProcessor, TopPLogitsWarper
 from blsp_chat.config import GenerationOptions
 from blsp_chat.prompt import Turn, render
 from blsp_chat.session import (
-    HISTORY_KEPT_ON_OVERFLOW, REPLACEMENT_CHAR, ChatSession, ContextOverflowError, TextStream, apply_repetition_penalty, compression_ratio,
+    HISTORY_KEPT_ON_OVERFLOW, REPLACEMENT_CHAR, CacheBudget, ChatSession, ContextOverflowError, TextStream, apply_repetition_penalty, compression_ratio,
     cut_at_stop, eos_token_ids, generate_replies, model_lock, next_token, speech_turn, top_p_filter,
 )
 from blsp_chat.weights import LoadedBlsp
@@ -193,6 +193,63 @@ def test_overflowing_conversation_prefills_about_one_normal_turn_more_per_turn(t
     assert drops >= 3, "the test must overflow several times"
     normal_turn = sorted(normal)[len(normal) // 2]
     assert sum(per_turn) / len(per_turn) <= 2 * normal_turn, (per_turn, normal_turn)
+
+
+def test_cache_budget_frees_the_least_recently_used_idle_cache_and_replies_stay_the_same(tok):
+    model = lively_blsp(seed=6)
+    options = GenerationOptions(max_new_tokens=8)
+    script = {"a": ["hello there", "paris."], "b": ["the lazy dog", "what is the capital"],
+              "c": ["the quick brown fox", "hello"]}
+    alone = {}
+    for name, texts in script.items():
+        session = ChatSession(model, tok)
+        for text in texts:
+            session.submit_text(text)
+            alone[name, text] = reply(session, options)[-1].text
+    probe = ChatSession(model, tok)
+    probe.submit_text(script["a"][0])
+    reply(probe, options)
+    budget = CacheBudget(max_tokens=int(2.5 * probe.cached_tokens))  # room for about two first exchanges
+    sessions = {name: ChatSession(model, tok, cache_budget=budget) for name in script}
+    for name in ("a", "b"):
+        sessions[name].submit_text(script[name][0])
+        reply(sessions[name], options)
+    assert sessions["a"].cached_tokens and sessions["b"].cached_tokens
+    sessions["c"].submit_text(script["c"][0])
+    reply(sessions["c"], options)
+    assert sessions["a"].cached_tokens == 0, "the least recently used idle cache goes first"
+    assert sessions["b"].cached_tokens and sessions["c"].cached_tokens
+    assert budget.cached_tokens <= budget.max_tokens
+    prefilled = record_forward(model)
+    sessions["a"].submit_text(script["a"][1])
+    assert reply(sessions["a"], options)[-1].text == alone["a", script["a"][1]]
+    assert prefilled[0] == len(render(sessions["a"].turns[:-1], tok)), "the freed cache is recomputed whole"
+    for name in ("b", "c"):
+        sessions[name].submit_text(script[name][1])
+        assert reply(sessions[name], options)[-1].text == alone[name, script[name][1]]
+    with pytest.raises(ValueError, match="at least 1"):
+        CacheBudget(0)
+
+
+def test_a_generating_session_keeps_its_cache(tok):
+    model = lively_blsp(seed=4)
+    reached, release = threading.Event(), threading.Event()
+
+    def gate(call):
+        if call == 2:
+            reached.set()
+            release.wait(10)
+
+    session = ChatSession(model, tok)
+    session.submit_text("hello there")
+    record_forward(model, before=gate)
+    stream = session.stream_reply(GenerationOptions(max_new_tokens=4))
+    assert reached.wait(10)
+    assert session.release_cache() == 0 and session.cached_tokens > 0
+    release.set()
+    list(stream)
+    held = session.cached_tokens
+    assert held > 0 and session.release_cache() == held and session.cached_tokens == 0
 
 
 def test_a_turn_too_long_alone_raises_and_leaves_the_session_usable(tok):
