@@ -25,7 +25,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--share", action="store_true", help="create a public gradio.live link (off by default)")
     parser.add_argument("--auth", default=os.environ.get("BLSP_CHAT_AUTH"), help="USER:PASS required to open the page (or $BLSP_CHAT_AUTH)")
     parser.add_argument("--max-audio-seconds", type=float, default=120.0)
-    parser.add_argument("--concurrency", type=int, default=1, help="replies generated at once on the shared model")
+    parser.add_argument("--concurrency", type=positive_int, default=None,
+                        help="replies generated at once on the shared model, step by step in turn (default: 4)")
     add_context_option(parser)
     parser.add_argument("--max-cached-tokens", type=positive_int, default=DEFAULT_MAX_CACHED_TOKENS,
                         help="KV-cache positions all browser sessions may hold together; past it the least recently "
@@ -43,15 +44,16 @@ def parse_auth(value: str | None):
 
 
 def main(argv=None) -> None:
-    from blsp_chat.ui import build_demo
+    from blsp_chat.ui import DEFAULT_CONCURRENCY, build_demo
     from blsp_chat.weights import load_pretrained
 
     args = parse_args(argv)
     auth = parse_auth(args.auth)  # before the model loads, so that a typo is reported at once
     loaded = load_pretrained(args.model, device=args.device, dtype=DTYPES.get(args.dtype))
-    demo = build_demo(loaded, max_audio_seconds=args.max_audio_seconds, concurrency=args.concurrency,
+    concurrency = args.concurrency or DEFAULT_CONCURRENCY
+    demo = build_demo(loaded, max_audio_seconds=args.max_audio_seconds, concurrency=concurrency,
                       max_context_tokens=args.max_context_tokens, max_cached_tokens=args.max_cached_tokens)
-    demo.queue(default_concurrency_limit=args.concurrency).launch(
+    demo.queue(default_concurrency_limit=concurrency).launch(
         server_name=args.host, server_port=args.port, share=args.share, auth=auth)
 
 

@@ -20,6 +20,7 @@ sessions caps the positions their caches hold together, dropping the least recen
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import itertools
 import queue
@@ -48,6 +49,9 @@ CANCEL_JOIN_SECONDS = 60.0   # cancel() waits at most this long for the step in 
 # about one normal turn's prefill (h) when replies are as long as questions. Cutting to less keeps
 # less of the conversation; cutting to more re-prefills more often (every turn when cut by one pair).
 HISTORY_KEPT_ON_OVERFLOW = 1 / 3
+# A prefill runs in pieces of this many positions, each one turn at the model lock, so that another
+# session's decode step waits behind one piece rather than behind a whole long history.
+PREFILL_CHUNK_TOKENS = 256
 
 StopReason = Literal["eos", "stop_string", "max_new_tokens", "cancelled"]
 
@@ -170,17 +174,57 @@ def _reply_text(ids: list[int], eos: set[int], tokenizer) -> str:
 
 
 # --- one lock per model ---------------------------------------------------------------------------
-_MODEL_LOCKS: "weakref.WeakKeyDictionary[torch.nn.Module, threading.Lock]" = weakref.WeakKeyDictionary()
+class FairLock:
+    """A lock handed over to its waiters in arrival order. `threading.Lock` lets the thread that has
+    just released it take it again ahead of those waiting, so one reply could run many steps in a row
+    while another user's waits; handed over in order, sessions sharing a model take one step each."""
+
+    def __init__(self):
+        self._guard = threading.Lock()
+        self._waiters: collections.deque[threading.Event] = collections.deque()
+        self._held = False
+
+    def acquire(self) -> bool:
+        with self._guard:
+            if not self._held:
+                self._held = True
+                return True
+            turn = threading.Event()
+            self._waiters.append(turn)
+        turn.wait()  # release() hands the lock over by setting it: it is ours now
+        return True
+
+    def release(self) -> None:
+        with self._guard:
+            if not self._held:
+                raise RuntimeError("release of a FairLock that is not held")
+            if self._waiters:
+                self._waiters.popleft().set()
+            else:
+                self._held = False
+
+    def locked(self) -> bool:
+        return self._held
+
+    def __enter__(self) -> "FairLock":
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+_MODEL_LOCKS: "weakref.WeakKeyDictionary[torch.nn.Module, FairLock]" = weakref.WeakKeyDictionary()
 _MODEL_LOCKS_GUARD = threading.Lock()
 
 
-def model_lock(model) -> threading.Lock:
+def model_lock(model) -> FairLock:
     """The lock every forward pass on `model` holds, so sessions sharing a model take turns step by
-    step (their caches are their own, so interleaved steps are safe)."""
+    step, in arrival order (their caches are their own, so interleaved steps are safe)."""
     with _MODEL_LOCKS_GUARD:
         lock = _MODEL_LOCKS.get(model)
         if lock is None:
-            lock = _MODEL_LOCKS[model] = threading.Lock()
+            lock = _MODEL_LOCKS[model] = FairLock()
         return lock
 
 
@@ -584,19 +628,27 @@ class ChatSession:
         rest = target[len(stream.decode(ids[:keep])):]
         return ids[:keep] + (self.tokenizer(rest, add_special_tokens=False).input_ids if rest else [])
 
-    def _prefill(self, job: _Job) -> torch.Tensor:
-        """Crop the cache to the prefix it shares with the prompt and run the rest; logits (V,)."""
+    def _prefill(self, job: _Job) -> torch.Tensor | None:
+        """Crop the cache to the prefix it shares with the prompt and run the rest, `PREFILL_CHUNK_TOKENS`
+        at a time; the last position's logits (V,), or None when cancelled on the way."""
         keys = job.keys
         if not self.reuse_cache:
             self._reset_cache()
         shared = _common_prefix(self._cache_keys, keys)
         shared = min(shared, len(keys) - 1)  # the last position is always run: its logits start the reply
         self._crop_cache(shared)
-        mask = job.prompt.speech_mask
-        speech_before = sum(mask[:shared])
-        speech = torch.cat(job.speech)[speech_before:] if job.speech else None
-        return self._forward(job.prompt.input_ids[shared:], mask[shared:], [] if speech is None else [speech],
-                             start=shared, keys=keys[shared:])
+        ids, mask = job.prompt.input_ids, job.prompt.speech_mask
+        speech = torch.cat(job.speech)[sum(mask[:shared]):] if job.speech else None
+        logits = None
+        for begin in range(shared, len(ids), PREFILL_CHUNK_TOKENS):
+            if job.cancel.is_set():
+                return None
+            end = begin + PREFILL_CHUNK_TOKENS
+            spoken = sum(mask[begin:end])
+            chunk_speech = [] if speech is None else [speech[:spoken]]
+            speech = None if speech is None else speech[spoken:]
+            logits = self._forward(ids[begin:end], mask[begin:end], chunk_speech, start=begin, keys=keys[begin:end])
+        return logits
 
     def _forward(self, ids: Sequence[int], speech_mask: Sequence[bool], speech: list[torch.Tensor],
                  start: int, keys: list) -> torch.Tensor:

@@ -23,6 +23,9 @@ from .session import CacheBudget, ChatSession, ContextOverflowError
 
 EXAMPLES_DIR = Path(__file__).resolve().parent.parent / "assets" / "examples"
 TITLE = "BLSP chat: talk to a language model"
+# Replies generated at once. Their steps take turns at the model (session.FairLock), so a short question
+# starts answering after one step of each running reply instead of after the whole of the longest.
+DEFAULT_CONCURRENCY = 4
 UNTRAINED_NOTICE = ("**Note:** this model's speech adapter is untrained, so spoken turns are not understood yet; "
                     "typed turns work.")
 
@@ -178,8 +181,7 @@ class ChatHandlers:
         return chat.messages, chat
 
 
-
-def build_demo(loaded, *, max_audio_seconds: float | None = 120.0, concurrency: int = 1,
+def build_demo(loaded, *, max_audio_seconds: float | None = 120.0, concurrency: int = DEFAULT_CONCURRENCY,
                max_context_tokens: int | None = None, max_cached_tokens: int | None = None) -> gr.Blocks:
     """The page for one shared model; `max_context_tokens` caps each conversation (default: the LLM's),
     `max_cached_tokens` the KV-cache positions of all sessions together (default: no ceiling)."""

@@ -9,9 +9,10 @@ from transformers import RepetitionPenaltyLogitsProcessor, TopPLogitsWarper
 from blsp_chat.config import GenerationOptions
 from blsp_chat.prompt import Turn, render
 from blsp_chat.session import (
-    HISTORY_KEPT_ON_OVERFLOW, REPLACEMENT_CHAR, CacheBudget, ChatSession, ContextOverflowError, TextStream, apply_repetition_penalty, compression_ratio,
+    HISTORY_KEPT_ON_OVERFLOW, REPLACEMENT_CHAR, CacheBudget, ChatSession, FairLock, ContextOverflowError, TextStream, apply_repetition_penalty, compression_ratio,
     cut_at_stop, eos_token_ids, generate_replies, model_lock, next_token, speech_turn, top_p_filter,
 )
+from blsp_chat import session as session_module
 from blsp_chat.weights import LoadedBlsp
 from tiny import lively_blsp, tiny_blsp, tiny_tokenizer, tone
 
@@ -116,6 +117,77 @@ def test_mixed_conversation_with_cache_equals_recompute_from_scratch(tok):
         again.submit_audio(value, instruction=REPEAT) if kind == "audio" else again.submit_text(value)
         reply(again)
     assert again.turns == session.turns
+
+
+def test_a_prefill_in_pieces_equals_one_in_a_piece(tok, monkeypatch):
+    """Spoken and typed turns prefilled a few positions at a time (pieces cut through speech) give the
+    replies of one long prefill."""
+    steps = [("text", "hello there"), ("audio", tone(0.9, 330)), ("text", "the quick brown fox"),
+             ("audio", tone(1.7, 440, seed=1)), ("text", "paris.")]
+    conversations = {}
+    for piece in (10_000, 7):
+        monkeypatch.setattr(session_module, "PREFILL_CHUNK_TOKENS", piece)
+        model = lively_blsp(seed=3)
+        session = ChatSession(model, tok, reuse_cache=False)  # every reply prefills the whole history
+        lengths = record_forward(model)
+        for kind, value in steps:
+            session.submit_audio(value, instruction=REPEAT) if kind == "audio" else session.submit_text(value)
+            prompt_len = len(render(session.turns, tok))
+            del lengths[:]
+            reply(session)
+            pieces = -(-prompt_len // piece)  # ceiling
+            assert lengths[:pieces] == [min(piece, prompt_len - i * piece) for i in range(pieces)]
+        conversations[piece] = session.turns
+    assert conversations[7] == conversations[10_000]
+
+
+def test_replies_of_two_sessions_take_the_model_step_by_step_in_turn(tok):
+    """The model lock hands over in arrival order: while two replies run, neither takes two decode
+    steps in a row (a plain lock lets the thread that just released it take it straight back)."""
+    model = tiny_blsp()  # its untrained LLM repeats one token: no early end of text
+    order = []
+    original = model.llama_model.forward
+
+    def forward(*args, **kwargs):
+        order.append(id(kwargs["past_key_values"]))
+        time.sleep(0.002)  # a step that takes a while, as a real one does
+        return original(*args, **kwargs)
+
+    model.llama_model.forward = forward
+    sessions = [ChatSession(model, tok) for _ in range(2)]
+    for session, text in zip(sessions, ("hello there", "the lazy dog")):
+        session.submit_text(text)
+    streams = [session.stream_reply(GenerationOptions(max_new_tokens=40)) for session in sessions]
+    for stream in streams:
+        list(stream)
+    assert [len(s.turns[-1].token_ids) for s in sessions] == [40, 40]
+    both_running = order[: len(order) - next(i for i, c in enumerate(reversed(order)) if c != order[-1])]
+    assert len(set(both_running)) == 2 and len(both_running) > 60
+    repeats = sum(a == b for a, b in zip(both_running, both_running[1:]))
+    assert repeats <= 2, f"{repeats} steps in a row by one session while the other waited"
+
+
+def test_fair_lock_hands_over_in_arrival_order():
+    lock, order, started = FairLock(), [], []
+    lock.acquire()
+
+    def waiter(name):
+        started.append(name)
+        with lock:
+            order.append(name)
+
+    threads = []
+    for name in "abc":
+        threads.append(threading.Thread(target=waiter, args=(name,)))
+        threads[-1].start()
+        while len(lock._waiters) < len(threads):  # each queues before the next starts
+            time.sleep(0.001)
+    lock.release()
+    for thread in threads:
+        thread.join(10)
+    assert order == ["a", "b", "c"] and not lock.locked()
+    with pytest.raises(RuntimeError, match="not held"):
+        lock.release()
 
 
 def test_speech_is_encoded_once_per_turn(tok):
