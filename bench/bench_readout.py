@@ -27,8 +27,8 @@ import torch
 from blsp_chat.audio import load_audio
 from blsp_chat.constants import REPEAT_INSTRUCTION, SAMPLE_RATE
 from blsp_chat.prompt import Turn, render, template_for
-from blsp_chat.weights import load_pretrained
-from train.evaluate import WhisperTranscriber, whisper_source
+from blsp_chat.weights import load_pretrained, resolve_base
+from train.evaluate import WhisperTranscriber
 
 READOUTS = ("embeddings", "ctc", "ctc+lm")
 
@@ -107,8 +107,9 @@ def main() -> None:
     configs = {"embeddings": dataclasses.replace(ctc_config, speech_readout="embeddings"),
                "ctc": dataclasses.replace(ctc_config, ctc_lm_weight=0.0),
                "ctc+lm": dataclasses.replace(ctc_config, ctc_lm_weight=lm_weight, ctc_token_bonus=bonus)}
-    transcriber = WhisperTranscriber(whisper_source(argparse.Namespace(whisper=None, model=args.model), loaded),
-                                     device=args.device)
+    if not ctc_config.whisper_name_or_path:
+        raise SystemExit("this checkpoint names no base Whisper, so there is no Whisper decoder to time")
+    transcriber = WhisperTranscriber(resolve_base(ctc_config.whisper_name_or_path), device=args.device)
     print(f"model: {loaded.source}; device {args.device}; {torch.get_num_threads()} threads; median of {args.repeats}")
     print(f"ctc+lm: lm weight {lm_weight}, token bonus {bonus}, beam {ctc_config.ctc_beam_size}")
     print(" clip s | readout    positions  encode s  prefill s  TTFT s | /embeddings: positions  TTFT | /whisper")
