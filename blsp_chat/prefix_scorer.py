@@ -97,9 +97,11 @@ class KvCachedPrefixScorer:
 
     def _read_ahead_of(self, missing: list[Prefix]) -> None:
         """One forward: each missing prefix and the expected pieces after it, over its nearest read ancestor."""
-        targets = [p + self._expected_after(p) for p in missing]
-        targets = [t for t in dict.fromkeys(targets) if not any(o != t and o[:len(t)] == t for o in targets)]
-        ancestors = [self._nearest_read(t) for t in targets]
+        chains = {p + self._expected_after(p): self._nearest_read(p) for p in missing}  # target -> read from
+        # A chain that another one read from an ancestor no longer than its own covers is read with that one.
+        targets = [t for t, a in chains.items()
+                   if not any(o != t and o[:len(t)] == t and _depth(b) <= _depth(a) for o, b in chains.items())]
+        ancestors = [chains[t] for t in targets]
         # A prefix with no read ancestor starts with the start token itself.
         tails = [t[len(a):] if a is not None else (self.start_id, *t) for t, a in zip(targets, ancestors)]
         reads = [self._read[a] if a is not None else None for a in ancestors]
@@ -152,6 +154,10 @@ class KvCachedPrefixScorer:
             pads = [width - length for length in lengths]
             layers.append((_left_padded(keys, pads), _left_padded(values, pads)))
         return DynamicCache(ddp_cache_data=layers, config=self.llm.config)
+
+
+def _depth(ancestor: Prefix | None) -> int:
+    return len(ancestor) if ancestor is not None else -1
 
 
 def _left_padded(states: list[torch.Tensor], pads: list[int]) -> torch.Tensor:

@@ -196,6 +196,10 @@ def test_the_kv_cached_scorer_reads_the_expected_pieces_ahead_in_the_same_forwar
     scorer.expect([8, 7])  # a beam that ends with the first expected piece holds it: read on from the next
     scorer([(5, 12, 40, 40, 8)])
     assert (5, 12, 40, 40, 8, 7) in scorer.cached_prefixes and scorer.forwards == 2
+    scorer([(5, 12, 40, 40, 8, 7)])  # only this one is alive now: its shorter prefixes are dropped
+    scorer.expect([7, 3])
+    shorter = [(5, 12, 40, 40, 8)]  # read again, though the expected pieces after it are cached
+    torch.testing.assert_close(torch.stack(scorer(shorter)), model.next_piece_log_probs(shorter), atol=1e-4, rtol=1e-4)
     with pytest.raises(ValueError, match="read_ahead"):
         KvCachedPrefixScorer(model.llama_model, read_ahead=-1)
 
