@@ -97,11 +97,7 @@ class KvCachedPrefixScorer:
 
     def _read_ahead_of(self, missing: list[Prefix]) -> None:
         """One forward: each missing prefix and the expected pieces after it, over its nearest read ancestor."""
-        chains = {p + self._expected_after(p): self._nearest_read(p) for p in missing}  # target -> read from
-        # A chain that another one read from an ancestor no longer than its own covers is read with that one.
-        targets = [t for t, a in chains.items()
-                   if not any(o != t and o[:len(t)] == t and _depth(b) <= _depth(a) for o, b in chains.items())]
-        ancestors = [chains[t] for t in targets]
+        targets, ancestors = self._chains(missing)
         # A prefix with no read ancestor starts with the start token itself.
         tails = [t[len(a):] if a is not None else (self.start_id, *t) for t, a in zip(targets, ancestors)]
         reads = [self._read[a] if a is not None else None for a in ancestors]
@@ -110,7 +106,7 @@ class KvCachedPrefixScorer:
         mask = torch.zeros(len(targets), width + added, dtype=torch.long)
         ids = torch.full((len(targets), added), self.start_id, dtype=torch.long)
         for row, (length, tail) in enumerate(zip(lengths, tails)):
-            mask[row, width - length: width + len(tail)] = 1
+            mask[row, width - length: width + len(tail)] = 1  # left padding before the cache, right after the tail
             ids[row, :len(tail)] = torch.tensor(tail)
         positions = torch.tensor(lengths)[:, None] + torch.arange(added)
         out = self.llm(input_ids=ids.to(self.device), position_ids=positions.to(self.device),
@@ -120,14 +116,21 @@ class KvCachedPrefixScorer:
         log_probs = out.logits.float().log_softmax(-1).cpu()
         layers = out.past_key_values.layers
         for row, (target, tail, length) in enumerate(zip(targets, tails, lengths)):
-            first_new = len(target) - len(tail) + (1 if length == 0 else 0)  # pieces before the tail's first
-            for step in range(len(tail)):
-                prefix = target[:first_new + step] if length == 0 else target[:first_new + step + 1]
+            for step in range(len(tail)):  # every prefix along the tail, each ending at its token
+                prefix = target[:len(target) - len(tail) + step + 1]
                 if prefix not in self._read:
-                    end = width + step + 1
-                    self._read[prefix] = _Read(keys=tuple(layer.keys[row, :, width - length:end] for layer in layers),
-                                               values=tuple(layer.values[row, :, width - length:end] for layer in layers),
+                    kept = slice(width - length, width + step + 1)
+                    self._read[prefix] = _Read(keys=tuple(layer.keys[row, :, kept] for layer in layers),
+                                               values=tuple(layer.values[row, :, kept] for layer in layers),
                                                log_probs=log_probs[row, step])
+
+    def _chains(self, missing: list[Prefix]) -> tuple[list[Prefix], list[Prefix | None]]:
+        """What to read: each missing prefix and its expected pieces, and the read ancestor to read it from;
+        a chain that another covers (read from an ancestor no longer than its own) is read with that one."""
+        chains = {p + self._expected_after(p): self._nearest_read(p) for p in missing}
+        targets = [t for t, a in chains.items()
+                   if not any(o != t and o[:len(t)] == t and _depth(b) <= _depth(a) for o, b in chains.items())]
+        return targets, [chains[t] for t in targets]
 
     def _expected_after(self, prefix: Prefix) -> Prefix:
         """The expected pieces that follow `prefix` (a piece it already ends with is being held, not added)."""
