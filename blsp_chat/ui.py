@@ -137,10 +137,11 @@ class ChatHandlers:
         finally:
             chunks.close()
         if chat.generation != generation:
-            with chat.lock:  # waits until Clear/Undo has finished editing
-                # An update of this stream sent just before theirs can reach the page after it: end on
-                # their page, so that the last word (and the stream's closing message) agrees with the server.
-                yield (chat.messages, chat, *extra)
+            with chat.lock:  # waits until Clear/Undo has finished editing (never held across a yield)
+                messages = list(chat.messages)
+            # An update of this stream sent just before theirs can reach the page after it: end on their
+            # page, so that the last word (and the stream's closing message) agrees with the server.
+            yield (messages, chat, *extra)
 
     def regenerate(self, *settings_and_state) -> Iterator[tuple]:
         *settings, state = settings_and_state

@@ -167,6 +167,36 @@ def test_replies_of_two_sessions_take_the_model_step_by_step_in_turn(tok):
     assert repeats <= 2, f"{repeats} steps in a row by one session while the other waited"
 
 
+def test_a_long_prefill_does_not_hold_up_another_sessions_reply(tok, monkeypatch):
+    """An overflowing turn prefills its whole kept history: in pieces, between which the other session's
+    decode steps run, so the other reply advances about one step per piece instead of waiting for all."""
+    monkeypatch.setattr(session_module, "PREFILL_CHUNK_TOKENS", 8)
+    model = tiny_blsp()
+    calls = []
+    original = model.llama_model.forward
+
+    def forward(*args, **kwargs):
+        calls.append((id(kwargs["past_key_values"]), kwargs["inputs_embeds"].shape[1]))
+        time.sleep(0.002)
+        return original(*args, **kwargs)
+
+    model.llama_model.forward = forward
+    long, short = ChatSession(model, tok), ChatSession(model, tok)
+    long.submit_text("the quick brown fox jumps over the lazy dog " * 12)
+    short.submit_text("hello there")
+    short_stream = short.stream_reply(GenerationOptions(max_new_tokens=60))
+    next(short_stream)  # the short reply is under way
+    long_stream = long.stream_reply(GenerationOptions(max_new_tokens=2))
+    list(long_stream)
+    list(short_stream)
+    long_cache = id(long._cache)
+    pieces = [i for i, (cache, length) in enumerate(calls) if cache == long_cache and length > 1]
+    assert len(pieces) >= 8, "the long prompt is prefilled in pieces"
+    short_steps_between = [sum(1 for cache, _ in calls[a + 1:b] if cache != long_cache)
+                           for a, b in zip(pieces, pieces[1:])]
+    assert all(steps >= 1 for steps in short_steps_between), short_steps_between
+
+
 def test_fair_lock_hands_over_in_arrival_order():
     lock, order, started = FairLock(), [], []
     lock.acquire()
