@@ -69,3 +69,21 @@ def app_url(default_blsp):
     demo.queue().launch(server_name="127.0.0.1", server_port=_free_port(), prevent_thread_lock=True, quiet=True)
     yield demo.local_url
     demo.close()
+
+
+@pytest.fixture
+def prefill_fails_once(monkeypatch):
+    """The next reply's prefill fails as a GPU out of memory does, once; the replies after it run."""
+    import torch
+
+    from blsp_chat.session import ChatSession
+
+    real_prefill, calls = ChatSession._prefill, []
+
+    def out_of_memory_once(self, job):
+        calls.append(1)
+        if len(calls) == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real_prefill(self, job)
+
+    monkeypatch.setattr(ChatSession, "_prefill", out_of_memory_once)

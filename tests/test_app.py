@@ -106,21 +106,7 @@ def test_long_conversation_drops_old_turns_and_says_so(app_url):
     assert final[0][-1]["role"] == "assistant" and _last_text(final[0]).strip()
 
 
-def test_generation_failure_shows_a_message_and_the_next_turn_works(app_url, monkeypatch):
-    import torch
-
-    from blsp_chat.session import ChatSession
-
-    real_prefill = ChatSession._prefill
-    calls = []
-
-    def out_of_memory_once(self, job):
-        calls.append(1)
-        if len(calls) == 1:
-            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return real_prefill(self, job)
-
-    monkeypatch.setattr(ChatSession, "_prefill", out_of_memory_once)
+def test_generation_failure_shows_a_message_and_the_next_turn_works(app_url, prefill_fails_once):
     client = _client(app_url)
     _, final = _send(client, text="What is the capital of France?")
     assert "out of memory" in _last_text(final[0])

@@ -322,18 +322,7 @@ def test_malformed_json_and_unknown_routes_get_openai_errors(url):
     assert missing.status_code == 404 and set(missing.json()["error"]) == {"message", "type", "param", "code"}
 
 
-def test_a_failed_generation_is_a_500_and_the_server_goes_on(client, monkeypatch):
-    import torch
-
-    real_prefill, calls = ChatSession._prefill, []
-
-    def out_of_memory_once(self, job):
-        calls.append(1)
-        if len(calls) == 1:
-            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return real_prefill(self, job)
-
-    monkeypatch.setattr(ChatSession, "_prefill", out_of_memory_once)
+def test_a_failed_generation_is_a_500_and_the_server_goes_on(client, prefill_fails_once):
     with pytest.raises(openai.InternalServerError, match="out of memory"):
         chat(client, TYPED)
     assert chat(client, TYPED).choices[0].message.content
