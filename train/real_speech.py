@@ -54,7 +54,7 @@ from blsp_chat.weights import cache_dir, sha256_of
 
 from . import metrics
 from .prepare_data import english_normalizer
-from .synthesize import write_jsonl_atomic
+from .synthesize import read_jsonl_tolerant, write_jsonl_atomic
 
 POCKETSPHINX_DATA = Path("/usr/share/pocketsphinx/test/data")
 KTUBERLING_SOUNDS = Path("/usr/share/ktuberling/sounds/en")
@@ -219,7 +219,7 @@ def run_replies(run_dir: Path) -> tuple[str, dict[str, str]]:
     files = sorted(Path(run_dir).glob("asr.*.jsonl"))
     if not files:
         raise FileNotFoundError(f"{run_dir} holds no asr.*.jsonl: run `python -m train.evaluate --task asr` into it first")
-    records = [json.loads(line) for f in files for line in f.read_text(encoding="utf-8").splitlines() if line.strip()]
+    records = [record for f in files for record in read_jsonl_tolerant(f)]
     system, name = (records[0].get("system", "?") if records else "?"), Path(run_dir).name
     label = system if name == system else f"{system} ({name})"
     return label, {r["id"]: r.get("reply", "") for r in records}
@@ -239,7 +239,7 @@ def wer_by_source(manifest: list[dict], replies: dict[str, str], normalizer) -> 
 
 def score_table(manifest_path: Path, run_dirs: list[Path]) -> str:
     """Markdown: rows are sources (clips), columns the runs' WER (%)."""
-    manifest = [json.loads(line) for line in Path(manifest_path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    manifest = read_jsonl_tolerant(manifest_path)
     normalizer = metrics.EnglishNormalizer()
     columns = []
     for run_dir in run_dirs:
