@@ -100,7 +100,7 @@ def ctc_readout(speech: torch.Tensor, embeddings: torch.Tensor, blank_id: int, t
     dropped, and each other segment becomes its mean posterior (softmax of the logits / temperature, over
     each output's READOUT_TOP_K nearest words) times the embedding table: one vector per word piece,
     inside the span of the LLM's own word embeddings.
-    Low temperatures approach the nearest word's embedding. A clip heard as all blank reads as the blank.
+    Low temperatures approach the nearest word's embedding. A clip heard as all blank reads as nothing: (0, d).
     """
     if speech.shape[0] == 0:
         return speech
@@ -117,7 +117,7 @@ def ctc_readout(speech: torch.Tensor, embeddings: torch.Tensor, blank_id: int, t
     segment_of = starts.cumsum(0) - 1
     keep = labels[starts] != blank_id
     if not keep.any():
-        return embeddings[blank_id][None].to(speech.dtype)
+        return speech[:0]
     sums = torch.zeros(len(keep), table.shape[1], device=speech.device).index_add_(0, segment_of, torch.cat(expected))
     sizes = torch.bincount(segment_of, minlength=len(keep)).to(sums.dtype)
     return (sums[keep] / sizes[keep, None]).to(speech.dtype)

@@ -137,7 +137,11 @@ def run_generate(args: argparse.Namespace) -> int:
         turn, audios = Turn("human", instruction=args.instruction, text=args.text), []
     else:
         turn, audios = speech_turn(audio, loaded.model, instruction=args.instruction), [audio]
-    print(generate_reply(loaded, [turn], audios, options))
+    try:
+        print(generate_reply(loaded, [turn], audios, options))
+    except AudioError as err:  # the model heard no words in the clip
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -23,7 +23,7 @@ import numpy as np
 from .audio import DEFAULT_MAX_AUDIO_SECONDS, AudioError, load_audio
 from .config import GenerationOptions
 from .prompt import Turn, render, template_for
-from .session import generate_replies, speech_turn
+from .session import NothingHeardError, replies_if_heard, speech_turn
 
 LINE_KEY = "_line"         # where each output line records its manifest line number
 RESPONSE_KEY = "response"
@@ -154,8 +154,11 @@ def _answer(loaded, batch: list[Item], manifest_dir: Path, instruction: str, opt
             continue
         turns[item.line] = turn
     ready = [item for item in batch if item.line in turns]
-    replies = generate_replies(loaded, [[turns[i.line]] for i in ready], [[i.audio] for i in ready], options) if ready else []
-    answers = {item.line: reply for item, reply in zip(ready, replies)}
+    replies = replies_if_heard(loaded, [[turns[i.line]] for i in ready], [[i.audio] for i in ready], options) if ready else []
+    answers = {item.line: reply for item, reply in zip(ready, replies) if reply is not None}
+    for item, reply in zip(ready, replies):
+        if reply is None:
+            item.error = str(NothingHeardError())
     results = []
     for item in batch:
         record = {k: v for k, v in item.record.items() if k not in (RESPONSE_KEY, ERROR_KEY, LINE_KEY)}

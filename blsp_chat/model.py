@@ -242,7 +242,7 @@ class BlspModel(nn.Module):
 
     def lm_fused_readout(self, speech: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
         """The "ctc" readout decoded by prefix beam search with the LLM as its language model: the
-        embeddings of the word pieces found (the blank's, if none). The LLM reads each new beam as one
+        embeddings of the word pieces found (none if it heard only blanks). The LLM reads each new beam as one
         decode step over its parent's cached keys and values (`KvCachedPrefixScorer`)."""
         if speech.shape[0] == 0:
             return speech
@@ -251,7 +251,7 @@ class BlspModel(nn.Module):
         pieces = prefix_beam_search(log_probs, ids, config.ctc_blank_id, KvCachedPrefixScorer(self.llama_model),
                                     lm_weight=config.ctc_lm_weight, token_bonus=config.ctc_token_bonus,
                                     beam_size=config.ctc_beam_size)
-        return table[pieces or [config.ctc_blank_id]].to(speech.dtype)
+        return table[torch.tensor(pieces, dtype=torch.long, device=table.device)].to(speech.dtype)
 
     @torch.no_grad()
     def next_piece_log_probs(self, prefixes: Sequence[tuple[int, ...]]) -> torch.Tensor:

@@ -35,7 +35,7 @@ from .audio import DEFAULT_MAX_AUDIO_SECONDS, AudioError, load_audio
 from .config import GenerationOptions
 from .constants import REPEAT_INSTRUCTION, SAMPLE_RATE
 from .prompt import render
-from .session import ChatSession, ContextOverflowError, ReplyChunk
+from .session import ChatSession, ContextOverflowError, NothingHeardError, ReplyChunk
 
 DEFAULT_MODEL_ID = "blsp-chat"
 OWNER = "blsp-chat"
@@ -48,6 +48,7 @@ MAX_STOP_SEQUENCES = 4                   # OpenAI accepts up to four stop string
 SSE_DONE = "data: [DONE]\n\n"
 # How the engine's reply ended -> OpenAI's finish_reason.
 FINISH_REASONS = {"eos": "stop", "stop_string": "stop", "max_new_tokens": "length", "cancelled": "stop"}
+NO_SPEECH_HEARD = "no_speech_heard"         # error code of a clip in which the model heard no words
 
 
 # --- errors ----------------------------------------------------------------------------------------
@@ -540,6 +541,8 @@ def create_app(engine: Engine, *, limits: ServerLimits = ServerLimits(), api_key
             return engine.start(turns, options, seed)
         except ContextOverflowError as err:
             raise bad_request(str(err), "messages", code="context_length_exceeded") from err
+        except NothingHeardError as err:  # a valid clip with no words in it: say so, with its own code
+            raise bad_request(str(err), "messages", code=NO_SPEECH_HEARD) from err
         except AudioError as err:
             raise bad_request(str(err), "messages", code="invalid_audio") from err
         except Exception as err:  # a failed encoding or prefill (out of memory): say so; the server goes on
@@ -585,8 +588,13 @@ def create_app(engine: Engine, *, limits: ServerLimits = ServerLimits(), api_key
             raise bad_request(f"response_format {response_format!r} is not supported; use json or text", "response_format")
         options = decoding_options(None, temperature, None, limits)
         audio = decode_audio(file.file.read(), "file", limits)
-        reply = start([EngineTurn("human", instruction=REPEAT_INSTRUCTION, audio=audio)], options)
-        text = answer(reply, StopCutter(()))["choices"][0]["message"]["content"]
+        try:
+            reply = start([EngineTurn("human", instruction=REPEAT_INSTRUCTION, audio=audio)], options)
+            text = answer(reply, StopCutter(()))["choices"][0]["message"]["content"]
+        except ApiError as err:
+            if err.code != NO_SPEECH_HEARD:
+                raise
+            text = ""  # as Whisper transcribes a clip without words
         return PlainTextResponse(text) if response_format == "text" else {"text": text}
 
     return app

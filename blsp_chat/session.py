@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from transformers import DynamicCache
 
-from .audio import validate_audio
+from .audio import AudioError, validate_audio
 from .config import GenerationOptions
 from .constants import STOP_STRINGS
 from .prompt import RenderedPrompt, Turn, render, template_for
@@ -54,6 +54,22 @@ HISTORY_KEPT_ON_OVERFLOW = 1 / 3
 PREFILL_CHUNK_TOKENS = 256
 
 StopReason = Literal["eos", "stop_string", "max_new_tokens", "cancelled"]
+
+
+class NothingHeardError(AudioError):
+    """A spoken clip in which the speech readout found no words (a CTC readout that hears only blanks).
+    Handed nothing, the LLM would answer an empty turn with a made-up or looping reply, so the turn is
+    refused instead, with what to do about it."""
+
+    def __init__(self):
+        super().__init__("No words were heard in the recording. Speak a little longer, more clearly or closer "
+                         "to the microphone, or type the message.")
+
+
+def check_heard(speech: Sequence[torch.Tensor]) -> None:
+    """Raise NothingHeardError if a clip's readout holds no vectors."""
+    if any(clip.shape[0] == 0 for clip in speech):
+        raise NothingHeardError()
 
 
 def eos_token_ids(tokenizer, llm) -> list[int]:
@@ -89,8 +105,12 @@ def with_speech_lengths(turns: Sequence[Turn], speech: Sequence[torch.Tensor]) -
 
 
 def generate_reply(loaded, turns: Sequence[Turn], audios: Sequence[np.ndarray] = (), options: GenerationOptions = GenerationOptions()) -> str:
-    """One reply to a conversation ending in a human turn; `audios` in the order of the speech turns."""
-    return generate_replies(loaded, [turns], [audios], options)[0]
+    """One reply to a conversation ending in a human turn; `audios` in the order of the speech turns.
+    Raises NothingHeardError when the readout heard no words in one of the clips."""
+    (reply,) = replies_if_heard(loaded, [turns], [audios], options)
+    if reply is None:
+        raise NothingHeardError()
+    return reply
 
 
 def pad_token_id(tokenizer) -> int:
@@ -117,10 +137,18 @@ def generate_replies(loaded, conversations: Sequence[Sequence[Turn]], audios: Se
     audios[i]: the clips of conversation i's speech turns, in order. Greedy replies equal those of
     `session.generate_reply` one by one (positions come from the attention mask, so padding does not
     shift them); each stops at EOS or `###`. A reply that loops (see `GenerationOptions.fallback_temperatures`)
-    is decoded again, and the first try under the compression threshold is kept, else the least looping one."""
+    is decoded again, and the first try under the compression threshold is kept, else the least looping one.
+    A conversation with a clip in which the readout heard no words gets the empty reply (no LLM call):
+    scored against a transcript, that is every word missed, not a made-up sentence."""
+    return [reply or "" for reply in replies_if_heard(loaded, conversations, audios, options)]
+
+
+def replies_if_heard(loaded, conversations, audios, options: GenerationOptions) -> list[str | None]:
+    """`generate_replies`, with None for each conversation that has a clip heard as nothing."""
     replies = _generate_batch(loaded, conversations, audios, options)
     for step, temperature in enumerate(options.fallback_temperatures):
-        looping = [i for i, reply in enumerate(replies) if compression_ratio(reply) > options.compression_ratio_threshold]
+        looping = [i for i, reply in enumerate(replies)
+                   if reply is not None and compression_ratio(reply) > options.compression_ratio_threshold]
         if not looping:
             break
         device = loaded.model.device
@@ -144,27 +172,45 @@ def compression_ratio(text: str) -> float:
 def encoded_batch(loaded, conversations: Sequence[Sequence[Turn]], audios: Sequence[Sequence[np.ndarray]]
                   ) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
     """Conversations -> their left-padded batch (`left_padded_batch`) and the encoded speech, in order.
-    The clips are encoded first: with a content-dependent readout the prompts can be laid out only then."""
+    The clips are encoded first: with a content-dependent readout the prompts can be laid out only then.
+    Raises NothingHeardError if the readout heard no words in a clip."""
+    speech = loaded.model.encode_speech([a for clips in audios for a in clips])
+    check_heard(speech)
+    return _laid_out(loaded, conversations, _per_conversation(speech, audios)), speech
+
+
+def _per_conversation(speech: Sequence[torch.Tensor], audios: Sequence[Sequence[np.ndarray]]) -> list[list[torch.Tensor]]:
+    clips = iter(speech)
+    return [[next(clips) for _ in conversation] for conversation in audios]
+
+
+def _laid_out(loaded, conversations: Sequence[Sequence[Turn]], speech: Sequence[Sequence[torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Conversations and their encoded clips -> the left-padded batch."""
     model, tokenizer = loaded.model, loaded.tokenizer
-    speech = model.encode_speech([a for clips in audios for a in clips])
     if model.speech_length_varies:
-        heard = iter(speech)
-        conversations = [with_speech_lengths(turns, [next(heard) for _ in clips])
-                         for turns, clips in zip(conversations, audios)]
+        conversations = [with_speech_lengths(turns, clips) for turns, clips in zip(conversations, speech)]
     template = template_for(model.config.prompt_template, tokenizer)
     prompts = [render(turns, tokenizer, template) for turns in conversations]
-    return left_padded_batch(prompts, pad_token_id(tokenizer)), speech
+    return left_padded_batch(prompts, pad_token_id(tokenizer))
 
 
-def _generate_batch(loaded, conversations, audios, options: GenerationOptions) -> list[str]:
+def _generate_batch(loaded, conversations, audios, options: GenerationOptions) -> list[str | None]:
+    """One batch's replies; None for a conversation with a clip heard as nothing (it is left out of the batch)."""
     model, tokenizer = loaded.model, loaded.tokenizer
     eos = eos_token_ids(tokenizer, model.llama_model)
+    replies: list[str | None] = [None] * len(conversations)
     with model_lock(model):
-        batch, speech = encoded_batch(loaded, conversations, audios)
-        new_ids = model.generate(**batch, speech_embeds=speech, options=options, eos_token_id=eos,
-                                 pad_token_id=pad_token_id(tokenizer), stop_strings=list(STOP_STRINGS),
-                                 tokenizer=tokenizer)
-    return [_reply_text(row.tolist(), set(eos), tokenizer) for row in new_ids]
+        speech = _per_conversation(model.encode_speech([a for clips in audios for a in clips]), audios)
+        heard = [i for i, clips in enumerate(speech) if all(clip.shape[0] for clip in clips)]
+        if not heard:
+            return replies
+        batch = _laid_out(loaded, [conversations[i] for i in heard], [speech[i] for i in heard])
+        new_ids = model.generate(**batch, speech_embeds=[clip for i in heard for clip in speech[i]], options=options,
+                                 eos_token_id=eos, pad_token_id=pad_token_id(tokenizer),
+                                 stop_strings=list(STOP_STRINGS), tokenizer=tokenizer)
+    for i, row in zip(heard, new_ids):
+        replies[i] = _reply_text(row.tolist(), set(eos), tokenizer)
+    return replies
 
 
 def _reply_text(ids: list[int], eos: set[int], tokenizer) -> str:
@@ -432,6 +478,7 @@ class ChatSession:
         self._check_can_submit()
         with torch.inference_mode(), model_lock(self.model):
             (speech,) = self.model.encode_speech([audio])
+        check_heard([speech])  # refused before it joins the history: the conversation stays as it was
         turn = Turn("human", instruction=instruction, text=text, speech_tokens=speech.shape[0])
         return self._append(_Entry(turn, speech, next(_uids)))
 

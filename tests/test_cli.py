@@ -173,17 +173,17 @@ def test_resume_skips_lines_already_written_and_a_torn_last_line(tmp_path, tiny_
     done = [{**records[0], "response": "kept 1", "_line": 1}, {**records[2], "response": "kept 3", "_line": 3}]
     out.write_text("".join(json.dumps(r) + "\n" for r in done) + '{"audio": "clip1.wav", "resp')  # killed mid-write
     calls = []
-    original = manifest.generate_replies
+    original = manifest.replies_if_heard
 
     def counting(loaded, conversations, audios, options):
         calls.append(len(conversations))
         return original(loaded, conversations, audios, options)
 
-    manifest.generate_replies = counting
+    manifest.replies_if_heard = counting
     try:
         summary = manifest.run_manifest(tiny_loaded, source, out, batch_size=2, options=OPTIONS, progress=False)
     finally:
-        manifest.generate_replies = original
+        manifest.replies_if_heard = original
     lines = read_out(out)
     assert sorted(r["_line"] for r in lines) == [1, 2, 3, 4, 5]  # each exactly once
     assert lines[:2] == done  # never redone

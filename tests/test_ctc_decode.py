@@ -10,7 +10,7 @@ from blsp_chat.adapter import collapse_ctc, ctc_label_candidates, embedding_dist
 from blsp_chat.ctc_decode import cached_lm, prefix_beam_search
 from blsp_chat.model import CTC_BEAM_LABELS
 from blsp_chat.prefix_scorer import KvCachedPrefixScorer
-from tiny import VOCAB, tiny_blsp, tone
+from tiny import VOCAB, blank_hearing_blsp, tiny_blsp, tone
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "assets" / "examples"
 
@@ -117,6 +117,13 @@ def test_the_model_reads_out_the_embeddings_of_the_pieces_the_fused_search_finds
     (speech,) = model.encode_speech([audio])
     torch.testing.assert_close(speech, table[pieces or [5]])
     assert model.speech_token_count(len(audio)) == raw.shape[0] >= speech.shape[0]
+
+
+def test_the_fused_readout_of_a_clip_heard_as_only_blanks_is_empty():
+    model = blank_hearing_blsp(ctc_lm_weight=0.3, ctc_token_bonus=0.5)
+    raw = model.adapt_windows(model.encode_windows([tone(2.0)]))[0]
+    (speech,) = model.encode_speech([tone(2.0)])
+    assert raw.shape[0] > 0 and speech.shape == (0, raw.shape[1])
 
 
 def test_the_llm_scores_prefixes_as_plain_text_whatever_their_padding():

@@ -203,9 +203,9 @@ def test_ctc_readout_is_the_mean_posterior_of_each_segment_times_the_table(monke
     torch.testing.assert_close(ctc_readout(speech, table, 0, temperature=2.0), expected)
 
 
-def test_ctc_readout_of_silence_is_the_blank_and_of_nothing_is_nothing():
+def test_ctc_readout_of_only_blanks_or_of_nothing_is_nothing():
     table = readout_table()
-    torch.testing.assert_close(ctc_readout(table[[0, 0, 0]], table, 0, 0.1), table[[0]])
+    assert ctc_readout(table[[0, 0, 0]], table, 0, 0.1).shape == (0, 4)
     assert ctc_readout(torch.zeros(0, 4), table, 0, 0.1).shape == (0, 4)
 
 

@@ -29,7 +29,7 @@ from blsp_chat.prompt import render
 from blsp_chat.serve import MEBIBYTE, InProcessEngine, ServerLimits, create_app
 from blsp_chat.session import ChatSession
 from blsp_chat.weights import LoadedBlsp
-from tiny import lively_blsp, tiny_tokenizer, tone
+from tiny import hears_only_long_clips, lively_blsp, tiny_tokenizer, tone
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLE = REPO / "assets" / "examples" / "capital_of_france.wav"
@@ -256,6 +256,19 @@ def test_transcription_repeats_the_clip(client, loaded, tmp_path):
     with pytest.raises(openai.BadRequestError) as err:
         client.audio.transcriptions.create(model=MODEL, file=("x.wav", b"not audio at all"))
     assert err.value.code == "invalid_audio"
+
+
+def test_a_clip_heard_as_no_words_is_refused_by_chat_and_transcribed_as_nothing():
+    loaded = LoadedBlsp(hears_only_long_clips(lively_blsp(seed=3), min_seconds=1.0), tiny_tokenizer(), "tiny",
+                        adapter_trained=True)
+    short, long = wav_bytes(tone(0.6, freq=300)), wav_bytes(tone(1.5, freq=300))
+    with running(create_app(InProcessEngine(loaded, MODEL, max_context_tokens=CONTEXT), limits=LIMITS)) as base:
+        client = make_client(base)
+        with pytest.raises(openai.BadRequestError, match="No words were heard") as err:
+            chat(client, [{"role": "user", "content": [audio_part(short)]}])
+        assert err.value.code == "no_speech_heard"
+        assert client.audio.transcriptions.create(model=MODEL, file=("short.wav", short)).text == ""
+        assert chat(client, [{"role": "user", "content": [audio_part(long)]}]).choices[0].message.content
 
 
 # --- bad input -------------------------------------------------------------------------------------------

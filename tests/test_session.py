@@ -10,11 +10,12 @@ from blsp_chat.config import GenerationOptions
 from blsp_chat.prompt import Turn, render
 from blsp_chat.session import (
     HISTORY_KEPT_ON_OVERFLOW, REPLACEMENT_CHAR, CacheBudget, ChatSession, FairLock, ContextOverflowError, TextStream, apply_repetition_penalty, compression_ratio,
-    cut_at_stop, eos_token_ids, generate_replies, model_lock, next_token, speech_turn, top_p_filter,
+    NothingHeardError, cut_at_stop, encoded_batch, eos_token_ids, generate_replies, generate_reply, model_lock, next_token, speech_turn, top_p_filter,
 )
 from blsp_chat import session as session_module
 from blsp_chat.weights import LoadedBlsp
-from tiny import lively_blsp, tiny_blsp, tiny_tokenizer, tone
+from blsp_chat.audio import AudioError
+from tiny import blank_hearing_blsp, hears_only_long_clips, lively_blsp, tiny_blsp, tiny_tokenizer, tone
 
 REPEAT = "Please repeat the following words."
 
@@ -150,7 +151,7 @@ def test_replies_of_two_sessions_take_the_model_step_by_step_in_turn(tok):
 
     def forward(*args, **kwargs):
         order.append(id(kwargs["past_key_values"]))
-        time.sleep(0.002)  # a step that takes a while, as a real one does
+        time.sleep(0.01)  # a step long enough that the other thread is back at the lock, even on a busy CPU
         return original(*args, **kwargs)
 
     model.llama_model.forward = forward
@@ -681,12 +682,16 @@ def test_fallback_options_are_checked():
 
 def ctc_readout_blsp(audio, seed=0):
     """lively_blsp served through the CTC readout, its blank the word the clip is heard as most: so the
-    readout drops and merges positions, and a clip's count comes only from encoding it."""
+    readout drops and merges positions, and a clip's count comes only from encoding it. (The adapter's
+    output scale is raised so that its outputs are nearest to different words, not all to one.)"""
     import dataclasses
 
     from blsp_chat.adapter import embedding_distance_logits
 
     model = lively_blsp(seed=seed)
+    with torch.no_grad():
+        scale = torch.randn(model.speech_ln.weight.shape, generator=torch.Generator().manual_seed(seed + 1))
+        model.speech_ln.weight.copy_(3 * scale)
     raw = model.adapt_windows(model.encode_windows([audio]))[0]
     labels = embedding_distance_logits(raw, model.llama_model.get_input_embeddings().weight).argmax(-1)
     model.config = dataclasses.replace(model.config, speech_readout="ctc", ctc_blank_id=int(labels.mode().values))
@@ -724,3 +729,36 @@ def test_ctc_readout_batches_of_conversations_equal_one_by_one(tok):
         generate_replies(loaded, [[Turn("human", text="hi")]], [[first]], options)
     with pytest.raises(ValueError, match="0 speech clips for 1 spoken turns"):
         generate_replies(loaded, [[speech_turn(first, model)]], [[]], options)
+
+
+# --- a clip in which the readout hears no words ----------------------------------------------------------
+def test_a_clip_heard_as_no_words_is_refused_and_the_conversation_goes_on(tok):
+    model = blank_hearing_blsp()
+    session = ChatSession(model, tok)
+    session.submit_text("hello")
+    first = reply(session, GenerationOptions(max_new_tokens=4))[-1].text
+    before = list(session.turns)
+    with pytest.raises(NothingHeardError, match="No words were heard in the recording"):
+        session.submit_audio(tone(2.0), instruction=REPEAT)
+    assert isinstance(NothingHeardError(), AudioError)  # every front end already reports audio errors
+    assert list(session.turns) == before  # nothing was added, nothing lost
+    session.submit_text("and now?")
+    assert reply(session, GenerationOptions(max_new_tokens=4))[-1].done
+    assert session.turns[1].text == first
+
+
+def test_batches_answer_the_heard_clips_and_leave_the_unheard_empty(tok):
+    heard, unheard = tone(1.5, 330), tone(0.6, 520, seed=2)
+    model = hears_only_long_clips(ctc_readout_blsp(heard), min_seconds=1.0)
+    loaded = LoadedBlsp(model, tok, "tiny", adapter_trained=True)
+    options = GenerationOptions(max_new_tokens=8)
+    conversations = [[speech_turn(unheard, model, REPEAT)], [speech_turn(heard, model, REPEAT)],
+                     [Turn("human", text="the quick brown fox")]]
+    audios = [[unheard], [heard], []]
+    batched = generate_replies(loaded, conversations, audios, options)
+    assert batched[0] == "" and batched[1:] == generate_replies(loaded, conversations[1:], audios[1:], options)
+    assert batched[1]  # the LLM ran for the others
+    with pytest.raises(NothingHeardError):
+        generate_reply(loaded, conversations[0], audios[0], options)
+    with pytest.raises(NothingHeardError):  # the layout for analysis needs every clip heard
+        encoded_batch(loaded, conversations[:2], audios[:2])

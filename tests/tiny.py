@@ -80,3 +80,29 @@ def lively_blsp(seed: int = 0, std: float = 0.3):
             if param.dim() > 1:
                 param.copy_(torch.randn(param.shape, generator=gen) * std)
     return model
+
+
+def hears_only_long_clips(model: BlspModel, min_seconds: float = 1.0) -> BlspModel:
+    """`model` with a readout that hears no words in clips shorter than `min_seconds` (a CTC readout
+    that finds only blanks in them), as the default one does on some short real words."""
+    read_out = model.read_out
+    min_outputs = model.speech_token_count(int(min_seconds * SAMPLE_RATE))
+
+    def selective(speech):
+        heard = read_out(speech)
+        return heard if speech.shape[0] >= min_outputs else heard[:0]
+
+    model.read_out = selective
+    return model
+
+
+def blank_hearing_blsp(**config_kwargs) -> BlspModel:
+    """A tiny "ctc"-readout model whose adapter outputs all sit on the blank's word embedding (blank id 5,
+    moved far from the other words), so its readout hears nothing in any clip."""
+    model = tiny_blsp("none", speech_readout="ctc", ctc_blank_id=5, **config_kwargs)
+    table = model.llama_model.get_input_embeddings().weight
+    with torch.no_grad():
+        table[5] = 10 * torch.randn(table.shape[1], generator=torch.Generator().manual_seed(0))
+        model.speech_ln.weight.zero_()
+        model.speech_ln.bias.copy_(table[5])
+    return model
