@@ -143,6 +143,7 @@ def test_score_gives_wer_per_source_against_the_manifest_transcripts(tmp_path, c
     assert "| cards (1) | 0.0 | 33.3 |" in table        # "ten" is normalised to "10"
     assert "| ktuberling (2) | 50.0 | 50.0 |" in table
     assert "| all (3) | 20.0 | 40.0 |" in table
+    assert "| sentences (1) | 0.0 | 33.3 |" in table and "| words (2) | 50.0 | 50.0 |" in table
 
 
 def test_score_refuses_a_folder_without_asr_records(tmp_path, capsys):
