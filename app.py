@@ -17,13 +17,18 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 def parse_args(argv=None) -> argparse.Namespace:
     on_space = bool(os.environ.get("SPACE_ID"))  # Spaces set SPACE_ID and expect 0.0.0.0:7860
     parser = argparse.ArgumentParser(description="BLSP voice chat")
-    parser.add_argument("--model", default=os.environ.get("BLSP_CHAT_MODEL"), help="BLSP directory or hub id (default: offline default)")
+    parser.add_argument("--model", default=os.environ.get("BLSP_CHAT_MODEL"),
+                        help="BLSP directory or hub id (default: offline default)")
     parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: bfloat16 on GPU, float32 on CPU")
-    parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME") or ("0.0.0.0" if on_space else "127.0.0.1"))
-    parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT") or os.environ.get("PORT") or 7860))
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                        help="default: bfloat16 on GPU, float32 on CPU")
+    parser.add_argument("--host",
+                        default=os.environ.get("GRADIO_SERVER_NAME") or ("0.0.0.0" if on_space else "127.0.0.1"))
+    parser.add_argument("--port", type=int,
+                        default=int(os.environ.get("GRADIO_SERVER_PORT") or os.environ.get("PORT") or 7860))
     parser.add_argument("--share", action="store_true", help="create a public gradio.live link (off by default)")
-    parser.add_argument("--auth", default=os.environ.get("BLSP_CHAT_AUTH"), help="USER:PASS required to open the page (or $BLSP_CHAT_AUTH)")
+    parser.add_argument("--auth", default=os.environ.get("BLSP_CHAT_AUTH"),
+                        help="USER:PASS required to open the page (or $BLSP_CHAT_AUTH)")
     parser.add_argument("--max-audio-seconds", type=float, default=120.0)
     parser.add_argument("--concurrency", type=positive_int, default=None,
                         help="replies generated at once on the shared model, step by step in turn (default: 4)")

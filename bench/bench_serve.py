@@ -3,7 +3,8 @@ clients, against one client sending its requests one at a time.
 
     PYTHONPATH=. .venv/bin/python bench/bench_serve.py --device cpu --max-tokens 16 --rounds 2
 
-The baseline is one client sending every prompt once, one request after another. The server (`blsp_chat.serve`, the in-process engine) runs on 127.0.0.1 in this process; each client is an
+The baseline is one client sending every prompt once, one request after another. The server
+(`blsp_chat.serve`, the in-process engine) runs on 127.0.0.1 in this process; each client is an
 `openai.OpenAI` client in its own thread that streams `--rounds` chat completions one after another, taking
 turns through the prompts (typed questions and the spoken example clips). TTFT runs from sending a request to
 its first content delta. Greedy decoding, so every level must give every prompt the same reply ("same replies").

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import shlex
+import signal
 import sys
 from pathlib import Path
 from typing import Callable, Iterator
@@ -31,7 +31,8 @@ UNTRAINED_WARNING = ("warning: this model's adapter is untrained (assets/default
 
 # --- arguments -------------------------------------------------------------------------------------
 def add_model_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default=None, help="BLSP directory, hub id or modelscope:ORG/NAME (default: the offline default model)")
+    parser.add_argument("--model", default=None,
+                        help="BLSP directory, hub id or modelscope:ORG/NAME (default: the offline default model)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
 
 
@@ -61,19 +62,22 @@ def add_generation_options(parser: argparse.ArgumentParser) -> None:
 def generation_options(args: argparse.Namespace) -> GenerationOptions:
     fallback = FALLBACK_TEMPERATURES[1:] if getattr(args, "fallback", False) else ()
     return GenerationOptions(max_new_tokens=args.max_new_tokens, do_sample=args.sample, temperature=args.temperature,
-                             top_p=args.top_p, repetition_penalty=args.repetition_penalty, fallback_temperatures=fallback)
+                             top_p=args.top_p, repetition_penalty=args.repetition_penalty,
+                             fallback_temperatures=fallback)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m blsp_chat", description="BLSP speech LLM")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    chat = commands.add_parser("chat", help="a conversation in the terminal: type, record from the microphone, or send files")
+    chat = commands.add_parser("chat",
+                               help="a conversation in the terminal: type, record from the microphone, or send files")
     add_model_options(chat)
     add_context_option(chat)
     chat.add_argument("--instruction", default=None,
                       help="instruction placed before each spoken turn (default: the /task preset, 'Chat': none)")
-    chat.add_argument("--mic-device", default=None, help="sounddevice input device (name or index; default: the system's)")
+    chat.add_argument("--mic-device", default=None,
+                      help="sounddevice input device (name or index; default: the system's)")
     add_generation_options(chat)
 
     gen = commands.add_parser("generate", help="reply to one spoken or typed turn, or to every line of a manifest")
@@ -83,8 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--manifest", help='JSON lines, one {"audio": FILE, "instruction"?: ...} per line; needs --out')
     gen.add_argument("--out", help="with --manifest: JSON lines output, appended to and resumed from")
     gen.add_argument("--batch-size", type=int, default=8, help="with --manifest: lines generated together")
-    gen.add_argument("--instruction", default="", help="text placed before the speech, e.g. 'Please repeat the following words.' "
-                                                       "(a manifest line's own \"instruction\" wins)")
+    gen.add_argument("--instruction", default="",
+                     help="text placed before the speech, e.g. 'Please repeat the following words.' "
+                          "(a manifest line's own \"instruction\" wins)")
     add_model_options(gen)
     add_generation_options(gen)
     gen.add_argument("--fallback", action="store_true",
@@ -96,19 +101,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def add_serve_command(commands) -> None:
-    from .serve import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_TOKENS_LIMIT, DEFAULT_MODEL_ID, MEBIBYTE
     from .audio import DEFAULT_MAX_AUDIO_SECONDS
+    from .serve import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_TOKENS_LIMIT, DEFAULT_MODEL_ID, MEBIBYTE
 
-    serve = commands.add_parser("serve", help="an OpenAI-compatible HTTP API (chat completions with audio, transcriptions)")
+    serve = commands.add_parser("serve",
+                                help="an OpenAI-compatible HTTP API (chat completions with audio, transcriptions)")
     add_model_options(serve)
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--api-key", default=os.environ.get(API_KEY_ENV_VAR),
                        help=f"require 'Authorization: Bearer KEY' on every request (or ${API_KEY_ENV_VAR})")
     serve.add_argument("--served-model-name", default=DEFAULT_MODEL_ID, help="the model id requests name")
-    serve.add_argument("--max-audio-seconds", type=float, default=DEFAULT_MAX_AUDIO_SECONDS, help="longest clip accepted")
-    serve.add_argument("--max-tokens-limit", type=int, default=DEFAULT_MAX_TOKENS_LIMIT, help="most max_tokens a request may ask for")
-    serve.add_argument("--max-body-mb", type=float, default=DEFAULT_MAX_BODY_BYTES / MEBIBYTE, help="largest request body")
+    serve.add_argument("--max-audio-seconds", type=float, default=DEFAULT_MAX_AUDIO_SECONDS,
+                       help="longest clip accepted")
+    serve.add_argument("--max-tokens-limit", type=int, default=DEFAULT_MAX_TOKENS_LIMIT,
+                       help="most max_tokens a request may ask for")
+    serve.add_argument("--max-body-mb", type=float, default=DEFAULT_MAX_BODY_BYTES / MEBIBYTE,
+                       help="largest request body")
     add_context_option(serve)
 
 
@@ -293,7 +302,8 @@ class TerminalChat:
 
         instruction = self.instruction if instruction is None else instruction
         self.session.submit_audio(audio, instruction=instruction)
-        say(f"(sent {len(audio) / SAMPLE_RATE:.1f} s of speech" + (f"; instruction: {instruction})" if instruction else ")"))
+        said = f"; instruction: {instruction})" if instruction else ")"
+        say(f"(sent {len(audio) / SAMPLE_RATE:.1f} s of speech" + said)
         self.reply()
 
     def send_file(self, rest: str) -> None:
@@ -345,7 +355,8 @@ class TerminalChat:
             return
         self.task = match
         self.instruction = task_instruction(match, target.strip() or DEFAULT_TRANSLATION_TARGET)
-        say(f"(task {match}: spoken turns now get " + (f"the instruction {self.instruction!r})" if self.instruction else "no instruction)"))
+        given = f"the instruction {self.instruction!r})" if self.instruction else "no instruction)"
+        say(f"(task {match}: spoken turns now get " + given)
 
     def undo(self, _: str) -> None:
         removed = self.session.undo()

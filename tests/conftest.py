@@ -2,13 +2,9 @@
 (~/.cache/blsp_chat, or $BLSP_CHAT_CACHE) and reuse them across runs."""
 import re
 import socket
-import sys
 from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # app.py
 
 LIBRIVOX_DIR = Path("/usr/share/pocketsphinx/test/data/librivox")
 LIBRIVOX_CLIP = "sense_and_sensibility_01_austen_64kb-0870"  # the longest clip, about 7 s

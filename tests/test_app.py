@@ -19,7 +19,8 @@ def _client(url):
 def _send(client, text="", audio=None):
     from gradio_client import handle_file
 
-    job = client.submit(text, handle_file(str(audio)) if audio else None, "Chat", "German", 24, False, 0.7, 0.9, 1.0, api_name="/send")
+    job = client.submit(text, handle_file(str(audio)) if audio else None, "Chat", "German", 24, False, 0.7, 0.9, 1.0,
+                        api_name="/send")
     updates = list(job)
     return updates, job.result()
 

@@ -17,7 +17,8 @@ pytestmark = pytest.mark.integration
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "blsp_chat", *args], cwd=REPO, capture_output=True, text=True, timeout=600)
+    return subprocess.run([sys.executable, "-m", "blsp_chat", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=600)
 
 
 def test_llm_answers_a_typed_question_in_the_blsp_format(default_blsp):
@@ -69,7 +70,8 @@ def test_shipped_adapter_repeats_an_unseen_voice_and_sentence(default_blsp):
 
     truth = "the weather is lovely today so let us walk to the park by the river"
     audio = load_audio(REPO / "assets" / "examples" / "walk_in_the_park.wav")
-    reply = generate_reply(default_blsp, [speech_turn(audio, default_blsp.model, "Please repeat the following words.")], [audio])
+    reply = generate_reply(default_blsp, [speech_turn(audio, default_blsp.model, "Please repeat the following words.")],
+                           [audio])
     assert jiwer.wer(truth, normalise(reply)) <= 0.5, reply
 
 
@@ -139,7 +141,8 @@ def test_shipped_adapter_repeats_real_human_recordings(default_blsp):
         pytest.skip("needs apt-get install pocketsphinx-testdata")
     clips = [r for r in real_speech.librivox_recordings() if r.clip_id in ("0880", "0930")]
     audios = [load_audio(r.origin) for r in clips]
-    replies = [generate_reply(default_blsp, [speech_turn(a, default_blsp.model, "Please repeat the following words.")], [a])
+    replies = [generate_reply(default_blsp, [speech_turn(a, default_blsp.model, "Please repeat the following words.")],
+                              [a])
                for a in audios]
     errors = corpus_wer([r.text_raw for r in clips], replies, EnglishNormalizer())
     assert len(clips) == 2 and errors.wer <= 0.4, replies

@@ -44,7 +44,8 @@ def test_adapter_only_round_trip_gives_identical_logits(tmp_path):
     loaded = load_pretrained(str(tmp_path / "adapter"), device="cpu")
     assert loaded.adapter_trained and loaded.model.config.encoder_padding == "none"
     audio = tone(1.5)
-    torch.testing.assert_close(_logits(loaded.model, loaded.tokenizer, audio), _logits(model, tokenizer, audio), atol=0, rtol=0)
+    torch.testing.assert_close(_logits(loaded.model, loaded.tokenizer, audio), _logits(model, tokenizer, audio), atol=0,
+                               rtol=0)
 
 
 def test_exported_float16_adapter_loads_with_its_record(tmp_path):
@@ -82,7 +83,8 @@ def write_sentencepiece_tokenizer(directory):
     specials = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
     (directory / "special_tokens_map.json").write_text(json.dumps(specials))
     (directory / "tokenizer_config.json").write_text(json.dumps(
-        {"tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "add_eos_token": False, "legacy": False, **specials}))
+        {"tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "add_eos_token": False, "legacy": False,
+         **specials}))
     return spm.SentencePieceProcessor(model_proto=proto.getvalue())
 
 
@@ -121,7 +123,8 @@ def test_released_checkpoint_with_wrong_shapes_is_refused(tmp_path):
 def test_unsupported_llm_architecture_is_named(tmp_path):
     model = tiny_blsp()
     llm_config = dict(model.config.llama_config, model_type="no-such-lm")
-    (tmp_path / "config.json").write_text(json.dumps({"whisper_config": model.config.whisper_config, "llama_config": llm_config}))
+    (tmp_path / "config.json").write_text(json.dumps({"whisper_config": model.config.whisper_config,
+                                                      "llama_config": llm_config}))
     torch.save(model.state_dict(), tmp_path / "pytorch_model.bin")
     with pytest.raises(ValueError, match="unsupported LLM architecture 'no-such-lm'"):
         load_pretrained(str(tmp_path), device="cpu")
@@ -219,7 +222,8 @@ def test_export_can_serve_a_ctc_trained_adapter_through_the_ctc_readout(tmp_path
     with torch.no_grad():
         raw = loaded.model.adapt_windows(loaded.model.encode_windows([audio]))[0]
         torch.testing.assert_close(loaded.model.encode_speech([audio])[0],
-                                   ctc_readout(raw, loaded.model.llama_model.get_input_embeddings().weight, blank[0], 0.2))
+                                   ctc_readout(raw, loaded.model.llama_model.get_input_embeddings().weight, blank[0],
+                                               0.2))
     assert export_main([str(tmp_path / "run"), str(tmp_path / "fused"), "--speech-readout", "ctc",
                         "--ctc-lm-weight", "0.3", "--ctc-token-bonus", "0.5", "--ctc-beam-size", "2"]) == 0
     config = load_pretrained(str(tmp_path / "fused"), device="cpu").model.config
@@ -259,6 +263,8 @@ def test_modelscope_snapshot_is_fetched_into_the_cache_and_loads(tmp_path, monke
     assert calls == [("someone/tiny-blsp", str(tmp_path / "cache" / "modelscope"))]
     assert loaded.source == str(tmp_path / "cache" / "modelscope" / "someone" / "tiny-blsp")
     audio = tone(1.5)
-    torch.testing.assert_close(_logits(loaded.model, loaded.tokenizer, audio), _logits(model, tokenizer, audio), atol=0, rtol=0)
-    with pytest.raises(WeightsError, match="could not fetch 'someone/missing' with modelscope: model someone/missing not found"):
+    torch.testing.assert_close(_logits(loaded.model, loaded.tokenizer, audio), _logits(model, tokenizer, audio), atol=0,
+                               rtol=0)
+    with pytest.raises(WeightsError,
+                       match="could not fetch 'someone/missing' with modelscope: model someone/missing not found"):
         load_pretrained("modelscope:someone/missing", device="cpu")

@@ -71,7 +71,8 @@ def extract(runner, pairs: Sequence[tuple[np.ndarray, str]], instructions: Mappi
     states: dict[tuple[str, str], np.ndarray] = {}
     jobs = [(m, code) for code in instructions for m in MODALITIES]
     for modality, code in tqdm(jobs, desc="alignment", unit="set", file=sys.stderr):
-        requests = [Request(instructions[code], audio=audio) if modality == "speech" else Request(instructions[code], text=text)
+        requests = [Request(instructions[code],
+                            audio=audio) if modality == "speech" else Request(instructions[code], text=text)
                     for audio, text in pairs]
         states[modality, code] = np.concatenate([last_token_states(runner, requests[i:i + batch_size])
                                                  for i in range(0, len(requests), batch_size)])
@@ -107,7 +108,8 @@ def markdown_report(paired: Mapping[str, float], cross: Mapping[str, np.ndarray]
         lines += ["", f"Average similarity between representations of the same {modality} inputs under "
                       "different instructions (paper Tables 7/12):", "",
                   "| | " + " | ".join(c + suffix for c in codes) + " |", "|" + "---|" * (len(codes) + 1)]
-        lines += ["| " + a + suffix + " | " + " | ".join(f"{v:.3f}" for v in row) + " |" for a, row in zip(codes, matrix)]
+        lines += ["| " + a + suffix + " | " + " | ".join(f"{v:.3f}" for v in row) + " |" for a,
+                  row in zip(codes, matrix)]
     return "\n".join(lines)
 
 
@@ -195,7 +197,8 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     report = "\n\n".join(
-        f"## {title}\n\n" + markdown_report(part["paired"], {m: np.array(v) for m, v in part["cross_instruction"].items()}, codes)
+        f"## {title}\n\n" + markdown_report(part["paired"],
+                                            {m: np.array(v) for m, v in part["cross_instruction"].items()}, codes)
         for title, part in (("Raw cosine (the paper's measure)", result), ("Centred cosine", result["centred"])))
     (out / "alignment.json").write_text(json.dumps(result, indent=2) + "\n")
     (out / "alignment.md").write_text(report + "\n")

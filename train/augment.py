@@ -50,7 +50,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 import soundfile as sf
@@ -58,8 +58,19 @@ import soundfile as sf
 from blsp_chat.constants import SAMPLE_RATE
 
 from .speech_data import resolve_audio
-from .synthesize import (MANIFEST, append_line, check_config, done_records, parallel_map, read_jsonl_tolerant,
-                         repair_tail, write_jsonl_atomic)
+from .synthesize import (
+    MANIFEST,
+    append_line,
+    check_config,
+    done_records,
+    parallel_map,
+    read_jsonl_tolerant,
+    repair_tail,
+    write_jsonl_atomic,
+)
+
+if TYPE_CHECKING:
+    from scipy.signal import ShortTimeFFT
 
 SPEED_FACTORS = (0.9, 1.1)
 TEMPO_RANGE = (0.85, 1.15)           # >1 is faster
@@ -158,7 +169,7 @@ def _log_envelope(log_magnitude: np.ndarray, lifter: int = VTLP_LIFTER) -> np.nd
     return np.fft.rfft(cepstrum, axis=0).real
 
 
-def _stft() -> "ShortTimeFFT":
+def _stft() -> ShortTimeFFT:
     from scipy.signal import ShortTimeFFT
     from scipy.signal.windows import hann
 
@@ -268,7 +279,8 @@ def codec(audio: np.ndarray, name: str, bitrate: int) -> np.ndarray:
     with av.open(buffer, "w", format=container) as out:
         stream = out.add_stream(encoder, rate=SAMPLE_RATE)
         stream.bit_rate, stream.layout = int(bitrate), "mono"
-        frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(audio, dtype=np.float32)[None, :], format="flt", layout="mono")
+        frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(audio, dtype=np.float32)[None, :], format="flt",
+                                           layout="mono")
         frame.sample_rate, frame.pts = SAMPLE_RATE, 0
         to_encoder = av.AudioResampler(format=stream.format.name, layout="mono", rate=SAMPLE_RATE)
         for piece in [*to_encoder.resample(frame), *to_encoder.resample(None), None]:
@@ -294,7 +306,8 @@ DRAWS: dict[str, Callable[[np.random.Generator], dict]] = {
     "vtlp": lambda rng: {"warp": round(float(rng.uniform(*VTLP_WARP_RANGE)), 3)},
     "reverb": lambda rng: {"rt60_s": round(float(rng.uniform(*REVERB_RT60_RANGE)), 3),
                            "drr_db": round(float(rng.uniform(*REVERB_DRR_DB_RANGE)), 1), "seed": _seed(rng)},
-    "noise": lambda rng: {"kind": str(rng.choice(NOISE_KINDS)), "snr_db": round(float(rng.uniform(*NOISE_SNR_DB_RANGE)), 1),
+    "noise": lambda rng: {"kind": str(rng.choice(NOISE_KINDS)),
+                          "snr_db": round(float(rng.uniform(*NOISE_SNR_DB_RANGE)), 1),
                           "seed": _seed(rng)},
     "loudness": lambda rng: {"gain_db": round(float(rng.uniform(*GAIN_DB_RANGE)), 2)},
     "band_limit": lambda rng: {"kind": str(rng.choice(BAND_KINDS))},
@@ -451,7 +464,8 @@ def load_clip(path: str) -> np.ndarray:
         raise AugmentError(f"{path}: {err}") from None
 
 
-def babble_bank(rows: Sequence[tuple[int, dict, str]], seed: int, size: int = BABBLE_BANK_CLIPS) -> tuple[list[str], list[np.ndarray]]:
+def babble_bank(rows: Sequence[tuple[int, dict, str]], seed: int,
+                size: int = BABBLE_BANK_CLIPS) -> tuple[list[str], list[np.ndarray]]:
     """(ids, audio) of up to `size` clips of the manifest, ranked by a seeded hash of their ids (clips that
     fail to load are passed over)."""
     ranked = sorted(rows, key=lambda row: hashlib.sha256(f"{seed}:babble:{row[1]['id']}".encode()).digest())
@@ -499,7 +513,8 @@ def augment_source(source: Source) -> list[dict]:
             records.append({**source.record, "id": cid, "audio": str(wav), "duration": round(len(out) / SAMPLE_RATE, 3),
                             "source_id": source.id, "augment": chain, "augment_seed": seed})
         except (AugmentError, OSError, RuntimeError, ValueError) as err:
-            records.append({"id": cid, "source_id": source.id, "line": source.line, "error": f"{type(err).__name__}: {err}"})
+            records.append({"id": cid, "source_id": source.id, "line": source.line,
+                            "error": f"{type(err).__name__}: {err}"})
     return records
 
 

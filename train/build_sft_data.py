@@ -23,12 +23,16 @@ import random
 import re
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 from blsp_chat.constants import (
-    CONTINUATION_INSTRUCTION, INTENT_INSTRUCTION, REPEAT_INSTRUCTION, SENTIMENT_INSTRUCTION, SNIPS_LIGHT_INTENTS,
+    CONTINUATION_INSTRUCTION,
+    INTENT_INSTRUCTION,
+    REPEAT_INSTRUCTION,
+    SENTIMENT_INSTRUCTION,
+    SNIPS_LIGHT_INTENTS,
 )
 
 WORDNET_DIR = Path("/usr/share/wordnet")
@@ -89,7 +93,8 @@ INTENT_PHRASES = {
                            "decrease the brightness in the {room}", "turn down the lights in the {room}",
                            "the {room} lights are too bright, lower them"),
     "SetLightBrightness": ("set the {room} lights to {level} percent", "set the brightness in the {room} to {level}",
-                           "change the {room} light level to {level} percent", "put the {room} lights at {level} percent"),
+                           "change the {room} light level to {level} percent",
+                           "put the {room} lights at {level} percent"),
     "SetLightColor": ("change the {room} lights to {color}", "make the lights in the {room} {color}",
                       "set the {room} light color to {color}", "turn the {room} lights {color}"),
 }
@@ -123,7 +128,8 @@ def split_of(source_text: str) -> str:
 
 def make_task(kind: str, instruction: str, input: str = "", *, source: str | None = None, **kwargs) -> Task:
     task_id = hashlib.sha1(f"{kind}\x00{instruction}\x00{input}".encode("utf-8")).hexdigest()[:16]
-    return Task(task_id, kind, instruction, input, split=split_of(source if source is not None else input or instruction), **kwargs)
+    return Task(task_id, kind, instruction, input,
+                split=split_of(source if source is not None else input or instruction), **kwargs)
 
 
 def transcript_style(text: str) -> str:
@@ -203,7 +209,8 @@ def intent_commands() -> list[tuple[str, str]]:
     for label, phrases in INTENT_PHRASES.items():
         for phrase in phrases:
             for room in ROOMS:
-                fills = [dict(room=room, level=lv, color=c) for lv, c in zip(LEVELS, COLORS)] if "{" in phrase.replace("{room}", "") else [dict(room=room)]
+                fills = [dict(room=room, level=lv, color=c) for lv,
+                         c in zip(LEVELS, COLORS)] if "{" in phrase.replace("{room}", "") else [dict(room=room)]
                 commands.extend((phrase.format(**fill), label) for fill in fills)
     return sorted(set(commands))
 
@@ -214,11 +221,15 @@ def make_tasks(sources: Sources, counts: dict[str, int], seed: int = 0) -> list[
     pick = lambda seq: seq[rng.randrange(len(seq))]  # noqa: E731
     makers: dict[str, Callable[[], Task]] = {
         "question": lambda: _question(sources, rng, pick),
-        "define": lambda: (w := pick(sources.words[pick("nva")])) and make_task("define", pick(DEFINE_TEMPLATES).format(word=w), source=w),
-        "use_word": lambda: (w := pick(sources.words[pick("nva")])) and make_task("use_word", pick(USE_WORD_TEMPLATES).format(word=w), source=w),
-        "continue": lambda: _with_source("continue", CONTINUATION_INSTRUCTION, pick(sources.sentences + sources.examples), rng),
+        "define": lambda: (w := pick(sources.words[pick("nva")]))
+        and make_task("define", pick(DEFINE_TEMPLATES).format(word=w), source=w),
+        "use_word": lambda: (w := pick(sources.words[pick("nva")]))
+        and make_task("use_word", pick(USE_WORD_TEMPLATES).format(word=w), source=w),
+        "continue": lambda: _with_source("continue", CONTINUATION_INSTRUCTION,
+                                         pick(sources.sentences + sources.examples), rng),
         "summarize": lambda: make_task("summarize", pick(SUMMARIZE_INSTRUCTIONS), pick(sources.passages)),
-        "sentiment": lambda: _with_source("sentiment", SENTIMENT_INSTRUCTION, pick(sources.sentences + sources.examples), rng, labels=SENTIMENT_LABELS),
+        "sentiment": lambda: _with_source("sentiment", SENTIMENT_INSTRUCTION,
+                                          pick(sources.sentences + sources.examples), rng, labels=SENTIMENT_LABELS),
         "intent": lambda: _intent(pick(intent_commands())),
         "repeat": lambda: _repeat(pick(sources.sentences + sources.examples), rng),
     }
@@ -366,7 +377,8 @@ def build(tasks: Sequence[Task], generate: GenerateFn, out_dir: Path, *, batch_s
     batches = interleave(todo, batch_size, seed)
     start = time.monotonic()
     bar = _progress(len(todo), progress)
-    with open(out_dir / DATA_NAME, "a", encoding="utf-8") as kept, open(out_dir / REJECTS_NAME, "a", encoding="utf-8") as rejected:
+    with (open(out_dir / DATA_NAME, "a", encoding="utf-8") as kept,
+          open(out_dir / REJECTS_NAME, "a", encoding="utf-8") as rejected):
         for batch in batches:
             if time_budget_s is not None and time.monotonic() - start > time_budget_s:
                 break
@@ -381,7 +393,8 @@ def build(tasks: Sequence[Task], generate: GenerateFn, out_dir: Path, *, batch_s
                                   input=task.input, output=target)
                     kept.write(json.dumps(record, ensure_ascii=False) + "\n")
                 else:
-                    rejected.write(json.dumps(dict(id=task.id, kind=task.kind, reason=reason, raw=raw), ensure_ascii=False) + "\n")
+                    rejected.write(json.dumps(dict(id=task.id, kind=task.kind, reason=reason, raw=raw),
+                                              ensure_ascii=False) + "\n")
             kept.flush()
             rejected.flush()
             bar.update(len(batch))
@@ -395,7 +408,7 @@ def refilter(out_dir: Path) -> dict:
     kept, moved = [], []
     for record in read_jsonl(path):
         task = Task(record["id"], record["kind"], record["instruction"], record["input"],
-                    labels=SENTIMENT_LABELS if record["kind"] == "sentiment" else SNIPS_LIGHT_INTENTS if record["kind"] == "intent" else ())
+                    labels={"sentiment": SENTIMENT_LABELS, "intent": SNIPS_LIGHT_INTENTS}.get(record["kind"], ()))
         reason = None if record["kind"] == "repeat" else judge(task, record["output"], True)[1]
         if reason is None:
             kept.append(record)
@@ -442,9 +455,12 @@ def write_card(out_dir: Path, planned: int | None = None, extra: dict | None = N
     lines = ["# Stage-1 self-distilled instruction data", "",
              "Instructions from WordNet (wordnet-base), fortunes (fortunes-min) and hand-written templates;",
              "answers from the LLM itself through its own chat template (greedy). Built by train/build_sft_data.py.",
-             "", f"Kept {card['kept']}, dropped {card['dropped']}" + (f" (of {planned} planned tasks)" if planned else "") + ".", "",
+             "",
+             f"Kept {card['kept']}, dropped {card['dropped']}" + (f" (of {planned} planned tasks)" if planned else "")
+             + ".", "",
              "| kind | kept |", "|---|---|", *[f"| {k} | {v} |" for k, v in card["kept_per_kind"].items()], "",
-             "| drop reason | count |", "|---|---|", *[f"| {k} | {v} |" for k, v in card["dropped_per_reason"].items()], ""]
+             "| drop reason | count |", "|---|---|", *[f"| {k} | {v} |" for k, v in card["dropped_per_reason"].items()],
+             ""]
     (out_dir / "DATA_CARD.md").write_text("\n".join(lines))
     return card
 
@@ -483,7 +499,8 @@ def chat_generator(llm_dir: str | Path, threads: int | None = None) -> GenerateF
 
     @torch.inference_mode()
     def generate(messages: Sequence[str], max_new_tokens: int) -> list[tuple[str, bool]]:
-        texts = [tokenizer.apply_chat_template([{"role": "user", "content": m}], tokenize=False, add_generation_prompt=True)
+        texts = [tokenizer.apply_chat_template([{"role": "user", "content": m}], tokenize=False,
+                                               add_generation_prompt=True)
                  for m in messages]
         enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
         out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
@@ -496,7 +513,8 @@ def chat_generator(llm_dir: str | Path, threads: int | None = None) -> GenerateF
 def main(argv: Iterable[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="data/sft")
-    parser.add_argument("--llm", default="offline:smollm2-135m-instruct", help="the LLM that answers (offline: name or directory)")
+    parser.add_argument("--llm", default="offline:smollm2-135m-instruct",
+                        help="the LLM that answers (offline: name or directory)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--scale", type=float, default=1.0, help="multiply the default count of every kind")
     parser.add_argument("--batch-size", type=int, default=32)

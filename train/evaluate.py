@@ -1,4 +1,4 @@
-"""Evaluate a BLSP model the way the paper does (section 5, Tables 2-3), beside its baselines.
+r"""Evaluate a BLSP model the way the paper does (section 5, Tables 2-3), beside its baselines.
 
     python -m train.evaluate --task asr --manifest M.jsonl --system blsp --out results/blsp
     python -m train.evaluate --compare results/text results/cascade results/blsp
@@ -31,9 +31,11 @@ is 12 sentences (asr.jsonl) and 10 SNIPS-style light commands (slu.jsonl) spoken
 `espeak-ng -v en-us -s 150 -w wav/NAME.wav "TEXT"` into /work/data/eval_smoke/ (its make.py):
     D=/work/data/eval_smoke R=$D/results
     for s in whisper cascade text blsp; do
-      python -m train.evaluate --task asr --manifest $D/asr.jsonl --dataset smoke --system $s --out $R/$s --batch-size 4; done
+      python -m train.evaluate --task asr --manifest $D/asr.jsonl --dataset smoke --system $s --out $R/$s \
+        --batch-size 4; done
     for s in cascade text blsp; do
-      python -m train.evaluate --task slu --manifest $D/slu.jsonl --dataset smoke --system $s --out $R/$s --batch-size 5; done
+      python -m train.evaluate --task slu --manifest $D/slu.jsonl --dataset smoke --system $s --out $R/$s \
+        --batch-size 5; done
     python -m train.evaluate --compare $R/text $R/cascade $R/whisper $R/blsp --compare-out $R/table.md
 """
 from __future__ import annotations
@@ -54,8 +56,14 @@ import torch
 
 from blsp_chat.config import GenerationOptions
 from blsp_chat.constants import (
-    CONTINUATION_INSTRUCTION, FALLBACK_TEMPERATURES, INTENT_INSTRUCTION, REPEAT_INSTRUCTION, SAMPLE_RATE,
-    SENTIMENT_INSTRUCTION, SNIPS_LIGHT_INTENTS, TRANSLATE_INSTRUCTION,
+    CONTINUATION_INSTRUCTION,
+    FALLBACK_TEMPERATURES,
+    INTENT_INSTRUCTION,
+    REPEAT_INSTRUCTION,
+    SAMPLE_RATE,
+    SENTIMENT_INSTRUCTION,
+    SNIPS_LIGHT_INTENTS,
+    TRANSLATE_INSTRUCTION,
 )
 
 from . import metrics
@@ -337,7 +345,8 @@ def run_batch(items: Sequence[dict], settings: EvalSettings, engines: Engines) -
         for i, reply in zip(ok, engines.llm.replies(requests)):
             replies[i] = reply
     reference_replies = continuation_references(items, instructions, replies, settings, engines)
-    return [_record(items[i], settings, instructions[i], replies[i], asr[i], reference_replies[i], errors.get(items[i]["id"]))
+    return [_record(items[i], settings, instructions[i], replies[i], asr[i], reference_replies[i],
+                    errors.get(items[i]["id"]))
             for i in range(len(items))]
 
 
@@ -437,7 +446,8 @@ def score_st(records: Sequence[dict], settings: EvalSettings) -> dict:
     values = {"bleu": metrics.bleu(hypotheses, references, settings.target_language),
               "chrf": metrics.chrf(hypotheses, references),
               "sacrebleu_tokenize": metrics.sacrebleu_tokenizer(settings.target_language)}
-    comet, note = metrics.comet_score([r.get("text", "") for r in records], hypotheses, references, settings.comet_model)
+    comet, note = metrics.comet_score([r.get("text", "") for r in records], hypotheses, references,
+                                      settings.comet_model)
     values["comet"] = comet
     return {"metrics": values, "notes": [note],
             "headline": {"metric": "BLEU", "value": values["bleu"], "higher_is_better": True}}
@@ -445,8 +455,10 @@ def score_st(records: Sequence[dict], settings: EvalSettings) -> dict:
 
 def score_slu(records: Sequence[dict], settings: EvalSettings) -> dict:
     matches = [metrics.map_label(r["reply"], settings.labels) for r in records]
-    correct = sum(m.label is not None and m.label.casefold() == str(r["label"]).casefold() for m, r in zip(matches, records))
-    how = {kind: sum(m.how == kind for m in matches) for kind in ("exact", "case", "contained", "closest", "ambiguous", "unmappable")}
+    correct = sum(m.label is not None and m.label.casefold() == str(r["label"]).casefold()
+                  for m, r in zip(matches, records))
+    kinds = ("exact", "case", "contained", "closest", "ambiguous", "unmappable")
+    how = {kind: sum(m.how == kind for m in matches) for kind in kinds}
     values = {"accuracy": 100 * correct / len(records) if records else 0.0, "correct": correct,
               "unmappable": how["unmappable"] + how["ambiguous"], "mapped_by": how, "labels": list(settings.labels)}
     return {"metrics": values, "predictions": {r["id"]: m.label for r, m in zip(records, matches)},
@@ -455,7 +467,8 @@ def score_slu(records: Sequence[dict], settings: EvalSettings) -> dict:
 
 def score_continuation(records: Sequence[dict], settings: EvalSettings) -> dict:
     normalizer = metrics.EnglishNormalizer(settings.spelling_mapping)
-    values = metrics.continuation_closeness([r["reply"] for r in records], [r["reference_reply"] for r in records], normalizer)
+    values = metrics.continuation_closeness([r["reply"] for r in records], [r["reference_reply"] for r in records],
+                                            normalizer)
     return {"metrics": values, "headline": {"metric": "chrF", "value": values["chrf"], "higher_is_better": True}}
 
 
@@ -463,13 +476,15 @@ def score_qa(records: Sequence[dict], settings: EvalSettings, verdicts: dict | N
     values: dict = {"answers": len(records)}
     with_reference = [r for r in records if r.get("reference")]
     if with_reference:
-        values["token_f1_vs_reference"] = sum(metrics.token_f1(r["reply"], r["reference"]) for r in with_reference) / len(with_reference)
+        f1s = [metrics.token_f1(r["reply"], r["reference"]) for r in with_reference]
+        values["token_f1_vs_reference"] = sum(f1s) / len(f1s)
     judged = [v for v in (verdicts or {}).values() if v is not None]
     if not verdicts:
         return {"metrics": values, "notes": ["no judge configured: answers written for review"],
                 "headline": {"metric": "answers", "value": len(records), "higher_is_better": True}}
     values.update(judged=len(judged), accept_rate=100 * sum(judged) / len(judged) if judged else 0.0)
-    return {"metrics": values, "headline": {"metric": "Accept", "value": values["accept_rate"], "higher_is_better": True}}
+    return {"metrics": values,
+            "headline": {"metric": "Accept", "value": values["accept_rate"], "higher_is_better": True}}
 
 
 def summarize(records: Sequence[dict], settings: EvalSettings, verdicts: dict | None = None) -> dict:
@@ -608,7 +623,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--comet-model", default=None, help="st: a local COMET checkpoint (needs unbabel-comet)")
     parser.add_argument("--judge-command", default=None, help="qa: shell command reading the judge prompt on stdin")
     parser.add_argument("--judge-callable", default=None, help="qa: module:function(question, transcript, answer)")
-    parser.add_argument("--compare", nargs="+", metavar="DIR", help="print a Table-2 style markdown table of these runs")
+    parser.add_argument("--compare", nargs="+", metavar="DIR",
+                        help="print a Table-2 style markdown table of these runs")
     parser.add_argument("--compare-out", default=None, help="also write the --compare table to this file")
     return parser
 
@@ -637,11 +653,15 @@ def whisper_source(args: argparse.Namespace, loaded) -> str:
         name = loaded.model.config.whisper_name_or_path
     elif args.model in (None, "", "default"):
         default_config = DEFAULT_ADAPTER_DIR / CONFIG_NAME
-        name = BlspConfig.load(DEFAULT_ADAPTER_DIR).whisper_name_or_path if default_config.is_file() else DEFAULT_WHISPER
+        if default_config.is_file():
+            name = BlspConfig.load(DEFAULT_ADAPTER_DIR).whisper_name_or_path
+        else:
+            name = DEFAULT_WHISPER
     else:
         name = BlspConfig.load(args.model).whisper_name_or_path
     if not name:
-        raise ValueError("this checkpoint names no base Whisper (the released full layout has no decoder): pass --whisper")
+        raise ValueError("this checkpoint names no base Whisper (the released full layout has no decoder): "
+                         "pass --whisper")
     return resolve_base(name)
 
 

@@ -196,7 +196,8 @@ class VLLMGenerator:
         for out in outputs:
             choice = out.outputs[0]
             stopped = {"stop": "eos" if choice.stop_reason is None else "stop_string", "length": "max_new_tokens"}
-            result.append(Generation(cut_at_stop(choice.text), len(choice.token_ids), stopped.get(choice.finish_reason, "eos")))
+            result.append(Generation(cut_at_stop(choice.text), len(choice.token_ids),
+                                     stopped.get(choice.finish_reason, "eos")))
         return result
 
 
@@ -218,7 +219,8 @@ def load_generator(model: str | None, *, backend: str = "auto", template_name: s
         loaded = weights.load_pretrained(model, device="cpu", dtype=dtype)
         llm, tokenizer = loaded.model.llama_model, loaded.tokenizer
         template = template_for(loaded.model.config.prompt_template, tokenizer)
-        llm_path = weights.resolve_base(loaded.model.config.llm_name_or_path) if loaded.model.config.llm_name_or_path else None
+        llm_name = loaded.model.config.llm_name_or_path
+        llm_path = weights.resolve_base(llm_name) if llm_name else None
         del loaded.model.whisper_model  # only the LLM is needed here
     else:
         llm, tokenizer = weights.load_llm(model, dtype)
@@ -275,7 +277,8 @@ class Plan:
         return self.order[rank::world]
 
 
-def make_plan(records: Sequence[dict], prompt_fn: Callable[[str], list[int]], max_prompt_tokens: int = MAX_PROMPT_TOKENS) -> Plan:
+def make_plan(records: Sequence[dict], prompt_fn: Callable[[str], list[int]],
+              max_prompt_tokens: int = MAX_PROMPT_TOKENS) -> Plan:
     unique, seen, duplicates = [], set(), 0
     for record in records:
         key = key_of(record)
@@ -317,7 +320,8 @@ def run_shard(plan: Plan, generate: Callable, out: Path, *, rank: int = 0, world
             if bar is not None:
                 elapsed = time.perf_counter() - started
                 bar.update(len(keys))
-                bar.set_postfix(lines_per_s=f"{stats['lines'] / elapsed:.2f}", tok_per_s=f"{stats['tokens'] / elapsed:.1f}")
+                bar.set_postfix(lines_per_s=f"{stats['lines'] / elapsed:.2f}",
+                                tok_per_s=f"{stats['tokens'] / elapsed:.1f}")
     if bar is not None:
         bar.close()
     stats["seconds"] = round(time.perf_counter() - started, 3)
@@ -400,7 +404,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--manifest", required=True, help="JSONL with audio and text (prepare_data / synthesize)")
     parser.add_argument("--out", required=True)
-    parser.add_argument("--model", default=None, help="BLSP checkpoint or causal LM (default: the offline default's LLM)")
+    parser.add_argument("--model", default=None,
+                        help="BLSP checkpoint or causal LM (default: the offline default's LLM)")
     parser.add_argument("--template", default="blsp", help="prompt template for a plain causal LM: blsp or chat")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=MAX_NEW_TOKENS)

@@ -274,7 +274,8 @@ def _check_all(candidates: Iterable[Candidate], tmp_out: Path, tmp_rej: Path, su
                     raise Reject(f"longer than {max_duration:g} s")
             except Reject as why:
                 summary.rejected[str(why)] += 1
-                rejects.write(json.dumps({"audio": str(cand.audio), "text_raw": cand.text_raw, "reason": str(why)}) + "\n")
+                rejects.write(json.dumps({"audio": str(cand.audio), "text_raw": cand.text_raw,
+                                          "reason": str(why)}) + "\n")
                 continue
             record = {"audio": str(cand.audio), "text": text, "duration": round(duration, 3), "text_raw": cand.text_raw}
             record.update({k: v for k, v in cand.extra.items() if k not in record})

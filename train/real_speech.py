@@ -218,7 +218,8 @@ def run_replies(run_dir: Path) -> tuple[str, dict[str, str]]:
     """An evaluate run folder's asr records -> (its system label, {clip id: reply})."""
     files = sorted(Path(run_dir).glob("asr.*.jsonl"))
     if not files:
-        raise FileNotFoundError(f"{run_dir} holds no asr.*.jsonl: run `python -m train.evaluate --task asr` into it first")
+        raise FileNotFoundError(f"{run_dir} holds no asr.*.jsonl: "
+                                "run `python -m train.evaluate --task asr` into it first")
     records = [record for f in files for record in read_jsonl_tolerant(f)]
     system, name = (records[0].get("system", "?") if records else "?"), Path(run_dir).name
     label = system if name == system else f"{system} ({name})"

@@ -38,7 +38,14 @@ from blsp_chat.prompt import Turn, render, template_for
 from blsp_chat.session import pad_token_id
 from train.build_sft_data import intent_commands, pick_label, read_alpaca, split_of, transcript_style
 from train.loop import (
-    LOOP_STATE_NAME, METRICS_NAME, PLOT_NAME, LoopConfig, TrainResult, checkpoint_dirs, read_jsonl, to_device,
+    LOOP_STATE_NAME,
+    METRICS_NAME,
+    PLOT_NAME,
+    LoopConfig,
+    TrainResult,
+    checkpoint_dirs,
+    read_jsonl,
+    to_device,
 )
 from train.loop import train as run_loop
 from train.speech_data import BucketBatchSampler
@@ -125,7 +132,8 @@ def load_training_records(path: str | Path, max_per_kind: int | None = None) -> 
     return records
 
 
-def encode_all(records: Sequence[dict], tokenizer, template, max_len: int) -> tuple[list[tuple[list[int], list[int]]], int]:
+def encode_all(records: Sequence[dict], tokenizer, template,
+               max_len: int) -> tuple[list[tuple[list[int], list[int]]], int]:
     encoded, skipped = [], 0
     for record in records:
         ids, labels = encode(record, tokenizer, template)
@@ -339,10 +347,12 @@ def answer_all(llm, tokenizer, template_name: str, prompts: Sequence[tuple[str, 
     eos, pad_id = eos_token_ids(tokenizer, llm), pad_token_id(tokenizer)
     replies = []
     for start in range(0, len(prompts), batch_size):
-        rendered = [render([Turn("human", instruction=i, text=t)], tokenizer, template) for i, t in prompts[start:start + batch_size]]
+        rendered = [render([Turn("human", instruction=i, text=t)], tokenizer, template) for i,
+                    t in prompts[start:start + batch_size]]
         batch = left_padded_batch(rendered, pad_id)
         width = batch["input_ids"].shape[1]
-        out = llm.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], max_new_tokens=max_new_tokens,
+        out = llm.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                           max_new_tokens=max_new_tokens,
                            do_sample=False, eos_token_id=eos, pad_token_id=pad_id)
         replies.extend(cut_at_stop(tokenizer.decode(row[width:], skip_special_tokens=True)) for row in out)
     return replies
@@ -427,23 +437,30 @@ def card_markdown(card: dict) -> str:
     cfg = card.get("config", {})
     lines = ["# Stage-1 LoRA for SmolLM2-135M-Instruct (blsp format)", "",
              "Teaches the LLM the `###[Human]:...\\n\\n\\n###[Assistant]:` format (paper section 4.1, issue 8).",
-             f"Base: `{cfg.get('llm')}`; method {cfg.get('method')} (r={cfg.get('lora_r')}, alpha={cfg.get('lora_alpha')}, "
-             f"targets {', '.join(cfg.get('lora_targets', []))}). Loaded and merged by `blsp_chat.weights.load_llm`.", ""]
+             f"Base: `{cfg.get('llm')}`; method {cfg.get('method')} "
+             f"(r={cfg.get('lora_r')}, alpha={cfg.get('lora_alpha')}, "
+             f"targets {', '.join(cfg.get('lora_targets', []))}). Loaded and merged by `blsp_chat.weights.load_llm`.",
+             ""]
     if "data" in card:
         lines += ["## Data", "", "```", json.dumps(card["data"], indent=2), "```", ""]
     if "training" in card:
         t = card["training"]
-        lines += ["## Training", "", f"{t['steps']} steps, {t['examples_seen']} examples seen, {t['seconds']} s on {t['device']}.", "",
-                  "| step | loss | lr |", "|---|---|---|", *[f"| {p['step']} | {p['loss']} | {p['lr']:.2e} |" for p in t["curve"]], ""]
+        lines += ["## Training", "",
+                  f"{t['steps']} steps, {t['examples_seen']} examples seen, {t['seconds']} s on {t['device']}.", "",
+                  "| step | loss | lr |", "|---|---|---|",
+                  *[f"| {p['step']} | {p['loss']} | {p['lr']:.2e} |" for p in t["curve"]], ""]
         if t.get("loss_curve"):
             lines += [f"![loss curve]({t['loss_curve']})", ""]
     if "evaluation" in card:
         lines += ["## Before / after (held-out typed prompts, greedy)", "",
-                  "| model / template | questions | intent acc | repeat exact | repeat WER | held-out loss |", "|---|---|---|---|---|---|"]
+                  "| model / template | questions | intent acc | repeat exact | repeat WER | held-out loss |",
+                  "|---|---|---|---|---|---|"]
         for name, r in card["evaluation"].items():
             lines.append(f"| {name} | {r['questions_correct']} | {r['intent_accuracy']} (n={r['intent_n']}) | "
-                         f"{r['repeat_exact']} (n={r['repeat_n']}) | {r['repeat_wer']} | {r.get('heldout_loss', '-')} |")
-        lines += ["", "Questions: 8 hand-written, judged by keyword. Intents: held-out light commands, answer must name",
+                         f"{r['repeat_exact']} (n={r['repeat_n']}) | {r['repeat_wer']} | "
+                         f"{r.get('heldout_loss', '-')} |")
+        lines += ["",
+                  "Questions: 8 hand-written, judged by keyword. Intents: held-out light commands, answer must name",
                   "the right SNIPS label. Repeats: 'Please repeat the following words.' + held-out ASR-style sentences",
                   "(LibriVox transcripts first); exact after lower-casing and removing punctuation.", ""]
     if "config" in card:
@@ -458,11 +475,16 @@ def main(argv: Iterable[str] | None = None) -> None:
         if f.name != "lora_targets":
             kind = OPTIONAL_TYPES.get(f.name) or {int: int, float: float}.get(type(f.default), str)
             parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=kind, default=None)
-    parser.add_argument("--evaluate", action="store_true", help="only measure base vs the LoRA in --out; write the card")
-    parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in the run directory")
+    parser.add_argument("--evaluate", action="store_true",
+                        help="only measure base vs the LoRA in --out; write the card")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from the newest checkpoint in the run directory")
     args = parser.parse_args(argv)
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(SftConfig) if f.name != "lora_targets"}
-    config = SftConfig.load(args.config, **overrides) if args.config else SftConfig(**{k: v for k, v in overrides.items() if v is not None})
+    if args.config:
+        config = SftConfig.load(args.config, **overrides)
+    else:
+        config = SftConfig(**{k: v for k, v in overrides.items() if v is not None})
     if config.threads:
         torch.set_num_threads(config.threads)
     out = Path(config.out)

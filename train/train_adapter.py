@@ -1,11 +1,12 @@
-"""Stage 2 of BLSP: train the modality adapter by behaviour alignment (Whisper and the LLM frozen).
+r"""Stage 2 of BLSP: train the modality adapter by behaviour alignment (Whisper and the LLM frozen).
 
 One CPU (or one GPU):
     python -m train.train_adapter --config train/configs/adapter_tiny_offline.json
     python -m train.train_adapter --config train/configs/adapter_tiny_offline.json --resume   # after a kill
     python -m train.train_adapter --config ... loop.max_steps=20 data.repetition_ratio=0.25 loss.kd_weight=1
 Several GPUs or nodes (same command line behind `accelerate launch`):
-    accelerate launch --config_file train/configs/accelerate_ddp.yaml -m train.train_adapter --config train/configs/adapter_7b_paper.json
+    accelerate launch --config_file train/configs/accelerate_ddp.yaml -m train.train_adapter \
+        --config train/configs/adapter_7b_paper.json
     accelerate launch --config_file train/configs/accelerate_fsdp.yaml -m train.train_adapter ...
     accelerate launch --config_file train/configs/accelerate_deepspeed_zero2.yaml -m train.train_adapter ...
   Set `num_processes` (and `num_machines`, `machine_rank`, `main_process_ip` for nodes) in the yaml or
@@ -52,8 +53,17 @@ from blsp_chat.constants import IGNORE_INDEX, REPEAT_INSTRUCTION
 from blsp_chat.model import TRAINABLE_PREFIXES, BlspModel
 from train.loop import LoopConfig, TrainResult, read_jsonl, train
 from train.speech_data import (
-    PAPER_REPETITION_RATIO, BucketBatchSampler, EncoderCache, FrameMasking, SpeechCollator, SpeechDataset,
-    SpeechExample, read_manifest, speech_embeddings, summarize, with_repetition,
+    PAPER_REPETITION_RATIO,
+    BucketBatchSampler,
+    EncoderCache,
+    FrameMasking,
+    SpeechCollator,
+    SpeechDataset,
+    SpeechExample,
+    read_manifest,
+    speech_embeddings,
+    summarize,
+    with_repetition,
 )
 
 WRAPPER_PREFIX = "blsp."  # parameter names inside AdapterObjective
@@ -168,7 +178,8 @@ class AdapterTrainConfig:
         return cls(**kwargs)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"loop": self.loop.to_dict(), **{n: dataclasses.asdict(getattr(self, n)) for n in ("model", "data", "loss", "eval")}}
+        return {"loop": self.loop.to_dict(),
+                **{n: dataclasses.asdict(getattr(self, n)) for n in ("model", "data", "loss", "eval")}}
 
 
 def load_config(path: str | Path, overrides: Sequence[str] = ()) -> AdapterTrainConfig:
@@ -319,7 +330,8 @@ class AdapterObjective(nn.Module):
             teacher = batch["teacher"]
             teacher_keep = response_span(teacher["labels"])
             with torch.no_grad():
-                teacher_logits = self.blsp(teacher["input_ids"], teacher["attention_mask"], logits_to_keep=teacher_keep).logits
+                teacher_logits = self.blsp(teacher["input_ids"], teacher["attention_mask"],
+                                           logits_to_keep=teacher_keep).logits
             kd = distillation_kl(out.logits, labels, teacher_logits, teacher["labels"][:, -teacher_keep:],
                                  self.loss.kd_temperature)
             loss = loss + self.loss.kd_weight * kd
@@ -379,7 +391,8 @@ def repeat_wer_fn(loaded, examples: Sequence[SpeechExample], section: EvalSectio
         hypotheses, references = [], []
         for example in clips:
             audio = load_audio(example.audio, max_seconds=None)
-            turn = Turn("human", instruction=REPEAT_INSTRUCTION, speech_tokens=model.blsp.speech_token_count(len(audio)))
+            turn = Turn("human", instruction=REPEAT_INSTRUCTION,
+                        speech_tokens=model.blsp.speech_token_count(len(audio)))
             view = dataclasses.replace(loaded, model=model.blsp)
             hypotheses.append(normalise(generate_reply(view, [turn], [audio], options)))
             references.append(normalise(example.text))
@@ -462,7 +475,8 @@ def run(config: AdapterTrainConfig, *, resume: bool = False, loaded=None, callba
     eval_fn = None
     if config.eval.repeat_wer_examples:
         eval_fn = combined(repeat_wer_fn(loaded, eval_examples, config.eval),
-                           readout_wer_fn(tokenizer, eval_examples, config.eval, blank_id) if blank_id is not None else None)
+                           readout_wer_fn(tokenizer, eval_examples, config.eval,
+                                          blank_id) if blank_id is not None else None)
     result = train(
         objective, objective_loss, train_set, SpeechCollator(pad_token_id(tokenizer)), config.loop,
         expected_trainable=is_adapter_parameter,
