@@ -22,6 +22,9 @@ from pathlib import Path
 
 import torch
 
+from blsp_chat.serve import InProcessEngine, create_app
+from blsp_chat.weights import load_pretrained
+
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLES = REPO / "assets" / "examples"
 TYPED = ["What is the capital of France?", "Name three colours of the rainbow.", "Write a haiku about the sea.",
@@ -41,8 +44,6 @@ def prompts() -> list[list[dict]]:
 
 def start_server(engine):
     import uvicorn
-
-    from blsp_chat.serve import create_app
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -108,9 +109,6 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=2, help="requests each client sends, one after another")
     parser.add_argument("--levels", type=int, nargs="+", default=list(LEVELS), help="concurrent clients to measure")
     args = parser.parse_args(argv)
-
-    from blsp_chat.serve import InProcessEngine
-    from blsp_chat.weights import load_pretrained
 
     loaded = load_pretrained(args.model, device=args.device)
     server, url = start_server(InProcessEngine(loaded, MODEL_ID))

@@ -9,8 +9,14 @@ import sys
 from pathlib import Path
 from typing import Callable, Iterator
 
+from . import manifest, weights
+from . import serve as server  # fastapi: the serve command's defaults come from it when the parser is built
+from .audio import DEFAULT_MAX_AUDIO_SECONDS, AudioError, load_audio
 from .config import GenerationOptions
-from .constants import DEFAULT_TRANSLATION_TARGET, FALLBACK_TEMPERATURES, TASK_PRESETS
+from .constants import DEFAULT_TRANSLATION_TARGET, FALLBACK_TEMPERATURES, SAMPLE_RATE, TASK_PRESETS
+from .mic import MicrophoneUnavailable, Recorder, microphone_problem  # sounddevice loads only when recording
+from .prompt import Turn, task_instruction
+from .session import ChatSession, ContextOverflowError, generate_reply, speech_turn
 
 USER_PROMPT = "you> "
 BOT_PROMPT = "bot> "
@@ -101,9 +107,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def add_serve_command(commands) -> None:
-    from .audio import DEFAULT_MAX_AUDIO_SECONDS
-    from .serve import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_TOKENS_LIMIT, DEFAULT_MODEL_ID, MEBIBYTE
-
     serve = commands.add_parser("serve",
                                 help="an OpenAI-compatible HTTP API (chat completions with audio, transcriptions)")
     add_model_options(serve)
@@ -111,12 +114,12 @@ def add_serve_command(commands) -> None:
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--api-key", default=os.environ.get(API_KEY_ENV_VAR),
                        help=f"require 'Authorization: Bearer KEY' on every request (or ${API_KEY_ENV_VAR})")
-    serve.add_argument("--served-model-name", default=DEFAULT_MODEL_ID, help="the model id requests name")
+    serve.add_argument("--served-model-name", default=server.DEFAULT_MODEL_ID, help="the model id requests name")
     serve.add_argument("--max-audio-seconds", type=float, default=DEFAULT_MAX_AUDIO_SECONDS,
                        help="longest clip accepted")
-    serve.add_argument("--max-tokens-limit", type=int, default=DEFAULT_MAX_TOKENS_LIMIT,
+    serve.add_argument("--max-tokens-limit", type=int, default=server.DEFAULT_MAX_TOKENS_LIMIT,
                        help="most max_tokens a request may ask for")
-    serve.add_argument("--max-body-mb", type=float, default=DEFAULT_MAX_BODY_BYTES / MEBIBYTE,
+    serve.add_argument("--max-body-mb", type=float, default=server.DEFAULT_MAX_BODY_BYTES / server.MEBIBYTE,
                        help="largest request body")
     add_context_option(serve)
 
@@ -128,10 +131,6 @@ def run_generate(args: argparse.Namespace) -> int:
     if args.out:
         print("error: --out goes with --manifest", file=sys.stderr)
         return 2
-    from .audio import AudioError, load_audio
-    from .prompt import Turn
-    from .session import generate_reply, speech_turn
-    from .weights import load_pretrained
 
     options = generation_options(args)
     try:
@@ -139,7 +138,7 @@ def run_generate(args: argparse.Namespace) -> int:
     except AudioError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    loaded = load_pretrained(args.model, device=args.device)
+    loaded = weights.load_pretrained(args.model, device=args.device)
     if audio is not None and not loaded.adapter_trained:
         print(UNTRAINED_WARNING, file=sys.stderr)
     if audio is None:
@@ -155,9 +154,6 @@ def run_generate(args: argparse.Namespace) -> int:
 
 
 def run_manifest(args: argparse.Namespace) -> int:
-    from . import manifest
-    from .weights import load_pretrained
-
     if not args.out:
         print("error: --manifest needs --out OUT.jsonl", file=sys.stderr)
         return 2
@@ -171,7 +167,7 @@ def run_manifest(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    loaded = load_pretrained(args.model, device=args.device)
+    loaded = weights.load_pretrained(args.model, device=args.device)
     if not loaded.adapter_trained:
         print(UNTRAINED_WARNING, file=sys.stderr)
     summary = manifest.run_manifest(loaded, args.manifest, args.out, batch_size=args.batch_size,
@@ -192,8 +188,6 @@ class TerminalChat:
 
     def __init__(self, loaded, options: GenerationOptions, instruction: str | None = None, mic_device=None,
                  read_line: Callable[[str], str] = input, max_context_tokens: int | None = None):
-        from .session import ChatSession
-
         self.loaded = loaded
         self.session = ChatSession.from_loaded(loaded, max_context_tokens=max_context_tokens)
         self.options = options
@@ -207,8 +201,6 @@ class TerminalChat:
 
     # --- the loop --------------------------------------------------------------------------------
     def run(self) -> int:
-        from .mic import microphone_problem
-
         say(f"BLSP chat with {self.loaded.source}. /help lists the commands; /quit or Ctrl-D leaves.")
         if not self.loaded.adapter_trained:
             say(UNTRAINED_WARNING)
@@ -232,9 +224,6 @@ class TerminalChat:
 
     def handle(self, line: str) -> None:
         """One line of input; every failure is reported and the chat goes on."""
-        from .audio import AudioError
-        from .mic import MicrophoneUnavailable
-        from .session import ContextOverflowError
 
         try:
             stripped = line.strip()
@@ -298,8 +287,6 @@ class TerminalChat:
 
     # --- spoken turns ----------------------------------------------------------------------------
     def send_audio(self, audio, instruction: str | None = None) -> None:
-        from .constants import SAMPLE_RATE
-
         instruction = self.instruction if instruction is None else instruction
         self.session.submit_audio(audio, instruction=instruction)
         said = f"; instruction: {instruction})" if instruction else ")"
@@ -307,8 +294,6 @@ class TerminalChat:
         self.reply()
 
     def send_file(self, rest: str) -> None:
-        from .audio import load_audio
-
         try:
             words = shlex.split(rest)
         except ValueError:
@@ -323,7 +308,6 @@ class TerminalChat:
         if self.mic_problem:
             say(f"No microphone to record from: {self.mic_problem}. Type a message or use /audio FILE.")
             return
-        from .mic import MicrophoneUnavailable, Recorder
 
         recorder = Recorder(self.mic_device)
         try:
@@ -346,8 +330,6 @@ class TerminalChat:
 
     # --- commands --------------------------------------------------------------------------------
     def set_task(self, rest: str) -> None:
-        from .prompt import task_instruction
-
         name, _, target = rest.partition(" ")
         match = next((t for t in TASK_PRESETS if t.lower() == name.lower()), None) if name else None
         if match is None:
@@ -374,8 +356,6 @@ class TerminalChat:
 
 
 def run_chat(args: argparse.Namespace) -> int:
-    from .weights import load_pretrained
-
     try:
         import readline  # noqa: F401  (line editing and history for input())
     except ImportError:
@@ -384,41 +364,35 @@ def run_chat(args: argparse.Namespace) -> int:
     # then never raises KeyboardInterrupt: take the signal back for this interactive program.
     signal.signal(signal.SIGINT, signal.default_int_handler)
     options = generation_options(args)
-    loaded = load_pretrained(args.model, device=args.device)
+    loaded = weights.load_pretrained(args.model, device=args.device)
     device = int(args.mic_device) if args.mic_device and args.mic_device.isdigit() else args.mic_device
     return TerminalChat(loaded, options, args.instruction, device, max_context_tokens=args.max_context_tokens).run()
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    from .serve import MEBIBYTE, InProcessEngine, ServerLimits, serve
-    from .weights import load_pretrained
-
-    limits = ServerLimits(max_body_bytes=int(args.max_body_mb * MEBIBYTE), max_audio_seconds=args.max_audio_seconds,
-                          max_tokens=args.max_tokens_limit)
-    loaded = load_pretrained(args.model, device=args.device)
+    limits = server.ServerLimits(max_body_bytes=int(args.max_body_mb * server.MEBIBYTE),
+                                 max_audio_seconds=args.max_audio_seconds, max_tokens=args.max_tokens_limit)
+    loaded = weights.load_pretrained(args.model, device=args.device)
     if not loaded.adapter_trained:
         print(UNTRAINED_WARNING, file=sys.stderr)
-    engine = InProcessEngine(loaded, model_id=args.served_model_name, max_context_tokens=args.max_context_tokens)
-    serve(engine, host=args.host, port=args.port, api_key=args.api_key or None, limits=limits)
+    engine = server.InProcessEngine(loaded, model_id=args.served_model_name, max_context_tokens=args.max_context_tokens)
+    server.serve(engine, host=args.host, port=args.port, api_key=args.api_key or None, limits=limits)
     return 0
 
 
 def run_download(_: argparse.Namespace) -> int:
-    from .weights import download_defaults
-
-    for name, path in download_defaults().items():
+    for name, path in weights.download_defaults().items():
         print(f"{name}: {path}")
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from .weights import WeightsError
 
     handlers = {"chat": run_chat, "generate": run_generate, "serve": run_serve, "download": run_download}
     try:
         return handlers[args.command](args)
-    except WeightsError as err:
+    except weights.WeightsError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     except ValueError as err:  # invalid generation options

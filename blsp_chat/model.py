@@ -332,15 +332,3 @@ class BlspModel(nn.Module):
             **options.to_hf_kwargs(),
             **hf_kwargs,
         )
-
-    # --- transformers-style persistence (implemented in weights.py, which owns all file I/O) -----
-    def save_pretrained(self, directory, dtype: torch.dtype | None = None) -> None:
-        from .weights import save_adapter
-
-        save_adapter(self, directory, dtype)
-
-    @classmethod
-    def from_pretrained(cls, name_or_path=None, **kwargs: Any) -> "BlspModel":
-        from .weights import load_model
-
-        return load_model(name_or_path, **kwargs)

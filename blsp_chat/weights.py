@@ -30,6 +30,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, WhisperFeatureExtr
 
 from .config import CONFIG_NAME, BlspConfig
 from .constants import CACHE_ENV_VAR, DEFAULT_CACHE_DIR
+from .ct2_whisper import convert_ct2_whisper
 from .model import BlspModel
 
 ADAPTER_WEIGHTS_NAME = "model.safetensors"
@@ -44,6 +45,8 @@ ASSETS_DIR = Path(__file__).resolve().parent.parent / "assets"
 DEFAULT_ADAPTER_DIR = ASSETS_DIR / "default_adapter"
 STAGE1_LORA_DIR = ASSETS_DIR / "stage1_lora"  # the stage-1 LoRA of the default LLM (train/sft_llm.py)
 COMPLETE_MARKER = ".complete"
+# The weight precisions a command line may name (app.py --dtype, a training config's dtype, export_adapter).
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 ADAPTER_SEED = 0
 
 
@@ -174,7 +177,6 @@ def default_whisper_ct2_dir() -> Path:
 
 def default_whisper_dir() -> Path:
     """Whisper tiny.en as a transformers directory, converted once from CTranslate2."""
-    from .ct2_whisper import convert_ct2_whisper
 
     final = cache_dir() / "models" / "whisper-tiny.en"
     if not is_complete(final):

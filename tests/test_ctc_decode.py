@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from blsp_chat.adapter import collapse_ctc, ctc_label_candidates, embedding_distance_logits
+from blsp_chat.audio import load_audio
 from blsp_chat.ctc_decode import cached_lm, prefix_beam_search
 from blsp_chat.model import CTC_BEAM_LABELS
 from blsp_chat.prefix_scorer import KvCachedPrefixScorer
@@ -241,7 +242,6 @@ def test_the_fused_readout_with_the_kv_cache_finds_the_pieces_that_full_rereadin
 @pytest.mark.integration
 def test_the_default_model_reads_the_example_clips_as_full_rereading_does(default_blsp):
     """The shipped default's replies do not change: the KV-cached readout picks the same word pieces."""
-    from blsp_chat.audio import load_audio
 
     model = default_blsp.model
     config = model.config

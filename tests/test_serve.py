@@ -22,6 +22,7 @@ import pytest
 import soundfile as sf
 import uvicorn
 
+from blsp_chat import cli, weights
 from blsp_chat.audio import load_audio
 from blsp_chat.config import GenerationOptions
 from blsp_chat.constants import REPEAT_INSTRUCTION, SAMPLE_RATE
@@ -386,7 +387,6 @@ def serve_command(*args):
 
 @pytest.mark.integration
 def test_generate_the_app_and_the_server_answer_a_spoken_turn_identically(default_blsp, monkeypatch, capsys):
-    from blsp_chat import cli, weights
     from blsp_chat.ui import ChatHandlers
 
     max_tokens = 32

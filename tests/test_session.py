@@ -7,6 +7,7 @@ import torch
 from transformers import RepetitionPenaltyLogitsProcessor, TopPLogitsWarper
 
 from blsp_chat import session as session_module
+from blsp_chat.adapter import embedding_distance_logits
 from blsp_chat.audio import AudioError
 from blsp_chat.config import GenerationOptions
 from blsp_chat.prompt import Turn, render
@@ -703,8 +704,6 @@ def ctc_readout_blsp(audio, seed=0):
     readout drops and merges positions, and a clip's count comes only from encoding it. (The adapter's
     output scale is raised so that its outputs are nearest to different words, not all to one.)"""
     import dataclasses
-
-    from blsp_chat.adapter import embedding_distance_logits
 
     model = lively_blsp(seed=seed)
     with torch.no_grad():

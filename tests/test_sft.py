@@ -6,8 +6,10 @@ import time
 import pytest
 import torch
 
+from blsp_chat import weights
 from blsp_chat.constants import IGNORE_INDEX, REPEAT_INSTRUCTION, SNIPS_LIGHT_INTENTS
 from blsp_chat.prompt import Turn, render, template_for
+from blsp_chat.weights import WeightsError, load_llm
 from tiny import tiny_llm, tiny_tokenizer
 from train import build_sft_data as bd
 from train import sft_llm
@@ -183,8 +185,6 @@ def test_time_budget_probe_times_steps_and_puts_the_weights_back(tokenizer):
 
 
 def test_lora_checkpoint_saves_loads_and_merges_to_identical_logits(tokenizer, tmp_path):
-    from blsp_chat.weights import load_llm
-
     torch.manual_seed(0)
     base_dir, lora_dir = tmp_path / "base", tmp_path / "lora"
     base = tiny_llm()
@@ -208,8 +208,6 @@ def test_lora_checkpoint_saves_loads_and_merges_to_identical_logits(tokenizer, t
 
 
 def test_load_llm_rejects_a_lora_without_a_base(tmp_path):
-    from blsp_chat.weights import WeightsError, load_llm
-
     (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA"}))
     with pytest.raises(WeightsError, match="base"):
         load_llm(str(tmp_path), torch.float32)
@@ -381,16 +379,12 @@ def test_word_errors():
 
 # --- the shipped default ----------------------------------------------------------------------------------------
 def test_offline_base_name_still_resolves_to_the_plain_base():
-    from blsp_chat import weights
-
     assert weights.DEFAULT_LLM != "offline:smollm2-135m-instruct"
     assert weights.resolve_base(weights.DEFAULT_LLM).endswith("stage1_lora")
 
 
 @pytest.mark.integration
 def test_default_llm_with_stage1_lora_answers_in_blsp_format():
-    from blsp_chat import weights
-
     base_dir = weights.resolve_base("offline:smollm2-135m-instruct")
     assert not (weights.Path(base_dir) / "adapter_config.json").exists()
     llm, tokenizer = weights.load_llm(weights.DEFAULT_LLM, torch.float32)

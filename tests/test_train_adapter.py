@@ -13,10 +13,14 @@ import soundfile as sf
 import torch
 from safetensors.torch import load_file
 
+from blsp_chat.audio import load_audio
 from blsp_chat.constants import IGNORE_INDEX, REPEAT_INSTRUCTION, SAMPLE_RATE
+from blsp_chat.prompt import Turn, render
 from blsp_chat.weights import LoadedBlsp
 from tiny import tiny_blsp, tiny_tokenizer, tone
+from train import precompute_encoder
 from train.loop import LoopConfig
+from train.precompute_encoder import fill, missing_clips
 from train.speech_data import (
     BucketBatchSampler,
     EncoderCache,
@@ -141,7 +145,6 @@ def test_resume_after_a_kill_reproduces_the_loss_sequence(corpus, tmp_path):
 # --- losses ------------------------------------------------------------------------------------------
 def test_kl_is_zero_when_speech_embeddings_equal_the_transcript_embeddings():
     model, tokenizer = loaded_tiny(sharp=True).model, tiny_tokenizer()
-    from blsp_chat.prompt import Turn, render
 
     teacher = render([Turn("human", instruction=REPEAT_INSTRUCTION, text="hello there"),
                       Turn("assistant", text="hello there")], tokenizer, add_eos=True)
@@ -392,8 +395,6 @@ def test_encoder_cache_returns_identical_adapter_inputs_and_notices_a_changed_fi
 
 
 def test_precomputed_cache_matches_training_and_an_interrupted_fill_resumes(corpus, tmp_path):
-    from train.precompute_encoder import fill, missing_clips
-
     model = loaded_tiny().model
     cache = EncoderCache.for_model(tmp_path / "cache", model)
     todo = missing_clips([str(corpus), str(corpus)], cache)  # a clip named twice is encoded once
@@ -406,14 +407,11 @@ def test_precomputed_cache_matches_training_and_an_interrupted_fill_resumes(corp
     # What training then reads is what it would have computed itself (batching in `fill` changes nothing).
     example = read_manifest(corpus)[3]
     item = SpeechDataset([example], loaded_tiny().tokenizer, model.speech_token_count, cache=cache)[0]
-    from blsp_chat.audio import load_audio
     direct = model.encode_windows([load_audio(example.audio)])[0][0]
     assert torch.allclose(item["encoded"][0], direct, atol=1e-5)
 
 
 def test_precompute_cli_fills_the_cache_without_the_runs_starting_adapter(corpus, tmp_path, monkeypatch, capsys):
-    from train import precompute_encoder
-
     sections = []
 
     def build(section):

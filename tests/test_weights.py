@@ -13,7 +13,9 @@ from blsp_chat.adapter import ctc_readout
 from blsp_chat.config import BlspConfig
 from blsp_chat.prompt import Turn, render
 from blsp_chat.weights import PinnedWheel, WeightsError, building, is_complete, load_pretrained, save_adapter
-from tiny import tiny_blsp, tiny_tokenizer, tone
+from tiny import TRAINING_TEXT, VOCAB, tiny_blsp, tiny_tokenizer, tone
+from train.export_adapter import export
+from train.export_adapter import main as export_main
 
 
 def _logits(model, tokenizer, audio):
@@ -38,7 +40,7 @@ def _write_base_models(model, tokenizer, tmp_path):
 def test_adapter_only_round_trip_gives_identical_logits(tmp_path):
     model, tokenizer = tiny_blsp("none"), tiny_tokenizer()
     _write_base_models(model, tokenizer, tmp_path)
-    model.save_pretrained(tmp_path / "adapter")
+    save_adapter(model, tmp_path / "adapter")
     saved = set(weights.read_state_dict(tmp_path / "adapter"))
     assert saved == set(model.adapter_state_dict())  # only trainable weights are written
     loaded = load_pretrained(str(tmp_path / "adapter"), device="cpu")
@@ -49,11 +51,9 @@ def test_adapter_only_round_trip_gives_identical_logits(tmp_path):
 
 
 def test_exported_float16_adapter_loads_with_its_record(tmp_path):
-    from train.export_adapter import export
-
     model, tokenizer = tiny_blsp("none"), tiny_tokenizer()
     _write_base_models(model, tokenizer, tmp_path)
-    model.save_pretrained(tmp_path / "run")
+    save_adapter(model, tmp_path / "run")
     (tmp_path / "run" / "README.md").write_text("# card\n")
     (tmp_path / "run" / "metrics.jsonl").write_text("{}\n")
     assert export(tmp_path / "run", tmp_path / "shipped", torch.float16) == ["README.md"]
@@ -73,8 +73,6 @@ def write_sentencepiece_tokenizer(directory):
     import io
 
     import sentencepiece as spm
-
-    from tiny import TRAINING_TEXT, VOCAB
 
     proto = io.BytesIO()
     spm.SentencePieceTrainer.train(sentence_iterator=iter(TRAINING_TEXT), model_writer=proto, model_type="bpe",
@@ -207,11 +205,9 @@ def test_unknown_offline_name():
 
 
 def test_export_can_serve_a_ctc_trained_adapter_through_the_ctc_readout(tmp_path):
-    from train.export_adapter import main as export_main
-
     model, tokenizer = tiny_blsp("none"), tiny_tokenizer()
     _write_base_models(model, tokenizer, tmp_path)
-    model.save_pretrained(tmp_path / "run")
+    save_adapter(model, tmp_path / "run")
     assert export_main([str(tmp_path / "run"), str(tmp_path / "shipped"), "--speech-readout", "ctc",
                         "--ctc-blank", " ", "--ctc-readout-temperature", "0.2"]) == 0
     loaded = load_pretrained(str(tmp_path / "shipped"), device="cpu")
@@ -255,7 +251,7 @@ def test_modelscope_snapshot_is_fetched_into_the_cache_and_loads(tmp_path, monke
         if repo_id.endswith("missing"):
             raise ValueError(f"model {repo_id} not found")
         target = Path(cache_dir) / repo_id
-        model.save_pretrained(target)
+        save_adapter(model, target)
         return str(target)
 
     monkeypatch.setitem(sys.modules, "modelscope", types.SimpleNamespace(snapshot_download=snapshot_download))

@@ -55,6 +55,7 @@ from typing import TYPE_CHECKING, Callable, Sequence
 import numpy as np
 import soundfile as sf
 
+from blsp_chat.audio import AudioError, load_audio
 from blsp_chat.constants import SAMPLE_RATE
 
 from .speech_data import resolve_audio
@@ -456,7 +457,6 @@ def read_sources(manifest: Path) -> list[tuple[int, dict, str]]:
 
 def load_clip(path: str) -> np.ndarray:
     """A source clip as 16 kHz mono float; blsp_chat.audio refuses undecodable, empty and silent ones."""
-    from blsp_chat.audio import AudioError, load_audio
 
     try:
         return load_audio(path, max_seconds=None)

@@ -34,6 +34,7 @@ from blsp_chat.constants import (
     SENTIMENT_INSTRUCTION,
     SNIPS_LIGHT_INTENTS,
 )
+from blsp_chat.weights import resolve_base
 
 WORDNET_DIR = Path("/usr/share/wordnet")
 FORTUNES_DIR = Path("/usr/share/games/fortunes")
@@ -209,8 +210,10 @@ def intent_commands() -> list[tuple[str, str]]:
     for label, phrases in INTENT_PHRASES.items():
         for phrase in phrases:
             for room in ROOMS:
-                fills = [dict(room=room, level=lv, color=c) for lv,
-                         c in zip(LEVELS, COLORS)] if "{" in phrase.replace("{room}", "") else [dict(room=room)]
+                if "{" in phrase.replace("{room}", ""):
+                    fills = [dict(room=room, level=lv, color=c) for lv, c in zip(LEVELS, COLORS)]
+                else:
+                    fills = [dict(room=room)]
                 commands.extend((phrase.format(**fill), label) for fill in fills)
     return sorted(set(commands))
 
@@ -529,7 +532,6 @@ def main(argv: Iterable[str] | None = None) -> None:
     if args.refilter:
         print(json.dumps(refilter(Path(args.out)), indent=2))
         return
-    from blsp_chat.weights import resolve_base
 
     counts = {k: max(1, round(v * args.scale)) for k, v in DEFAULT_COUNTS.items()}
     tasks = make_tasks(load_sources(), counts, args.seed)

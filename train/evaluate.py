@@ -54,7 +54,8 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 import torch
 
-from blsp_chat.config import GenerationOptions
+from blsp_chat.audio import AudioError, load_audio, split_into_windows
+from blsp_chat.config import CONFIG_NAME, BlspConfig, GenerationOptions
 from blsp_chat.constants import (
     CONTINUATION_INSTRUCTION,
     FALLBACK_TEMPERATURES,
@@ -65,6 +66,9 @@ from blsp_chat.constants import (
     SNIPS_LIGHT_INTENTS,
     TRANSLATE_INSTRUCTION,
 )
+from blsp_chat.prompt import Turn
+from blsp_chat.session import encoded_batch, generate_replies, speech_turn
+from blsp_chat.weights import DEFAULT_ADAPTER_DIR, DEFAULT_WHISPER, load_pretrained, resolve_base
 
 from . import metrics
 
@@ -235,23 +239,17 @@ class LlmRunner:
         self.model, self.tokenizer = loaded.model, loaded.tokenizer
 
     def turn(self, request: Request):
-        from blsp_chat.prompt import Turn
-        from blsp_chat.session import speech_turn
-
         if request.audio is not None:
             return speech_turn(request.audio, self.model, instruction=request.instruction, text=request.text)
         return Turn("human", instruction=request.instruction, text=request.text)
 
     def batch_inputs(self, requests: Sequence[Request]) -> dict:
         """Left-padded input_ids, attention_mask, speech_mask (B, T) and the encoded speech in row order."""
-        from blsp_chat.session import encoded_batch
 
         batch, speech = encoded_batch(self.loaded, *self._conversations(requests))
         return batch | {"speech_embeds": speech}
 
     def replies(self, requests: Sequence[Request]) -> list[str]:
-        from blsp_chat.session import generate_replies
-
         if not requests:
             return []
         return generate_replies(self.loaded, *self._conversations(requests), self.options)
@@ -283,8 +281,6 @@ class WhisperTranscriber:
 
     @torch.inference_mode()
     def __call__(self, audios: Sequence[np.ndarray]) -> list[str]:
-        from blsp_chat.audio import split_into_windows
-
         windows, owners = [], []
         for index, audio in enumerate(audios):
             for window in split_into_windows(np.asarray(audio, dtype=np.float32)):
@@ -315,7 +311,6 @@ class Engines:
 # --- one batch ------------------------------------------------------------------------------------
 def load_batch_audio(items: Sequence[dict]) -> tuple[list, dict[str, str]]:
     """Each item's audio, or None with the reason where it cannot be used (scored as an empty reply)."""
-    from blsp_chat.audio import AudioError, load_audio
 
     audios, errors = [], {}
     for item in items:
@@ -644,8 +639,6 @@ def settings_from_args(args: argparse.Namespace) -> EvalSettings:
 
 def whisper_source(args: argparse.Namespace, loaded) -> str:
     """The base Whisper named in the BLSP config (adapter-only checkpoints name it), or --whisper."""
-    from blsp_chat.config import CONFIG_NAME, BlspConfig
-    from blsp_chat.weights import DEFAULT_ADAPTER_DIR, DEFAULT_WHISPER, resolve_base
 
     if args.whisper:
         return resolve_base(args.whisper)
@@ -666,8 +659,6 @@ def whisper_source(args: argparse.Namespace, loaded) -> str:
 
 
 def build_engines(args: argparse.Namespace, settings: EvalSettings) -> Engines:
-    from blsp_chat.weights import load_pretrained
-
     engines = Engines()
     loaded = None
     if settings.system != "whisper":

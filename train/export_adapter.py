@@ -20,11 +20,10 @@ from typing import Any, Sequence
 import torch
 
 from blsp_chat.config import SPEECH_READOUTS
-from blsp_chat.weights import load_blsp_dir
+from blsp_chat.weights import DTYPES, load_blsp_dir, save_adapter
 from train.train_adapter import ctc_blank_id
 
 RECORD_FILES = ("README.md", "loss_curve.png", "train_config.json", "data_summary.json", "eval.jsonl")
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def export(run_dir: Path, out: Path, dtype: torch.dtype, speech_readout: str | None = None, ctc_blank: str = " ",
@@ -38,7 +37,7 @@ def export(run_dir: Path, out: Path, dtype: torch.dtype, speech_readout: str | N
         loaded.model.config = dataclasses.replace(loaded.model.config, speech_readout=speech_readout,
                                                   ctc_blank_id=blank_id,
                                                   **readout_settings)
-    loaded.model.save_pretrained(out, dtype=dtype)
+    save_adapter(loaded.model, out, dtype=dtype)
     copied = []
     for name in RECORD_FILES:
         if (run_dir / name).is_file():

@@ -51,6 +51,7 @@ from typing import Callable, Iterable, Sequence
 
 import torch
 
+from blsp_chat import weights
 from blsp_chat.constants import CONTINUATION_INSTRUCTION, STOP_STRINGS
 from blsp_chat.prompt import PromptTemplate, Turn, render, template_for
 from blsp_chat.session import cut_at_stop, eos_token_ids
@@ -210,7 +211,6 @@ def _is_blsp_dir(path: Path) -> bool:
 def load_generator(model: str | None, *, backend: str = "auto", template_name: str = "blsp", device=None,
                    max_new_tokens: int = MAX_NEW_TOKENS):
     """The LLM, its tokenizer and template, wrapped for generation; see the module doc for --model."""
-    from blsp_chat import weights
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32

@@ -36,6 +36,9 @@ from typing import Callable, Iterable, Iterator
 
 import soundfile as sf
 
+from blsp_chat.audio import AudioError, load_audio
+from blsp_chat.constants import SAMPLE_RATE
+
 SECONDS_PER_HOUR = 3600.0
 GIGASPEECH_PUNCTUATION = {"<COMMA>": ",", "<PERIOD>": ".", "<QUESTIONMARK>": "?", "<EXCLAMATIONPOINT>": "!"}
 GIGASPEECH_GARBAGE = ("<SIL>", "<MUSIC>", "<NOISE>", "<OTHER>")
@@ -118,9 +121,6 @@ def audio_duration(path: Path) -> float:
 
 
 def _decoded_duration(path: Path) -> float:
-    from blsp_chat.audio import AudioError, load_audio
-    from blsp_chat.constants import SAMPLE_RATE
-
     try:
         return len(load_audio(str(path), max_seconds=None)) / SAMPLE_RATE
     except AudioError as err:

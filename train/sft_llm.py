@@ -35,8 +35,9 @@ import torch
 
 from blsp_chat.constants import IGNORE_INDEX, INTENT_INSTRUCTION, REPEAT_INSTRUCTION, SNIPS_LIGHT_INTENTS
 from blsp_chat.prompt import Turn, render, template_for
-from blsp_chat.session import pad_token_id
-from train.build_sft_data import intent_commands, pick_label, read_alpaca, split_of, transcript_style
+from blsp_chat.session import cut_at_stop, eos_token_ids, left_padded_batch, pad_token_id
+from blsp_chat.weights import load_llm
+from train.build_sft_data import intent_commands, load_sources, pick_label, read_alpaca, split_of, transcript_style
 from train.loop import (
     LOOP_STATE_NAME,
     METRICS_NAME,
@@ -309,7 +310,6 @@ EVAL_INTENTS = 36
 
 def eval_repeat_sentences(count: int = EVAL_REPEATS) -> list[str]:
     """ASR-style sentences held out of every training task: LibriVox transcripts, then held-out fortunes."""
-    from train.build_sft_data import load_sources
 
     found = []
     if LIBRIVOX_TRANSCRIPTS.is_file():
@@ -341,14 +341,13 @@ def word_errors(hyp: str, ref: str) -> tuple[int, int]:
 def answer_all(llm, tokenizer, template_name: str, prompts: Sequence[tuple[str, str]], max_new_tokens: int,
                batch_size: int = 16) -> list[str]:
     """Greedy replies to (instruction, text) human turns, batched with left padding, cut at `###`."""
-    from blsp_chat.session import cut_at_stop, eos_token_ids, left_padded_batch
 
     template = template_for(template_name, tokenizer)
     eos, pad_id = eos_token_ids(tokenizer, llm), pad_token_id(tokenizer)
     replies = []
     for start in range(0, len(prompts), batch_size):
-        rendered = [render([Turn("human", instruction=i, text=t)], tokenizer, template) for i,
-                    t in prompts[start:start + batch_size]]
+        rendered = [render([Turn("human", instruction=i, text=t)], tokenizer, template)
+                    for i, t in prompts[start:start + batch_size]]
         batch = left_padded_batch(rendered, pad_id)
         width = batch["input_ids"].shape[1]
         out = llm.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
@@ -403,8 +402,6 @@ def training_overlap(data: str | Path | None) -> int:
 
 
 def run_evaluation(base: str, tuned_dir: Path, data: str | Path | None, max_len: int) -> dict:
-    from blsp_chat.weights import load_llm
-
     table = {}
     overlap = training_overlap(data)
     if overlap:
@@ -497,8 +494,6 @@ def main(argv: Iterable[str] | None = None) -> None:
 
 
 def train_and_save(config: SftConfig, *, resume: bool = False, callbacks=(), log=print) -> dict:
-    from blsp_chat.weights import load_llm
-
     llm, tokenizer = load_llm(config.llm, torch.float32)
     template = template_for(config.template, tokenizer)
     records = load_training_records(config.data, config.max_per_kind)

@@ -63,6 +63,7 @@ from typing import Iterable, Sequence
 
 import soundfile as sf
 
+from blsp_chat.audio import load_audio
 from blsp_chat.constants import SAMPLE_RATE
 
 from .prepare_data import english_normalizer
@@ -536,7 +537,6 @@ def _to_16k(raw_wav: str, out_wav: str, pitch_cents: int | None) -> None:
         if result.returncode != 0:
             raise SynthesisError(f"sox failed: {result.stderr.strip()[:300]}")
         return
-    from blsp_chat.audio import load_audio
 
     sf.write(out_wav, load_audio(raw_wav, max_seconds=None), SAMPLE_RATE, subtype="PCM_16")
 
