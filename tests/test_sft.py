@@ -13,7 +13,10 @@ from blsp_chat.weights import WeightsError, load_llm
 from tiny import tiny_llm, tiny_tokenizer
 from train import build_sft_data as bd
 from train import sft_llm
-from train.loop import checkpoint_dirs, read_jsonl
+from train.build_sft_data import transcript_style
+from train.io import read_jsonl
+from train.loop import checkpoint_dirs
+from train.metrics import word_errors
 
 CHATML = ("{% for message in messages %}"
           "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
@@ -340,7 +343,7 @@ def test_make_tasks_is_seed_deterministic_and_holds_out_by_source():
 @pytest.mark.parametrize("text,looping", [("the cat sat on the mat and the dog sat on the rug", False),
                                           ("I am here. I am here. I am here.", True)])
 def test_looping_filter(text, looping):
-    assert bd.is_looping(text) is looping
+    assert bd.loops(text) is looping
 
 
 def test_pick_label():
@@ -373,8 +376,9 @@ def test_training_records_skip_heldout(tmp_path):
     assert [r["instruction"] for r in sft_llm.load_training_records(tmp_path / "d.jsonl")] == ["A.", "C."]
 
 
-def test_word_errors():
-    assert sft_llm.word_errors("He was not, an ill young man.", "he was not an ill disposed young man") == (1, 8)
+def test_repeat_wer_counts_words_in_transcript_style():
+    errors = word_errors("he was not an ill disposed young man", "He was not, an ill young man.", transcript_style)
+    assert (errors.errors, errors.reference_words) == (1, 8)
 
 
 # --- the shipped default ----------------------------------------------------------------------------------------

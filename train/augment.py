@@ -58,17 +58,8 @@ import soundfile as sf
 from blsp_chat.audio import AudioError, load_audio
 from blsp_chat.constants import SAMPLE_RATE
 
-from .speech_data import resolve_audio
-from .synthesize import (
-    MANIFEST,
-    append_line,
-    check_config,
-    done_records,
-    parallel_map,
-    read_jsonl_tolerant,
-    repair_tail,
-    write_jsonl_atomic,
-)
+from .io import append_line, numbered_lines, read_jsonl_tolerant, repair_tail, resolve_audio, write_jsonl_atomic
+from .synthesize import MANIFEST, check_config, done_records, parallel_map
 
 if TYPE_CHECKING:
     from scipy.signal import ShortTimeFFT
@@ -429,13 +420,11 @@ def read_sources(manifest: Path) -> list[tuple[int, dict, str]]:
     if not manifest.is_file():
         raise AugmentError(f"manifest not found: {manifest}")
     rows, seen, missing = [], set(), []
-    for number, line in enumerate(manifest.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise AugmentError(f"{manifest}:{number}: not a JSON line ({err})") from None
+    try:
+        lines = list(numbered_lines(manifest))
+    except ValueError as err:
+        raise AugmentError(str(err)) from None
+    for number, record in lines:
         if not isinstance(record, dict) or not record.get("audio"):
             raise AugmentError(f"{manifest}:{number}: no \"audio\" field")
         path = resolve_audio(manifest, record["audio"])

@@ -35,9 +35,12 @@ from blsp_chat.constants import (
     SNIPS_LIGHT_INTENTS,
 )
 from blsp_chat.weights import resolve_base
+from train import text_sources
+from train.generate_continuations import is_looping
+from train.io import append_lines, read_jsonl, write_jsonl_atomic
 
-WORDNET_DIR = Path("/usr/share/wordnet")
-FORTUNES_DIR = Path("/usr/share/games/fortunes")
+WORDNET_DIR = text_sources.WORDNET_DIR
+FORTUNES_DIR = text_sources.FORTUNES_DIR
 DATA_NAME, REJECTS_NAME = "sft_data.jsonl", "sft_rejects.jsonl"
 SENTIMENT_LABELS = ("positive", "negative", "neutral")
 HELDOUT_PERCENT = 5          # share of source texts reserved for evaluation (by hash of the text)
@@ -163,16 +166,9 @@ def common_lemmas(wordnet_dir: Path = WORDNET_DIR, min_count: int = MIN_WORDNET_
 
 
 def wordnet_examples(wordnet_dir: Path = WORDNET_DIR) -> list[str]:
-    """The quoted usage examples after each gloss (`| gloss; "example"`)."""
-    found = set()
-    for name in ("data.noun", "data.verb", "data.adj", "data.adv"):
-        for line in (wordnet_dir / name).read_text(encoding="utf-8", errors="replace").splitlines():
-            if line.startswith("  ") or "|" not in line:
-                continue
-            for example in re.findall(r'"([^"]+)"', line.split("|", 1)[1]):
-                if 5 <= len(example.split()) <= 25 and re.fullmatch(r"[A-Za-z ,.'!?;:-]+", example):
-                    found.add(example.strip())
-    return sorted(found)
+    """WordNet's usage examples (train.text_sources) of 5 to 25 plain words."""
+    return sorted({example.strip() for example in text_sources.wordnet_examples(wordnet_dir)
+                   if 5 <= len(example.split()) <= 25 and re.fullmatch(r"[A-Za-z ,.'!?;:-]+", example)})
 
 
 def fortunes(fortunes_dir: Path = FORTUNES_DIR) -> tuple[list[str], list[str]]:
@@ -182,8 +178,8 @@ def fortunes(fortunes_dir: Path = FORTUNES_DIR) -> tuple[list[str], list[str]]:
         path = fortunes_dir / name
         if not path.is_file():
             continue
-        for entry in path.read_text(encoding="utf-8", errors="replace").split("\n%\n"):
-            lines = [ln.strip() for ln in entry.splitlines() if ln.strip() and not ln.strip().startswith("--")]
+        for block in text_sources.fortune_blocks(path):
+            lines = [ln.strip() for ln in block if ln.strip()]
             text = re.sub(r"\s+", " ", " ".join(lines)).strip()
             if not text or not re.fullmatch(r"[A-Za-z0-9 ,.'!?;:()-]+", text):
                 continue
@@ -294,10 +290,9 @@ def interleave(tasks: Sequence[Task], batch_size: int, seed: int = 0) -> list[li
 
 
 # --- filters -----------------------------------------------------------------------------------------
-def is_looping(text: str, n: int = LOOP_NGRAM, repeats: int = LOOP_REPEATS) -> bool:
-    words = re.findall(r"\w+", text.lower())
-    grams = Counter(tuple(words[i:i + n]) for i in range(len(words) - n + 1))
-    return bool(grams) and max(grams.values()) >= repeats
+def loops(text: str) -> bool:
+    """A word 3-gram said 3 times (train.generate_continuations.is_looping without its distinct-ratio rule)."""
+    return is_looping(re.findall(r"\w+", text.lower()), LOOP_NGRAM, LOOP_REPEATS, min_distinct=0.0)
 
 
 def trim_truncated(text: str) -> str | None:
@@ -338,7 +333,7 @@ def judge(task: Task, raw: str, finished: bool) -> tuple[str | None, str | None]
         if task.gold is not None and label != task.gold:
             return None, "disagrees_with_command_label"
         return label, None
-    if is_looping(text):
+    if loops(text):
         return None, "looping"
     if task.kind == "continue" and echoes(text, task.input):  # a summary may well reuse its input's words
         return None, "echoes_input"
@@ -355,7 +350,7 @@ def forget_rejects(out_dir: Path, reasons: Sequence[str]) -> int:
     path = out_dir / REJECTS_NAME
     rows = read_jsonl(path)
     keep = [r for r in rows if r["reason"] not in reasons]
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in keep), encoding="utf-8")
+    write_jsonl_atomic(path, keep)
     return len(rows) - len(keep)
 
 
@@ -417,9 +412,9 @@ def refilter(out_dir: Path) -> dict:
             kept.append(record)
         else:
             moved.append(dict(id=record["id"], kind=record["kind"], reason=reason, raw=record["output"]))
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept), encoding="utf-8")
+    write_jsonl_atomic(path, kept)
     with open(out_dir / REJECTS_NAME, "a", encoding="utf-8") as rejected:
-        rejected.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in moved)
+        append_lines(rejected, moved)
     return write_card(out_dir)
 
 
@@ -436,12 +431,6 @@ def _progress(total: int, enabled: bool):
     from tqdm import tqdm
 
     return tqdm(total=total, desc="sft data", unit="task", disable=not enabled)
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def write_card(out_dir: Path, planned: int | None = None, extra: dict | None = None) -> dict:

@@ -71,6 +71,7 @@ from blsp_chat.session import encoded_batch, generate_replies, speech_turn
 from blsp_chat.weights import DEFAULT_ADAPTER_DIR, DEFAULT_WHISPER, load_pretrained, resolve_base
 
 from . import metrics
+from .io import append_lines, numbered_lines, read_jsonl, repair_tail, resolve_audio
 
 TASKS = ("asr", "st", "slu", "continuation", "qa")
 SYSTEMS = ("blsp", "text", "cascade", "whisper")
@@ -97,19 +98,13 @@ def read_manifest(path: str | Path, limit: int | None = None) -> list[dict]:
     """Items with an `id` (the manifest's own, else the line number) and absolute audio paths."""
     path = Path(path)
     items, seen = [], set()
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            item = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}:{number}: not a JSON object: {err}") from err
+    for number, item in numbered_lines(path):
         item["id"] = str(item.get("id", number))
         if item["id"] in seen:
             raise ValueError(f"{path}:{number}: id {item['id']!r} appears twice")
         seen.add(item["id"])
         if item.get("audio"):
-            item["audio"] = str((path.parent / item["audio"]).resolve())
+            item["audio"] = str(resolve_audio(path, item["audio"]))
         items.append(item)
     return items[:limit] if limit else items
 
@@ -125,24 +120,16 @@ class OutputsFile:
             self._load()
 
     def _load(self) -> None:
-        data = self.path.read_bytes()
-        keep = data.rfind(b"\n") + 1
-        if keep < len(data):
-            with open(self.path, "r+b") as handle:
-                handle.truncate(keep)
-        for line in data[:keep].decode().splitlines():
-            if line.strip():
-                record = json.loads(line)
-                self.records[str(record["id"])] = record
+        repair_tail(self.path)
+        for record in read_jsonl(self.path):
+            self.records[str(record["id"])] = record
 
     def append(self, records: Iterable[dict]) -> None:
+        records = list(records)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path, "a", encoding="utf-8") as handle:
-            for record in records:
-                handle.write(json.dumps(record, ensure_ascii=False) + "\n")
-                self.records[str(record["id"])] = record
-            handle.flush()
-            os.fsync(handle.fileno())
+            append_lines(handle, records)
+        self.records.update((str(record["id"]), record) for record in records)
 
 
 # --- settings -------------------------------------------------------------------------------------

@@ -56,7 +56,7 @@ from blsp_chat.constants import CONTINUATION_INSTRUCTION, STOP_STRINGS
 from blsp_chat.prompt import PromptTemplate, Turn, render, template_for
 from blsp_chat.session import cut_at_stop, eos_token_ids
 
-from .synthesize import append_line, read_jsonl_tolerant, repair_tail, write_jsonl_atomic
+from .io import append_line, read_jsonl_tolerant, repair_tail, write_jsonl_atomic
 
 MAX_NEW_TOKENS = 64          # the release's setting
 MAX_PROMPT_TOKENS = 192      # the release keeps prompts shorter than this
@@ -90,13 +90,16 @@ def content_stems(words: Iterable[str]) -> set[str]:
     return {w[:STEM_CHARS] for w in words if len(w) >= 3 and w not in STOP_WORDS and not w.isdigit()}
 
 
-def is_looping(words: Sequence[str]) -> bool:
-    grams = [tuple(words[i:i + LOOP_NGRAM]) for i in range(len(words) - LOOP_NGRAM + 1)]
+def is_looping(words: Sequence[str], n: int = LOOP_NGRAM, max_repeats: int = LOOP_MAX_REPEATS,
+               min_distinct: float = LOOP_MIN_DISTINCT) -> bool:
+    """A word n-gram said `max_repeats` times, or (over at least 2n n-grams) fewer than `min_distinct` of
+    them distinct: the mark of an LLM reply stuck in a loop."""
+    grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
     if not grams:
         return False
-    if max(Counter(grams).values()) >= LOOP_MAX_REPEATS:
+    if max(Counter(grams).values()) >= max_repeats:
         return True
-    return len(grams) >= 2 * LOOP_NGRAM and len(set(grams)) / len(grams) < LOOP_MIN_DISTINCT
+    return len(grams) >= 2 * n and len(set(grams)) / len(grams) < min_distinct
 
 
 def quality_issue(transcript: str, response: str, min_topic_words: int = MIN_TOPIC_WORDS) -> str | None:

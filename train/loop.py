@@ -50,6 +50,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from train.io import append_line, read_jsonl
+
 LOOP_STATE_NAME = "loop_state.json"
 TRAINABLE_NAME = "trainable.pt"
 OPTIMIZER_NAME = "optimizer.pt"
@@ -343,12 +345,6 @@ def checkpoint_dirs(output_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
 
 
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 # --- the loop ----------------------------------------------------------------------------------------
 LossFn = Callable[[nn.Module, Any], "tuple[torch.Tensor, dict[str, float]]"]
 Callback = Callable[[LoopState, dict[str, Any]], None]
@@ -425,8 +421,8 @@ class _Loop:
 
     def _append_jsonl(self, name: str, record: dict[str, Any]) -> None:
         if self.is_main:
-            with open(self.output_dir / name, "a") as handle:
-                handle.write(json.dumps(record) + "\n")
+            with open(self.output_dir / name, "a", encoding="utf-8") as handle:
+                append_line(handle, record)
 
     # --- run ---
     def run(self, resume: bool) -> TrainResult:

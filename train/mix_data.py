@@ -23,7 +23,7 @@ from typing import Sequence
 
 from blsp_chat.constants import REPEAT_INSTRUCTION
 
-from .synthesize import read_jsonl_tolerant, write_jsonl_atomic
+from .io import read_jsonl_tolerant, write_jsonl_atomic
 
 PAPER_RATIO = "1:9"   # repetition : continuation
 

@@ -53,8 +53,8 @@ from blsp_chat.constants import SAMPLE_RATE
 from blsp_chat.weights import cache_dir, sha256_of
 
 from . import metrics
+from .io import read_jsonl_tolerant, write_jsonl_atomic
 from .prepare_data import english_normalizer
-from .synthesize import read_jsonl_tolerant, write_jsonl_atomic
 
 POCKETSPHINX_DATA = Path("/usr/share/pocketsphinx/test/data")
 KTUBERLING_SOUNDS = Path("/usr/share/ktuberling/sounds/en")

@@ -38,6 +38,7 @@ from blsp_chat.prompt import Turn, render, template_for
 from blsp_chat.session import cut_at_stop, eos_token_ids, left_padded_batch, pad_token_id
 from blsp_chat.weights import load_llm
 from train.build_sft_data import intent_commands, load_sources, pick_label, read_alpaca, split_of, transcript_style
+from train.io import read_jsonl
 from train.loop import (
     LOOP_STATE_NAME,
     METRICS_NAME,
@@ -45,10 +46,10 @@ from train.loop import (
     LoopConfig,
     TrainResult,
     checkpoint_dirs,
-    read_jsonl,
     to_device,
 )
 from train.loop import train as run_loop
+from train.metrics import WordErrors, word_errors
 from train.speech_data import BucketBatchSampler
 
 CARD_JSON, CARD_MD = "sft_card.json", "README.md"  # README.md replaces peft's boilerplate card
@@ -327,16 +328,6 @@ def eval_intents(count: int = EVAL_INTENTS) -> list[tuple[str, str]]:
     return held[:count]
 
 
-def word_errors(hyp: str, ref: str) -> tuple[int, int]:
-    h, r = transcript_style(hyp).split(), transcript_style(ref).split()
-    row = list(range(len(h) + 1))
-    for i, rw in enumerate(r, 1):
-        prev, row[0] = row[0], i
-        for j, hw in enumerate(h, 1):
-            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (rw != hw))
-    return row[len(h)], len(r)
-
-
 @torch.no_grad()
 def answer_all(llm, tokenizer, template_name: str, prompts: Sequence[tuple[str, str]], max_new_tokens: int,
                batch_size: int = 16) -> list[str]:
@@ -367,13 +358,14 @@ def evaluate(llm, tokenizer, template_name: str, examples: bool = False) -> dict
     i_ok = [pick_label(a, SNIPS_LIGHT_INTENTS) == gold for (_, gold), a in zip(intents, intent_answers)]
     sentences = eval_repeat_sentences()
     repeats = answer_all(llm, tokenizer, template_name, [(REPEAT_INSTRUCTION, s) for s in sentences], 48)
-    errors = [word_errors(h, r) for h, r in zip(repeats, sentences)]
+    # train.metrics' WER, on the transcript style the SFT data is written in (lower case, no punctuation)
+    errors = [word_errors(r, h, transcript_style) for h, r in zip(repeats, sentences)]
     result = {
         "template": template_name,
         "questions_correct": f"{sum(q_ok)}/{len(q_ok)}",
         "intent_accuracy": round(sum(i_ok) / len(i_ok), 3), "intent_n": len(i_ok),
-        "repeat_exact": round(sum(e == 0 for e, _ in errors) / len(errors), 3), "repeat_n": len(errors),
-        "repeat_wer": round(sum(e for e, _ in errors) / sum(n for _, n in errors), 3),
+        "repeat_exact": round(sum(e.errors == 0 for e in errors) / len(errors), 3), "repeat_n": len(errors),
+        "repeat_wer": round(sum(errors, WordErrors()).wer, 3),
     }
     if examples:
         result["examples"] = {"questions": list(zip([q for q, _ in EVAL_QUESTIONS], questions)),

@@ -35,6 +35,7 @@ import torch
 from blsp_chat.audio import load_audio
 from blsp_chat.constants import IGNORE_INDEX, REPEAT_INSTRUCTION
 from blsp_chat.prompt import BLSP_TEMPLATE, PromptTemplate, Turn, render
+from train.io import resolve_audio
 from train.loop import shard_global_batches
 
 PAPER_REPETITION_RATIO = 1 / 9        # repetition lines per continuation line (BLSP+RP, 1:9)
@@ -60,12 +61,6 @@ def audio_duration(path: str | Path) -> float:
     """Seconds, from the file header (no decoding)."""
     info = sf.info(str(path))
     return info.frames / info.samplerate
-
-
-def resolve_audio(manifest: Path, audio: str) -> Path:
-    """Relative audio paths are read against the manifest's folder."""
-    audio_path = Path(audio)
-    return (audio_path if audio_path.is_absolute() else manifest.parent / audio_path).resolve()
 
 
 def manifest_audio_paths(path: str | Path) -> list[str]:

@@ -66,6 +66,7 @@ import soundfile as sf
 from blsp_chat.audio import load_audio
 from blsp_chat.constants import SAMPLE_RATE
 
+from .io import append_line, read_jsonl_tolerant, repair_tail, write_jsonl_atomic
 from .prepare_data import english_normalizer
 from .text_sources import dedup_key
 
@@ -581,55 +582,6 @@ def _record(job: Job, duration: float) -> dict:
 
 
 # --- the manifest ----------------------------------------------------------------------------------------
-def read_jsonl_tolerant(path: Path) -> list[dict]:
-    """Complete JSON lines of a file that a killed writer may have left with a partial last line."""
-    if not Path(path).is_file():
-        return []
-    records = []
-    with open(path, encoding="utf-8") as handle:
-        for line in handle:
-            if not line.endswith("\n"):
-                break  # the partial last line of a killed run
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-    return records
-
-
-def repair_tail(path: Path) -> None:
-    """Cut a partial last line (no newline) so that appends start on a fresh line."""
-    path = Path(path)
-    if not path.is_file() or path.stat().st_size == 0:
-        return
-    with open(path, "rb+") as handle:
-        data = handle.read()
-        if data.endswith(b"\n"):
-            return
-        handle.truncate(data.rfind(b"\n") + 1)
-
-
-def append_line(handle, record: dict) -> None:
-    """One whole line per write, flushed and fsync'ed: a kill leaves at most one partial line."""
-    handle.write(json.dumps(record, ensure_ascii=False) + "\n")
-    handle.flush()
-    os.fsync(handle.fileno())
-
-
-def write_jsonl_atomic(path: Path, records: Iterable[dict]) -> int:
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    count = 0
-    with open(tmp, "w", encoding="utf-8") as handle:
-        for record in records:
-            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
-            count += 1
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-    return count
-
-
 def done_records(out_dir: Path) -> dict[str, dict]:
     """Manifest lines whose wav exists, by clip id (the last line wins)."""
     records = read_jsonl_tolerant(out_dir / MANIFEST)

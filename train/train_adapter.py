@@ -63,7 +63,8 @@ from blsp_chat.weights import (
     resolve_base,
     save_adapter,
 )
-from train.loop import LoopConfig, TrainResult, read_jsonl, train
+from train.io import read_jsonl
+from train.loop import LoopConfig, TrainResult, train
 from train.metrics import EnglishNormalizer, corpus_wer, load_spelling_mapping
 from train.speech_data import (
     PAPER_REPETITION_RATIO,
