@@ -60,7 +60,7 @@ def _free_port() -> int:
 @pytest.fixture(scope="session")
 def app_url(default_blsp):
     """The real app, served on 127.0.0.1 for the whole test run."""
-    from blsp_chat.ui import build_demo
+    from blsp_chat.ui import build_demo  # here, not at the top: only the app's tests load gradio
 
     demo = build_demo(default_blsp, max_audio_seconds=60, concurrency=2, max_context_tokens=APP_MAX_CONTEXT)
     demo.queue().launch(server_name="127.0.0.1", server_port=_free_port(), prevent_thread_lock=True, quiet=True)

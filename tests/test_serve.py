@@ -387,7 +387,7 @@ def serve_command(*args):
 
 @pytest.mark.integration
 def test_generate_the_app_and_the_server_answer_a_spoken_turn_identically(default_blsp, monkeypatch, capsys):
-    from blsp_chat.ui import ChatHandlers
+    from blsp_chat.ui import ChatHandlers  # here, not at the top: only this test of the file needs gradio
 
     max_tokens = 32
     monkeypatch.setattr(weights, "load_pretrained", lambda *args, **kwargs: default_blsp)
