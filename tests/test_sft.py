@@ -362,8 +362,8 @@ def test_read_alpaca_json_and_jsonl(tmp_path):
     (tmp_path / "a.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
     for name in ("a.json", "a.jsonl"):
         got = bd.read_alpaca(tmp_path / name)
-        assert [(r["instruction"], r["input"],
-                 r["output"]) for r in got] == [("Add.", "2 and 2", "4"), ("Greet.", "", "Hello!")]
+        assert [(r["instruction"], r["input"], r["output"]) for r in got] == [("Add.", "2 and 2", "4"),
+                                                                               ("Greet.", "", "Hello!")]
     (tmp_path / "bad.jsonl").write_text(json.dumps({"prompt": "x"}) + "\n")
     with pytest.raises(ValueError, match="instruction"):
         bd.read_alpaca(tmp_path / "bad.jsonl")

@@ -133,8 +133,8 @@ def test_generic_tables(tmp_path, suffix):
             writer.writerows(rows)
     out = tmp_path / "out.jsonl"
     _prepare(prepare_data.table(table), out)
-    assert [(Path(entry["audio"]).name,
-             entry["text"]) for entry in _jsonl(out)] == [("one.wav", "opening line"), ("two.wav", "closing line")]
+    named = [(Path(entry["audio"]).name, entry["text"]) for entry in _jsonl(out)]
+    assert named == [("one.wav", "opening line"), ("two.wav", "closing line")]
     assert [r["reason"] for r in _jsonl(prepare_data.rejects_file(out))] == ["missing audio"]
 
 
@@ -255,11 +255,11 @@ def test_plan_depends_on_seed_and_not_on_order(tmp_path):
 
 
 def test_split_holds_out_sentences_and_voices(tmp_path):
-    voices = {"espeak-ng": [synthesize.Voice("espeak-ng", f"{a}+{v}",
-                                             f"{a}+{v}") for a in ("en-us", "en-029") for v in ("m1", "f5")],
+    voices = {"espeak-ng": [synthesize.Voice("espeak-ng", f"{a}+{v}", f"{a}+{v}")
+                            for a in ("en-us", "en-029") for v in ("m1", "f5")],
               "flite": [synthesize.Voice("flite", n, synthesize._flite_speaker(n)) for n in ("kal", "kal16", "rms")],
-              "festival": [synthesize.Voice("festival", n,
-                                            synthesize._festival_speaker(n)) for n in ("kal_diphone", "ked_diphone")]}
+              "festival": [synthesize.Voice("festival", n, synthesize._festival_speaker(n))
+                           for n in ("kal_diphone", "ked_diphone")]}
     sentences = [f"Sentence number {i} is spoken here." for i in range(200)]
     jobs = synthesize.plan(sentences, tmp_path, voices, seed=0, voices_per_sentence=2, dev_frac=0.1, test_frac=0.1,
                            holdout=("espeak-ng:en-029+*", "kal16"))

@@ -74,8 +74,8 @@ def extract(runner, pairs: Sequence[tuple[np.ndarray, str]], instructions: Mappi
     states: dict[tuple[str, str], np.ndarray] = {}
     jobs = [(m, code) for code in instructions for m in MODALITIES]
     for modality, code in tqdm(jobs, desc="alignment", unit="set", file=sys.stderr):
-        requests = [Request(instructions[code],
-                            audio=audio) if modality == "speech" else Request(instructions[code], text=text)
+        requests = [Request(instructions[code], audio=audio) if modality == "speech"
+                    else Request(instructions[code], text=text)
                     for audio, text in pairs]
         states[modality, code] = np.concatenate([last_token_states(runner, requests[i:i + batch_size])
                                                  for i in range(0, len(requests), batch_size)])

@@ -66,8 +66,8 @@ def audio_duration(path: str | Path) -> float:
 def manifest_audio_paths(path: str | Path) -> list[str]:
     """Every line's clip (any manifest: the "audio" field is all this reads)."""
     path = Path(path)
-    return [str(resolve_audio(path,
-                              json.loads(line)["audio"])) for line in path.read_text().splitlines() if line.strip()]
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    return [str(resolve_audio(path, json.loads(line)["audio"])) for line in lines]
 
 
 def read_manifest(path: str | Path, *, limit: int | None = None) -> list[SpeechExample]:

@@ -167,8 +167,8 @@ def festival_voices(root: Path = FESTIVAL_VOICE_DIR) -> list[Voice]:
     for language in FESTIVAL_ENGLISH_DIRS:
         folder = root / language
         if folder.is_dir():
-            voices += [Voice("festival", d.name,
-                             _festival_speaker(d.name)) for d in sorted(folder.iterdir()) if d.is_dir()]
+            voices += [Voice("festival", d.name, _festival_speaker(d.name))
+                       for d in sorted(folder.iterdir()) if d.is_dir()]
     return voices
 
 
@@ -531,9 +531,8 @@ def _engine_wav(job: Job, text_file: str, raw_wav: str) -> None:
 def _to_16k(raw_wav: str, out_wav: str, pitch_cents: int | None) -> None:
     """16 kHz mono 16-bit WAV. sox without dither (-D), so the bytes are the same on every run."""
     if shutil.which("sox"):
-        effects = (["pitch",
-                    str(pitch_cents)] if pitch_cents else []) + ["rate", "-h", str(SAMPLE_RATE), "gain", "-n",
-                                                                 str(OUTPUT_GAIN_DB)]
+        pitch = ["pitch", str(pitch_cents)] if pitch_cents else []
+        effects = pitch + ["rate", "-h", str(SAMPLE_RATE), "gain", "-n", str(OUTPUT_GAIN_DB)]
         result = _run(["sox", "-D", "-V1", raw_wav, "-b", "16", "-c", "1", out_wav, *effects])
         if result.returncode != 0:
             raise SynthesisError(f"sox failed: {result.stderr.strip()[:300]}")
@@ -637,8 +636,8 @@ def synthesize(jobs: Sequence[Job], out_dir: Path, *, jobs_parallel: int = 1, pr
     summary = summarize([done[j.id] for j in jobs if j.id in done])
     summary.update({"planned": len(jobs), "complete": complete, "failed": len(failures),
                     "made_this_run": len(pending) - len(failures), "seconds_this_run": round(elapsed, 1),
-                    "clips_per_second_this_run": round((len(pending) - len(failures)) / elapsed,
-                                                       2) if elapsed > 0 and pending else None})
+                    "clips_per_second_this_run":
+                        round((len(pending) - len(failures)) / elapsed, 2) if elapsed > 0 and pending else None})
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 

@@ -474,9 +474,8 @@ def run(config: AdapterTrainConfig, *, resume: bool = False, loaded=None, callba
     objective = AdapterObjective(blsp, config.loss, cache, ctc_blank_id=blank_id, masking=config.data.frame_masking())
     eval_fn = None
     if config.eval.repeat_wer_examples:
-        eval_fn = combined(repeat_wer_fn(loaded, eval_examples, config.eval),
-                           readout_wer_fn(tokenizer, eval_examples, config.eval,
-                                          blank_id) if blank_id is not None else None)
+        readout_fn = readout_wer_fn(tokenizer, eval_examples, config.eval, blank_id) if blank_id is not None else None
+        eval_fn = combined(repeat_wer_fn(loaded, eval_examples, config.eval), readout_fn)
     result = train(
         objective, objective_loss, train_set, SpeechCollator(pad_token_id(tokenizer)), config.loop,
         expected_trainable=is_adapter_parameter,
