@@ -1,4 +1,5 @@
-# `make test` installs what the tests need (Debian packages, a virtual environment) and runs them.
+# `make test` installs what the tests need (Debian packages, a virtual environment), lints with ruff and runs
+# the tests.
 VENV ?= .venv
 PYTHON ?= python3
 PY := $(VENV)/bin/python
@@ -21,6 +22,7 @@ system-deps:
 	fi
 
 test: system-deps $(VENV)/.installed
+	$(PY) -m ruff check .
 	$(PY) -m pytest -q
 
 run: $(VENV)/.installed

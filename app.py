@@ -4,26 +4,30 @@ from __future__ import annotations
 import argparse
 import os
 
-import torch
-
+from blsp_chat import weights
 from blsp_chat.cli import add_context_option, positive_int
+from blsp_chat.weights import DTYPES
 
 # About 1.5 GB of KV cache for the CPU default (~46 KB a position); a 7B model in float16 needs ~0.5 MB a
 # position, so lower it there (or raise it on a large GPU).
 DEFAULT_MAX_CACHED_TOKENS = 32768
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     on_space = bool(os.environ.get("SPACE_ID"))  # Spaces set SPACE_ID and expect 0.0.0.0:7860
     parser = argparse.ArgumentParser(description="BLSP voice chat")
-    parser.add_argument("--model", default=os.environ.get("BLSP_CHAT_MODEL"), help="BLSP directory or hub id (default: offline default)")
+    parser.add_argument("--model", default=os.environ.get("BLSP_CHAT_MODEL"),
+                        help="BLSP directory or hub id (default: offline default)")
     parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: bfloat16 on GPU, float32 on CPU")
-    parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME") or ("0.0.0.0" if on_space else "127.0.0.1"))
-    parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT") or os.environ.get("PORT") or 7860))
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                        help="default: bfloat16 on GPU, float32 on CPU")
+    parser.add_argument("--host",
+                        default=os.environ.get("GRADIO_SERVER_NAME") or ("0.0.0.0" if on_space else "127.0.0.1"))
+    parser.add_argument("--port", type=int,
+                        default=int(os.environ.get("GRADIO_SERVER_PORT") or os.environ.get("PORT") or 7860))
     parser.add_argument("--share", action="store_true", help="create a public gradio.live link (off by default)")
-    parser.add_argument("--auth", default=os.environ.get("BLSP_CHAT_AUTH"), help="USER:PASS required to open the page (or $BLSP_CHAT_AUTH)")
+    parser.add_argument("--auth", default=os.environ.get("BLSP_CHAT_AUTH"),
+                        help="USER:PASS required to open the page (or $BLSP_CHAT_AUTH)")
     parser.add_argument("--max-audio-seconds", type=float, default=120.0)
     parser.add_argument("--concurrency", type=positive_int, default=None,
                         help="replies generated at once on the shared model, step by step in turn (default: 4)")
@@ -44,12 +48,12 @@ def parse_auth(value: str | None):
 
 
 def main(argv=None) -> None:
+    # Here, not at the top: gradio loads for serving the page only, not for the tests that parse arguments.
     from blsp_chat.ui import DEFAULT_CONCURRENCY, build_demo
-    from blsp_chat.weights import load_pretrained
 
     args = parse_args(argv)
     auth = parse_auth(args.auth)  # before the model loads, so that a typo is reported at once
-    loaded = load_pretrained(args.model, device=args.device, dtype=DTYPES.get(args.dtype))
+    loaded = weights.load_pretrained(args.model, device=args.device, dtype=DTYPES.get(args.dtype))
     concurrency = args.concurrency or DEFAULT_CONCURRENCY
     demo = build_demo(loaded, max_audio_seconds=args.max_audio_seconds, concurrency=concurrency,
                       max_context_tokens=args.max_context_tokens, max_cached_tokens=args.max_cached_tokens)

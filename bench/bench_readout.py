@@ -128,8 +128,8 @@ def main() -> None:
             if readout != "embeddings":
                 base = rows["embeddings"]
                 ratio = f"{positions / base[0]:.2f}x  {(encode + prefill) / (base[1] + base[2]):.2f}x"
-            print(f"{seconds:7.0f} | {readout:10s} {positions:9d}  {encode:8.3f}  {prefill:9.3f}  {encode + prefill:6.3f} | "
-                  f"{ratio:22s} | {(encode + prefill) / whisper_s:.2f}x")
+            print(f"{seconds:7.0f} | {readout:10s} {positions:9d}  {encode:8.3f}  {prefill:9.3f}  "
+                  f"{encode + prefill:6.3f} | {ratio:22s} | {(encode + prefill) / whisper_s:.2f}x")
         print(f"{seconds:7.0f} | whisper transcribes in {whisper_s:.3f} s: {transcript[:60]!r}")
     loaded.model.config = ctc_config
 

@@ -3,7 +3,8 @@ clients, against one client sending its requests one at a time.
 
     PYTHONPATH=. .venv/bin/python bench/bench_serve.py --device cpu --max-tokens 16 --rounds 2
 
-The baseline is one client sending every prompt once, one request after another. The server (`blsp_chat.serve`, the in-process engine) runs on 127.0.0.1 in this process; each client is an
+The baseline is one client sending every prompt once, one request after another. The server
+(`blsp_chat.serve`, the in-process engine) runs on 127.0.0.1 in this process; each client is an
 `openai.OpenAI` client in its own thread that streams `--rounds` chat completions one after another, taking
 turns through the prompts (typed questions and the spoken example clips). TTFT runs from sending a request to
 its first content delta. Greedy decoding, so every level must give every prompt the same reply ("same replies").
@@ -20,6 +21,9 @@ import time
 from pathlib import Path
 
 import torch
+
+from blsp_chat.serve import InProcessEngine, create_app
+from blsp_chat.weights import load_pretrained
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLES = REPO / "assets" / "examples"
@@ -40,8 +44,6 @@ def prompts() -> list[list[dict]]:
 
 def start_server(engine):
     import uvicorn
-
-    from blsp_chat.serve import create_app
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -107,9 +109,6 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=2, help="requests each client sends, one after another")
     parser.add_argument("--levels", type=int, nargs="+", default=list(LEVELS), help="concurrent clients to measure")
     args = parser.parse_args(argv)
-
-    from blsp_chat.serve import InProcessEngine
-    from blsp_chat.weights import load_pretrained
 
     loaded = load_pretrained(args.model, device=args.device)
     server, url = start_server(InProcessEngine(loaded, MODEL_ID))

@@ -53,7 +53,8 @@ class ForwardClock:
         llm.forward = forward
 
 
-def run_turn(session: ChatSession, clock: ForwardClock, turn: int, typed, spoken, past_clips, options, recompute_speech):
+def run_turn(session: ChatSession, clock: ForwardClock, turn: int, typed, spoken, past_clips, options,
+             recompute_speech):
     del clock.ends[:]
     start = time.perf_counter()
     if turn % 2 == 0:
@@ -63,13 +64,12 @@ def run_turn(session: ChatSession, clock: ForwardClock, turn: int, typed, spoken
         if recompute_speech:  # the released demo encodes every clip of the history again each turn
             session.model.encode_speech(past_clips)
         session.submit_audio(clip)
-    for chunk in session.stream_reply(options):
-        pass
+    *_, last = session.stream_reply(options)
     ends = list(clock.ends)
     ttft = ends[0] - start
     decode = len(ends) - 1
     tps = decode / (ends[-1] - ends[0]) if decode else float("nan")
-    return ttft, tps, chunk.text
+    return ttft, tps, last.text
 
 
 def main() -> None:

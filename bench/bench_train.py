@@ -52,7 +52,8 @@ def main(argv: list[str] | None = None) -> int:
         }
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({torch.get_num_threads()} threads)"
     print(f"device: {device}; {platform.python_version()}; torch {torch.__version__}; "
-          f"batch {config.loop.per_device_batch_size}; precision {config.loop.mixed_precision}; {args.steps} steps per run")
+          f"batch {config.loop.per_device_batch_size}; precision {config.loop.mixed_precision}; "
+          f"{args.steps} steps per run")
     for name, rate in rates.items():
         print(f"{name:>10}: {rate:8.2f} samples/s  ({rate / rates['no cache']:.2f}x no cache)")
     print(json.dumps({k.replace(" ", "_"): round(v, 3) for k, v in rates.items()}))

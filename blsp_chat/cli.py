@@ -3,14 +3,20 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import shlex
+import signal
 import sys
 from pathlib import Path
 from typing import Callable, Iterator
 
+from . import manifest, weights
+from . import serve as server  # fastapi: the serve command's defaults come from it when the parser is built
+from .audio import DEFAULT_MAX_AUDIO_SECONDS, AudioError, load_audio
 from .config import GenerationOptions
-from .constants import DEFAULT_TRANSLATION_TARGET, FALLBACK_TEMPERATURES, TASK_PRESETS
+from .constants import DEFAULT_TRANSLATION_TARGET, FALLBACK_TEMPERATURES, SAMPLE_RATE, TASK_PRESETS
+from .mic import MicrophoneUnavailable, Recorder, microphone_problem  # sounddevice loads only when recording
+from .prompt import Turn, task_instruction
+from .session import ChatSession, ContextOverflowError, generate_reply, speech_turn
 
 USER_PROMPT = "you> "
 BOT_PROMPT = "bot> "
@@ -31,7 +37,8 @@ UNTRAINED_WARNING = ("warning: this model's adapter is untrained (assets/default
 
 # --- arguments -------------------------------------------------------------------------------------
 def add_model_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default=None, help="BLSP directory, hub id or modelscope:ORG/NAME (default: the offline default model)")
+    parser.add_argument("--model", default=None,
+                        help="BLSP directory, hub id or modelscope:ORG/NAME (default: the offline default model)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
 
 
@@ -61,19 +68,22 @@ def add_generation_options(parser: argparse.ArgumentParser) -> None:
 def generation_options(args: argparse.Namespace) -> GenerationOptions:
     fallback = FALLBACK_TEMPERATURES[1:] if getattr(args, "fallback", False) else ()
     return GenerationOptions(max_new_tokens=args.max_new_tokens, do_sample=args.sample, temperature=args.temperature,
-                             top_p=args.top_p, repetition_penalty=args.repetition_penalty, fallback_temperatures=fallback)
+                             top_p=args.top_p, repetition_penalty=args.repetition_penalty,
+                             fallback_temperatures=fallback)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m blsp_chat", description="BLSP speech LLM")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    chat = commands.add_parser("chat", help="a conversation in the terminal: type, record from the microphone, or send files")
+    chat = commands.add_parser("chat",
+                               help="a conversation in the terminal: type, record from the microphone, or send files")
     add_model_options(chat)
     add_context_option(chat)
     chat.add_argument("--instruction", default=None,
                       help="instruction placed before each spoken turn (default: the /task preset, 'Chat': none)")
-    chat.add_argument("--mic-device", default=None, help="sounddevice input device (name or index; default: the system's)")
+    chat.add_argument("--mic-device", default=None,
+                      help="sounddevice input device (name or index; default: the system's)")
     add_generation_options(chat)
 
     gen = commands.add_parser("generate", help="reply to one spoken or typed turn, or to every line of a manifest")
@@ -83,8 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--manifest", help='JSON lines, one {"audio": FILE, "instruction"?: ...} per line; needs --out')
     gen.add_argument("--out", help="with --manifest: JSON lines output, appended to and resumed from")
     gen.add_argument("--batch-size", type=int, default=8, help="with --manifest: lines generated together")
-    gen.add_argument("--instruction", default="", help="text placed before the speech, e.g. 'Please repeat the following words.' "
-                                                       "(a manifest line's own \"instruction\" wins)")
+    gen.add_argument("--instruction", default="",
+                     help="text placed before the speech, e.g. 'Please repeat the following words.' "
+                          "(a manifest line's own \"instruction\" wins)")
     add_model_options(gen)
     add_generation_options(gen)
     gen.add_argument("--fallback", action="store_true",
@@ -96,19 +107,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def add_serve_command(commands) -> None:
-    from .serve import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_TOKENS_LIMIT, DEFAULT_MODEL_ID, MEBIBYTE
-    from .audio import DEFAULT_MAX_AUDIO_SECONDS
-
-    serve = commands.add_parser("serve", help="an OpenAI-compatible HTTP API (chat completions with audio, transcriptions)")
+    serve = commands.add_parser("serve",
+                                help="an OpenAI-compatible HTTP API (chat completions with audio, transcriptions)")
     add_model_options(serve)
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--api-key", default=os.environ.get(API_KEY_ENV_VAR),
                        help=f"require 'Authorization: Bearer KEY' on every request (or ${API_KEY_ENV_VAR})")
-    serve.add_argument("--served-model-name", default=DEFAULT_MODEL_ID, help="the model id requests name")
-    serve.add_argument("--max-audio-seconds", type=float, default=DEFAULT_MAX_AUDIO_SECONDS, help="longest clip accepted")
-    serve.add_argument("--max-tokens-limit", type=int, default=DEFAULT_MAX_TOKENS_LIMIT, help="most max_tokens a request may ask for")
-    serve.add_argument("--max-body-mb", type=float, default=DEFAULT_MAX_BODY_BYTES / MEBIBYTE, help="largest request body")
+    serve.add_argument("--served-model-name", default=server.DEFAULT_MODEL_ID, help="the model id requests name")
+    serve.add_argument("--max-audio-seconds", type=float, default=DEFAULT_MAX_AUDIO_SECONDS,
+                       help="longest clip accepted")
+    serve.add_argument("--max-tokens-limit", type=int, default=server.DEFAULT_MAX_TOKENS_LIMIT,
+                       help="most max_tokens a request may ask for")
+    serve.add_argument("--max-body-mb", type=float, default=server.DEFAULT_MAX_BODY_BYTES / server.MEBIBYTE,
+                       help="largest request body")
     add_context_option(serve)
 
 
@@ -119,10 +131,6 @@ def run_generate(args: argparse.Namespace) -> int:
     if args.out:
         print("error: --out goes with --manifest", file=sys.stderr)
         return 2
-    from .audio import AudioError, load_audio
-    from .prompt import Turn
-    from .session import generate_reply, speech_turn
-    from .weights import load_pretrained
 
     options = generation_options(args)
     try:
@@ -130,7 +138,7 @@ def run_generate(args: argparse.Namespace) -> int:
     except AudioError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    loaded = load_pretrained(args.model, device=args.device)
+    loaded = weights.load_pretrained(args.model, device=args.device)
     if audio is not None and not loaded.adapter_trained:
         print(UNTRAINED_WARNING, file=sys.stderr)
     if audio is None:
@@ -146,9 +154,6 @@ def run_generate(args: argparse.Namespace) -> int:
 
 
 def run_manifest(args: argparse.Namespace) -> int:
-    from . import manifest
-    from .weights import load_pretrained
-
     if not args.out:
         print("error: --manifest needs --out OUT.jsonl", file=sys.stderr)
         return 2
@@ -162,7 +167,7 @@ def run_manifest(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    loaded = load_pretrained(args.model, device=args.device)
+    loaded = weights.load_pretrained(args.model, device=args.device)
     if not loaded.adapter_trained:
         print(UNTRAINED_WARNING, file=sys.stderr)
     summary = manifest.run_manifest(loaded, args.manifest, args.out, batch_size=args.batch_size,
@@ -183,8 +188,6 @@ class TerminalChat:
 
     def __init__(self, loaded, options: GenerationOptions, instruction: str | None = None, mic_device=None,
                  read_line: Callable[[str], str] = input, max_context_tokens: int | None = None):
-        from .session import ChatSession
-
         self.loaded = loaded
         self.session = ChatSession.from_loaded(loaded, max_context_tokens=max_context_tokens)
         self.options = options
@@ -198,8 +201,6 @@ class TerminalChat:
 
     # --- the loop --------------------------------------------------------------------------------
     def run(self) -> int:
-        from .mic import microphone_problem
-
         say(f"BLSP chat with {self.loaded.source}. /help lists the commands; /quit or Ctrl-D leaves.")
         if not self.loaded.adapter_trained:
             say(UNTRAINED_WARNING)
@@ -223,9 +224,6 @@ class TerminalChat:
 
     def handle(self, line: str) -> None:
         """One line of input; every failure is reported and the chat goes on."""
-        from .audio import AudioError
-        from .mic import MicrophoneUnavailable
-        from .session import ContextOverflowError
 
         try:
             stripped = line.strip()
@@ -289,16 +287,13 @@ class TerminalChat:
 
     # --- spoken turns ----------------------------------------------------------------------------
     def send_audio(self, audio, instruction: str | None = None) -> None:
-        from .constants import SAMPLE_RATE
-
         instruction = self.instruction if instruction is None else instruction
         self.session.submit_audio(audio, instruction=instruction)
-        say(f"(sent {len(audio) / SAMPLE_RATE:.1f} s of speech" + (f"; instruction: {instruction})" if instruction else ")"))
+        said = f"; instruction: {instruction})" if instruction else ")"
+        say(f"(sent {len(audio) / SAMPLE_RATE:.1f} s of speech" + said)
         self.reply()
 
     def send_file(self, rest: str) -> None:
-        from .audio import load_audio
-
         try:
             words = shlex.split(rest)
         except ValueError:
@@ -313,7 +308,6 @@ class TerminalChat:
         if self.mic_problem:
             say(f"No microphone to record from: {self.mic_problem}. Type a message or use /audio FILE.")
             return
-        from .mic import MicrophoneUnavailable, Recorder
 
         recorder = Recorder(self.mic_device)
         try:
@@ -336,8 +330,6 @@ class TerminalChat:
 
     # --- commands --------------------------------------------------------------------------------
     def set_task(self, rest: str) -> None:
-        from .prompt import task_instruction
-
         name, _, target = rest.partition(" ")
         match = next((t for t in TASK_PRESETS if t.lower() == name.lower()), None) if name else None
         if match is None:
@@ -345,7 +337,8 @@ class TerminalChat:
             return
         self.task = match
         self.instruction = task_instruction(match, target.strip() or DEFAULT_TRANSLATION_TARGET)
-        say(f"(task {match}: spoken turns now get " + (f"the instruction {self.instruction!r})" if self.instruction else "no instruction)"))
+        given = f"the instruction {self.instruction!r})" if self.instruction else "no instruction)"
+        say(f"(task {match}: spoken turns now get " + given)
 
     def undo(self, _: str) -> None:
         removed = self.session.undo()
@@ -363,8 +356,6 @@ class TerminalChat:
 
 
 def run_chat(args: argparse.Namespace) -> int:
-    from .weights import load_pretrained
-
     try:
         import readline  # noqa: F401  (line editing and history for input())
     except ImportError:
@@ -373,41 +364,35 @@ def run_chat(args: argparse.Namespace) -> int:
     # then never raises KeyboardInterrupt: take the signal back for this interactive program.
     signal.signal(signal.SIGINT, signal.default_int_handler)
     options = generation_options(args)
-    loaded = load_pretrained(args.model, device=args.device)
+    loaded = weights.load_pretrained(args.model, device=args.device)
     device = int(args.mic_device) if args.mic_device and args.mic_device.isdigit() else args.mic_device
     return TerminalChat(loaded, options, args.instruction, device, max_context_tokens=args.max_context_tokens).run()
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    from .serve import MEBIBYTE, InProcessEngine, ServerLimits, serve
-    from .weights import load_pretrained
-
-    limits = ServerLimits(max_body_bytes=int(args.max_body_mb * MEBIBYTE), max_audio_seconds=args.max_audio_seconds,
-                          max_tokens=args.max_tokens_limit)
-    loaded = load_pretrained(args.model, device=args.device)
+    limits = server.ServerLimits(max_body_bytes=int(args.max_body_mb * server.MEBIBYTE),
+                                 max_audio_seconds=args.max_audio_seconds, max_tokens=args.max_tokens_limit)
+    loaded = weights.load_pretrained(args.model, device=args.device)
     if not loaded.adapter_trained:
         print(UNTRAINED_WARNING, file=sys.stderr)
-    engine = InProcessEngine(loaded, model_id=args.served_model_name, max_context_tokens=args.max_context_tokens)
-    serve(engine, host=args.host, port=args.port, api_key=args.api_key or None, limits=limits)
+    engine = server.InProcessEngine(loaded, model_id=args.served_model_name, max_context_tokens=args.max_context_tokens)
+    server.serve(engine, host=args.host, port=args.port, api_key=args.api_key or None, limits=limits)
     return 0
 
 
 def run_download(_: argparse.Namespace) -> int:
-    from .weights import download_defaults
-
-    for name, path in download_defaults().items():
+    for name, path in weights.download_defaults().items():
         print(f"{name}: {path}")
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from .weights import WeightsError
 
     handlers = {"chat": run_chat, "generate": run_generate, "serve": run_serve, "download": run_download}
     try:
         return handlers[args.command](args)
-    except WeightsError as err:
+    except weights.WeightsError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     except ValueError as err:  # invalid generation options

@@ -10,7 +10,10 @@ N_FRAMES = N_SAMPLES // HOP_LENGTH        # 3000 mel frames in one window
 ENCODER_STRIDE = 2                        # Whisper's second conv halves the frame rate
 SAMPLES_PER_ENCODER_FRAME = HOP_LENGTH * ENCODER_STRIDE  # 320 samples = 20 ms
 
-# --- prompt format of the released BLSP model (paper section 3, DESIGN.md section 3) --------------
+# --- prompt format of the released BLSP model (paper section 3; cwang621/blsp's release) -----------
+# One conversation: BOS once, then `###[Human]:{instruction}{speech or transcript}\n\n\n###[Assistant]:{reply}`,
+# each reply followed by `\n\n\n` before the next `###[Human]:`; no system prompt. Each text piece is
+# tokenised on its own with BOS stripped (blsp_chat/prompt.py renders it).
 HUMAN_PREFIX = "###[Human]:"
 TURN_SEPARATOR = "\n\n\n"
 ASSISTANT_PREFIX = "###[Assistant]:"

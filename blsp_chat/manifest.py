@@ -154,7 +154,9 @@ def _answer(loaded, batch: list[Item], manifest_dir: Path, instruction: str, opt
             continue
         turns[item.line] = turn
     ready = [item for item in batch if item.line in turns]
-    replies = replies_if_heard(loaded, [[turns[i.line]] for i in ready], [[i.audio] for i in ready], options) if ready else []
+    replies = []
+    if ready:
+        replies = replies_if_heard(loaded, [[turns[i.line]] for i in ready], [[i.audio] for i in ready], options)
     answers = {item.line: reply for item, reply in zip(ready, replies) if reply is not None}
     for item, reply in zip(ready, replies):
         if reply is None:

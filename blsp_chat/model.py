@@ -14,8 +14,8 @@ from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel, WhisperFeatureExtractor
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
-from .audio import split_into_windows
 from .adapter import Bottleneck, Conv1dSubsampler, ctc_label_candidates, ctc_readout, subsampled_lengths, zero_past
+from .audio import split_into_windows
 from .config import BlspConfig, GenerationOptions
 from .constants import HOP_LENGTH, N_FFT, N_SAMPLES, SAMPLE_RATE
 from .ctc_decode import prefix_beam_search
@@ -57,7 +57,8 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def merge_speech(inputs_embeds: torch.Tensor, speech_mask: torch.Tensor, speech_embeds: Sequence[torch.Tensor]) -> torch.Tensor:
+def merge_speech(inputs_embeds: torch.Tensor, speech_mask: torch.Tensor,
+                 speech_embeds: Sequence[torch.Tensor]) -> torch.Tensor:
     """Fill the positions where speech_mask is True, in row-major order, with the speech vectors.
 
     inputs_embeds (B, T, d), speech_mask (B, T) bool, speech_embeds: one (L_i, d) per speech slot.
@@ -156,7 +157,8 @@ class BlspModel(nn.Module):
         """Windows of <=30 s -> log-mel features, padded to 30 s or to the longest window."""
         frame_lengths = torch.tensor([mel_frame_count(len(w)) for w in windows])
         if self.config.encoder_padding == "30s":
-            out = self.feature_extractor(list(windows), sampling_rate=SAMPLE_RATE, padding="max_length", return_tensors="pt")
+            out = self.feature_extractor(list(windows), sampling_rate=SAMPLE_RATE, padding="max_length",
+                                         return_tensors="pt")
             return SpeechBatch(out.input_features, frame_lengths)
         # Zeros past the last frame's STFT window, as the 30 s path has, so that no clip's edge frames
         # depend on how far the batch padded it.
@@ -176,7 +178,8 @@ class BlspModel(nn.Module):
             hidden = self._encode_unpadded(features, frame_lengths, lengths)
         return hidden[:, : int(lengths.max())], lengths
 
-    def _encode_unpadded(self, features: torch.Tensor, frame_lengths: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    def _encode_unpadded(self, features: torch.Tensor, frame_lengths: torch.Tensor,
+                         lengths: torch.Tensor) -> torch.Tensor:
         """Whisper's encoder on the real frames only: its positional table is sliced to the length,
         batch padding is zeroed before each conv (as a lone clip's conv padding is) and masked out of
         attention."""
@@ -270,7 +273,8 @@ class BlspModel(nn.Module):
         return logits.float().log_softmax(-1).cpu()
 
     # --- language model ----------------------------------------------------------------------------
-    def embed_inputs(self, input_ids: torch.Tensor, speech_mask: torch.Tensor | None, speech_embeds: Sequence[torch.Tensor] = ()) -> torch.Tensor:
+    def embed_inputs(self, input_ids: torch.Tensor, speech_mask: torch.Tensor | None,
+                     speech_embeds: Sequence[torch.Tensor] = ()) -> torch.Tensor:
         input_ids = input_ids.to(self.device)
         embeds = self.llama_model.get_input_embeddings()(input_ids)
         if speech_mask is None:
@@ -328,15 +332,3 @@ class BlspModel(nn.Module):
             **options.to_hf_kwargs(),
             **hf_kwargs,
         )
-
-    # --- transformers-style persistence (implemented in weights.py, which owns all file I/O) -----
-    def save_pretrained(self, directory, dtype: torch.dtype | None = None) -> None:
-        from .weights import save_adapter
-
-        save_adapter(self, directory, dtype)
-
-    @classmethod
-    def from_pretrained(cls, name_or_path=None, **kwargs: Any) -> "BlspModel":
-        from .weights import load_model
-
-        return load_model(name_or_path, **kwargs)

@@ -12,9 +12,14 @@ from dataclasses import dataclass, field
 from typing import Literal, Sequence
 
 from .constants import (
-    ASSISTANT_PREFIX, DEFAULT_TRANSLATION_TARGET, HUMAN_PREFIX, SNIPS_LIGHT_INTENTS, TASK_PRESETS, TURN_SEPARATOR,
+    ASSISTANT_PREFIX,
+    DEFAULT_TRANSLATION_TARGET,
+    HUMAN_PREFIX,
+    IGNORE_INDEX,
+    SNIPS_LIGHT_INTENTS,
+    TASK_PRESETS,
+    TURN_SEPARATOR,
 )
-from .constants import IGNORE_INDEX
 
 Role = Literal["human", "assistant"]
 _SENTINELS = ("\x00U1\x00", "\x00A1\x00", "\x00U2\x00")
@@ -147,10 +152,12 @@ def _check_alternation(turns: Sequence[Turn]) -> None:
     for index, turn in enumerate(turns):
         expected = "human" if index % 2 == 0 else "assistant"
         if turn.role != expected:
-            raise ValueError(f"turn {index} is {turn.role!r} but turns must alternate human/assistant from a human turn")
+            raise ValueError(f"turn {index} is {turn.role!r} but turns must alternate human/assistant "
+                             "from a human turn")
 
 
-def task_instruction(task: str, target: str = DEFAULT_TRANSLATION_TARGET, labels: Sequence[str] = SNIPS_LIGHT_INTENTS) -> str:
+def task_instruction(task: str, target: str = DEFAULT_TRANSLATION_TARGET,
+                     labels: Sequence[str] = SNIPS_LIGHT_INTENTS) -> str:
     """The instruction of a task preset, with its target language or label list filled in."""
     if task not in TASK_PRESETS:
         raise ValueError(f"unknown task {task!r}; choose from {sorted(TASK_PRESETS)}")

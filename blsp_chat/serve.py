@@ -119,7 +119,8 @@ class Engine(Protocol):
 
     model_id: str
 
-    def start(self, turns: Sequence[EngineTurn], options: GenerationOptions, seed: int | None = None) -> ReplyStream: ...
+    def start(self, turns: Sequence[EngineTurn], options: GenerationOptions,
+              seed: int | None = None) -> ReplyStream: ...
 
 
 class SessionReply:
@@ -275,7 +276,8 @@ def parse_messages(messages: Sequence[Any], limits: ServerLimits) -> list[Engine
                 raise bad_request(f"{where}: an assistant message must follow a user message", where)
             turns.append(EngineTurn("assistant", text=_text_only(message.get("content"), where)))
         else:
-            raise bad_request(f"{where}: role {role!r} is not supported; use system, user or assistant", f"{where}.role")
+            raise bad_request(f"{where}: role {role!r} is not supported; use system, user or assistant",
+                              f"{where}.role")
     if not turns or turns[-1].role != "human":
         raise bad_request("the last message must be a user message: it is the turn the model replies to", "messages")
     return turns
@@ -315,9 +317,11 @@ def parse_content(content: Any, where: str, limits: ServerLimits) -> tuple[str, 
         elif kind == "audio_url":
             audios.append(decode_audio_url(part.get("audio_url"), f"{at}.audio_url", limits))
         else:
-            raise bad_request(f"{at}: content part type {kind!r} is not supported; use text or input_audio", f"{at}.type")
+            raise bad_request(f"{at}: content part type {kind!r} is not supported; use text or input_audio",
+                              f"{at}.type")
     if len(audios) > 1:
-        raise bad_request(f"{where} holds {len(audios)} audio parts; send one clip per user message", f"{where}.content")
+        raise bad_request(f"{where} holds {len(audios)} audio parts; send one clip per user message",
+                          f"{where}.content")
     text = " ".join(t for t in texts if t)
     if not text.strip() and not audios:
         raise bad_request(f"{where} is empty: send text or an input_audio part", f"{where}.content")
@@ -357,7 +361,8 @@ def decode_audio(data: bytes, where: str, limits: ServerLimits) -> np.ndarray:
     seconds = len(audio) / SAMPLE_RATE
     if seconds > limits.max_audio_seconds:
         raise bad_request(f"The audio is {seconds:.1f} s long, over this server's limit of "
-                          f"{limits.max_audio_seconds:g} s. Trim it or send a shorter clip.", where, code="audio_too_long")
+                          f"{limits.max_audio_seconds:g} s. Trim it or send a shorter clip.", where,
+                          code="audio_too_long")
     return audio
 
 
@@ -509,7 +514,8 @@ def _validation_error(request: Request, exc: RequestValidationError) -> JSONResp
         return bad_request("the request body is not valid JSON", code="invalid_json").response()
     param = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
     message = f"{param}: {first.get('msg', 'invalid value')}" if param else first.get("msg", "invalid request")
-    return bad_request(message, param, code="missing_required_parameter" if first.get("type") == "missing" else "invalid_value").response()
+    code = "missing_required_parameter" if first.get("type") == "missing" else "invalid_value"
+    return bad_request(message, param, code=code).response()
 
 
 def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -585,7 +591,8 @@ def create_app(engine: Engine, *, limits: ServerLimits = ServerLimits(), api_key
         """The repeat instruction on the clip (prompt and language are accepted and not used)."""
         check_model(model)
         if response_format not in ("json", "text"):
-            raise bad_request(f"response_format {response_format!r} is not supported; use json or text", "response_format")
+            raise bad_request(f"response_format {response_format!r} is not supported; use json or text",
+                              "response_format")
         options = decoding_options(None, temperature, None, limits)
         audio = decode_audio(file.file.read(), "file", limits)
         try:

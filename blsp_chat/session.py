@@ -104,7 +104,8 @@ def with_speech_lengths(turns: Sequence[Turn], speech: Sequence[torch.Tensor]) -
     return [dataclasses.replace(t, speech_tokens=next(clips).shape[0]) if t.speech_tokens else t for t in turns]
 
 
-def generate_reply(loaded, turns: Sequence[Turn], audios: Sequence[np.ndarray] = (), options: GenerationOptions = GenerationOptions()) -> str:
+def generate_reply(loaded, turns: Sequence[Turn], audios: Sequence[np.ndarray] = (),
+                   options: GenerationOptions = GenerationOptions()) -> str:
     """One reply to a conversation ending in a human turn; `audios` in the order of the speech turns.
     Raises NothingHeardError when the readout heard no words in one of the clips."""
     (reply,) = replies_if_heard(loaded, [turns], [audios], options)
@@ -179,12 +180,14 @@ def encoded_batch(loaded, conversations: Sequence[Sequence[Turn]], audios: Seque
     return _laid_out(loaded, conversations, _per_conversation(speech, audios)), speech
 
 
-def _per_conversation(speech: Sequence[torch.Tensor], audios: Sequence[Sequence[np.ndarray]]) -> list[list[torch.Tensor]]:
+def _per_conversation(speech: Sequence[torch.Tensor],
+                      audios: Sequence[Sequence[np.ndarray]]) -> list[list[torch.Tensor]]:
     clips = iter(speech)
     return [[next(clips) for _ in conversation] for conversation in audios]
 
 
-def _laid_out(loaded, conversations: Sequence[Sequence[Turn]], speech: Sequence[Sequence[torch.Tensor]]) -> dict[str, torch.Tensor]:
+def _laid_out(loaded, conversations: Sequence[Sequence[Turn]],
+              speech: Sequence[Sequence[torch.Tensor]]) -> dict[str, torch.Tensor]:
     """Conversations and their encoded clips -> the left-padded batch."""
     model, tokenizer = loaded.model, loaded.tokenizer
     if model.speech_length_varies:
@@ -571,7 +574,8 @@ class ChatSession:
                 raise ValueError("submit a human turn before asking for a reply")
             dropped = self._fit_context(options.max_new_tokens)
             prompt = render([e.turn for e in self._entries], self.tokenizer, self.template)
-            job = _Job(options, prompt, self._keys_of(prompt), [e.speech for e in self._entries if e.speech is not None],
+            job = _Job(options, prompt, self._keys_of(prompt),
+                       [e.speech for e in self._entries if e.speech is not None],
                        dropped, queue.Queue(), threading.Event())
             self._job = job
             job.thread = threading.Thread(target=self._generate, args=(job,), name="blsp-reply", daemon=True)

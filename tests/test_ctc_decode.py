@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from blsp_chat.adapter import collapse_ctc, ctc_label_candidates, embedding_distance_logits
+from blsp_chat.audio import load_audio
 from blsp_chat.ctc_decode import cached_lm, prefix_beam_search
 from blsp_chat.model import CTC_BEAM_LABELS
 from blsp_chat.prefix_scorer import KvCachedPrefixScorer
@@ -21,7 +22,8 @@ def frames(*rows):
     """Per-output probabilities {label: p} -> the (L, k) log-probabilities and ids prefix_beam_search takes."""
     labels = sorted({label for row in rows for label in row})
     log_probs = torch.tensor([[math.log(row.get(label, 1e-12)) for label in labels] for row in rows])
-    return log_probs.sort(dim=-1, descending=True).values, torch.tensor(labels)[log_probs.argsort(dim=-1, descending=True)]
+    return log_probs.sort(dim=-1,
+                          descending=True).values, torch.tensor(labels)[log_probs.argsort(dim=-1, descending=True)]
 
 
 def test_the_beam_sums_the_paths_of_a_labelling_where_greedy_takes_the_best_single_path():
@@ -88,7 +90,8 @@ def test_an_lm_that_reads_ahead_is_told_the_next_outputs_best_pieces_and_the_bea
             self.expected.append(list(pieces))
 
     reader = ReadingAhead()
-    assert prefix_beam_search(*heard, BLANK, reader, lm_weight=0.5) == prefix_beam_search(*heard, BLANK, lm, lm_weight=0.5)
+    assert prefix_beam_search(*heard, BLANK, reader,
+                              lm_weight=0.5) == prefix_beam_search(*heard, BLANK, lm, lm_weight=0.5)
     # the best labels are 1, blank, 3, 3: collapsed from each output on
     assert reader.expected == [[1, 3], [3], [3], [3]]
 
@@ -239,7 +242,6 @@ def test_the_fused_readout_with_the_kv_cache_finds_the_pieces_that_full_rereadin
 @pytest.mark.integration
 def test_the_default_model_reads_the_example_clips_as_full_rereading_does(default_blsp):
     """The shipped default's replies do not change: the KV-cached readout picks the same word pieces."""
-    from blsp_chat.audio import load_audio
 
     model = default_blsp.model
     config = model.config

@@ -11,13 +11,17 @@ import torch
 from blsp_chat.audio import load_audio
 from blsp_chat.prompt import Turn
 from blsp_chat.session import generate_reply, speech_turn
+from blsp_chat.weights import DEFAULT_ADAPTER_DIR
+from train import real_speech
+from train.metrics import EnglishNormalizer, corpus_wer, word_errors
 
 REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.integration
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "blsp_chat", *args], cwd=REPO, capture_output=True, text=True, timeout=600)
+    return subprocess.run([sys.executable, "-m", "blsp_chat", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=600)
 
 
 def test_llm_answers_a_typed_question_in_the_blsp_format(default_blsp):
@@ -41,8 +45,6 @@ def test_speech_path_runs_on_a_real_recording(default_blsp, librivox_clip):
 
 
 def _adapter_shipped() -> bool:
-    from blsp_chat.weights import DEFAULT_ADAPTER_DIR
-
     return (DEFAULT_ADAPTER_DIR / "config.json").is_file()
 
 
@@ -53,7 +55,6 @@ needs_shipped_adapter = pytest.mark.skipif(not _adapter_shipped(), reason="no de
 @needs_shipped_adapter
 def test_shipped_adapter_hears_a_spoken_question(default_blsp):
     """The behaviour the default adapter was trained for: a spoken question answered like a typed one."""
-    from blsp_chat.weights import DEFAULT_ADAPTER_DIR
 
     assert default_blsp.adapter_trained and default_blsp.source == str(DEFAULT_ADAPTER_DIR)
     audio = load_audio(REPO / "assets" / "examples" / "capital_of_france.wav")
@@ -63,19 +64,14 @@ def test_shipped_adapter_hears_a_spoken_question(default_blsp):
 
 @needs_shipped_adapter
 def test_shipped_adapter_repeats_an_unseen_voice_and_sentence(default_blsp):
-    import jiwer
-
-    from train.train_adapter import normalise
-
     truth = "the weather is lovely today so let us walk to the park by the river"
     audio = load_audio(REPO / "assets" / "examples" / "walk_in_the_park.wav")
-    reply = generate_reply(default_blsp, [speech_turn(audio, default_blsp.model, "Please repeat the following words.")], [audio])
-    assert jiwer.wer(truth, normalise(reply)) <= 0.5, reply
+    reply = generate_reply(default_blsp, [speech_turn(audio, default_blsp.model, "Please repeat the following words.")],
+                           [audio])
+    assert word_errors(truth, reply, EnglishNormalizer()).wer <= 0.5, reply
 
 
 def test_default_model_states_whether_its_adapter_is_trained(default_blsp):
-    from blsp_chat.weights import DEFAULT_ADAPTER_DIR
-
     assert default_blsp.adapter_trained == (DEFAULT_ADAPTER_DIR / "config.json").is_file()
     assert default_blsp.model.config.whisper_name_or_path == "offline:whisper-tiny.en"
     assert default_blsp.model.num_trainable_parameters() > 0
@@ -91,7 +87,6 @@ def test_cli_generate_audio_is_honest_about_the_adapter(librivox_clip):
     result = run_cli("generate", "--audio", str(librivox_clip[0]), "--instruction",
                      "Please repeat the following words.", "--max-new-tokens", "16")
     assert result.returncode == 0, result.stderr
-    from blsp_chat.weights import DEFAULT_ADAPTER_DIR
 
     untrained = not (DEFAULT_ADAPTER_DIR / "config.json").is_file()
     assert ("adapter is untrained" in result.stderr) == untrained
@@ -132,14 +127,13 @@ def test_shipped_adapter_repeats_real_human_recordings(default_blsp):
     """People, not TTS voices (issue 16): two LibriVox recordings of one reader, read back through the
     adapter. A regression guard at today's level (25% WER on these two; 38.9% against Whisper tiny.en's 6.2% on
     the real-speech dev set's sentences: train/results/real_speech_dev.md), not the goal."""
-    from train import real_speech
-    from train.metrics import EnglishNormalizer, corpus_wer
 
     if not real_speech.POCKETSPHINX_DATA.is_dir():
         pytest.skip("needs apt-get install pocketsphinx-testdata")
     clips = [r for r in real_speech.librivox_recordings() if r.clip_id in ("0880", "0930")]
     audios = [load_audio(r.origin) for r in clips]
-    replies = [generate_reply(default_blsp, [speech_turn(a, default_blsp.model, "Please repeat the following words.")], [a])
+    replies = [generate_reply(default_blsp, [speech_turn(a, default_blsp.model, "Please repeat the following words.")],
+                              [a])
                for a in audios]
     errors = corpus_wer([r.text_raw for r in clips], replies, EnglishNormalizer())
     assert len(clips) == 2 and errors.wer <= 0.4, replies

@@ -36,7 +36,8 @@ def test_spelling_mapping_is_applied_and_read_from_normalizer_json(tmp_path):
 
 
 def test_corpus_wer_counts_edits_over_reference_words():
-    errors = metrics.corpus_wer(["the cat sat on the mat", "good morning"], ["the cat sit on mat", "good morning to you"])
+    errors = metrics.corpus_wer(["the cat sat on the mat", "good morning"],
+                                ["the cat sit on mat", "good morning to you"])
     assert (errors.substitutions, errors.deletions, errors.insertions, errors.reference_words) == (1, 1, 2, 8)
     assert errors.wer == pytest.approx(4 / 8)
 
@@ -66,7 +67,9 @@ def test_bleu_known_value():
 
 def test_st_summary_notes_missing_comet():
     settings = ev.EvalSettings("st", "text", comet_model=None)
-    summary = ev.summarize([{"id": "1", "reply": "Guten Morgen, wie geht es dir?", "reference": "Guten Morgen, wie geht es dir?", "text": "Good morning, how are you?"}], settings)
+    summary = ev.summarize([{"id": "1", "reply": "Guten Morgen, wie geht es dir?",
+                             "reference": "Guten Morgen, wie geht es dir?", "text": "Good morning, how are you?"}],
+                           settings)
     assert summary["headline"]["metric"] == "BLEU" and summary["headline"]["value"] == pytest.approx(100)
     assert summary["metrics"]["comet"] is None
     assert any("COMET skipped" in note for note in summary["notes"])
@@ -179,7 +182,8 @@ def test_resume_after_a_kill_has_no_duplicates_and_no_lost_items(tmp_path):
 def test_resume_refuses_outputs_of_another_run(tmp_path):
     ev.evaluate(_text_items(2), ev.EvalSettings("asr", "text"), ev.Engines(llm=FakeLlm()), tmp_path, progress=False)
     with pytest.raises(ValueError, match="another run"):
-        ev.evaluate(_text_items(2), ev.EvalSettings("asr", "text", model="other"), ev.Engines(llm=FakeLlm()), tmp_path, progress=False)
+        ev.evaluate(_text_items(2), ev.EvalSettings("asr", "text", model="other"), ev.Engines(llm=FakeLlm()), tmp_path,
+                    progress=False)
 
 
 def test_manifest_ids_and_relative_audio(tmp_path):
@@ -215,7 +219,8 @@ def test_compare_table_has_paper_table_2_layout():
 
 
 def test_compare_cli_reads_summaries(tmp_path, capsys):
-    for name, summary in {"t": _summary("asr", "text", 2.0), "b": _summary("asr", "blsp", 50.0, label="BLSP+RP")}.items():
+    for name, summary in {"t": _summary("asr", "text", 2.0),
+                          "b": _summary("asr", "blsp", 50.0, label="BLSP+RP")}.items():
         (tmp_path / name).mkdir()
         (tmp_path / name / "asr.smoke.summary.json").write_text(json.dumps(summary))
     assert ev.main(["--compare", str(tmp_path / "b"), str(tmp_path / "t")]) == 0
@@ -257,7 +262,8 @@ def test_system_dispatch(system, tiny_loaded, speech_items, tmp_path):
     spy = SpyRunner(tiny_loaded)
     engines = ev.Engines(llm=None if system == "whisper" else spy, transcriber=fake_whisper)
     summary = ev.evaluate(speech_items, ev.EvalSettings("asr", system, batch_size=2), engines, tmp_path, progress=False)
-    records = {json.loads(l)["id"]: json.loads(l) for l in (tmp_path / "asr.test.jsonl").read_text().splitlines()}
+    lines = (tmp_path / "asr.test.jsonl").read_text().splitlines()
+    records = {json.loads(entry)["id"]: json.loads(entry) for entry in lines}
     assert summary["items"] == 3 and set(records) == {"c0", "c1", "c2"}
     requests = {r.text or ("audio", len(r.audio)) for r in spy.requests}
     lengths = {item["id"]: round(seconds * SAMPLE_RATE) for item, seconds in zip(speech_items, (0.6, 1.3, 0.9))}
@@ -299,7 +305,7 @@ def test_continuation_compares_with_the_reply_from_the_transcript(tiny_loaded, s
     spy = SpyRunner(tiny_loaded)
     speech_items[0]["reference"] = "given continuation"
     ev.evaluate(speech_items, ev.EvalSettings("continuation", "blsp"), ev.Engines(llm=spy), tmp_path, progress=False)
-    records = [json.loads(l) for l in (tmp_path / "continuation.test.jsonl").read_text().splitlines()]
+    records = [json.loads(entry) for entry in (tmp_path / "continuation.test.jsonl").read_text().splitlines()]
     by_id = {r["id"]: r for r in records}
     assert by_id["c0"]["reference_reply"] == "given continuation"
     text_requests = [r.text for r in spy.requests if r.audio is None]
@@ -318,7 +324,8 @@ def test_cli_prints_the_headline_last(tmp_path, capsys, monkeypatch, speech_item
 
 def test_continuation_of_the_text_system_is_its_own_reference(tmp_path):
     llm = FakeLlm()
-    summary = ev.evaluate(_text_items(3), ev.EvalSettings("continuation", "text"), ev.Engines(llm=llm), tmp_path, progress=False)
+    summary = ev.evaluate(_text_items(3), ev.EvalSettings("continuation", "text"), ev.Engines(llm=llm), tmp_path,
+                          progress=False)
     assert len(llm.requests) == 3  # no second generation for the reference
     assert summary["headline"]["metric"] == "chrF" and summary["metrics"]["token_f1"] == pytest.approx(1.0)
 

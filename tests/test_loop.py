@@ -6,7 +6,14 @@ import torch
 from torch import nn
 
 from train.loop import (
-    CHECKPOINTS_DIR, LoopConfig, ShuffledBatchSampler, StopTraining, check_trainable, checkpoint_dirs, lr_lambda, train,
+    CHECKPOINTS_DIR,
+    LoopConfig,
+    ShuffledBatchSampler,
+    StopTraining,
+    check_trainable,
+    checkpoint_dirs,
+    lr_lambda,
+    train,
 )
 
 N_EXAMPLES, DIM = 40, 6
@@ -78,7 +85,8 @@ def test_resume_after_a_kill_reproduces_the_loss_sequence(tmp_path):
     assert [p.name for p in checkpoint_dirs(tmp_path / "cut")] == ["step-3", "step-6"]  # keep_last=2
     resumed = run(tmp_path / "cut", save_every=3, resume=True)
     assert resumed.losses == full.losses  # bit for bit, through dropout and an epoch boundary
-    assert [r["loss"] for r in map(json.loads, (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines())] == full.losses
+    assert [r["loss"] for r in map(json.loads,
+                                   (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines())] == full.losses
     for key, value in full.model.state_dict().items():
         assert torch.equal(value, resumed.model.state_dict()[key]), key
 
@@ -87,7 +95,8 @@ def test_resume_that_loses_the_data_position_differs(tmp_path):
     """The resume test above can fail: skipping the data position (resuming at a different batch) breaks it."""
     full = run(tmp_path / "full", save_every=3)
     with pytest.raises(KeyboardInterrupt):
-        run(tmp_path / "cut", save_every=3, callbacks=[lambda s, m: (_ for _ in ()).throw(KeyboardInterrupt) if s.step == 4 else None])
+        run(tmp_path / "cut", save_every=3,
+            callbacks=[lambda s, m: (_ for _ in ()).throw(KeyboardInterrupt) if s.step == 4 else None])
     state_file = checkpoint_dirs(tmp_path / "cut")[-1] / "loop_state.json"
     state = json.loads(state_file.read_text())
     state["batches_in_epoch"] = 0  # forget the data position

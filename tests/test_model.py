@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from blsp_chat.config import GenerationOptions
 from blsp_chat.adapter import Conv1dSubsampler, collapse_ctc, ctc_readout, embedding_distance_logits
+from blsp_chat.config import GenerationOptions
 from blsp_chat.constants import IGNORE_INDEX, N_SAMPLES, SAMPLE_RATE
 from blsp_chat.model import merge_speech, position_ids_from_mask, split_into_windows, window_lengths
 from blsp_chat.prompt import Turn, render
@@ -75,7 +75,8 @@ def test_unpadded_path_sees_the_same_speech_as_the_padded_one():
 def test_long_audio_is_heard_whole_in_windows():
     model = tiny_blsp("none")
     audio = tone(70.0)
-    assert [len(w) for w in split_into_windows(audio)] == window_lengths(len(audio)) == [N_SAMPLES, N_SAMPLES, 10 * SAMPLE_RATE]
+    expected = [N_SAMPLES, N_SAMPLES, 10 * SAMPLE_RATE]
+    assert [len(w) for w in split_into_windows(audio)] == window_lengths(len(audio)) == expected
     (embeds,) = model.encode_speech([audio])
     parts = [model.encode_speech([w])[0] for w in split_into_windows(audio)]
     torch.testing.assert_close(embeds, torch.cat(parts), atol=1e-5, rtol=1e-4)
@@ -98,7 +99,8 @@ def test_position_ids_ignore_padding():
 
 
 def _speech_example(model, tokenizer, audio, response="hello there"):
-    turns = [Turn("human", instruction="Please repeat the following words.", speech_tokens=model.speech_token_count(len(audio))),
+    turns = [Turn("human", instruction="Please repeat the following words.",
+                  speech_tokens=model.speech_token_count(len(audio))),
              Turn("assistant", text=response)]
     return render(turns, tokenizer, add_eos=True)
 
@@ -144,7 +146,8 @@ def test_left_padded_generation_matches_unpadded():
     prompts = [render(t, tokenizer) for t in turns]
     ids, attn, speech, _ = _batch(prompts, tokenizer.pad_token_id, left=True)
     options = GenerationOptions(max_new_tokens=5, repetition_penalty=1.0)
-    together = model.generate(ids, attn, speech, audios=audios, options=options, eos_token_id=None, pad_token_id=tokenizer.pad_token_id)
+    together = model.generate(ids, attn, speech, audios=audios, options=options, eos_token_id=None,
+                              pad_token_id=tokenizer.pad_token_id)
     for row, (prompt, audio) in enumerate(zip(prompts, audios)):
         alone = model.generate(*_batch([prompt], tokenizer.pad_token_id)[:3], audios=[audio], options=options,
                                eos_token_id=None, pad_token_id=tokenizer.pad_token_id)

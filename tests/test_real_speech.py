@@ -1,7 +1,6 @@
 """The real-speech dev set builder (train/real_speech.py): sources parsed as shipped, clips written as the
 evaluator reads them, deterministic, and a missing package named."""
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,7 +15,8 @@ def _voice_like(seconds: float, rate: int, seed: int = 0) -> np.ndarray:
     """A harmonic tone with a wobble: loud enough that the audio checks take it for sound."""
     t = np.arange(int(seconds * rate)) / rate
     rng = np.random.default_rng(seed)
-    return (0.3 * np.sin(2 * np.pi * (140 + 20 * np.sin(3 * t)) * t) + 0.01 * rng.standard_normal(t.size)).astype(np.float32)
+    voiced = 0.3 * np.sin(2 * np.pi * (140 + 20 * np.sin(3 * t)) * t)
+    return (voiced + 0.01 * rng.standard_normal(t.size)).astype(np.float32)
 
 
 @pytest.fixture
@@ -94,7 +94,8 @@ def test_a_silent_recording_is_reported_not_fatal(sphinx_tree, tmp_path):
 def test_a_missing_package_is_named_with_its_install_command(tmp_path, monkeypatch, capsys):
     with pytest.raises(SourceMissing, match="apt-get install ktuberling-data"):
         list(real_speech.ktuberling_recordings(tmp_path / "nowhere"))
-    monkeypatch.setitem(real_speech.SOURCES, "ktuberling", lambda: real_speech.ktuberling_recordings(tmp_path / "nowhere"))
+    monkeypatch.setitem(real_speech.SOURCES, "ktuberling",
+                        lambda: real_speech.ktuberling_recordings(tmp_path / "nowhere"))
     assert real_speech.main(["--out-dir", str(tmp_path / "dev"), "--sources", "ktuberling"]) == 2
     assert "apt-get install ktuberling-data" in capsys.readouterr().err
 
@@ -130,7 +131,8 @@ def test_score_gives_wer_per_source_against_the_manifest_transcripts(tmp_path, c
         {"id": "cards/001", "source": "cards", "text": "10 of clubs"},
         {"id": "ktuberling/ball", "source": "ktuberling", "text": "ball"},
         {"id": "ktuberling/hat", "source": "ktuberling", "text": "hat"}]))
-    for system, replies in {"whisper": ["Ten of clubs.", "Ball!", "Cat."], "blsp": ["ten of gloves", "", "hat"]}.items():
+    for system, replies in {"whisper": ["Ten of clubs.", "Ball!", "Cat."],
+                            "blsp": ["ten of gloves", "", "hat"]}.items():
         (tmp_path / system).mkdir()
         (tmp_path / system / "asr.real_dev.jsonl").write_text("".join(
             json.dumps({"id": i, "system": system, "reply": reply, "text": "stale transcript"}) + "\n"

@@ -22,6 +22,7 @@ import pytest
 import soundfile as sf
 import uvicorn
 
+from blsp_chat import cli, weights
 from blsp_chat.audio import load_audio
 from blsp_chat.config import GenerationOptions
 from blsp_chat.constants import REPEAT_INSTRUCTION, SAMPLE_RATE
@@ -98,7 +99,8 @@ def audio_part(data: bytes) -> dict:
 
 
 def chat(client, messages, **kwargs):
-    return client.chat.completions.create(model=MODEL, messages=messages, max_tokens=kwargs.pop("max_tokens", MAX_TOKENS),
+    return client.chat.completions.create(model=MODEL, messages=messages,
+                                          max_tokens=kwargs.pop("max_tokens", MAX_TOKENS),
                                           **kwargs)
 
 
@@ -188,7 +190,8 @@ def test_streaming_sends_openai_chunks_that_add_up_to_the_reply(client, url):
     assert finishes == [whole.choices[0].finish_reason]
     assert chunks[-1].choices == [] and chunks[-1].usage == whole.usage
     assert len({c.id for c in chunks}) == 1 and all(c.object == "chat.completion.chunk" for c in chunks)
-    raw = httpx.post(f"{url}/chat/completions", json={"model": MODEL, "messages": TYPED, "max_tokens": 4, "stream": True},
+    raw = httpx.post(f"{url}/chat/completions",
+                     json={"model": MODEL, "messages": TYPED, "max_tokens": 4, "stream": True},
                      timeout=60)
     assert raw.headers["content-type"].startswith("text/event-stream")
     assert raw.text.rstrip().endswith("data: [DONE]")
@@ -287,7 +290,8 @@ BAD_REQUESTS = {
     "too long audio": (user_audio(wav_bytes(tone(LIMITS.max_audio_seconds + 1))), 400, "audio_too_long",
                        "messages[0].content[0].input_audio.data"),
     "unknown model": ({"model": "gpt-4o"}, 404, "model_not_found", "model"),
-    "context overflow": ({"messages": [{"role": "user", "content": "word " * 600}]}, 400, "context_length_exceeded", "messages"),
+    "context overflow": ({"messages": [{"role": "user", "content": "word " * 600}]}, 400, "context_length_exceeded",
+                         "messages"),
     "max_tokens over the limit": ({"max_tokens": LIMITS.max_tokens + 1}, 400, "invalid_value", "max_tokens"),
     "max_tokens zero": ({"max_tokens": 0}, 400, "invalid_value", "max_tokens"),
     "temperature out of range": ({"temperature": 5.0}, 400, "invalid_value", "temperature"),
@@ -295,7 +299,8 @@ BAD_REQUESTS = {
     "several choices": ({"n": 2}, 400, "invalid_value", "n"),
     "too many stops": ({"stop": ["a", "b", "c", "d", "e"]}, 400, "invalid_value", "stop"),
     "no messages": ({"messages": []}, 400, "invalid_value", "messages"),
-    "ends with a reply": ({"messages": TYPED + [{"role": "assistant", "content": "Paris."}]}, 400, "invalid_value", "messages"),
+    "ends with a reply": ({"messages": TYPED + [{"role": "assistant", "content": "Paris."}]}, 400, "invalid_value",
+                          "messages"),
     "an image": ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
                  400, "invalid_value", "messages[0].content[0].type"),
     "two clips in one turn": ({"messages": [{"role": "user", "content": [audio_part(wav_bytes(tone(1))),
@@ -382,8 +387,7 @@ def serve_command(*args):
 
 @pytest.mark.integration
 def test_generate_the_app_and_the_server_answer_a_spoken_turn_identically(default_blsp, monkeypatch, capsys):
-    from blsp_chat import cli, weights
-    from blsp_chat.ui import ChatHandlers
+    from blsp_chat.ui import ChatHandlers  # here, not at the top: only this test of the file needs gradio
 
     max_tokens = 32
     monkeypatch.setattr(weights, "load_pretrained", lambda *args, **kwargs: default_blsp)
@@ -396,7 +400,8 @@ def test_generate_the_app_and_the_server_answer_a_spoken_turn_identically(defaul
 
     with serve_command("--device", "cpu", "--api-key", "k") as base:
         response = make_client(base, "k").chat.completions.create(
-            model="blsp-chat", max_tokens=max_tokens, messages=[{"role": "user", "content": [audio_part(EXAMPLE.read_bytes())]}])
+            model="blsp-chat", max_tokens=max_tokens,
+            messages=[{"role": "user", "content": [audio_part(EXAMPLE.read_bytes())]}])
     by_server = response.choices[0].message.content
     assert by_generate == by_app == by_server
     assert "Paris" in by_server, by_server

@@ -6,15 +6,33 @@ import pytest
 import torch
 from transformers import RepetitionPenaltyLogitsProcessor, TopPLogitsWarper
 
+from blsp_chat import session as session_module
+from blsp_chat.adapter import embedding_distance_logits
+from blsp_chat.audio import AudioError
 from blsp_chat.config import GenerationOptions
 from blsp_chat.prompt import Turn, render
 from blsp_chat.session import (
-    HISTORY_KEPT_ON_OVERFLOW, REPLACEMENT_CHAR, CacheBudget, ChatSession, FairLock, ContextOverflowError, TextStream, apply_repetition_penalty, compression_ratio,
-    NothingHeardError, cut_at_stop, encoded_batch, eos_token_ids, generate_replies, generate_reply, model_lock, next_token, speech_turn, top_p_filter,
+    HISTORY_KEPT_ON_OVERFLOW,
+    REPLACEMENT_CHAR,
+    CacheBudget,
+    ChatSession,
+    ContextOverflowError,
+    FairLock,
+    NothingHeardError,
+    TextStream,
+    apply_repetition_penalty,
+    compression_ratio,
+    cut_at_stop,
+    encoded_batch,
+    eos_token_ids,
+    generate_replies,
+    generate_reply,
+    model_lock,
+    next_token,
+    speech_turn,
+    top_p_filter,
 )
-from blsp_chat import session as session_module
 from blsp_chat.weights import LoadedBlsp
-from blsp_chat.audio import AudioError
 from tiny import blank_hearing_blsp, hears_only_long_clips, lively_blsp, tiny_blsp, tiny_tokenizer, tone
 
 REPEAT = "Please repeat the following words."
@@ -677,7 +695,8 @@ def test_fallback_options_are_checked():
     with pytest.raises(ValueError, match="compression_ratio_threshold"):
         GenerationOptions(compression_ratio_threshold=0.5)
     sampled = GenerationOptions(fallback_temperatures=(0.2, 0.4)).sampled_at(0.4)
-    assert sampled.do_sample and sampled.temperature == 0.4 and sampled.top_p == 1.0 and not sampled.fallback_temperatures
+    assert sampled.do_sample and sampled.temperature == 0.4 and sampled.top_p == 1.0
+    assert not sampled.fallback_temperatures
 
 
 def ctc_readout_blsp(audio, seed=0):
@@ -685,8 +704,6 @@ def ctc_readout_blsp(audio, seed=0):
     readout drops and merges positions, and a clip's count comes only from encoding it. (The adapter's
     output scale is raised so that its outputs are nearest to different words, not all to one.)"""
     import dataclasses
-
-    from blsp_chat.adapter import embedding_distance_logits
 
     model = lively_blsp(seed=seed)
     with torch.no_grad():
@@ -711,7 +728,8 @@ def test_ctc_readout_turns_take_their_encoded_length_in_every_path(tok):
     assert_same_as_scratch(session, chunks, [audio], max_new_tokens=16)
     # the one-shot path lays out speech_turn's upper bound again, settled once the clip is encoded
     loaded = LoadedBlsp(model, tok, "tiny", adapter_trained=True)
-    one_shot = generate_replies(loaded, [[speech_turn(audio, model, REPEAT)]], [[audio]], GenerationOptions(max_new_tokens=16))
+    one_shot = generate_replies(loaded, [[speech_turn(audio, model, REPEAT)]], [[audio]],
+                                GenerationOptions(max_new_tokens=16))
     assert one_shot == [chunks[-1].text]
 
 

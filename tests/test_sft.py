@@ -6,25 +6,35 @@ import time
 import pytest
 import torch
 
+from blsp_chat import weights
 from blsp_chat.constants import IGNORE_INDEX, REPEAT_INSTRUCTION, SNIPS_LIGHT_INTENTS
 from blsp_chat.prompt import Turn, render, template_for
+from blsp_chat.weights import WeightsError, load_llm
 from tiny import tiny_llm, tiny_tokenizer
 from train import build_sft_data as bd
 from train import sft_llm
-from train.loop import checkpoint_dirs, read_jsonl
+from train.build_sft_data import transcript_style
+from train.io import read_jsonl
+from train.loop import checkpoint_dirs
+from train.metrics import word_errors
 
-CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
+CHATML = ("{% for message in messages %}"
+          "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
           "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
 MIXED = [Turn("human", text="hello there"), Turn("assistant", text="paris."),
          Turn("human", instruction=REPEAT_INSTRUCTION, speech_tokens=2)]
-GOLDEN_BLSP = [1, 274, 277, 263, 267, 259, 269, 81, 262, 271, 310, 201, 274, 276, 305, 306, 86, 267, 301, 264, 16, 310, 201,
-               274, 277, 263, 267, 278, 292, 71, 312, 302, 262, 275, 269, 270, 294, 73, 223, 309, 289, 16, 2, 2, 310, 201, 274,
+GOLDEN_BLSP = [1, 274, 277, 263, 267, 259, 269, 81, 262, 271, 310, 201, 274, 276, 305, 306, 86, 267, 301, 264, 16, 310,
+               201,
+               274, 277, 263, 267, 278, 292, 71, 312, 302, 262, 275, 269, 270, 294, 73, 223, 309, 289, 16, 2, 2, 310,
+               201, 274,
                276, 305, 306, 86, 267]
 IM_START_USER = [30, 94, 75, 79, 65, 85, 86, 281, 86, 94, 32, 87, 85, 290, 201]
 IM_END = [30, 94, 75, 79, 65, 71, 80, 70, 94, 32, 201]
 IM_START_ASSISTANT = [30, 94, 75, 79, 65, 85, 86, 281, 86, 94, 32, 282, 305, 306, 86, 201]
-GOLDEN_CHAT = (IM_START_USER + [259, 269, 81, 262, 271] + IM_END + IM_START_ASSISTANT + [301, 264, 16] + IM_END + IM_START_USER
-               + [278, 292, 71, 312, 302, 262, 275, 269, 270, 294, 73, 223, 309, 289, 16, 2, 2] + IM_END + IM_START_ASSISTANT)
+GOLDEN_CHAT = (IM_START_USER + [259, 269, 81, 262,
+                                271] + IM_END + IM_START_ASSISTANT + [301, 264, 16] + IM_END + IM_START_USER
+               + [278, 292, 71, 312, 302, 262, 275, 269, 270, 294, 73, 223, 309, 289, 16, 2,
+                  2] + IM_END + IM_START_ASSISTANT)
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +43,8 @@ def tokenizer():
 
 
 def records(n=12):
-    return [{"instruction": REPEAT_INSTRUCTION, "input": f"the quick brown fox {i % 3}", "output": f"the quick brown fox {i % 3}"}
+    return [{"instruction": REPEAT_INSTRUCTION, "input": f"the quick brown fox {i % 3}",
+             "output": f"the quick brown fox {i % 3}"}
             for i in range(n)]
 
 
@@ -42,7 +53,8 @@ def test_blsp_template_renders_golden_ids(tokenizer):
     rendered = render(MIXED, tokenizer, template_for("blsp", tokenizer))
     assert rendered.input_ids == GOLDEN_BLSP
     assert tokenizer.decode(rendered.input_ids[1:]).replace("</s>", "") == (
-        "###[Human]:hello there\n\n\n###[Assistant]:paris.\n\n\n###[Human]:Please repeat the following words.\n\n\n###[Assistant]:")
+        "###[Human]:hello there\n\n\n###[Assistant]:paris.\n\n\n"
+        "###[Human]:Please repeat the following words.\n\n\n###[Assistant]:")
     assert [i for i, s in enumerate(rendered.speech_mask) if s] == [42, 43]
 
 
@@ -55,8 +67,9 @@ def test_chat_template_renders_golden_ids(tokenizer):
 
 
 def test_sft_labels_cover_response_and_eos_only(tokenizer):
-    ids, labels = sft_llm.encode({"instruction": "Say hi.", "input": "", "output": "hello there"}, tokenizer, template_for("blsp", tokenizer))
-    learned = [i for i, l in zip(ids, labels) if l != IGNORE_INDEX]
+    ids, labels = sft_llm.encode({"instruction": "Say hi.", "input": "", "output": "hello there"}, tokenizer,
+                                 template_for("blsp", tokenizer))
+    learned = [i for i, label in zip(ids, labels) if label != IGNORE_INDEX]
     assert learned == tokenizer("hello there", add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
     assert ids[-len(learned):] == learned  # the response is the tail
 
@@ -108,7 +121,8 @@ def test_sft_resumed_after_a_kill_reproduces_the_loss_sequence(tokenizer, tmp_pa
     def run(name, **kwargs):  # lora_dropout stays on: the resumed run must restore the RNG too
         config = sft_llm.SftConfig(lr=1e-2, batch_size=4, max_steps=8, warmup_steps=2, save_every=3, log_every=1,
                                    run_dir=str(tmp_path / name))
-        return sft_llm.train(sft_llm.prepare_model(lively_llm(), config), tokenizer, encoded, config, log=quiet, **kwargs)
+        return sft_llm.train(sft_llm.prepare_model(lively_llm(), config), tokenizer, encoded, config, log=quiet,
+                             **kwargs)
 
     full = run("full")
     with pytest.raises(KeyboardInterrupt):
@@ -133,7 +147,8 @@ def test_cli_resume_keeps_the_time_budget_plan_and_writes_the_lora_and_card(toke
 
     def config(name):
         path = tmp_path / f"{name}.json"
-        path.write_text(json.dumps(dict(settings, out=str(tmp_path / name / "lora"), run_dir=str(tmp_path / name / "run"))))
+        path.write_text(json.dumps(dict(settings, out=str(tmp_path / name / "lora"),
+                                        run_dir=str(tmp_path / name / "run"))))
         return path
 
     def probe_says(seconds):
@@ -173,8 +188,6 @@ def test_time_budget_probe_times_steps_and_puts_the_weights_back(tokenizer):
 
 
 def test_lora_checkpoint_saves_loads_and_merges_to_identical_logits(tokenizer, tmp_path):
-    from blsp_chat.weights import load_llm
-
     torch.manual_seed(0)
     base_dir, lora_dir = tmp_path / "base", tmp_path / "lora"
     base = tiny_llm()
@@ -198,8 +211,6 @@ def test_lora_checkpoint_saves_loads_and_merges_to_identical_logits(tokenizer, t
 
 
 def test_load_llm_rejects_a_lora_without_a_base(tmp_path):
-    from blsp_chat.weights import WeightsError, load_llm
-
     (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA"}))
     with pytest.raises(WeightsError, match="base"):
         load_llm(str(tmp_path), torch.float32)
@@ -227,9 +238,12 @@ def fake_tasks():
         bd.make_task("use_word", "Use the word \"twin\" in a sentence."),
         bd.make_task("sentiment", bd.SENTIMENT_INSTRUCTION, "i love it", labels=bd.SENTIMENT_LABELS),
         bd.make_task("sentiment", bd.SENTIMENT_INSTRUCTION, "it is a rock", labels=bd.SENTIMENT_LABELS),
-        bd.make_task("intent", intent, "turn off the lights in the kitchen", labels=SNIPS_LIGHT_INTENTS, gold="SwitchLightOff"),
-        bd.make_task("intent", intent, "dim the lights in the bedroom", labels=SNIPS_LIGHT_INTENTS, gold="DecreaseBrightness"),
-        bd.make_task("repeat", REPEAT_INSTRUCTION, "he was not an ill disposed young man", target="he was not an ill disposed young man"),
+        bd.make_task("intent", intent, "turn off the lights in the kitchen", labels=SNIPS_LIGHT_INTENTS,
+                     gold="SwitchLightOff"),
+        bd.make_task("intent", intent, "dim the lights in the bedroom", labels=SNIPS_LIGHT_INTENTS,
+                     gold="DecreaseBrightness"),
+        bd.make_task("repeat", REPEAT_INSTRUCTION, "he was not an ill disposed young man",
+                     target="he was not an ill disposed young man"),
         bd.make_task("continue", bd.CONTINUATION_INSTRUCTION, "he cut a fine figure"),
     ]
 
@@ -271,7 +285,8 @@ def test_builder_filters_dedups_and_resumes(tmp_path):
     assert not any("repeat" in m for m in generator.calls)  # repetition targets need no generation
     assert (tmp_path / "DATA_CARD.md").is_file()
     again = FakeGenerator(fake_answer)
-    card2 = bd.build(tasks + [bd.make_task("question", "What is the capital of Chile?")], again, tmp_path, progress=False)
+    card2 = bd.build(tasks + [bd.make_task("question", "What is the capital of Chile?")], again, tmp_path,
+                     progress=False)
     assert again.calls == ["What is the capital of Chile?"]  # resume: decided ids are skipped
     assert card2["kept"] + card2["dropped"] == 13
 
@@ -286,7 +301,8 @@ def test_forget_rejects_lets_a_rerun_try_again(tmp_path):
 
 
 def test_refilter_moves_records_that_fail_a_filter(tmp_path):
-    good = dict(id="a", kind="continue", split="train", instruction=bd.CONTINUATION_INSTRUCTION, input="he cut a fine figure",
+    good = dict(id="a", kind="continue", split="train", instruction=bd.CONTINUATION_INSTRUCTION,
+                input="he cut a fine figure",
                 output="He smiled at the crowd and waved his hat.")
     echo = dict(good, id="b", output="He cut a fine figure.")
     repeat = dict(good, id="c", kind="repeat", instruction=REPEAT_INSTRUCTION, output="he cut a fine figure")
@@ -306,14 +322,17 @@ def test_builder_time_budget_stops_between_batches(tmp_path):
 def test_make_tasks_is_seed_deterministic_and_holds_out_by_source():
     sources = bd.Sources(words={"n": ["apple", "river"], "v": ["run", "jump"], "a": ["happy", "green"]},
                          examples=["the river runs fast", "she likes green apples"],
-                         sentences=["A gift of a flower will soon be made to you."] * 1 + [f"Sentence number {i} is here." for i in range(40)],
-                         passages=["One thing. Two things. Three things and more words to make this passage long enough for it."])
+                         sentences=["A gift of a flower will soon be made to you."] * 1
+                         + [f"Sentence number {i} is here." for i in range(40)],
+                         passages=["One thing. Two things. Three things and more words "
+                                   "to make this passage long enough for it."])
     counts = {"question": 5, "define": 3, "continue": 5, "repeat": 5, "intent": 5, "sentiment": 3}
     first, second = bd.make_tasks(sources, counts, seed=3), bd.make_tasks(sources, counts, seed=3)
     assert [t.id for t in first] == [t.id for t in second]
     assert [t.id for t in first] != [t.id for t in bd.make_tasks(sources, counts, seed=4)]
     assert all(t.target == t.input for t in first if t.kind == "repeat")
-    held = next(f"Sentence number {i} is here." for i in range(1000) if bd.split_of(f"Sentence number {i} is here.") == "heldout")
+    numbered = (f"Sentence number {i} is here." for i in range(1000))
+    held = next(sentence for sentence in numbered if bd.split_of(sentence) == "heldout")
     # a held-out source stays held out in every task made from it, in any spelling
     repeat = bd._repeat(held, __import__("random").Random(0))
     cont = bd._with_source("continue", bd.CONTINUATION_INSTRUCTION, held, __import__("random").Random(1))
@@ -324,7 +343,7 @@ def test_make_tasks_is_seed_deterministic_and_holds_out_by_source():
 @pytest.mark.parametrize("text,looping", [("the cat sat on the mat and the dog sat on the rug", False),
                                           ("I am here. I am here. I am here.", True)])
 def test_looping_filter(text, looping):
-    assert bd.is_looping(text) is looping
+    assert bd.loops(text) is looping
 
 
 def test_pick_label():
@@ -343,7 +362,8 @@ def test_read_alpaca_json_and_jsonl(tmp_path):
     (tmp_path / "a.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
     for name in ("a.json", "a.jsonl"):
         got = bd.read_alpaca(tmp_path / name)
-        assert [(r["instruction"], r["input"], r["output"]) for r in got] == [("Add.", "2 and 2", "4"), ("Greet.", "", "Hello!")]
+        assert [(r["instruction"], r["input"], r["output"]) for r in got] == [("Add.", "2 and 2", "4"),
+                                                                               ("Greet.", "", "Hello!")]
     (tmp_path / "bad.jsonl").write_text(json.dumps({"prompt": "x"}) + "\n")
     with pytest.raises(ValueError, match="instruction"):
         bd.read_alpaca(tmp_path / "bad.jsonl")
@@ -356,22 +376,19 @@ def test_training_records_skip_heldout(tmp_path):
     assert [r["instruction"] for r in sft_llm.load_training_records(tmp_path / "d.jsonl")] == ["A.", "C."]
 
 
-def test_word_errors():
-    assert sft_llm.word_errors("He was not, an ill young man.", "he was not an ill disposed young man") == (1, 8)
+def test_repeat_wer_counts_words_in_transcript_style():
+    errors = word_errors("he was not an ill disposed young man", "He was not, an ill young man.", transcript_style)
+    assert (errors.errors, errors.reference_words) == (1, 8)
 
 
 # --- the shipped default ----------------------------------------------------------------------------------------
 def test_offline_base_name_still_resolves_to_the_plain_base():
-    from blsp_chat import weights
-
     assert weights.DEFAULT_LLM != "offline:smollm2-135m-instruct"
     assert weights.resolve_base(weights.DEFAULT_LLM).endswith("stage1_lora")
 
 
 @pytest.mark.integration
 def test_default_llm_with_stage1_lora_answers_in_blsp_format():
-    from blsp_chat import weights
-
     base_dir = weights.resolve_base("offline:smollm2-135m-instruct")
     assert not (weights.Path(base_dir) / "adapter_config.json").exists()
     llm, tokenizer = weights.load_llm(weights.DEFAULT_LLM, torch.float32)

@@ -13,17 +13,41 @@ import soundfile as sf
 import torch
 from safetensors.torch import load_file
 
+from blsp_chat.audio import load_audio
 from blsp_chat.constants import IGNORE_INDEX, REPEAT_INSTRUCTION, SAMPLE_RATE
+from blsp_chat.prompt import Turn, render
 from blsp_chat.weights import LoadedBlsp
 from tiny import tiny_blsp, tiny_tokenizer, tone
+from train import precompute_encoder
 from train.loop import LoopConfig
+from train.precompute_encoder import fill, missing_clips
 from train.speech_data import (
-    BucketBatchSampler, EncoderCache, FrameMasking, SpeechCollator, SpeechDataset, SpeechExample,
-    read_manifest, speech_embeddings, with_repetition,
+    BucketBatchSampler,
+    EncoderCache,
+    FrameMasking,
+    SpeechCollator,
+    SpeechDataset,
+    SpeechExample,
+    read_manifest,
+    speech_embeddings,
+    with_repetition,
 )
 from train.train_adapter import (
-    AdapterObjective, AdapterTrainConfig, DataSection, EvalSection, LossSection, ModelSection, ctc_blank_id,
-    collapse_ctc, cross_entropy, distillation_kl, embedding_ctc, load_config, readout_wer_fn, response_span, run,
+    AdapterObjective,
+    AdapterTrainConfig,
+    DataSection,
+    EvalSection,
+    LossSection,
+    ModelSection,
+    collapse_ctc,
+    cross_entropy,
+    ctc_blank_id,
+    distillation_kl,
+    embedding_ctc,
+    load_config,
+    readout_wer_fn,
+    response_span,
+    run,
 )
 
 SENTENCES = ["hello there", "the quick brown fox", "what is the capital of france", "paris is a city",
@@ -71,7 +95,8 @@ def train_config(corpus, out, **loop):
     loop_kwargs.update(loop)
     return AdapterTrainConfig(
         loop=LoopConfig(**loop_kwargs), model=ModelSection(encoder_padding="none"),
-        data=DataSection(train_manifest=str(corpus), eval_manifest=str(corpus), repetition_ratio=0.5, mega_batch_factor=2),
+        data=DataSection(train_manifest=str(corpus), eval_manifest=str(corpus), repetition_ratio=0.5,
+                         mega_batch_factor=2),
         loss=LossSection(kd_weight=0.5), eval=EvalSection(repeat_wer_examples=1, max_new_tokens=4))
 
 
@@ -120,7 +145,6 @@ def test_resume_after_a_kill_reproduces_the_loss_sequence(corpus, tmp_path):
 # --- losses ------------------------------------------------------------------------------------------
 def test_kl_is_zero_when_speech_embeddings_equal_the_transcript_embeddings():
     model, tokenizer = loaded_tiny(sharp=True).model, tiny_tokenizer()
-    from blsp_chat.prompt import Turn, render
 
     teacher = render([Turn("human", instruction=REPEAT_INSTRUCTION, text="hello there"),
                       Turn("assistant", text="hello there")], tokenizer, add_eos=True)
@@ -243,7 +267,8 @@ def test_objective_skips_the_head_on_the_prompt_without_changing_the_losses(corp
         full = model(batch["input_ids"], batch["attention_mask"], batch["speech_mask"], speech_embeds=embeds).logits
         teacher = model(batch["teacher"]["input_ids"], batch["teacher"]["attention_mask"]).logits
     assert metrics["ce"] == pytest.approx(float(cross_entropy(full, batch["labels"])), rel=1e-5)
-    assert metrics["kd"] == pytest.approx(float(distillation_kl(full, batch["labels"], teacher, batch["teacher"]["labels"])), rel=1e-4)
+    assert metrics["kd"] == pytest.approx(float(distillation_kl(full, batch["labels"], teacher,
+                                                                batch["teacher"]["labels"])), rel=1e-4)
 
 
 def test_objective_views_carry_the_same_response(corpus):
@@ -278,7 +303,8 @@ def test_masking_applies_in_training_only_and_leaves_the_cache_clean(corpus, tmp
     cache = EncoderCache.for_model(tmp_path / "cache", loaded.model)
     data = SpeechDataset(read_manifest(corpus)[:2], loaded.tokenizer, loaded.model.speech_token_count, cache=cache)
     collate = SpeechCollator(loaded.tokenizer.pad_token_id)
-    objective = AdapterObjective(loaded.model, LossSection(), cache, masking=FrameMasking(time_fraction=0.5, time_span=4))
+    objective = AdapterObjective(loaded.model, LossSection(), cache,
+                                 masking=FrameMasking(time_fraction=0.5, time_span=4))
     objective.eval()
     with torch.no_grad():
         clean, _ = objective(collate([data[0], data[1]]))  # fills the cache
@@ -369,8 +395,6 @@ def test_encoder_cache_returns_identical_adapter_inputs_and_notices_a_changed_fi
 
 
 def test_precomputed_cache_matches_training_and_an_interrupted_fill_resumes(corpus, tmp_path):
-    from train.precompute_encoder import fill, missing_clips
-
     model = loaded_tiny().model
     cache = EncoderCache.for_model(tmp_path / "cache", model)
     todo = missing_clips([str(corpus), str(corpus)], cache)  # a clip named twice is encoded once
@@ -383,14 +407,11 @@ def test_precomputed_cache_matches_training_and_an_interrupted_fill_resumes(corp
     # What training then reads is what it would have computed itself (batching in `fill` changes nothing).
     example = read_manifest(corpus)[3]
     item = SpeechDataset([example], loaded_tiny().tokenizer, model.speech_token_count, cache=cache)[0]
-    from blsp_chat.audio import load_audio
     direct = model.encode_windows([load_audio(example.audio)])[0][0]
     assert torch.allclose(item["encoded"][0], direct, atol=1e-5)
 
 
 def test_precompute_cli_fills_the_cache_without_the_runs_starting_adapter(corpus, tmp_path, monkeypatch, capsys):
-    from train import precompute_encoder
-
     sections = []
 
     def build(section):
@@ -410,10 +431,12 @@ def test_precompute_cli_fills_the_cache_without_the_runs_starting_adapter(corpus
 
 
 # --- configuration -----------------------------------------------------------------------------------
-@pytest.mark.parametrize("name", ["adapter_tiny_offline.json", "adapter_tiny_offline_ctc.json", "adapter_7b_paper.json"])
+@pytest.mark.parametrize("name",
+                         ["adapter_tiny_offline.json", "adapter_tiny_offline_ctc.json", "adapter_7b_paper.json"])
 def test_shipped_configs_parse_and_take_overrides(name):
     readout = ["model.speech_readout=embeddings"] if name == "adapter_tiny_offline_ctc.json" else []  # kd needs it
-    config = load_config(CONFIGS / name, ["loop.max_steps=7", "loss.kd_weight=0.5", "data.encoder_cache_dir=null", *readout])
+    config = load_config(CONFIGS / name,
+                         ["loop.max_steps=7", "loss.kd_weight=0.5", "data.encoder_cache_dir=null", *readout])
     assert config.loop.max_steps == 7 and config.loss.kd_weight == 0.5 and config.data.encoder_cache_dir is None
     if name == "adapter_7b_paper.json":
         loop = config.loop

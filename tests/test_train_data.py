@@ -65,7 +65,7 @@ def test_librispeech_layout_with_missing_and_corrupt_audio(tmp_path):
     out = tmp_path / "libri.jsonl"
     summary = _prepare(prepare_data.librispeech(tmp_path / "LibriSpeech"), out)
     lines = _jsonl(out)
-    assert [l["id"] for l in lines] == ["84-121123-0000", "84-121123-0001"]
+    assert [entry["id"] for entry in lines] == ["84-121123-0000", "84-121123-0001"]
     assert lines[0]["text"] == "go do you hear" and lines[0]["text_raw"] == "GO DO YOU HEAR"
     assert lines[0]["duration"] == pytest.approx(1.0, abs=1e-3)
     assert lines[1]["text"] == "but in less than 5 minutes"
@@ -98,7 +98,8 @@ def test_gigaspeech_tags_and_garbage(tmp_path):
     _wav(audio_data / "audio" / "podcast" / "P0001" / "POD0001_S0001.wav")
     _wav(audio_data / "audio" / "podcast" / "P0001" / "POD0001_S0003.wav")
     metadata = {"audios": [{"path": "audio/podcast/P0001/POD0001.opus", "segments": [
-        {"sid": "POD0001_S0001", "text_tn": "AS THEY'RE LEAVING <COMMA> CAN KASH PULL ZAHRA ASIDE <QUESTIONMARK>", "subsets": ["{XL}", "{L}"]},
+        {"sid": "POD0001_S0001", "text_tn": "AS THEY'RE LEAVING <COMMA> CAN KASH PULL ZAHRA ASIDE <QUESTIONMARK>",
+         "subsets": ["{XL}", "{L}"]},
         {"sid": "POD0001_S0002", "text_tn": "<SIL>", "subsets": ["{XL}"]},
         {"sid": "POD0001_S0003", "text_tn": "WHAT A DAY <EXCLAMATIONPOINT>", "subsets": ["{XL}"]},
         {"sid": "POD0001_S0004", "text_tn": "ONLY IN S", "subsets": ["{S}"]},
@@ -110,7 +111,7 @@ def test_gigaspeech_tags_and_garbage(tmp_path):
     out = tmp_path / "gs.jsonl"
     _prepare(prepare_data.gigaspeech(tmp_path, "XL", dropped), out)
     lines = _jsonl(out)
-    assert [l["text_raw"] for l in lines] == ["AS THEY'RE LEAVING, CAN KASH PULL ZAHRA ASIDE?", "WHAT A DAY!"]
+    assert [entry["text_raw"] for entry in lines] == ["AS THEY'RE LEAVING, CAN KASH PULL ZAHRA ASIDE?", "WHAT A DAY!"]
     assert lines[0]["text"] == "as they are leaving can kash pull zahra aside"
     assert dropped == {"garbage tag": 1, "other subset": 1}
 
@@ -119,7 +120,8 @@ def test_gigaspeech_tags_and_garbage(tmp_path):
 def test_generic_tables(tmp_path, suffix):
     _wav(tmp_path / "wavs" / "one.wav")
     absolute = _wav(tmp_path / "elsewhere" / "two.wav")
-    rows = [{"path": "wavs/one.wav", "transcript": "Opening line."}, {"path": str(absolute), "transcript": "Closing line!"},
+    rows = [{"path": "wavs/one.wav", "transcript": "Opening line."},
+            {"path": str(absolute), "transcript": "Closing line!"},
             {"path": "wavs/missing.wav", "transcript": "Third."}]
     table = tmp_path / f"list{suffix}"
     if suffix == ".jsonl":
@@ -131,7 +133,8 @@ def test_generic_tables(tmp_path, suffix):
             writer.writerows(rows)
     out = tmp_path / "out.jsonl"
     _prepare(prepare_data.table(table), out)
-    assert [(Path(l["audio"]).name, l["text"]) for l in _jsonl(out)] == [("one.wav", "opening line"), ("two.wav", "closing line")]
+    named = [(Path(entry["audio"]).name, entry["text"]) for entry in _jsonl(out)]
+    assert named == [("one.wav", "opening line"), ("two.wav", "closing line")]
     assert [r["reason"] for r in _jsonl(prepare_data.rejects_file(out))] == ["missing audio"]
 
 
@@ -190,7 +193,8 @@ def test_entity_sentences_name_what_they_define_and_keep_holdouts_and_earlier_co
 
 
 # --- synthesis ----------------------------------------------------------------------------------------
-needs_espeak = pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="needs espeak-ng (apt-get install espeak-ng)")
+needs_espeak = pytest.mark.skipif(shutil.which("espeak-ng") is None,
+                                  reason="needs espeak-ng (apt-get install espeak-ng)")
 SENTENCES = ["The cat sat on the mat today.", "A small boat drifted across the lake.", "Rain fell softly on the roof.",
              "She opened the window to hear the birds.", "They walked home along the river.",
              "Bright lights filled the empty street.", "He wrote a letter to his old friend."]
@@ -222,11 +226,14 @@ def test_synthesis_is_deterministic_and_resumes(tmp_path):
     second = synthesize.synthesize(plan_res, resumed, progress=False, jobs_parallel=2)
     assert second["complete"] and second["made_this_run"] == len(SENTENCES) - 3
     lines_full, lines_res = _jsonl(full / synthesize.MANIFEST), _jsonl(manifest)
-    assert [l["id"] for l in lines_res] == [j.id for j in plan_res]
-    strip = lambda lines: [{k: v for k, v in l.items() if k != "audio"} for l in lines]
+    assert [entry["id"] for entry in lines_res] == [j.id for j in plan_res]
+    def strip(lines):
+        return [{k: v for k, v in entry.items() if k != "audio"} for entry in lines]
+
     assert strip(lines_res) == strip(lines_full)
     assert _files(full) == _files(resumed)
-    assert all(l["duration"] > 0.5 and l["engine"] == "espeak-ng" and 130 <= l["speed_wpm"] <= 190 for l in lines_full)
+    assert all(entry["duration"] > 0.5 and entry["engine"] == "espeak-ng" and 130 <= entry["speed_wpm"] <= 190
+               for entry in lines_full)
     info = sf.info(lines_full[0]["audio"])
     assert (info.samplerate, info.channels) == (SAMPLE_RATE, 1)
     # A third run finds nothing to do.
@@ -239,16 +246,20 @@ def test_plan_depends_on_seed_and_not_on_order(tmp_path):
     a = synthesize.plan(SENTENCES, tmp_path, voices, seed=1, voices_per_sentence=2)
     b = synthesize.plan(SENTENCES[::-1], tmp_path, voices, seed=1, voices_per_sentence=2)
     c = synthesize.plan(SENTENCES, tmp_path, voices, seed=2, voices_per_sentence=2)
-    key = lambda jobs: {j.id: (j.engine, j.voice, j.speed_wpm, j.pitch, j.duration_stretch, j.pitch_cents) for j in jobs}
+    def key(jobs):
+        return {j.id: (j.engine, j.voice, j.speed_wpm, j.pitch, j.duration_stretch, j.pitch_cents) for j in jobs}
+
     assert key(a) == key(b) and key(a) != key(c)
     for text_id in {j.text_id for j in a}:  # two different voices per sentence
         assert len({j.voice for j in a if j.text_id == text_id}) == 2
 
 
 def test_split_holds_out_sentences_and_voices(tmp_path):
-    voices = {"espeak-ng": [synthesize.Voice("espeak-ng", f"{a}+{v}", f"{a}+{v}") for a in ("en-us", "en-029") for v in ("m1", "f5")],
+    voices = {"espeak-ng": [synthesize.Voice("espeak-ng", f"{a}+{v}", f"{a}+{v}")
+                            for a in ("en-us", "en-029") for v in ("m1", "f5")],
               "flite": [synthesize.Voice("flite", n, synthesize._flite_speaker(n)) for n in ("kal", "kal16", "rms")],
-              "festival": [synthesize.Voice("festival", n, synthesize._festival_speaker(n)) for n in ("kal_diphone", "ked_diphone")]}
+              "festival": [synthesize.Voice("festival", n, synthesize._festival_speaker(n))
+                           for n in ("kal_diphone", "ked_diphone")]}
     sentences = [f"Sentence number {i} is spoken here." for i in range(200)]
     jobs = synthesize.plan(sentences, tmp_path, voices, seed=0, voices_per_sentence=2, dev_frac=0.1, test_frac=0.1,
                            holdout=("espeak-ng:en-029+*", "kal16"))
@@ -262,8 +273,13 @@ def test_split_holds_out_sentences_and_voices(tmp_path):
     assert not {r["speaker"] for r in by_split["test"]} & {r["speaker"] for r in by_split["train"] + by_split["dev"]}
     assert all(synthesize.check_disjoint(by_split).values())
     # The split tool on the same manifest and settings reproduces the split and drops nothing ...
-    again, dropped = synthesize.split_records(records, holdout=("espeak-ng:en-029+*", "kal16"), dev_frac=0.1, test_frac=0.1, seed=0)
-    assert dropped == 0 and {s: [r["id"] for r in rs] for s, rs in again.items()} == {s: [r["id"] for r in rs] for s, rs in by_split.items()}
+    again, dropped = synthesize.split_records(records, holdout=("espeak-ng:en-029+*", "kal16"), dev_frac=0.1,
+                                              test_frac=0.1, seed=0)
+
+    def ids(splits):
+        return {s: [r["id"] for r in rs] for s, rs in splits.items()}
+
+    assert dropped == 0 and ids(again) == ids(by_split)
     # ... and with other held-out voices it drops the lines that would cross over.
     other, dropped = synthesize.split_records(records, holdout=("rms",), dev_frac=0.1, test_frac=0.1, seed=1)
     assert dropped > 0 and all(synthesize.check_disjoint(other).values())
@@ -299,7 +315,10 @@ def test_left_padded_batch_equals_one_by_one(tiny_generator):
     assert mask[0].tolist() == [0] * (ids.shape[1] - len(prompts[0])) + [1] * len(prompts[0])
     batched = tiny_generator(prompts)
     single = [tiny_generator([p])[0] for p in prompts]
-    assert [(g.response, g.tokens, g.stopped_by) for g in batched] == [(g.response, g.tokens, g.stopped_by) for g in single]
+    def outcomes(generations):
+        return [(g.response, g.tokens, g.stopped_by) for g in generations]
+
+    assert outcomes(batched) == outcomes(single)
     assert any(g.tokens > 0 for g in batched)
 
 
@@ -359,8 +378,9 @@ def test_shards_union_equals_unsharded_run(tmp_path, tiny_generator):
     assert summary["last_run"]["ranks"] == 3 and summary["last_run"]["lines"] == 11
     assert sharded.read_text() == single.read_text()
     kept = _jsonl(sharded) + _jsonl(gc.rejected_file(sharded))
-    assert sorted(l["id"] for l in kept) == [f"u{i:03d}" for i in range(11)]
-    assert all(l["instruction"] == CONTINUATION_INSTRUCTION and "response" in l and l["audio"] for l in kept)
+    assert sorted(entry["id"] for entry in kept) == [f"u{i:03d}" for i in range(11)]
+    assert all(entry["instruction"] == CONTINUATION_INSTRUCTION and "response" in entry and entry["audio"]
+               for entry in kept)
 
 
 def test_too_long_prompts_are_skipped_and_counted(tmp_path, tiny_generator):
@@ -378,12 +398,15 @@ def test_quality_filter_reasons():
     assert gc.quality_issue(transcript, "") == "empty"
     assert gc.quality_issue(transcript, "Yes.") == "empty"
     assert gc.quality_issue(transcript, "The old lighthouse keeper watched the stormy harbour every night.") == "copy"
-    assert gc.quality_issue(transcript, "An old lighthouse keeper watched the stormy harbour each night.") == "copy"  # near copy
+    assert gc.quality_issue(transcript,
+                            "An old lighthouse keeper watched the stormy harbour each night.") == "copy"  # near copy
     assert gc.quality_issue(transcript, "and the sea and the sea and the sea and the sea roared") == "looping"
     assert gc.quality_issue(transcript, "I am happy to help you with any question you may have today.") == "off_topic"
     assert gc.quality_issue(transcript, "His lamp swept the harbor as ships fought the waves and wind.") is None
-    assert gc.quality_issue(transcript, "Waves crashed while gulls cried over the rocks below us.", min_topic_words=0) is None
-    assert gc.quality_issue("it was red", "She smiled and walked away into the bright afternoon.") is None  # too short to judge
+    assert gc.quality_issue(transcript, "Waves crashed while gulls cried over the rocks below us.",
+                            min_topic_words=0) is None
+    assert gc.quality_issue("it was red",
+                            "She smiled and walked away into the bright afternoon.") is None  # too short to judge
 
 
 def test_rerun_applies_a_changed_filter_without_generating(tmp_path, monkeypatch):
@@ -404,7 +427,7 @@ def test_rerun_applies_a_changed_filter_without_generating(tmp_path, monkeypatch
     again = gc.merge(plan, out)
     assert calls == [4]  # nothing generated twice
     moved = [r["id"] for r in records if "brown" in r["text"]]
-    assert moved and {l["id"] for l in _jsonl(gc.rejected_file(out))} == set(moved)
+    assert moved and {entry["id"] for entry in _jsonl(gc.rejected_file(out))} == set(moved)
     assert again["kept"] == 4 - len(moved) and again["dropped"] == {"copy": len(moved)}
     assert again["last_run"] == first["last_run"]  # the generating run's throughput stays on record
 
@@ -418,7 +441,9 @@ def test_filter_counts_in_summary(tmp_path):
         out = []
         for prompt in prompts:
             index = next(i for i, r in enumerate(records) if plan.prompts[gc.key_of(r)] is prompt)
-            text = replies[index] if replies[index] is not None else records[index]["text"] + " and then the story went on further"
+            text = replies[index]
+            if text is None:
+                text = records[index]["text"] + " and then the story went on further"
             out.append(gc.Generation(text, 5, "eos"))
         return out
 
@@ -426,47 +451,55 @@ def test_filter_counts_in_summary(tmp_path):
     gc.run_shard(plan, fake_generate, out, batch_size=2, progress=False)
     summary = gc.merge(plan, out)
     assert summary["dropped"] == {"empty": 1, "copy": 1, "looping": 1}
-    assert summary["kept"] == 2 and [l["id"] for l in _jsonl(out)] == ["u003", "u004"]
-    assert {l["id"]: l["filter"] for l in _jsonl(gc.rejected_file(out))} == {"u000": "empty", "u001": "copy", "u002": "looping"}
+    assert summary["kept"] == 2 and [entry["id"] for entry in _jsonl(out)] == ["u003", "u004"]
+    rejected = {entry["id"]: entry["filter"] for entry in _jsonl(gc.rejected_file(out))}
+    assert rejected == {"u000": "empty", "u001": "copy", "u002": "looping"}
 
 
 # --- repetition data and mixing ------------------------------------------------------------------------
 def test_mix_ratio_and_determinism():
-    continuations = [{"audio": f"/c/{i}.wav", "text": f"c {i}", "instruction": CONTINUATION_INSTRUCTION, "response": "r"} for i in range(90)]
-    asr = [{"audio": f"/c/{i}.wav", "text": f"c {i}"} for i in range(90)] + [{"audio": f"/x/{i}.wav", "text": f"x {i}"} for i in range(30)]
+    continuations = [{"audio": f"/c/{i}.wav", "text": f"c {i}", "instruction": CONTINUATION_INSTRUCTION,
+                      "response": "r"} for i in range(90)]
+    asr = [{"audio": f"/c/{i}.wav",
+            "text": f"c {i}"} for i in range(90)] + [{"audio": f"/x/{i}.wav", "text": f"x {i}"} for i in range(30)]
     ratio = mix_data.parse_ratio("1:9")
     assert ratio == Fraction(1, 9) and mix_data.parse_ratio("0.1") == Fraction(1, 9)
     mixed = mix_data.mix(continuations, asr, ratio=ratio, seed=3)
-    repeats = [l for l in mixed if l["task"] == "repeat"]
+    repeats = [entry for entry in mixed if entry["task"] == "repeat"]
     assert len(mixed) == 100 and len(repeats) == 10
-    assert all(l["instruction"] == REPEAT_INSTRUCTION and l["response"] == l["text"] for l in repeats)
-    assert all(l["audio"].startswith("/x/") for l in repeats)  # clips the continuations do not use come first
+    assert all(entry["instruction"] == REPEAT_INSTRUCTION and entry["response"] == entry["text"] for entry in repeats)
+    assert all(entry["audio"].startswith("/x/") for entry in repeats)  # clips the continuations do not use come first
     assert mixed == mix_data.mix(continuations, asr, ratio=ratio, seed=3)
     assert mixed != mix_data.mix(continuations, asr, ratio=ratio, seed=4)
-    assert [l["audio"] for l in mixed[:20]] != [l["audio"] for l in continuations[:20]]  # shuffled
+    assert [entry["audio"] for entry in mixed[:20]] != [entry["audio"] for entry in continuations[:20]]  # shuffled
     with pytest.raises(ValueError):
         mix_data.mix(continuations, asr[:5], ratio=Fraction(1, 9))
 
 
 def test_mix_cli_repetition_only(tmp_path, capsys):
     asr = tmp_path / "asr.jsonl"
-    asr.write_text("".join(json.dumps({"audio": f"/a/{i}.wav", "text": f"t {i}", "text_raw": f"T {i}."}) + "\n" for i in range(4)))
+    asr.write_text("".join(json.dumps({"audio": f"/a/{i}.wav", "text": f"t {i}",
+                                       "text_raw": f"T {i}."}) + "\n" for i in range(4)))
     out = tmp_path / "rep.jsonl"
-    assert mix_data.main(["--asr", str(asr), "--out", str(out), "--repetition-only", "--response-field", "text_raw"]) == 0
-    assert [l["response"] for l in _jsonl(out)] == ["T 0.", "T 1.", "T 2.", "T 3."]
+    assert mix_data.main(["--asr", str(asr), "--out", str(out), "--repetition-only", "--response-field",
+                          "text_raw"]) == 0
+    assert [entry["response"] for entry in _jsonl(out)] == ["T 0.", "T 1.", "T 2.", "T 3."]
 
 
 def test_mix_cli_leaves_out_continuations_of_other_splits(tmp_path, capsys):
     def line(i, split):
-        return {"audio": f"/a/{i}.wav", "text": f"t {i}", "split": split, "instruction": CONTINUATION_INSTRUCTION, "response": "r"}
+        return {"audio": f"/a/{i}.wav", "text": f"t {i}", "split": split, "instruction": CONTINUATION_INSTRUCTION,
+                "response": "r"}
 
     every = [line(i, "train" if i < 6 else "test") for i in range(8)]
-    (tmp_path / "cont.jsonl").write_text("".join(json.dumps(l) + "\n" for l in every))
-    (tmp_path / "train.jsonl").write_text("".join(json.dumps({"audio": l["audio"], "text": l["text"]}) + "\n" for l in every[:6]))
+    (tmp_path / "cont.jsonl").write_text("".join(json.dumps(entry) + "\n" for entry in every))
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps({"audio": entry["audio"],
+                                                              "text": entry["text"]}) + "\n" for entry in every[:6]))
     out = tmp_path / "mixed.jsonl"
     assert mix_data.main(["--continuations", str(tmp_path / "cont.jsonl"), "--asr", str(tmp_path / "train.jsonl"),
                           "--out", str(out), "--ratio", "1:1"]) == 0
     mixed = _jsonl(out)
-    assert {l["audio"] for l in mixed} == {f"/a/{i}.wav" for i in range(6)}  # no test clip leaks into training
-    assert sum(l["task"] == "continue" for l in mixed) == 6 and sum(l["task"] == "repeat" for l in mixed) == 6
+    assert {entry["audio"] for entry in mixed} == {f"/a/{i}.wav" for i in range(6)}  # no test clip leaks into training
+    assert sum(entry["task"] == "continue" for entry in mixed) == 6
+    assert sum(entry["task"] == "repeat" for entry in mixed) == 6
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["continuations_not_in_asr"] == 2

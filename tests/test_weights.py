@@ -13,7 +13,9 @@ from blsp_chat.adapter import ctc_readout
 from blsp_chat.config import BlspConfig
 from blsp_chat.prompt import Turn, render
 from blsp_chat.weights import PinnedWheel, WeightsError, building, is_complete, load_pretrained, save_adapter
-from tiny import tiny_blsp, tiny_tokenizer, tone
+from tiny import TRAINING_TEXT, VOCAB, tiny_blsp, tiny_tokenizer, tone
+from train.export_adapter import export
+from train.export_adapter import main as export_main
 
 
 def _logits(model, tokenizer, audio):
@@ -38,21 +40,20 @@ def _write_base_models(model, tokenizer, tmp_path):
 def test_adapter_only_round_trip_gives_identical_logits(tmp_path):
     model, tokenizer = tiny_blsp("none"), tiny_tokenizer()
     _write_base_models(model, tokenizer, tmp_path)
-    model.save_pretrained(tmp_path / "adapter")
+    save_adapter(model, tmp_path / "adapter")
     saved = set(weights.read_state_dict(tmp_path / "adapter"))
     assert saved == set(model.adapter_state_dict())  # only trainable weights are written
     loaded = load_pretrained(str(tmp_path / "adapter"), device="cpu")
     assert loaded.adapter_trained and loaded.model.config.encoder_padding == "none"
     audio = tone(1.5)
-    torch.testing.assert_close(_logits(loaded.model, loaded.tokenizer, audio), _logits(model, tokenizer, audio), atol=0, rtol=0)
+    torch.testing.assert_close(_logits(loaded.model, loaded.tokenizer, audio), _logits(model, tokenizer, audio), atol=0,
+                               rtol=0)
 
 
 def test_exported_float16_adapter_loads_with_its_record(tmp_path):
-    from train.export_adapter import export
-
     model, tokenizer = tiny_blsp("none"), tiny_tokenizer()
     _write_base_models(model, tokenizer, tmp_path)
-    model.save_pretrained(tmp_path / "run")
+    save_adapter(model, tmp_path / "run")
     (tmp_path / "run" / "README.md").write_text("# card\n")
     (tmp_path / "run" / "metrics.jsonl").write_text("{}\n")
     assert export(tmp_path / "run", tmp_path / "shipped", torch.float16) == ["README.md"]
@@ -73,8 +74,6 @@ def write_sentencepiece_tokenizer(directory):
 
     import sentencepiece as spm
 
-    from tiny import TRAINING_TEXT, VOCAB
-
     proto = io.BytesIO()
     spm.SentencePieceTrainer.train(sentence_iterator=iter(TRAINING_TEXT), model_writer=proto, model_type="bpe",
                                    vocab_size=VOCAB - 20, hard_vocab_limit=False, byte_fallback=True, minloglevel=2)
@@ -82,7 +81,8 @@ def write_sentencepiece_tokenizer(directory):
     specials = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
     (directory / "special_tokens_map.json").write_text(json.dumps(specials))
     (directory / "tokenizer_config.json").write_text(json.dumps(
-        {"tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "add_eos_token": False, "legacy": False, **specials}))
+        {"tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "add_eos_token": False, "legacy": False,
+         **specials}))
     return spm.SentencePieceProcessor(model_proto=proto.getvalue())
 
 
@@ -121,7 +121,8 @@ def test_released_checkpoint_with_wrong_shapes_is_refused(tmp_path):
 def test_unsupported_llm_architecture_is_named(tmp_path):
     model = tiny_blsp()
     llm_config = dict(model.config.llama_config, model_type="no-such-lm")
-    (tmp_path / "config.json").write_text(json.dumps({"whisper_config": model.config.whisper_config, "llama_config": llm_config}))
+    (tmp_path / "config.json").write_text(json.dumps({"whisper_config": model.config.whisper_config,
+                                                      "llama_config": llm_config}))
     torch.save(model.state_dict(), tmp_path / "pytorch_model.bin")
     with pytest.raises(ValueError, match="unsupported LLM architecture 'no-such-lm'"):
         load_pretrained(str(tmp_path), device="cpu")
@@ -204,11 +205,9 @@ def test_unknown_offline_name():
 
 
 def test_export_can_serve_a_ctc_trained_adapter_through_the_ctc_readout(tmp_path):
-    from train.export_adapter import main as export_main
-
     model, tokenizer = tiny_blsp("none"), tiny_tokenizer()
     _write_base_models(model, tokenizer, tmp_path)
-    model.save_pretrained(tmp_path / "run")
+    save_adapter(model, tmp_path / "run")
     assert export_main([str(tmp_path / "run"), str(tmp_path / "shipped"), "--speech-readout", "ctc",
                         "--ctc-blank", " ", "--ctc-readout-temperature", "0.2"]) == 0
     loaded = load_pretrained(str(tmp_path / "shipped"), device="cpu")
@@ -219,7 +218,8 @@ def test_export_can_serve_a_ctc_trained_adapter_through_the_ctc_readout(tmp_path
     with torch.no_grad():
         raw = loaded.model.adapt_windows(loaded.model.encode_windows([audio]))[0]
         torch.testing.assert_close(loaded.model.encode_speech([audio])[0],
-                                   ctc_readout(raw, loaded.model.llama_model.get_input_embeddings().weight, blank[0], 0.2))
+                                   ctc_readout(raw, loaded.model.llama_model.get_input_embeddings().weight, blank[0],
+                                               0.2))
     assert export_main([str(tmp_path / "run"), str(tmp_path / "fused"), "--speech-readout", "ctc",
                         "--ctc-lm-weight", "0.3", "--ctc-token-bonus", "0.5", "--ctc-beam-size", "2"]) == 0
     config = load_pretrained(str(tmp_path / "fused"), device="cpu").model.config
@@ -251,7 +251,7 @@ def test_modelscope_snapshot_is_fetched_into_the_cache_and_loads(tmp_path, monke
         if repo_id.endswith("missing"):
             raise ValueError(f"model {repo_id} not found")
         target = Path(cache_dir) / repo_id
-        model.save_pretrained(target)
+        save_adapter(model, target)
         return str(target)
 
     monkeypatch.setitem(sys.modules, "modelscope", types.SimpleNamespace(snapshot_download=snapshot_download))
@@ -259,6 +259,8 @@ def test_modelscope_snapshot_is_fetched_into_the_cache_and_loads(tmp_path, monke
     assert calls == [("someone/tiny-blsp", str(tmp_path / "cache" / "modelscope"))]
     assert loaded.source == str(tmp_path / "cache" / "modelscope" / "someone" / "tiny-blsp")
     audio = tone(1.5)
-    torch.testing.assert_close(_logits(loaded.model, loaded.tokenizer, audio), _logits(model, tokenizer, audio), atol=0, rtol=0)
-    with pytest.raises(WeightsError, match="could not fetch 'someone/missing' with modelscope: model someone/missing not found"):
+    torch.testing.assert_close(_logits(loaded.model, loaded.tokenizer, audio), _logits(model, tokenizer, audio), atol=0,
+                               rtol=0)
+    with pytest.raises(WeightsError,
+                       match="could not fetch 'someone/missing' with modelscope: model someone/missing not found"):
         load_pretrained("modelscope:someone/missing", device="cpu")

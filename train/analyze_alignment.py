@@ -33,6 +33,12 @@ from typing import Mapping, Sequence
 import numpy as np
 import torch
 
+from blsp_chat.audio import load_audio
+from blsp_chat.session import model_lock
+from blsp_chat.weights import load_pretrained
+
+from .evaluate import LlmRunner, Request, read_manifest
+
 # Paper Table 6: the instructions used to extract the cross-modal representations.
 INSTRUCTIONS = {
     "CW": "Please continue the following sentence.",
@@ -53,7 +59,6 @@ TSNE_SEED = 0
 def last_token_states(runner, requests) -> np.ndarray:
     """(B, d_llm) final-layer hidden state of each prompt's last token (prompts are left-padded, so
     it is the last column)."""
-    from blsp_chat.session import model_lock
 
     inputs = runner.batch_inputs(requests)
     with model_lock(runner.model):
@@ -66,12 +71,11 @@ def extract(runner, pairs: Sequence[tuple[np.ndarray, str]], instructions: Mappi
     """{(modality, instruction code): (N, d)} for N (audio, transcript) pairs."""
     from tqdm import tqdm
 
-    from .evaluate import Request
-
     states: dict[tuple[str, str], np.ndarray] = {}
     jobs = [(m, code) for code in instructions for m in MODALITIES]
     for modality, code in tqdm(jobs, desc="alignment", unit="set", file=sys.stderr):
-        requests = [Request(instructions[code], audio=audio) if modality == "speech" else Request(instructions[code], text=text)
+        requests = [Request(instructions[code], audio=audio) if modality == "speech"
+                    else Request(instructions[code], text=text)
                     for audio, text in pairs]
         states[modality, code] = np.concatenate([last_token_states(runner, requests[i:i + batch_size])
                                                  for i in range(0, len(requests), batch_size)])
@@ -107,7 +111,8 @@ def markdown_report(paired: Mapping[str, float], cross: Mapping[str, np.ndarray]
         lines += ["", f"Average similarity between representations of the same {modality} inputs under "
                       "different instructions (paper Tables 7/12):", "",
                   "| | " + " | ".join(c + suffix for c in codes) + " |", "|" + "---|" * (len(codes) + 1)]
-        lines += ["| " + a + suffix + " | " + " | ".join(f"{v:.3f}" for v in row) + " |" for a, row in zip(codes, matrix)]
+        lines += ["| " + a + suffix + " | " + " | ".join(f"{v:.3f}" for v in row) + " |"
+                  for a, row in zip(codes, matrix)]
     return "\n".join(lines)
 
 
@@ -162,10 +167,6 @@ def analyze(states: Mapping[tuple[str, str], np.ndarray], codes: Sequence[str]) 
 
 # --- command line ---------------------------------------------------------------------------------
 def read_pairs(manifest: str | Path, limit: int | None) -> list[tuple[np.ndarray, str]]:
-    from blsp_chat.audio import load_audio
-
-    from .evaluate import read_manifest
-
     items = [item for item in read_manifest(manifest, limit) if item.get("audio") and item.get("text")]
     if len(items) < 2:
         raise ValueError(f"{manifest} needs at least two items with both 'audio' and 'text'")
@@ -182,9 +183,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--limit", type=int, default=None)
     args = parser.parse_args(argv)
 
-    from blsp_chat.weights import load_pretrained
-
-    from .evaluate import LlmRunner
 
     loaded = load_pretrained(args.model, device=args.device)
     pairs = read_pairs(args.manifest, args.limit)
@@ -195,7 +193,8 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     report = "\n\n".join(
-        f"## {title}\n\n" + markdown_report(part["paired"], {m: np.array(v) for m, v in part["cross_instruction"].items()}, codes)
+        f"## {title}\n\n" + markdown_report(part["paired"],
+                                            {m: np.array(v) for m, v in part["cross_instruction"].items()}, codes)
         for title, part in (("Raw cosine (the paper's measure)", result), ("Centred cosine", result["centred"])))
     (out / "alignment.json").write_text(json.dumps(result, indent=2) + "\n")
     (out / "alignment.md").write_text(report + "\n")

@@ -50,16 +50,19 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 import soundfile as sf
 
+from blsp_chat.audio import AudioError, load_audio
 from blsp_chat.constants import SAMPLE_RATE
 
-from .speech_data import resolve_audio
-from .synthesize import (MANIFEST, append_line, check_config, done_records, parallel_map, read_jsonl_tolerant,
-                         repair_tail, write_jsonl_atomic)
+from .io import append_line, numbered_lines, read_jsonl_tolerant, repair_tail, resolve_audio, write_jsonl_atomic
+from .synthesize import MANIFEST, check_config, done_records, parallel_map
+
+if TYPE_CHECKING:
+    from scipy.signal import ShortTimeFFT
 
 SPEED_FACTORS = (0.9, 1.1)
 TEMPO_RANGE = (0.85, 1.15)           # >1 is faster
@@ -158,7 +161,7 @@ def _log_envelope(log_magnitude: np.ndarray, lifter: int = VTLP_LIFTER) -> np.nd
     return np.fft.rfft(cepstrum, axis=0).real
 
 
-def _stft() -> "ShortTimeFFT":
+def _stft() -> ShortTimeFFT:
     from scipy.signal import ShortTimeFFT
     from scipy.signal.windows import hann
 
@@ -268,7 +271,8 @@ def codec(audio: np.ndarray, name: str, bitrate: int) -> np.ndarray:
     with av.open(buffer, "w", format=container) as out:
         stream = out.add_stream(encoder, rate=SAMPLE_RATE)
         stream.bit_rate, stream.layout = int(bitrate), "mono"
-        frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(audio, dtype=np.float32)[None, :], format="flt", layout="mono")
+        frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(audio, dtype=np.float32)[None, :], format="flt",
+                                           layout="mono")
         frame.sample_rate, frame.pts = SAMPLE_RATE, 0
         to_encoder = av.AudioResampler(format=stream.format.name, layout="mono", rate=SAMPLE_RATE)
         for piece in [*to_encoder.resample(frame), *to_encoder.resample(None), None]:
@@ -294,7 +298,8 @@ DRAWS: dict[str, Callable[[np.random.Generator], dict]] = {
     "vtlp": lambda rng: {"warp": round(float(rng.uniform(*VTLP_WARP_RANGE)), 3)},
     "reverb": lambda rng: {"rt60_s": round(float(rng.uniform(*REVERB_RT60_RANGE)), 3),
                            "drr_db": round(float(rng.uniform(*REVERB_DRR_DB_RANGE)), 1), "seed": _seed(rng)},
-    "noise": lambda rng: {"kind": str(rng.choice(NOISE_KINDS)), "snr_db": round(float(rng.uniform(*NOISE_SNR_DB_RANGE)), 1),
+    "noise": lambda rng: {"kind": str(rng.choice(NOISE_KINDS)),
+                          "snr_db": round(float(rng.uniform(*NOISE_SNR_DB_RANGE)), 1),
                           "seed": _seed(rng)},
     "loudness": lambda rng: {"gain_db": round(float(rng.uniform(*GAIN_DB_RANGE)), 2)},
     "band_limit": lambda rng: {"kind": str(rng.choice(BAND_KINDS))},
@@ -415,13 +420,11 @@ def read_sources(manifest: Path) -> list[tuple[int, dict, str]]:
     if not manifest.is_file():
         raise AugmentError(f"manifest not found: {manifest}")
     rows, seen, missing = [], set(), []
-    for number, line in enumerate(manifest.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise AugmentError(f"{manifest}:{number}: not a JSON line ({err})") from None
+    try:
+        lines = list(numbered_lines(manifest))
+    except ValueError as err:
+        raise AugmentError(str(err)) from None
+    for number, record in lines:
         if not isinstance(record, dict) or not record.get("audio"):
             raise AugmentError(f"{manifest}:{number}: no \"audio\" field")
         path = resolve_audio(manifest, record["audio"])
@@ -443,7 +446,6 @@ def read_sources(manifest: Path) -> list[tuple[int, dict, str]]:
 
 def load_clip(path: str) -> np.ndarray:
     """A source clip as 16 kHz mono float; blsp_chat.audio refuses undecodable, empty and silent ones."""
-    from blsp_chat.audio import AudioError, load_audio
 
     try:
         return load_audio(path, max_seconds=None)
@@ -451,7 +453,8 @@ def load_clip(path: str) -> np.ndarray:
         raise AugmentError(f"{path}: {err}") from None
 
 
-def babble_bank(rows: Sequence[tuple[int, dict, str]], seed: int, size: int = BABBLE_BANK_CLIPS) -> tuple[list[str], list[np.ndarray]]:
+def babble_bank(rows: Sequence[tuple[int, dict, str]], seed: int,
+                size: int = BABBLE_BANK_CLIPS) -> tuple[list[str], list[np.ndarray]]:
     """(ids, audio) of up to `size` clips of the manifest, ranked by a seeded hash of their ids (clips that
     fail to load are passed over)."""
     ranked = sorted(rows, key=lambda row: hashlib.sha256(f"{seed}:babble:{row[1]['id']}".encode()).digest())
@@ -499,7 +502,8 @@ def augment_source(source: Source) -> list[dict]:
             records.append({**source.record, "id": cid, "audio": str(wav), "duration": round(len(out) / SAMPLE_RATE, 3),
                             "source_id": source.id, "augment": chain, "augment_seed": seed})
         except (AugmentError, OSError, RuntimeError, ValueError) as err:
-            records.append({"id": cid, "source_id": source.id, "line": source.line, "error": f"{type(err).__name__}: {err}"})
+            records.append({"id": cid, "source_id": source.id, "line": source.line,
+                            "error": f"{type(err).__name__}: {err}"})
     return records
 
 

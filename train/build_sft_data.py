@@ -23,16 +23,24 @@ import random
 import re
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 from blsp_chat.constants import (
-    CONTINUATION_INSTRUCTION, INTENT_INSTRUCTION, REPEAT_INSTRUCTION, SENTIMENT_INSTRUCTION, SNIPS_LIGHT_INTENTS,
+    CONTINUATION_INSTRUCTION,
+    INTENT_INSTRUCTION,
+    REPEAT_INSTRUCTION,
+    SENTIMENT_INSTRUCTION,
+    SNIPS_LIGHT_INTENTS,
 )
+from blsp_chat.weights import resolve_base
+from train import text_sources
+from train.generate_continuations import is_looping
+from train.io import append_lines, read_jsonl, write_jsonl_atomic
 
-WORDNET_DIR = Path("/usr/share/wordnet")
-FORTUNES_DIR = Path("/usr/share/games/fortunes")
+WORDNET_DIR = text_sources.WORDNET_DIR
+FORTUNES_DIR = text_sources.FORTUNES_DIR
 DATA_NAME, REJECTS_NAME = "sft_data.jsonl", "sft_rejects.jsonl"
 SENTIMENT_LABELS = ("positive", "negative", "neutral")
 HELDOUT_PERCENT = 5          # share of source texts reserved for evaluation (by hash of the text)
@@ -89,7 +97,8 @@ INTENT_PHRASES = {
                            "decrease the brightness in the {room}", "turn down the lights in the {room}",
                            "the {room} lights are too bright, lower them"),
     "SetLightBrightness": ("set the {room} lights to {level} percent", "set the brightness in the {room} to {level}",
-                           "change the {room} light level to {level} percent", "put the {room} lights at {level} percent"),
+                           "change the {room} light level to {level} percent",
+                           "put the {room} lights at {level} percent"),
     "SetLightColor": ("change the {room} lights to {color}", "make the lights in the {room} {color}",
                       "set the {room} light color to {color}", "turn the {room} lights {color}"),
 }
@@ -123,7 +132,8 @@ def split_of(source_text: str) -> str:
 
 def make_task(kind: str, instruction: str, input: str = "", *, source: str | None = None, **kwargs) -> Task:
     task_id = hashlib.sha1(f"{kind}\x00{instruction}\x00{input}".encode("utf-8")).hexdigest()[:16]
-    return Task(task_id, kind, instruction, input, split=split_of(source if source is not None else input or instruction), **kwargs)
+    return Task(task_id, kind, instruction, input,
+                split=split_of(source if source is not None else input or instruction), **kwargs)
 
 
 def transcript_style(text: str) -> str:
@@ -156,16 +166,9 @@ def common_lemmas(wordnet_dir: Path = WORDNET_DIR, min_count: int = MIN_WORDNET_
 
 
 def wordnet_examples(wordnet_dir: Path = WORDNET_DIR) -> list[str]:
-    """The quoted usage examples after each gloss (`| gloss; "example"`)."""
-    found = set()
-    for name in ("data.noun", "data.verb", "data.adj", "data.adv"):
-        for line in (wordnet_dir / name).read_text(encoding="utf-8", errors="replace").splitlines():
-            if line.startswith("  ") or "|" not in line:
-                continue
-            for example in re.findall(r'"([^"]+)"', line.split("|", 1)[1]):
-                if 5 <= len(example.split()) <= 25 and re.fullmatch(r"[A-Za-z ,.'!?;:-]+", example):
-                    found.add(example.strip())
-    return sorted(found)
+    """WordNet's usage examples (train.text_sources) of 5 to 25 plain words."""
+    return sorted({example.strip() for example in text_sources.wordnet_examples(wordnet_dir)
+                   if 5 <= len(example.split()) <= 25 and re.fullmatch(r"[A-Za-z ,.'!?;:-]+", example)})
 
 
 def fortunes(fortunes_dir: Path = FORTUNES_DIR) -> tuple[list[str], list[str]]:
@@ -175,8 +178,8 @@ def fortunes(fortunes_dir: Path = FORTUNES_DIR) -> tuple[list[str], list[str]]:
         path = fortunes_dir / name
         if not path.is_file():
             continue
-        for entry in path.read_text(encoding="utf-8", errors="replace").split("\n%\n"):
-            lines = [ln.strip() for ln in entry.splitlines() if ln.strip() and not ln.strip().startswith("--")]
+        for block in text_sources.fortune_blocks(path):
+            lines = [ln.strip() for ln in block if ln.strip()]
             text = re.sub(r"\s+", " ", " ".join(lines)).strip()
             if not text or not re.fullmatch(r"[A-Za-z0-9 ,.'!?;:()-]+", text):
                 continue
@@ -203,7 +206,10 @@ def intent_commands() -> list[tuple[str, str]]:
     for label, phrases in INTENT_PHRASES.items():
         for phrase in phrases:
             for room in ROOMS:
-                fills = [dict(room=room, level=lv, color=c) for lv, c in zip(LEVELS, COLORS)] if "{" in phrase.replace("{room}", "") else [dict(room=room)]
+                if "{" in phrase.replace("{room}", ""):
+                    fills = [dict(room=room, level=lv, color=c) for lv, c in zip(LEVELS, COLORS)]
+                else:
+                    fills = [dict(room=room)]
                 commands.extend((phrase.format(**fill), label) for fill in fills)
     return sorted(set(commands))
 
@@ -214,11 +220,15 @@ def make_tasks(sources: Sources, counts: dict[str, int], seed: int = 0) -> list[
     pick = lambda seq: seq[rng.randrange(len(seq))]  # noqa: E731
     makers: dict[str, Callable[[], Task]] = {
         "question": lambda: _question(sources, rng, pick),
-        "define": lambda: (w := pick(sources.words[pick("nva")])) and make_task("define", pick(DEFINE_TEMPLATES).format(word=w), source=w),
-        "use_word": lambda: (w := pick(sources.words[pick("nva")])) and make_task("use_word", pick(USE_WORD_TEMPLATES).format(word=w), source=w),
-        "continue": lambda: _with_source("continue", CONTINUATION_INSTRUCTION, pick(sources.sentences + sources.examples), rng),
+        "define": lambda: (w := pick(sources.words[pick("nva")]))
+        and make_task("define", pick(DEFINE_TEMPLATES).format(word=w), source=w),
+        "use_word": lambda: (w := pick(sources.words[pick("nva")]))
+        and make_task("use_word", pick(USE_WORD_TEMPLATES).format(word=w), source=w),
+        "continue": lambda: _with_source("continue", CONTINUATION_INSTRUCTION,
+                                         pick(sources.sentences + sources.examples), rng),
         "summarize": lambda: make_task("summarize", pick(SUMMARIZE_INSTRUCTIONS), pick(sources.passages)),
-        "sentiment": lambda: _with_source("sentiment", SENTIMENT_INSTRUCTION, pick(sources.sentences + sources.examples), rng, labels=SENTIMENT_LABELS),
+        "sentiment": lambda: _with_source("sentiment", SENTIMENT_INSTRUCTION,
+                                          pick(sources.sentences + sources.examples), rng, labels=SENTIMENT_LABELS),
         "intent": lambda: _intent(pick(intent_commands())),
         "repeat": lambda: _repeat(pick(sources.sentences + sources.examples), rng),
     }
@@ -280,10 +290,9 @@ def interleave(tasks: Sequence[Task], batch_size: int, seed: int = 0) -> list[li
 
 
 # --- filters -----------------------------------------------------------------------------------------
-def is_looping(text: str, n: int = LOOP_NGRAM, repeats: int = LOOP_REPEATS) -> bool:
-    words = re.findall(r"\w+", text.lower())
-    grams = Counter(tuple(words[i:i + n]) for i in range(len(words) - n + 1))
-    return bool(grams) and max(grams.values()) >= repeats
+def loops(text: str) -> bool:
+    """A word 3-gram said 3 times (train.generate_continuations.is_looping without its distinct-ratio rule)."""
+    return is_looping(re.findall(r"\w+", text.lower()), LOOP_NGRAM, LOOP_REPEATS, min_distinct=0.0)
 
 
 def trim_truncated(text: str) -> str | None:
@@ -324,7 +333,7 @@ def judge(task: Task, raw: str, finished: bool) -> tuple[str | None, str | None]
         if task.gold is not None and label != task.gold:
             return None, "disagrees_with_command_label"
         return label, None
-    if is_looping(text):
+    if loops(text):
         return None, "looping"
     if task.kind == "continue" and echoes(text, task.input):  # a summary may well reuse its input's words
         return None, "echoes_input"
@@ -341,7 +350,7 @@ def forget_rejects(out_dir: Path, reasons: Sequence[str]) -> int:
     path = out_dir / REJECTS_NAME
     rows = read_jsonl(path)
     keep = [r for r in rows if r["reason"] not in reasons]
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in keep), encoding="utf-8")
+    write_jsonl_atomic(path, keep)
     return len(rows) - len(keep)
 
 
@@ -366,7 +375,8 @@ def build(tasks: Sequence[Task], generate: GenerateFn, out_dir: Path, *, batch_s
     batches = interleave(todo, batch_size, seed)
     start = time.monotonic()
     bar = _progress(len(todo), progress)
-    with open(out_dir / DATA_NAME, "a", encoding="utf-8") as kept, open(out_dir / REJECTS_NAME, "a", encoding="utf-8") as rejected:
+    with (open(out_dir / DATA_NAME, "a", encoding="utf-8") as kept,
+          open(out_dir / REJECTS_NAME, "a", encoding="utf-8") as rejected):
         for batch in batches:
             if time_budget_s is not None and time.monotonic() - start > time_budget_s:
                 break
@@ -381,7 +391,8 @@ def build(tasks: Sequence[Task], generate: GenerateFn, out_dir: Path, *, batch_s
                                   input=task.input, output=target)
                     kept.write(json.dumps(record, ensure_ascii=False) + "\n")
                 else:
-                    rejected.write(json.dumps(dict(id=task.id, kind=task.kind, reason=reason, raw=raw), ensure_ascii=False) + "\n")
+                    rejected.write(json.dumps(dict(id=task.id, kind=task.kind, reason=reason, raw=raw),
+                                              ensure_ascii=False) + "\n")
             kept.flush()
             rejected.flush()
             bar.update(len(batch))
@@ -395,15 +406,15 @@ def refilter(out_dir: Path) -> dict:
     kept, moved = [], []
     for record in read_jsonl(path):
         task = Task(record["id"], record["kind"], record["instruction"], record["input"],
-                    labels=SENTIMENT_LABELS if record["kind"] == "sentiment" else SNIPS_LIGHT_INTENTS if record["kind"] == "intent" else ())
+                    labels={"sentiment": SENTIMENT_LABELS, "intent": SNIPS_LIGHT_INTENTS}.get(record["kind"], ()))
         reason = None if record["kind"] == "repeat" else judge(task, record["output"], True)[1]
         if reason is None:
             kept.append(record)
         else:
             moved.append(dict(id=record["id"], kind=record["kind"], reason=reason, raw=record["output"]))
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept), encoding="utf-8")
+    write_jsonl_atomic(path, kept)
     with open(out_dir / REJECTS_NAME, "a", encoding="utf-8") as rejected:
-        rejected.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in moved)
+        append_lines(rejected, moved)
     return write_card(out_dir)
 
 
@@ -422,12 +433,6 @@ def _progress(total: int, enabled: bool):
     return tqdm(total=total, desc="sft data", unit="task", disable=not enabled)
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
 def write_card(out_dir: Path, planned: int | None = None, extra: dict | None = None) -> dict:
     kept, rejected = read_jsonl(out_dir / DATA_NAME), read_jsonl(out_dir / REJECTS_NAME)
     card = {
@@ -442,9 +447,12 @@ def write_card(out_dir: Path, planned: int | None = None, extra: dict | None = N
     lines = ["# Stage-1 self-distilled instruction data", "",
              "Instructions from WordNet (wordnet-base), fortunes (fortunes-min) and hand-written templates;",
              "answers from the LLM itself through its own chat template (greedy). Built by train/build_sft_data.py.",
-             "", f"Kept {card['kept']}, dropped {card['dropped']}" + (f" (of {planned} planned tasks)" if planned else "") + ".", "",
+             "",
+             f"Kept {card['kept']}, dropped {card['dropped']}" + (f" (of {planned} planned tasks)" if planned else "")
+             + ".", "",
              "| kind | kept |", "|---|---|", *[f"| {k} | {v} |" for k, v in card["kept_per_kind"].items()], "",
-             "| drop reason | count |", "|---|---|", *[f"| {k} | {v} |" for k, v in card["dropped_per_reason"].items()], ""]
+             "| drop reason | count |", "|---|---|", *[f"| {k} | {v} |" for k, v in card["dropped_per_reason"].items()],
+             ""]
     (out_dir / "DATA_CARD.md").write_text("\n".join(lines))
     return card
 
@@ -483,7 +491,8 @@ def chat_generator(llm_dir: str | Path, threads: int | None = None) -> GenerateF
 
     @torch.inference_mode()
     def generate(messages: Sequence[str], max_new_tokens: int) -> list[tuple[str, bool]]:
-        texts = [tokenizer.apply_chat_template([{"role": "user", "content": m}], tokenize=False, add_generation_prompt=True)
+        texts = [tokenizer.apply_chat_template([{"role": "user", "content": m}], tokenize=False,
+                                               add_generation_prompt=True)
                  for m in messages]
         enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
         out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
@@ -496,7 +505,8 @@ def chat_generator(llm_dir: str | Path, threads: int | None = None) -> GenerateF
 def main(argv: Iterable[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="data/sft")
-    parser.add_argument("--llm", default="offline:smollm2-135m-instruct", help="the LLM that answers (offline: name or directory)")
+    parser.add_argument("--llm", default="offline:smollm2-135m-instruct",
+                        help="the LLM that answers (offline: name or directory)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--scale", type=float, default=1.0, help="multiply the default count of every kind")
     parser.add_argument("--batch-size", type=int, default=32)
@@ -511,7 +521,6 @@ def main(argv: Iterable[str] | None = None) -> None:
     if args.refilter:
         print(json.dumps(refilter(Path(args.out)), indent=2))
         return
-    from blsp_chat.weights import resolve_base
 
     counts = {k: max(1, round(v * args.scale)) for k, v in DEFAULT_COUNTS.items()}
     tasks = make_tasks(load_sources(), counts, args.seed)

@@ -1,4 +1,4 @@
-"""Evaluate a BLSP model the way the paper does (section 5, Tables 2-3), beside its baselines.
+r"""Evaluate a BLSP model the way the paper does (section 5, Tables 2-3), beside its baselines.
 
     python -m train.evaluate --task asr --manifest M.jsonl --system blsp --out results/blsp
     python -m train.evaluate --compare results/text results/cascade results/blsp
@@ -31,9 +31,11 @@ is 12 sentences (asr.jsonl) and 10 SNIPS-style light commands (slu.jsonl) spoken
 `espeak-ng -v en-us -s 150 -w wav/NAME.wav "TEXT"` into /work/data/eval_smoke/ (its make.py):
     D=/work/data/eval_smoke R=$D/results
     for s in whisper cascade text blsp; do
-      python -m train.evaluate --task asr --manifest $D/asr.jsonl --dataset smoke --system $s --out $R/$s --batch-size 4; done
+      python -m train.evaluate --task asr --manifest $D/asr.jsonl --dataset smoke --system $s --out $R/$s \
+        --batch-size 4; done
     for s in cascade text blsp; do
-      python -m train.evaluate --task slu --manifest $D/slu.jsonl --dataset smoke --system $s --out $R/$s --batch-size 5; done
+      python -m train.evaluate --task slu --manifest $D/slu.jsonl --dataset smoke --system $s --out $R/$s \
+        --batch-size 5; done
     python -m train.evaluate --compare $R/text $R/cascade $R/whisper $R/blsp --compare-out $R/table.md
 """
 from __future__ import annotations
@@ -52,13 +54,24 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 import torch
 
-from blsp_chat.config import GenerationOptions
+from blsp_chat.audio import AudioError, load_audio, split_into_windows
+from blsp_chat.config import CONFIG_NAME, BlspConfig, GenerationOptions
 from blsp_chat.constants import (
-    CONTINUATION_INSTRUCTION, FALLBACK_TEMPERATURES, INTENT_INSTRUCTION, REPEAT_INSTRUCTION, SAMPLE_RATE,
-    SENTIMENT_INSTRUCTION, SNIPS_LIGHT_INTENTS, TRANSLATE_INSTRUCTION,
+    CONTINUATION_INSTRUCTION,
+    FALLBACK_TEMPERATURES,
+    INTENT_INSTRUCTION,
+    REPEAT_INSTRUCTION,
+    SAMPLE_RATE,
+    SENTIMENT_INSTRUCTION,
+    SNIPS_LIGHT_INTENTS,
+    TRANSLATE_INSTRUCTION,
 )
+from blsp_chat.prompt import Turn
+from blsp_chat.session import encoded_batch, generate_replies, speech_turn
+from blsp_chat.weights import DEFAULT_ADAPTER_DIR, DEFAULT_WHISPER, load_pretrained, resolve_base
 
 from . import metrics
+from .io import append_lines, numbered_lines, read_jsonl, repair_tail, resolve_audio
 
 TASKS = ("asr", "st", "slu", "continuation", "qa")
 SYSTEMS = ("blsp", "text", "cascade", "whisper")
@@ -85,19 +98,13 @@ def read_manifest(path: str | Path, limit: int | None = None) -> list[dict]:
     """Items with an `id` (the manifest's own, else the line number) and absolute audio paths."""
     path = Path(path)
     items, seen = [], set()
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            item = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}:{number}: not a JSON object: {err}") from err
+    for number, item in numbered_lines(path):
         item["id"] = str(item.get("id", number))
         if item["id"] in seen:
             raise ValueError(f"{path}:{number}: id {item['id']!r} appears twice")
         seen.add(item["id"])
         if item.get("audio"):
-            item["audio"] = str((path.parent / item["audio"]).resolve())
+            item["audio"] = str(resolve_audio(path, item["audio"]))
         items.append(item)
     return items[:limit] if limit else items
 
@@ -113,24 +120,16 @@ class OutputsFile:
             self._load()
 
     def _load(self) -> None:
-        data = self.path.read_bytes()
-        keep = data.rfind(b"\n") + 1
-        if keep < len(data):
-            with open(self.path, "r+b") as handle:
-                handle.truncate(keep)
-        for line in data[:keep].decode().splitlines():
-            if line.strip():
-                record = json.loads(line)
-                self.records[str(record["id"])] = record
+        repair_tail(self.path)
+        for record in read_jsonl(self.path):
+            self.records[str(record["id"])] = record
 
     def append(self, records: Iterable[dict]) -> None:
+        records = list(records)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path, "a", encoding="utf-8") as handle:
-            for record in records:
-                handle.write(json.dumps(record, ensure_ascii=False) + "\n")
-                self.records[str(record["id"])] = record
-            handle.flush()
-            os.fsync(handle.fileno())
+            append_lines(handle, records)
+        self.records.update((str(record["id"]), record) for record in records)
 
 
 # --- settings -------------------------------------------------------------------------------------
@@ -227,23 +226,17 @@ class LlmRunner:
         self.model, self.tokenizer = loaded.model, loaded.tokenizer
 
     def turn(self, request: Request):
-        from blsp_chat.prompt import Turn
-        from blsp_chat.session import speech_turn
-
         if request.audio is not None:
             return speech_turn(request.audio, self.model, instruction=request.instruction, text=request.text)
         return Turn("human", instruction=request.instruction, text=request.text)
 
     def batch_inputs(self, requests: Sequence[Request]) -> dict:
         """Left-padded input_ids, attention_mask, speech_mask (B, T) and the encoded speech in row order."""
-        from blsp_chat.session import encoded_batch
 
         batch, speech = encoded_batch(self.loaded, *self._conversations(requests))
         return batch | {"speech_embeds": speech}
 
     def replies(self, requests: Sequence[Request]) -> list[str]:
-        from blsp_chat.session import generate_replies
-
         if not requests:
             return []
         return generate_replies(self.loaded, *self._conversations(requests), self.options)
@@ -275,8 +268,6 @@ class WhisperTranscriber:
 
     @torch.inference_mode()
     def __call__(self, audios: Sequence[np.ndarray]) -> list[str]:
-        from blsp_chat.audio import split_into_windows
-
         windows, owners = [], []
         for index, audio in enumerate(audios):
             for window in split_into_windows(np.asarray(audio, dtype=np.float32)):
@@ -307,7 +298,6 @@ class Engines:
 # --- one batch ------------------------------------------------------------------------------------
 def load_batch_audio(items: Sequence[dict]) -> tuple[list, dict[str, str]]:
     """Each item's audio, or None with the reason where it cannot be used (scored as an empty reply)."""
-    from blsp_chat.audio import AudioError, load_audio
 
     audios, errors = [], {}
     for item in items:
@@ -337,7 +327,8 @@ def run_batch(items: Sequence[dict], settings: EvalSettings, engines: Engines) -
         for i, reply in zip(ok, engines.llm.replies(requests)):
             replies[i] = reply
     reference_replies = continuation_references(items, instructions, replies, settings, engines)
-    return [_record(items[i], settings, instructions[i], replies[i], asr[i], reference_replies[i], errors.get(items[i]["id"]))
+    return [_record(items[i], settings, instructions[i], replies[i], asr[i], reference_replies[i],
+                    errors.get(items[i]["id"]))
             for i in range(len(items))]
 
 
@@ -437,7 +428,8 @@ def score_st(records: Sequence[dict], settings: EvalSettings) -> dict:
     values = {"bleu": metrics.bleu(hypotheses, references, settings.target_language),
               "chrf": metrics.chrf(hypotheses, references),
               "sacrebleu_tokenize": metrics.sacrebleu_tokenizer(settings.target_language)}
-    comet, note = metrics.comet_score([r.get("text", "") for r in records], hypotheses, references, settings.comet_model)
+    comet, note = metrics.comet_score([r.get("text", "") for r in records], hypotheses, references,
+                                      settings.comet_model)
     values["comet"] = comet
     return {"metrics": values, "notes": [note],
             "headline": {"metric": "BLEU", "value": values["bleu"], "higher_is_better": True}}
@@ -445,8 +437,10 @@ def score_st(records: Sequence[dict], settings: EvalSettings) -> dict:
 
 def score_slu(records: Sequence[dict], settings: EvalSettings) -> dict:
     matches = [metrics.map_label(r["reply"], settings.labels) for r in records]
-    correct = sum(m.label is not None and m.label.casefold() == str(r["label"]).casefold() for m, r in zip(matches, records))
-    how = {kind: sum(m.how == kind for m in matches) for kind in ("exact", "case", "contained", "closest", "ambiguous", "unmappable")}
+    correct = sum(m.label is not None and m.label.casefold() == str(r["label"]).casefold()
+                  for m, r in zip(matches, records))
+    kinds = ("exact", "case", "contained", "closest", "ambiguous", "unmappable")
+    how = {kind: sum(m.how == kind for m in matches) for kind in kinds}
     values = {"accuracy": 100 * correct / len(records) if records else 0.0, "correct": correct,
               "unmappable": how["unmappable"] + how["ambiguous"], "mapped_by": how, "labels": list(settings.labels)}
     return {"metrics": values, "predictions": {r["id"]: m.label for r, m in zip(records, matches)},
@@ -455,7 +449,8 @@ def score_slu(records: Sequence[dict], settings: EvalSettings) -> dict:
 
 def score_continuation(records: Sequence[dict], settings: EvalSettings) -> dict:
     normalizer = metrics.EnglishNormalizer(settings.spelling_mapping)
-    values = metrics.continuation_closeness([r["reply"] for r in records], [r["reference_reply"] for r in records], normalizer)
+    values = metrics.continuation_closeness([r["reply"] for r in records], [r["reference_reply"] for r in records],
+                                            normalizer)
     return {"metrics": values, "headline": {"metric": "chrF", "value": values["chrf"], "higher_is_better": True}}
 
 
@@ -463,13 +458,15 @@ def score_qa(records: Sequence[dict], settings: EvalSettings, verdicts: dict | N
     values: dict = {"answers": len(records)}
     with_reference = [r for r in records if r.get("reference")]
     if with_reference:
-        values["token_f1_vs_reference"] = sum(metrics.token_f1(r["reply"], r["reference"]) for r in with_reference) / len(with_reference)
+        f1s = [metrics.token_f1(r["reply"], r["reference"]) for r in with_reference]
+        values["token_f1_vs_reference"] = sum(f1s) / len(f1s)
     judged = [v for v in (verdicts or {}).values() if v is not None]
     if not verdicts:
         return {"metrics": values, "notes": ["no judge configured: answers written for review"],
                 "headline": {"metric": "answers", "value": len(records), "higher_is_better": True}}
     values.update(judged=len(judged), accept_rate=100 * sum(judged) / len(judged) if judged else 0.0)
-    return {"metrics": values, "headline": {"metric": "Accept", "value": values["accept_rate"], "higher_is_better": True}}
+    return {"metrics": values,
+            "headline": {"metric": "Accept", "value": values["accept_rate"], "higher_is_better": True}}
 
 
 def summarize(records: Sequence[dict], settings: EvalSettings, verdicts: dict | None = None) -> dict:
@@ -608,7 +605,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--comet-model", default=None, help="st: a local COMET checkpoint (needs unbabel-comet)")
     parser.add_argument("--judge-command", default=None, help="qa: shell command reading the judge prompt on stdin")
     parser.add_argument("--judge-callable", default=None, help="qa: module:function(question, transcript, answer)")
-    parser.add_argument("--compare", nargs="+", metavar="DIR", help="print a Table-2 style markdown table of these runs")
+    parser.add_argument("--compare", nargs="+", metavar="DIR",
+                        help="print a Table-2 style markdown table of these runs")
     parser.add_argument("--compare-out", default=None, help="also write the --compare table to this file")
     return parser
 
@@ -628,8 +626,6 @@ def settings_from_args(args: argparse.Namespace) -> EvalSettings:
 
 def whisper_source(args: argparse.Namespace, loaded) -> str:
     """The base Whisper named in the BLSP config (adapter-only checkpoints name it), or --whisper."""
-    from blsp_chat.config import CONFIG_NAME, BlspConfig
-    from blsp_chat.weights import DEFAULT_ADAPTER_DIR, DEFAULT_WHISPER, resolve_base
 
     if args.whisper:
         return resolve_base(args.whisper)
@@ -637,17 +633,19 @@ def whisper_source(args: argparse.Namespace, loaded) -> str:
         name = loaded.model.config.whisper_name_or_path
     elif args.model in (None, "", "default"):
         default_config = DEFAULT_ADAPTER_DIR / CONFIG_NAME
-        name = BlspConfig.load(DEFAULT_ADAPTER_DIR).whisper_name_or_path if default_config.is_file() else DEFAULT_WHISPER
+        if default_config.is_file():
+            name = BlspConfig.load(DEFAULT_ADAPTER_DIR).whisper_name_or_path
+        else:
+            name = DEFAULT_WHISPER
     else:
         name = BlspConfig.load(args.model).whisper_name_or_path
     if not name:
-        raise ValueError("this checkpoint names no base Whisper (the released full layout has no decoder): pass --whisper")
+        raise ValueError("this checkpoint names no base Whisper (the released full layout has no decoder): "
+                         "pass --whisper")
     return resolve_base(name)
 
 
 def build_engines(args: argparse.Namespace, settings: EvalSettings) -> Engines:
-    from blsp_chat.weights import load_pretrained
-
     engines = Engines()
     loaded = None
     if settings.system != "whisper":

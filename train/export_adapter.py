@@ -20,11 +20,10 @@ from typing import Any, Sequence
 import torch
 
 from blsp_chat.config import SPEECH_READOUTS
-from blsp_chat.weights import load_blsp_dir
+from blsp_chat.weights import DTYPES, load_blsp_dir, save_adapter
 from train.train_adapter import ctc_blank_id
 
 RECORD_FILES = ("README.md", "loss_curve.png", "train_config.json", "data_summary.json", "eval.jsonl")
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def export(run_dir: Path, out: Path, dtype: torch.dtype, speech_readout: str | None = None, ctc_blank: str = " ",
@@ -35,9 +34,10 @@ def export(run_dir: Path, out: Path, dtype: torch.dtype, speech_readout: str | N
     loaded = load_blsp_dir(run_dir, torch.float32)
     if speech_readout:
         blank_id = ctc_blank_id(loaded.tokenizer, ctc_blank) if speech_readout == "ctc" else None
-        loaded.model.config = dataclasses.replace(loaded.model.config, speech_readout=speech_readout, ctc_blank_id=blank_id,
+        loaded.model.config = dataclasses.replace(loaded.model.config, speech_readout=speech_readout,
+                                                  ctc_blank_id=blank_id,
                                                   **readout_settings)
-    loaded.model.save_pretrained(out, dtype=dtype)
+    save_adapter(loaded.model, out, dtype=dtype)
     copied = []
     for name in RECORD_FILES:
         if (run_dir / name).is_file():
@@ -51,7 +51,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("run_dir", type=Path, help="a train_adapter output directory")
     parser.add_argument("out", type=Path, help="where to write the shipped adapter")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float16")
-    parser.add_argument("--speech-readout", choices=SPEECH_READOUTS, help="serve with this readout (default: the run's)")
+    parser.add_argument("--speech-readout", choices=SPEECH_READOUTS,
+                        help="serve with this readout (default: the run's)")
     parser.add_argument("--ctc-blank", default=" ", help="text of the CTC blank token (--speech-readout ctc)")
     parser.add_argument("--ctc-readout-temperature", type=float, default=0.1)
     parser.add_argument("--ctc-lm-weight", type=float, default=0.0,

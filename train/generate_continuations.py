@@ -51,11 +51,12 @@ from typing import Callable, Iterable, Sequence
 
 import torch
 
+from blsp_chat import weights
 from blsp_chat.constants import CONTINUATION_INSTRUCTION, STOP_STRINGS
 from blsp_chat.prompt import PromptTemplate, Turn, render, template_for
 from blsp_chat.session import cut_at_stop, eos_token_ids
 
-from .synthesize import append_line, read_jsonl_tolerant, repair_tail, write_jsonl_atomic
+from .io import append_line, read_jsonl_tolerant, repair_tail, write_jsonl_atomic
 
 MAX_NEW_TOKENS = 64          # the release's setting
 MAX_PROMPT_TOKENS = 192      # the release keeps prompts shorter than this
@@ -89,13 +90,16 @@ def content_stems(words: Iterable[str]) -> set[str]:
     return {w[:STEM_CHARS] for w in words if len(w) >= 3 and w not in STOP_WORDS and not w.isdigit()}
 
 
-def is_looping(words: Sequence[str]) -> bool:
-    grams = [tuple(words[i:i + LOOP_NGRAM]) for i in range(len(words) - LOOP_NGRAM + 1)]
+def is_looping(words: Sequence[str], n: int = LOOP_NGRAM, max_repeats: int = LOOP_MAX_REPEATS,
+               min_distinct: float = LOOP_MIN_DISTINCT) -> bool:
+    """A word n-gram said `max_repeats` times, or (over at least 2n n-grams) fewer than `min_distinct` of
+    them distinct: the mark of an LLM reply stuck in a loop."""
+    grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
     if not grams:
         return False
-    if max(Counter(grams).values()) >= LOOP_MAX_REPEATS:
+    if max(Counter(grams).values()) >= max_repeats:
         return True
-    return len(grams) >= 2 * LOOP_NGRAM and len(set(grams)) / len(grams) < LOOP_MIN_DISTINCT
+    return len(grams) >= 2 * n and len(set(grams)) / len(grams) < min_distinct
 
 
 def quality_issue(transcript: str, response: str, min_topic_words: int = MIN_TOPIC_WORDS) -> str | None:
@@ -196,7 +200,8 @@ class VLLMGenerator:
         for out in outputs:
             choice = out.outputs[0]
             stopped = {"stop": "eos" if choice.stop_reason is None else "stop_string", "length": "max_new_tokens"}
-            result.append(Generation(cut_at_stop(choice.text), len(choice.token_ids), stopped.get(choice.finish_reason, "eos")))
+            result.append(Generation(cut_at_stop(choice.text), len(choice.token_ids),
+                                     stopped.get(choice.finish_reason, "eos")))
         return result
 
 
@@ -209,7 +214,6 @@ def _is_blsp_dir(path: Path) -> bool:
 def load_generator(model: str | None, *, backend: str = "auto", template_name: str = "blsp", device=None,
                    max_new_tokens: int = MAX_NEW_TOKENS):
     """The LLM, its tokenizer and template, wrapped for generation; see the module doc for --model."""
-    from blsp_chat import weights
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
@@ -218,7 +222,8 @@ def load_generator(model: str | None, *, backend: str = "auto", template_name: s
         loaded = weights.load_pretrained(model, device="cpu", dtype=dtype)
         llm, tokenizer = loaded.model.llama_model, loaded.tokenizer
         template = template_for(loaded.model.config.prompt_template, tokenizer)
-        llm_path = weights.resolve_base(loaded.model.config.llm_name_or_path) if loaded.model.config.llm_name_or_path else None
+        llm_name = loaded.model.config.llm_name_or_path
+        llm_path = weights.resolve_base(llm_name) if llm_name else None
         del loaded.model.whisper_model  # only the LLM is needed here
     else:
         llm, tokenizer = weights.load_llm(model, dtype)
@@ -275,7 +280,8 @@ class Plan:
         return self.order[rank::world]
 
 
-def make_plan(records: Sequence[dict], prompt_fn: Callable[[str], list[int]], max_prompt_tokens: int = MAX_PROMPT_TOKENS) -> Plan:
+def make_plan(records: Sequence[dict], prompt_fn: Callable[[str], list[int]],
+              max_prompt_tokens: int = MAX_PROMPT_TOKENS) -> Plan:
     unique, seen, duplicates = [], set(), 0
     for record in records:
         key = key_of(record)
@@ -317,7 +323,8 @@ def run_shard(plan: Plan, generate: Callable, out: Path, *, rank: int = 0, world
             if bar is not None:
                 elapsed = time.perf_counter() - started
                 bar.update(len(keys))
-                bar.set_postfix(lines_per_s=f"{stats['lines'] / elapsed:.2f}", tok_per_s=f"{stats['tokens'] / elapsed:.1f}")
+                bar.set_postfix(lines_per_s=f"{stats['lines'] / elapsed:.2f}",
+                                tok_per_s=f"{stats['tokens'] / elapsed:.1f}")
     if bar is not None:
         bar.close()
     stats["seconds"] = round(time.perf_counter() - started, 3)
@@ -400,7 +407,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--manifest", required=True, help="JSONL with audio and text (prepare_data / synthesize)")
     parser.add_argument("--out", required=True)
-    parser.add_argument("--model", default=None, help="BLSP checkpoint or causal LM (default: the offline default's LLM)")
+    parser.add_argument("--model", default=None,
+                        help="BLSP checkpoint or causal LM (default: the offline default's LLM)")
     parser.add_argument("--template", default="blsp", help="prompt template for a plain causal LM: blsp or chat")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=MAX_NEW_TOKENS)

@@ -50,6 +50,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from train.io import append_line, read_jsonl
+
 LOOP_STATE_NAME = "loop_state.json"
 TRAINABLE_NAME = "trainable.pt"
 OPTIMIZER_NAME = "optimizer.pt"
@@ -104,7 +106,8 @@ class LoopConfig:
             (self.gradient_accumulation_steps >= 1, "gradient_accumulation_steps must be at least 1"),
             (self.max_steps is None or self.max_steps >= 1, "max_steps must be at least 1 (or null)"),
             (self.max_steps is not None or self.num_epochs > 0, "num_epochs must be positive"),
-            (self.warmup_steps >= 0 and self.log_every >= 1 and self.keep_last >= 1, "warmup_steps >= 0, log_every >= 1, keep_last >= 1"),
+            (self.warmup_steps >= 0 and self.log_every >= 1 and self.keep_last >= 1,
+             "warmup_steps >= 0, log_every >= 1, keep_last >= 1"),
             (0 <= self.min_lr_ratio <= 1, "min_lr_ratio must be in [0, 1]"),
         ]
         for ok, message in checks:
@@ -342,12 +345,6 @@ def checkpoint_dirs(output_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
 
 
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 # --- the loop ----------------------------------------------------------------------------------------
 LossFn = Callable[[nn.Module, Any], "tuple[torch.Tensor, dict[str, float]]"]
 Callback = Callable[[LoopState, dict[str, Any]], None]
@@ -411,7 +408,8 @@ class _Loop:
         optimizer = make_optimizer(model, config)
         self.model, self.optimizer = acc.prepare(model, optimizer)
         # Stepped once per optimizer step by us (a prepared scheduler steps num_processes times).
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer.optimizer, lr_lambda(config, self.total_steps))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer.optimizer,
+                                                           lr_lambda(config, self.total_steps))
         self.trainable = [(n, p) for n, p in acc.unwrap_model(self.model).named_parameters() if p.requires_grad]
         self.state = LoopState(total_steps=self.total_steps)
         self.eval_history: list[dict[str, Any]] = []
@@ -423,8 +421,8 @@ class _Loop:
 
     def _append_jsonl(self, name: str, record: dict[str, Any]) -> None:
         if self.is_main:
-            with open(self.output_dir / name, "a") as handle:
-                handle.write(json.dumps(record) + "\n")
+            with open(self.output_dir / name, "a", encoding="utf-8") as handle:
+                append_line(handle, record)
 
     # --- run ---
     def run(self, resume: bool) -> TrainResult:
@@ -649,12 +647,14 @@ class _Loop:
             weights = torch.load(directory / TRAINABLE_NAME, map_location="cpu", weights_only=True)
             names = {n for n, _ in self.trainable}
             if set(weights) != names:
+                missing, extra = sorted(names - set(weights)), sorted(set(weights) - names)
                 raise ValueError(f"{directory} holds other trainable parameters than this model "
-                                 f"(missing {sorted(names - set(weights))[:5]}, extra {sorted(set(weights) - names)[:5]})")
+                                 f"(missing {missing[:5]}, extra {extra[:5]})")
             with torch.no_grad():
                 for name, param in self.trainable:
                     param.copy_(weights[name].to(param.device, param.dtype))
-            self.optimizer.load_state_dict(torch.load(directory / OPTIMIZER_NAME, map_location="cpu", weights_only=False))
+            self.optimizer.load_state_dict(torch.load(directory / OPTIMIZER_NAME, map_location="cpu",
+                                                      weights_only=False))
             if acc.scaler is not None and (directory / SCALER_NAME).is_file():
                 acc.scaler.load_state_dict(torch.load(directory / SCALER_NAME, weights_only=False))
         self.scheduler.load_state_dict(torch.load(directory / SCHEDULER_NAME, weights_only=False))

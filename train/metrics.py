@@ -148,9 +148,9 @@ def _words_of(text: str) -> str:
 def map_label(reply: str, labels: Sequence[str], threshold: float = LABEL_SIMILARITY_THRESHOLD) -> LabelMatch:
     """Map a free-form reply onto one of `labels`, trying in order:
     exact (after stripping whitespace); case-insensitive (also ignoring punctuation and camelCase
-    spacing: 'switch light on' = 'switchlighton' = 'SwitchLightOn'); contained (the reply holds exactly one label as whole
-    words; a label inside a longer contained label does not count); closest (the highest difflib ratio
-    between the label and the reply, or any window of the reply as many words long as the label,
+    spacing: 'switch light on' = 'switchlighton' = 'SwitchLightOn'); contained (the reply holds exactly
+    one label as whole words; a label inside a longer contained label does not count); closest (the highest
+    difflib ratio between the label and the reply, or any window of the reply as many words long as the label,
     at least `threshold`, with no tie). A reply holding several labels is 'ambiguous' (an echo of the
     label list is not an answer); anything else is 'unmappable'."""
     stripped = reply.strip()
@@ -204,7 +204,8 @@ def token_f1(prediction: str, reference: str, normalizer=None) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
-def continuation_closeness(speech_replies: Sequence[str], text_replies: Sequence[str], normalizer=None) -> dict[str, float]:
+def continuation_closeness(speech_replies: Sequence[str], text_replies: Sequence[str],
+                           normalizer=None) -> dict[str, float]:
     """How close the replies from speech are to the replies from the transcripts (module docstring)."""
     _check_pairs(text_replies, speech_replies)
     n = len(speech_replies)

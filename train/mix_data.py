@@ -23,7 +23,7 @@ from typing import Sequence
 
 from blsp_chat.constants import REPEAT_INSTRUCTION
 
-from .synthesize import read_jsonl_tolerant, write_jsonl_atomic
+from .io import read_jsonl_tolerant, write_jsonl_atomic
 
 PAPER_RATIO = "1:9"   # repetition : continuation
 
@@ -93,12 +93,13 @@ def main(argv: list[str] | None = None) -> int:
         continuations = within(every_continuation, asr)
         left_out = len(every_continuation) - len(continuations)
         try:
-            lines = mix(continuations, asr, ratio=parse_ratio(args.ratio), seed=args.seed, response_field=args.response_field)
+            lines = mix(continuations, asr, ratio=parse_ratio(args.ratio), seed=args.seed,
+                        response_field=args.response_field)
         except ValueError as err:
             print(f"error: {err}", file=sys.stderr)
             return 1
     write_jsonl_atomic(Path(args.out), lines)
-    counts = {"lines": len(lines), "repeat": sum(l.get("task") == "repeat" for l in lines)}
+    counts = {"lines": len(lines), "repeat": sum(entry.get("task") == "repeat" for entry in lines)}
     counts["continue"] = counts["lines"] - counts["repeat"]
     if not args.repetition_only:
         counts["continuations_not_in_asr"] = left_out

@@ -36,7 +36,8 @@ def missing_clips(paths: Sequence[str], cache: EncoderCache) -> list[tuple[str, 
     return missing
 
 
-def fill(model, cache: EncoderCache, clips: Sequence[tuple[str, str]], batch_size: int, max_seconds: float | None) -> int:
+def fill(model, cache: EncoderCache, clips: Sequence[tuple[str, str]], batch_size: int,
+         max_seconds: float | None) -> int:
     """Encode `clips` in batches, in path order (the same order on every run), and store them; returns how
     many were stored."""
     ordered = sorted(clips, key=lambda clip: clip[0])

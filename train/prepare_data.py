@@ -36,6 +36,9 @@ from typing import Callable, Iterable, Iterator
 
 import soundfile as sf
 
+from blsp_chat.audio import AudioError, load_audio
+from blsp_chat.constants import SAMPLE_RATE
+
 SECONDS_PER_HOUR = 3600.0
 GIGASPEECH_PUNCTUATION = {"<COMMA>": ",", "<PERIOD>": ".", "<QUESTIONMARK>": "?", "<EXCLAMATIONPOINT>": "!"}
 GIGASPEECH_GARBAGE = ("<SIL>", "<MUSIC>", "<NOISE>", "<OTHER>")
@@ -118,9 +121,6 @@ def audio_duration(path: Path) -> float:
 
 
 def _decoded_duration(path: Path) -> float:
-    from blsp_chat.audio import AudioError, load_audio
-    from blsp_chat.constants import SAMPLE_RATE
-
     try:
         return len(load_audio(str(path), max_seconds=None)) / SAMPLE_RATE
     except AudioError as err:
@@ -274,7 +274,8 @@ def _check_all(candidates: Iterable[Candidate], tmp_out: Path, tmp_rej: Path, su
                     raise Reject(f"longer than {max_duration:g} s")
             except Reject as why:
                 summary.rejected[str(why)] += 1
-                rejects.write(json.dumps({"audio": str(cand.audio), "text_raw": cand.text_raw, "reason": str(why)}) + "\n")
+                rejects.write(json.dumps({"audio": str(cand.audio), "text_raw": cand.text_raw,
+                                          "reason": str(why)}) + "\n")
                 continue
             record = {"audio": str(cand.audio), "text": text, "duration": round(duration, 3), "text_raw": cand.text_raw}
             record.update({k: v for k, v in cand.extra.items() if k not in record})

@@ -53,8 +53,8 @@ from blsp_chat.constants import SAMPLE_RATE
 from blsp_chat.weights import cache_dir, sha256_of
 
 from . import metrics
+from .io import read_jsonl_tolerant, write_jsonl_atomic
 from .prepare_data import english_normalizer
-from .synthesize import read_jsonl_tolerant, write_jsonl_atomic
 
 POCKETSPHINX_DATA = Path("/usr/share/pocketsphinx/test/data")
 KTUBERLING_SOUNDS = Path("/usr/share/ktuberling/sounds/en")
@@ -222,7 +222,8 @@ def run_replies(run_dir: Path) -> tuple[str, dict[str, str]]:
     """An evaluate run folder's asr records -> (its system label, {clip id: reply})."""
     files = sorted(Path(run_dir).glob("asr.*.jsonl"))
     if not files:
-        raise FileNotFoundError(f"{run_dir} holds no asr.*.jsonl: run `python -m train.evaluate --task asr` into it first")
+        raise FileNotFoundError(f"{run_dir} holds no asr.*.jsonl: "
+                                "run `python -m train.evaluate --task asr` into it first")
     records = [record for f in files for record in read_jsonl_tolerant(f)]
     system, name = (records[0].get("system", "?") if records else "?"), Path(run_dir).name
     label = system if name == system else f"{system} ({name})"

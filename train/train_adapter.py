@@ -1,11 +1,12 @@
-"""Stage 2 of BLSP: train the modality adapter by behaviour alignment (Whisper and the LLM frozen).
+r"""Stage 2 of BLSP: train the modality adapter by behaviour alignment (Whisper and the LLM frozen).
 
 One CPU (or one GPU):
     python -m train.train_adapter --config train/configs/adapter_tiny_offline.json
     python -m train.train_adapter --config train/configs/adapter_tiny_offline.json --resume   # after a kill
     python -m train.train_adapter --config ... loop.max_steps=20 data.repetition_ratio=0.25 loss.kd_weight=1
 Several GPUs or nodes (same command line behind `accelerate launch`):
-    accelerate launch --config_file train/configs/accelerate_ddp.yaml -m train.train_adapter --config train/configs/adapter_7b_paper.json
+    accelerate launch --config_file train/configs/accelerate_ddp.yaml -m train.train_adapter \
+        --config train/configs/adapter_7b_paper.json
     accelerate launch --config_file train/configs/accelerate_fsdp.yaml -m train.train_adapter ...
     accelerate launch --config_file train/configs/accelerate_deepspeed_zero2.yaml -m train.train_adapter ...
   Set `num_processes` (and `num_machines`, `machine_rank`, `main_process_ip` for nodes) in the yaml or
@@ -28,7 +29,7 @@ adapter_tiny_offline_ctc.json, then A2 with commitment) before behaviour alignme
 adapter_tiny_offline.json); train/results/offline_v2_adapter_cpu.md has the commands and what each gave.
 Output directory: the loop's record (train_config.json, metrics.jsonl, eval.jsonl, loss_curve.png,
 checkpoints/), the adapter-only checkpoint (config.json + model.safetensors, loadable by
-`BlspModel.from_pretrained(dir)` / `python app.py --model dir`), data_summary.json, and README.md, the
+`blsp_chat.weights.load_model(dir)` / `python app.py --model dir`), data_summary.json, and README.md, the
 model card written from the record.
 """
 from __future__ import annotations
@@ -47,13 +48,36 @@ import torch
 from torch import nn
 
 from blsp_chat.adapter import collapse_ctc, embedding_distance_logits
-from blsp_chat.config import SPEECH_READOUTS
+from blsp_chat.audio import load_audio
+from blsp_chat.config import SPEECH_READOUTS, BlspConfig, GenerationOptions
 from blsp_chat.constants import IGNORE_INDEX, REPEAT_INSTRUCTION
 from blsp_chat.model import TRAINABLE_PREFIXES, BlspModel
-from train.loop import LoopConfig, TrainResult, read_jsonl, train
+from blsp_chat.prompt import Turn, template_for
+from blsp_chat.session import generate_reply, pad_token_id
+from blsp_chat.weights import (
+    DTYPES,
+    LoadedBlsp,
+    load_blsp_dir,
+    load_llm,
+    load_whisper_encoder,
+    resolve_base,
+    save_adapter,
+)
+from train.io import read_jsonl
+from train.loop import LoopConfig, TrainResult, train
+from train.metrics import EnglishNormalizer, corpus_wer, load_spelling_mapping
 from train.speech_data import (
-    PAPER_REPETITION_RATIO, BucketBatchSampler, EncoderCache, FrameMasking, SpeechCollator, SpeechDataset,
-    SpeechExample, read_manifest, speech_embeddings, summarize, with_repetition,
+    PAPER_REPETITION_RATIO,
+    BucketBatchSampler,
+    EncoderCache,
+    FrameMasking,
+    SpeechCollator,
+    SpeechDataset,
+    SpeechExample,
+    read_manifest,
+    speech_embeddings,
+    summarize,
+    with_repetition,
 )
 
 WRAPPER_PREFIX = "blsp."  # parameter names inside AdapterObjective
@@ -168,7 +192,8 @@ class AdapterTrainConfig:
         return cls(**kwargs)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"loop": self.loop.to_dict(), **{n: dataclasses.asdict(getattr(self, n)) for n in ("model", "data", "loss", "eval")}}
+        return {"loop": self.loop.to_dict(),
+                **{n: dataclasses.asdict(getattr(self, n)) for n in ("model", "data", "loss", "eval")}}
 
 
 def load_config(path: str | Path, overrides: Sequence[str] = ()) -> AdapterTrainConfig:
@@ -199,14 +224,8 @@ def apply_override(data: dict[str, Any], override: str) -> None:
 
 
 # --- model -------------------------------------------------------------------------------------------
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
 def build_model(section: ModelSection):
     """Frozen base models + a fresh (or `init_adapter`) adapter -> LoadedBlsp."""
-    from blsp_chat.config import BlspConfig
-    from blsp_chat.weights import LoadedBlsp, load_blsp_dir, load_llm, load_whisper_encoder
-
     dtype = DTYPES[section.dtype]
     if section.init_adapter:
         return load_blsp_dir(Path(section.init_adapter), dtype)
@@ -319,7 +338,8 @@ class AdapterObjective(nn.Module):
             teacher = batch["teacher"]
             teacher_keep = response_span(teacher["labels"])
             with torch.no_grad():
-                teacher_logits = self.blsp(teacher["input_ids"], teacher["attention_mask"], logits_to_keep=teacher_keep).logits
+                teacher_logits = self.blsp(teacher["input_ids"], teacher["attention_mask"],
+                                           logits_to_keep=teacher_keep).logits
             kd = distillation_kl(out.logits, labels, teacher_logits, teacher["labels"][:, -teacher_keep:],
                                  self.loss.kd_temperature)
             loss = loss + self.loss.kd_weight * kd
@@ -362,14 +382,9 @@ def load_splits(data: DataSection, seed: int) -> tuple[list[SpeechExample], list
 
 # --- evaluation: greedy repeat WER ------------------------------------------------------------------------
 def repeat_wer_fn(loaded, examples: Sequence[SpeechExample], section: EvalSection):
-    """eval_fn for the loop: greedy decoding with the repeat instruction, through the serving code."""
-    import jiwer
-
-    from blsp_chat.audio import load_audio
-    from blsp_chat.config import GenerationOptions
-    from blsp_chat.prompt import Turn
-    from blsp_chat.session import generate_reply
-
+    """eval_fn for the loop: greedy decoding with the repeat instruction, through the serving code, scored
+    as train.evaluate scores ASR (corpus WER after Whisper's English normaliser)."""
+    normalizer = wer_normalizer(loaded.model)
     clips = [e for e in examples if e.text][: section.repeat_wer_examples]
     options = GenerationOptions(max_new_tokens=section.max_new_tokens)
 
@@ -379,11 +394,13 @@ def repeat_wer_fn(loaded, examples: Sequence[SpeechExample], section: EvalSectio
         hypotheses, references = [], []
         for example in clips:
             audio = load_audio(example.audio, max_seconds=None)
-            turn = Turn("human", instruction=REPEAT_INSTRUCTION, speech_tokens=model.blsp.speech_token_count(len(audio)))
+            turn = Turn("human", instruction=REPEAT_INSTRUCTION,
+                        speech_tokens=model.blsp.speech_token_count(len(audio)))
             view = dataclasses.replace(loaded, model=model.blsp)
-            hypotheses.append(normalise(generate_reply(view, [turn], [audio], options)))
-            references.append(normalise(example.text))
-        return {"repeat_wer": float(jiwer.wer(references, hypotheses)), "repeat_wer_examples": len(clips)}
+            hypotheses.append(generate_reply(view, [turn], [audio], options))
+            references.append(example.text)
+        wer = corpus_wer(references, hypotheses, normalizer).wer
+        return {"repeat_wer": float(wer), "repeat_wer_examples": len(clips)}
 
     return evaluate
 
@@ -391,10 +408,7 @@ def repeat_wer_fn(loaded, examples: Sequence[SpeechExample], section: EvalSectio
 def readout_wer_fn(tokenizer, examples: Sequence[SpeechExample], section: EvalSection, blank_id: int):
     """eval_fn for CTC runs: read each held-out clip's adapter outputs as their nearest word embeddings
     (greedy CTC) and score that text against the transcript: what the LLM is given, before it says anything."""
-    import jiwer
-
-    from blsp_chat.audio import load_audio
-
+    normalizer = EnglishNormalizer()
     clips = [e for e in examples if e.text][: section.repeat_wer_examples]
 
     def evaluate(model, accelerator) -> dict[str, float]:
@@ -407,8 +421,8 @@ def readout_wer_fn(tokenizer, examples: Sequence[SpeechExample], section: EvalSe
                 encoded = model.blsp.encode_windows([load_audio(example.audio, max_seconds=None)])
                 speech = model.blsp.adapt_windows(encoded)[0]  # the raw outputs, before any readout
                 ids = embedding_distance_logits(speech, table).argmax(-1).tolist()
-                hypotheses.append(normalise(tokenizer.decode(collapse_ctc(ids, blank_id))))
-        return {"readout_wer": float(jiwer.wer([normalise(e.text) for e in clips], hypotheses))}
+                hypotheses.append(tokenizer.decode(collapse_ctc(ids, blank_id)))
+        return {"readout_wer": float(corpus_wer([e.text for e in clips], hypotheses, normalizer).wer)}
 
     return evaluate
 
@@ -427,9 +441,11 @@ def combined(*eval_fns):
     return evaluate
 
 
-def normalise(text: str) -> str:
-    kept = "".join(c.lower() if c.isalnum() or c.isspace() or c == "'" else " " for c in text)
-    return " ".join(kept.split()) or "<empty>"
+def wer_normalizer(blsp: BlspModel) -> EnglishNormalizer:
+    """train.evaluate's normaliser: Whisper's English one, with the base Whisper's spelling map where its
+    directory has one."""
+    name = blsp.config.whisper_name_or_path
+    return EnglishNormalizer(load_spelling_mapping(resolve_base(name)) if name else None)
 
 
 # --- run ---------------------------------------------------------------------------------------------
@@ -438,9 +454,6 @@ def run(config: AdapterTrainConfig, *, resume: bool = False, loaded=None, callba
     started = time.time()
     loaded = loaded or build_model(config.model)
     blsp, tokenizer = loaded.model, loaded.tokenizer
-    from blsp_chat.prompt import template_for
-    from blsp_chat.session import pad_token_id
-
     template = template_for(blsp.config.prompt_template, tokenizer)
     train_examples, eval_examples = load_splits(config.data, config.loop.seed)
     cache = EncoderCache.for_model(config.data.encoder_cache_dir, blsp) if config.data.encoder_cache_dir else None
@@ -461,8 +474,8 @@ def run(config: AdapterTrainConfig, *, resume: bool = False, loaded=None, callba
     objective = AdapterObjective(blsp, config.loss, cache, ctc_blank_id=blank_id, masking=config.data.frame_masking())
     eval_fn = None
     if config.eval.repeat_wer_examples:
-        eval_fn = combined(repeat_wer_fn(loaded, eval_examples, config.eval),
-                           readout_wer_fn(tokenizer, eval_examples, config.eval, blank_id) if blank_id is not None else None)
+        readout_fn = readout_wer_fn(tokenizer, eval_examples, config.eval, blank_id) if blank_id is not None else None
+        eval_fn = combined(repeat_wer_fn(loaded, eval_examples, config.eval), readout_fn)
     result = train(
         objective, objective_loss, train_set, SpeechCollator(pad_token_id(tokenizer)), config.loop,
         expected_trainable=is_adapter_parameter,
@@ -475,7 +488,7 @@ def run(config: AdapterTrainConfig, *, resume: bool = False, loaded=None, callba
 
     if PartialState().is_main_process:
         out = Path(config.loop.output_dir)
-        result.model.blsp.save_pretrained(out)
+        save_adapter(result.model.blsp, out)
         (out / DATA_SUMMARY_NAME).write_text(json.dumps(data_summary, indent=2) + "\n")
         write_model_card(out, config, data_summary, result, time.time() - started, cache)
     return result
@@ -492,7 +505,7 @@ def write_model_card(out: Path, config: AdapterTrainConfig, data_summary: dict[s
         "",
         f"Adapter-only checkpoint for **{config.model.whisper}** (speech encoder) + **{config.model.llm}** (LLM), "
         f"trained by {training_description(config)}: Whisper and the LLM are frozen, only the subsampler, bottleneck "
-        "and LayerNorm train. Load with `BlspModel.from_pretrained(\"<this directory>\")`.",
+        "and LayerNorm train. Load with `blsp_chat.weights.load_model(\"<this directory>\")`.",
         "",
         f"The LLM reads it through {readout_description(config.model)}.",
         "",
