@@ -6,7 +6,7 @@ Speech enters the LLM only at placeholder positions (`speech_mask`), filled in o
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, ClassVar, Sequence
 
 import numpy as np
 import torch
@@ -332,3 +332,31 @@ class BlspModel(nn.Module):
             **options.to_hf_kwargs(),
             **hf_kwargs,
         )
+
+    # --- transformers-style persistence ------------------------------------------------------------
+    # weights.py owns every file and download and imports this module, so it plugs its two functions in
+    # here when it is imported (blsp_chat/__init__.py imports it): model.py never imports weights.py.
+    persistence: ClassVar[Persistence | None] = None
+
+    def save_pretrained(self, directory, dtype: torch.dtype | None = None) -> None:
+        """Adapter-only checkpoint (`weights.save_adapter`)."""
+        self._persistence().save_adapter(self, directory, dtype)
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | None = None, **kwargs: Any) -> "BlspModel":
+        """Any source `weights.load_pretrained` accepts (None: the offline default) -> the model."""
+        return cls._persistence().load_model(name_or_path, **kwargs)
+
+    @classmethod
+    def _persistence(cls) -> "Persistence":
+        if cls.persistence is None:
+            raise RuntimeError("BlspModel's save/load functions are in blsp_chat.weights: import it first")
+        return cls.persistence
+
+
+@dataclass(frozen=True)
+class Persistence:
+    """What BlspModel.save_pretrained / from_pretrained call (set by blsp_chat.weights)."""
+
+    save_adapter: Callable[..., None]
+    load_model: Callable[..., BlspModel]

@@ -31,7 +31,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, WhisperFeatureExtr
 from .config import CONFIG_NAME, BlspConfig
 from .constants import CACHE_ENV_VAR, DEFAULT_CACHE_DIR
 from .ct2_whisper import convert_ct2_whisper
-from .model import BlspModel
+from .model import BlspModel, Persistence
 
 ADAPTER_WEIGHTS_NAME = "model.safetensors"
 OFFLINE_PREFIX = "offline:"
@@ -439,3 +439,6 @@ def download_from_modelscope(repo_id: str) -> Path:
 
 def load_model(name_or_path: str | None = None, **kwargs) -> BlspModel:
     return load_pretrained(name_or_path, **kwargs).model
+
+
+BlspModel.persistence = Persistence(save_adapter=save_adapter, load_model=load_model)

@@ -1,5 +1,6 @@
 """Checkpoints: adapter-only round trip, the released full layout, the cache, and bad files."""
 import json
+import subprocess
 import sys
 import types
 from pathlib import Path
@@ -11,6 +12,7 @@ from transformers import WhisperModel
 from blsp_chat import weights
 from blsp_chat.adapter import ctc_readout
 from blsp_chat.config import BlspConfig
+from blsp_chat.model import BlspModel
 from blsp_chat.prompt import Turn, render
 from blsp_chat.weights import PinnedWheel, WeightsError, building, is_complete, load_pretrained, save_adapter
 from tiny import TRAINING_TEXT, VOCAB, tiny_blsp, tiny_tokenizer, tone
@@ -264,3 +266,19 @@ def test_modelscope_snapshot_is_fetched_into_the_cache_and_loads(tmp_path, monke
     with pytest.raises(WeightsError,
                        match="could not fetch 'someone/missing' with modelscope: model someone/missing not found"):
         load_pretrained("modelscope:someone/missing", device="cpu")
+
+
+
+def test_the_model_saves_and_loads_the_transformers_way(tmp_path):
+    """BlspModel.save_pretrained / from_pretrained are weights.save_adapter / load_model, in any interpreter."""
+    model, tokenizer = tiny_blsp("none"), tiny_tokenizer()
+    _write_base_models(model, tokenizer, tmp_path)
+    model.save_pretrained(tmp_path / "adapter")
+    assert set(weights.read_state_dict(tmp_path / "adapter")) == set(model.adapter_state_dict())
+    again = BlspModel.from_pretrained(str(tmp_path / "adapter"), device="cpu")
+    audio = tone(1.5)
+    torch.testing.assert_close(_logits(again, tokenizer, audio), _logits(model, tokenizer, audio), atol=0, rtol=0)
+    # an interpreter that imports only the model module gets both methods too
+    code = "from blsp_chat.model import BlspModel; print(BlspModel.persistence is not None)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "True"

@@ -29,7 +29,7 @@ adapter_tiny_offline_ctc.json, then A2 with commitment) before behaviour alignme
 adapter_tiny_offline.json); train/results/offline_v2_adapter_cpu.md has the commands and what each gave.
 Output directory: the loop's record (train_config.json, metrics.jsonl, eval.jsonl, loss_curve.png,
 checkpoints/), the adapter-only checkpoint (config.json + model.safetensors, loadable by
-`blsp_chat.weights.load_model(dir)` / `python app.py --model dir`), data_summary.json, and README.md, the
+`BlspModel.from_pretrained(dir)` / `python app.py --model dir`), data_summary.json, and README.md, the
 model card written from the record.
 """
 from __future__ import annotations
@@ -505,7 +505,7 @@ def write_model_card(out: Path, config: AdapterTrainConfig, data_summary: dict[s
         "",
         f"Adapter-only checkpoint for **{config.model.whisper}** (speech encoder) + **{config.model.llm}** (LLM), "
         f"trained by {training_description(config)}: Whisper and the LLM are frozen, only the subsampler, bottleneck "
-        "and LayerNorm train. Load with `blsp_chat.weights.load_model(\"<this directory>\")`.",
+        "and LayerNorm train. Load with `BlspModel.from_pretrained(\"<this directory>\")`.",
         "",
         f"The LLM reads it through {readout_description(config.model)}.",
         "",
