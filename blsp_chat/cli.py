@@ -6,6 +6,7 @@ import os
 import signal
 import shlex
 import sys
+import threading
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -78,6 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--speak", action="store_true", help="speak each reply aloud, sentence by sentence as it streams")
     chat.add_argument("--hands-free", action="store_true",
                       help="start listening at once: each spoken turn is sent when you pause (the VAD ends it)")
+    chat.add_argument("--barge-in", action="store_true",
+                      help="hands-free: speaking over a reply stops it and starts your next turn (use headphones)")
     add_voice_option(chat)
     add_generation_options(chat)
 
@@ -221,7 +224,7 @@ class TerminalChat:
 
     def __init__(self, loaded, options: GenerationOptions, instruction: str | None = None, mic_device=None,
                  read_line: Callable[[str], str] = input, max_context_tokens: int | None = None,
-                 voice=None, player=None, hands_free: bool = False):
+                 voice=None, player=None, hands_free: bool = False, barge_in: bool = False):
         from .session import ChatSession
 
         self.loaded = loaded
@@ -234,6 +237,9 @@ class TerminalChat:
         self.mic_problem: str | None = None
         self.voice, self.player = voice, player  # spoken replies when both are given (--speak)
         self.hands_free = hands_free
+        self.barge_in = barge_in            # hands-free: speech over a reply stops it (headphones)
+        self._spoken = None                 # the reply being spoken, for barge-in to stop
+        self._barged = threading.Event()    # set by barge-in (the listener's thread) until the next reply
         self.commands = {"/audio": self.send_file, "/listen": self.listen, "/task": self.set_task, "/undo": self.undo,
                          "/regenerate": self.regenerate, "/reset": self.reset, "/help": self.help}
 
@@ -302,8 +308,12 @@ class TerminalChat:
         chunks = chunks if chunks is not None else self.session.stream_reply(self.options)
         say(BOT_PROMPT, end="")
         last, spoken = None, self.start_speaking()
+        self._spoken = spoken
         try:
             for last in chunks:
+                if self._barged.is_set():  # barge-in came before the reply had started: cancel it now
+                    self.session.cancel()
+                    break
                 say(last.delta, end="")
                 if spoken:
                     spoken.feed(last.delta)
@@ -416,17 +426,45 @@ class TerminalChat:
         recorder.start()
         say(f"Listening hands-free on {recorder.device_name}: speak, and pause to send. Ctrl-C returns to typing.")
         try:
+            audio = None
             while True:
-                audio = listener.next_turn(on_speech_start=lambda: say("(hearing you...)"))
+                audio = audio if audio is not None else listener.next_turn(
+                    on_speech_start=lambda: say("(hearing you...)"))
                 if audio is None:
                     return
-                self.handle_turn(audio)
-                recorder.drain()   # what the microphone heard while the reply played is not a turn
-                listener.forget()
+                audio = self.answer_turn(audio, listener)
+                if not self.barge_in:
+                    recorder.drain()   # what the microphone heard while the reply played is not a turn
+                    listener.forget()
         except KeyboardInterrupt:
             say("\n(hands-free off: type, press Enter to record, or /listen again)")
         finally:
             recorder.cancel()
+
+    def answer_turn(self, audio, listener):
+        """Send one hands-free turn. With barge-in, listen while the reply runs: speech stops it, and the
+        turn that speech makes is returned to be sent next."""
+        if not self.barge_in:
+            self.handle_turn(audio)
+            return None
+        from .voice.barge_in import BargeInWatch
+
+        self._barged.clear()
+        watch = BargeInWatch(listener, interrupt=self.interrupt_reply)
+        watch.start()
+        try:
+            self.handle_turn(audio)
+        finally:
+            heard = watch.finish()
+        return heard
+
+    def interrupt_reply(self) -> None:
+        """Barge-in, on the listener's thread: stop the voice at once, then the generation."""
+        self._barged.set()
+        if self._spoken is not None:
+            self._spoken.stop()
+        self.session.cancel()
+        say(" [interrupted] (hearing you...)")
 
     def handle_turn(self, audio) -> None:
         """One hands-free turn; a failure is reported and listening goes on."""
@@ -482,7 +520,7 @@ def run_chat(args: argparse.Namespace) -> int:
     device = int(args.mic_device) if args.mic_device and args.mic_device.isdigit() else args.mic_device
     voice, player = chat_voice(args.voice) if args.speak else (None, None)
     return TerminalChat(loaded, options, args.instruction, device, max_context_tokens=args.max_context_tokens,
-                        voice=voice, player=player, hands_free=args.hands_free).run()
+                        voice=voice, player=player, hands_free=args.hands_free, barge_in=args.barge_in).run()
 
 
 def chat_voice(engine: str):

@@ -33,6 +33,7 @@ PAUSE_S = 1.2            # a pause between turns, longer than the default end_pa
 SHORT_PAUSE_S = 0.4      # a pause inside a turn, shorter than end_pause_s
 MAX_WER = 0.10
 BARGE_IN_S = 0.5         # speech must be confirmed this soon after it starts (stream time)
+ONSET_FACTOR = 10        # speech starts where the level first rises 20 dB above the room tone
 
 
 # --- real recordings with real pauses -------------------------------------------------------------------
@@ -66,6 +67,17 @@ def join(clips: list[np.ndarray], pause_s: float) -> tuple[np.ndarray, list[tupl
         at += len(clip)
         pieces += [clip, room_tone(clip, pause_s if index < len(clips) - 1 else PAUSE_S)]
     return np.concatenate(pieces), spans
+
+
+def speech_onset(clip: np.ndarray) -> int:
+    """The first sample of speech, found without the VAD: the first 10 ms louder than ONSET_FACTOR times the
+    recording's room tone (RMS)."""
+    window = SAMPLE_RATE // 100
+    floor = np.sqrt(np.mean(clip[: int(ROOM_TONE_S * SAMPLE_RATE)] ** 2))
+    for start in range(0, len(clip) - window, window):
+        if np.sqrt(np.mean(clip[start:start + window] ** 2)) > ONSET_FACTOR * floor:
+            return start
+    raise AssertionError("no speech in the clip")
 
 
 def turn_span(event, options: TurnOptions) -> tuple[int, int]:
@@ -147,9 +159,9 @@ def test_speech_is_confirmed_soon_enough_to_interrupt_a_reply(clips):
         starts += [(e.at_s, (at + step) / SAMPLE_RATE) for e in detector.feed(stream[at:at + step])
                    if e.kind == SPEECH_START]
     assert len(starts) == 2
-    for (began_s, confirmed_s), (clip_start, _) in zip(starts, spans):
+    for (began_s, confirmed_s), (clip_start, _), clip in zip(starts, spans, clips[1:3]):
         assert began_s >= clip_start / SAMPLE_RATE  # not before the clip (the room tone is not speech)
-        assert confirmed_s - began_s <= BARGE_IN_S
+        assert 0 < confirmed_s - (clip_start + speech_onset(clip)) / SAMPLE_RATE <= BARGE_IN_S
 
 
 @pytest.mark.parametrize("chunk, message", [
@@ -425,3 +437,64 @@ def test_speech_out_wav_is_written_at_the_voice_rate(tmp_path):
     sf.write(path, audio, voice.sample_rate)
     assert sf.info(path).samplerate == voice.sample_rate and sf.info(path).duration > 3
 
+
+def test_chat_barge_in_stops_the_spoken_reply_within_half_a_second(tiny_loaded, clips, monkeypatch, capsys):
+    """Hands-free with --barge-in: the second question is spoken while the first reply plays; the reply's
+    playback is stopped within BARGE_IN_S of that speech starting (counted in microphone audio), and the
+    second question is sent as the next turn."""
+    from blsp_chat import mic
+
+    voice = load_or_skip("espeak-ng")
+    stream, spans = join(clips[1:3], PAUSE_S)
+    second_starts = spans[1][0] + speech_onset(clips[2])  # the first word of the second question
+    block = SAMPLE_RATE // 50
+    playing, stopped = threading.Event(), threading.Event()
+    heard = {"at": 0, "stopped_at": None}
+
+    class RecordedMicrophone:
+        """Plays back the recording; the second question starts only once the first reply is playing."""
+        device_name, sample_rate = "recording", SAMPLE_RATE
+
+        def __init__(self, device=None, max_seconds=None):
+            pass
+
+        def start(self):
+            pass
+
+        def read_block(self, timeout):
+            at = heard["at"]
+            if at + block > second_starts and not playing.is_set():
+                playing.wait(timeout=60)
+            heard["at"] = at + block
+            return stream[at:at + block, None] if at < len(stream) else np.zeros((0, 1), np.float32)
+
+        def drain(self):
+            pass
+
+        def cancel(self):
+            pass
+
+    class InterruptiblePlayer:
+        """The first clip "plays" until stopped; later ones return at once."""
+
+        def play(self, audio, rate):
+            if not playing.is_set():
+                playing.set()
+                stopped.wait(timeout=60)
+
+        def stop(self):
+            if playing.is_set() and heard["stopped_at"] is None:
+                heard["stopped_at"] = heard["at"]
+                stopped.set()
+
+    monkeypatch.setattr(mic, "Recorder", RecordedMicrophone)
+    chat = chat_with(tiny_loaded, voice=voice, player=InterruptiblePlayer(), barge_in=True)
+    chat.options = chat.options.__class__(max_new_tokens=40)
+    chat.listen("")
+    printed = capsys.readouterr().out
+    assert playing.is_set(), printed  # the first reply was spoken
+    assert heard["stopped_at"] is not None, printed
+    assert 0 < heard["stopped_at"] - second_starts <= BARGE_IN_S * SAMPLE_RATE
+    assert "[interrupted]" in printed
+    human = [t for t in chat.session.turns if t.role == "human"]
+    assert len(human) == 2 and printed.count("(sent ") == 2
