@@ -256,7 +256,7 @@ class TerminalChat:
         else:
             say("Press Enter on an empty line to speak, or /listen to talk hands-free.")
         if self.hands_free and not self.mic_problem:
-            self.listen("")
+            self.handle("/listen")  # as if typed: a microphone that fails to start is reported, not fatal
         while True:
             try:
                 line = self.read_line(USER_PROMPT)
@@ -418,12 +418,15 @@ class TerminalChat:
         if self.mic_problem:
             say(f"No microphone to listen with: {self.mic_problem}. Type a message or use /audio FILE.")
             return
-        from .mic import Recorder
+        from .mic import MicrophoneUnavailable, Recorder
         from .voice.listen import TurnListener
 
         recorder = Recorder(self.mic_device, max_seconds=None)
         listener = TurnListener(recorder.read_block, recorder.sample_rate)
-        recorder.start()
+        try:
+            recorder.start()
+        except Exception as err:  # sounddevice.PortAudioError: device busy, unplugged, unsupported format
+            raise MicrophoneUnavailable(f"could not start listening on {recorder.device_name}: {err}") from err
         say(f"Listening hands-free on {recorder.device_name}: speak, and pause to send. Ctrl-C returns to typing.")
         try:
             audio = None

@@ -498,3 +498,26 @@ def test_chat_barge_in_stops_the_spoken_reply_within_half_a_second(tiny_loaded, 
     assert "[interrupted]" in printed
     human = [t for t in chat.session.turns if t.role == "human"]
     assert len(human) == 2 and printed.count("(sent ") == 2
+
+
+def test_a_microphone_that_fails_to_start_is_reported_and_the_chat_goes_on(tiny_loaded, monkeypatch, capsys):
+    from blsp_chat import mic
+
+    class BusyMicrophone:
+        device_name, sample_rate = "busy mic", SAMPLE_RATE
+
+        def __init__(self, device=None, max_seconds=None):
+            pass
+
+        def start(self):
+            raise OSError("Device unavailable [PaErrorCode -9985]")
+
+        def read_block(self, timeout):
+            raise AssertionError("never started: nothing to read")
+
+    monkeypatch.setattr(mic, "Recorder", BusyMicrophone)
+    chat = chat_with(tiny_loaded)
+    chat.handle("/listen")
+    chat.handle("hello")
+    printed = capsys.readouterr().out
+    assert "error: could not start listening on busy mic" in printed and "bot> " in printed
