@@ -6,6 +6,7 @@ import os
 import shlex
 import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -14,15 +15,20 @@ from . import serve as server  # fastapi: the serve command's defaults come from
 from .audio import DEFAULT_MAX_AUDIO_SECONDS, AudioError, load_audio
 from .config import GenerationOptions
 from .constants import DEFAULT_TRANSLATION_TARGET, FALLBACK_TEMPERATURES, SAMPLE_RATE, TASK_PRESETS
-from .mic import MicrophoneUnavailable, Recorder, microphone_problem  # sounddevice loads only when recording
+from .mic import MicrophoneUnavailable, Player, Recorder, microphone_problem  # sounddevice loads only when recording
 from .prompt import Turn, task_instruction
 from .session import ChatSession, ContextOverflowError, generate_reply, speech_turn
+from .voice.barge_in import BargeInWatch
+from .voice.listen import TurnListener
+from .voice.speaker import SpokenReply, speak_text
+from .voice.tts import AUTO, ENGINES, VoiceOptions, try_load_voice
 
 USER_PROMPT = "you> "
 BOT_PROMPT = "bot> "
 CHAT_HELP = """\
 Type a message and press Enter. Commands:
   (empty line)            record from the microphone; Enter again stops and sends it
+  /listen                 hands-free: each spoken turn is sent when you pause (Ctrl-C: back to typing)
   /audio FILE [INSTR]     send an audio file, with an optional instruction
   /task NAME [TARGET]     instruction preset for spoken turns: {tasks} (TARGET: Translate's language)
   /undo                   remove the last exchange
@@ -84,6 +90,12 @@ def build_parser() -> argparse.ArgumentParser:
                       help="instruction placed before each spoken turn (default: the /task preset, 'Chat': none)")
     chat.add_argument("--mic-device", default=None,
                       help="sounddevice input device (name or index; default: the system's)")
+    chat.add_argument("--speak", action="store_true", help="speak each reply aloud, sentence by sentence as it streams")
+    chat.add_argument("--hands-free", action="store_true",
+                      help="start listening at once: each spoken turn is sent when you pause (the VAD ends it)")
+    chat.add_argument("--barge-in", action="store_true",
+                      help="hands-free: speaking over a reply stops it and starts your next turn (use headphones)")
+    add_voice_option(chat)
     add_generation_options(chat)
 
     gen = commands.add_parser("generate", help="reply to one spoken or typed turn, or to every line of a manifest")
@@ -98,12 +110,20 @@ def build_parser() -> argparse.ArgumentParser:
                           "(a manifest line's own \"instruction\" wins)")
     add_model_options(gen)
     add_generation_options(gen)
+    gen.add_argument("--speech-out", metavar="WAV", help="also write the reply, spoken, to this wav file")
+    add_voice_option(gen)
     gen.add_argument("--fallback", action="store_true",
                      help="decode a looping reply again at rising temperature (0.2 ... 1.0), as openai/whisper does; "
                           "the small default model loops on some clips when asked to repeat them")
     add_serve_command(commands)
     commands.add_parser("download", help="fetch and convert the offline default base models into the cache")
     return parser
+
+
+def add_voice_option(parser: argparse.ArgumentParser) -> None:
+
+    parser.add_argument("--voice", choices=(AUTO, *ENGINES), default=AUTO,
+                        help="the spoken replies' voice (auto: piper's natural voice, else espeak-ng)")
 
 
 def add_serve_command(commands) -> None:
@@ -146,16 +166,38 @@ def run_generate(args: argparse.Namespace) -> int:
     else:
         turn, audios = speech_turn(audio, loaded.model, instruction=args.instruction), [audio]
     try:
-        print(generate_reply(loaded, [turn], audios, options))
+        reply = generate_reply(loaded, [turn], audios, options)
     except AudioError as err:  # the model heard no words in the clip
         print(f"error: {err}", file=sys.stderr)
         return 1
+    print(reply)
+    return write_spoken_reply(reply, args.speech_out, args.voice) if args.speech_out else 0
+
+
+def write_spoken_reply(reply: str, path: str, engine: str) -> int:
+    """--speech-out: the reply spoken into a wav file; without a voice, a notice (the text was printed)."""
+    import soundfile as sf
+
+
+    voice, notice = try_load_voice(VoiceOptions(engine=engine))
+    if voice is None:
+        print(f"error: {notice}; {path} was not written", file=sys.stderr)
+        return 1
+    audio = speak_text(voice, reply)
+    if not len(audio):
+        print(f"error: the reply has nothing to say aloud; {path} was not written", file=sys.stderr)
+        return 1
+    sf.write(path, audio, voice.sample_rate, subtype="PCM_16")
+    print(f"(spoken by {voice.description}: {len(audio) / voice.sample_rate:.1f} s -> {path})", file=sys.stderr)
     return 0
 
 
 def run_manifest(args: argparse.Namespace) -> int:
     if not args.out:
         print("error: --manifest needs --out OUT.jsonl", file=sys.stderr)
+        return 2
+    if args.speech_out:
+        print("error: --speech-out goes with --audio or --text, not --manifest", file=sys.stderr)
         return 2
     if args.batch_size < 1:
         print("error: --batch-size must be at least 1", file=sys.stderr)
@@ -187,7 +229,8 @@ class TerminalChat:
     """The read-eval-print loop of `chat` over one ChatSession. `read_line` is `input` in a terminal."""
 
     def __init__(self, loaded, options: GenerationOptions, instruction: str | None = None, mic_device=None,
-                 read_line: Callable[[str], str] = input, max_context_tokens: int | None = None):
+                 read_line: Callable[[str], str] = input, max_context_tokens: int | None = None,
+                 voice=None, player=None, hands_free: bool = False, barge_in: bool = False):
         self.loaded = loaded
         self.session = ChatSession.from_loaded(loaded, max_context_tokens=max_context_tokens)
         self.options = options
@@ -196,7 +239,12 @@ class TerminalChat:
         self.mic_device = mic_device
         self.read_line = read_line
         self.mic_problem: str | None = None
-        self.commands = {"/audio": self.send_file, "/task": self.set_task, "/undo": self.undo,
+        self.voice, self.player = voice, player  # spoken replies when both are given (--speak)
+        self.hands_free = hands_free
+        self.barge_in = barge_in            # hands-free: speech over a reply stops it (headphones)
+        self._spoken = None                 # the reply being spoken, for barge-in to stop
+        self._barged = threading.Event()    # set by barge-in (the listener's thread) until the next reply
+        self.commands = {"/audio": self.send_file, "/listen": self.listen, "/task": self.set_task, "/undo": self.undo,
                          "/regenerate": self.regenerate, "/reset": self.reset, "/help": self.help}
 
     # --- the loop --------------------------------------------------------------------------------
@@ -208,7 +256,9 @@ class TerminalChat:
         if self.mic_problem:
             say(f"No microphone: {self.mic_problem}. Typed messages and /audio FILE still work.")
         else:
-            say("Press Enter on an empty line to speak.")
+            say("Press Enter on an empty line to speak, or /listen to talk hands-free.")
+        if self.hands_free and not self.mic_problem:
+            self.handle("/listen")  # as if typed: a microphone that fails to start is reported, not fatal
         while True:
             try:
                 line = self.read_line(USER_PROMPT)
@@ -256,18 +306,30 @@ class TerminalChat:
         """Stream the reply to the last human turn; Ctrl-C stops it and keeps what was said."""
         chunks = chunks if chunks is not None else self.session.stream_reply(self.options)
         say(BOT_PROMPT, end="")
-        last = None
+        last, spoken = None, self.start_speaking()
+        self._spoken = spoken
         try:
             for last in chunks:
+                if self._barged.is_set():  # barge-in came before the reply had started: cancel it now
+                    self.session.cancel()
+                    break
                 say(last.delta, end="")
+                if spoken:
+                    spoken.feed(last.delta)
         except KeyboardInterrupt:
             self.session.cancel()
+            if spoken:
+                spoken.stop()
             say(" [stopped]")
             return
         except BaseException:
+            if spoken:
+                spoken.stop()
             say()
             raise
         say()
+        if spoken:
+            self.finish_speaking(spoken)
         if last is None:
             return
         if not last.text:
@@ -277,6 +339,23 @@ class TerminalChat:
         if last.dropped_turns:
             say(f"(the conversation outgrew the model's context: the oldest {last.dropped_turns} turns "
                 "are no longer seen by the model)")
+
+    def start_speaking(self):
+
+        return SpokenReply(self.voice, self.player.play, self.player.stop) if self.voice and self.player else None
+
+    def finish_speaking(self, spoken) -> None:
+        """Wait for the reply's last sentence to play; Ctrl-C cuts it short."""
+        spoken.finish()
+        try:
+            while not spoken.wait(timeout=0.1):
+                pass
+        except KeyboardInterrupt:
+            spoken.stop()
+            say("(stopped speaking)")
+        if spoken.error is not None:
+            say(f"(the voice failed: {spoken.error}; replies are text only from now on)")
+            self.voice = None
 
     def recover(self) -> None:
         """After an interruption or failure: no reply running, no human turn left without a reply."""
@@ -328,6 +407,68 @@ class TerminalChat:
             say(f"(note: the input overflowed {recorder.overflows} times; some audio was lost)")
         self.send_audio(recorder.stop())
 
+    def listen(self, _: str) -> None:
+        """Hands-free: every turn the VAD ends is sent, until Ctrl-C (or /listen's caller) stops it."""
+        if self.mic_problem:
+            say(f"No microphone to listen with: {self.mic_problem}. Type a message or use /audio FILE.")
+            return
+
+        recorder = Recorder(self.mic_device, max_seconds=None)
+        listener = TurnListener(recorder.read_block, recorder.sample_rate)
+        try:
+            recorder.start()
+        except Exception as err:  # sounddevice.PortAudioError: device busy, unplugged, unsupported format
+            raise MicrophoneUnavailable(f"could not start listening on {recorder.device_name}: {err}") from err
+        say(f"Listening hands-free on {recorder.device_name}: speak, and pause to send. Ctrl-C returns to typing.")
+        try:
+            audio = None
+            while True:
+                audio = audio if audio is not None else listener.next_turn(
+                    on_speech_start=lambda: say("(hearing you...)"))
+                if audio is None:
+                    return
+                audio = self.answer_turn(audio, listener)
+                if not self.barge_in:
+                    recorder.drain()   # what the microphone heard while the reply played is not a turn
+                    listener.forget()
+        except KeyboardInterrupt:
+            say("\n(hands-free off: type, press Enter to record, or /listen again)")
+        finally:
+            recorder.cancel()
+
+    def answer_turn(self, audio, listener):
+        """Send one hands-free turn. With barge-in, listen while the reply runs: speech stops it, and the
+        turn that speech makes is returned to be sent next."""
+        if not self.barge_in:
+            self.handle_turn(audio)
+            return None
+
+        self._barged.clear()
+        watch = BargeInWatch(listener, interrupt=self.interrupt_reply)
+        watch.start()
+        try:
+            self.handle_turn(audio)
+        finally:
+            heard = watch.finish()
+        return heard
+
+    def interrupt_reply(self) -> None:
+        """Barge-in, on the listener's thread: stop the voice at once, then the generation."""
+        self._barged.set()
+        if self._spoken is not None:
+            self._spoken.stop()
+        self.session.cancel()
+        say(" [interrupted] (hearing you...)")
+
+    def handle_turn(self, audio) -> None:
+        """One hands-free turn; a failure is reported and listening goes on."""
+
+        try:
+            self.send_audio(audio)
+        except (AudioError, ContextOverflowError) as err:
+            self.recover()
+            say(f"error: {err}")
+
     # --- commands --------------------------------------------------------------------------------
     def set_task(self, rest: str) -> None:
         name, _, target = rest.partition(" ")
@@ -366,7 +507,25 @@ def run_chat(args: argparse.Namespace) -> int:
     options = generation_options(args)
     loaded = weights.load_pretrained(args.model, device=args.device)
     device = int(args.mic_device) if args.mic_device and args.mic_device.isdigit() else args.mic_device
-    return TerminalChat(loaded, options, args.instruction, device, max_context_tokens=args.max_context_tokens).run()
+    voice, player = chat_voice(args.voice) if args.speak else (None, None)
+    return TerminalChat(loaded, options, args.instruction, device, max_context_tokens=args.max_context_tokens,
+                        voice=voice, player=player, hands_free=args.hands_free, barge_in=args.barge_in).run()
+
+
+def chat_voice(engine: str):
+    """(voice, player) for --speak, or (None, None) with a notice: the chat then answers in text only."""
+
+    try:
+        player = Player()
+    except (MicrophoneUnavailable, OSError) as err:
+        say(f"(no sound output: {err}; replies are text only)")
+        return None, None
+    voice, notice = try_load_voice(VoiceOptions(engine=engine))
+    if voice is None:
+        say(f"({notice})")
+        return None, None
+    say(f"(replies are spoken by {voice.description})")
+    return voice, player
 
 
 def run_serve(args: argparse.Namespace) -> int:

