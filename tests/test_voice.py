@@ -396,7 +396,7 @@ def test_chat_speak_plays_each_reply(tiny_loaded, capsys):
 
 
 def test_chat_hands_free_sends_each_turn_at_its_pause(tiny_loaded, clips, monkeypatch, capsys):
-    from blsp_chat import mic
+    from blsp_chat import cli
 
     stream, _ = join(clips[1:3], PAUSE_S)
     block = 1600
@@ -420,7 +420,7 @@ def test_chat_hands_free_sends_each_turn_at_its_pause(tiny_loaded, clips, monkey
         def cancel(self):
             pass
 
-    monkeypatch.setattr(mic, "Recorder", RecordedMicrophone)
+    monkeypatch.setattr(cli, "Recorder", RecordedMicrophone)  # where the chat looks it up
     chat = chat_with(tiny_loaded)
     chat.listen("")
     printed = capsys.readouterr().out
@@ -441,7 +441,7 @@ def test_chat_barge_in_stops_the_spoken_reply_within_half_a_second(tiny_loaded, 
     """Hands-free with --barge-in: the second question is spoken while the first reply plays; the reply's
     playback is stopped within BARGE_IN_S of that speech starting (counted in microphone audio), and the
     second question is sent as the next turn."""
-    from blsp_chat import mic
+    from blsp_chat import cli
 
     voice = load_or_skip("espeak-ng")
     stream, spans = join(clips[1:3], PAUSE_S)
@@ -486,7 +486,7 @@ def test_chat_barge_in_stops_the_spoken_reply_within_half_a_second(tiny_loaded, 
                 heard["stopped_at"] = heard["at"]
                 stopped.set()
 
-    monkeypatch.setattr(mic, "Recorder", RecordedMicrophone)
+    monkeypatch.setattr(cli, "Recorder", RecordedMicrophone)  # where the chat looks it up
     chat = chat_with(tiny_loaded, voice=voice, player=InterruptiblePlayer(), barge_in=True)
     chat.options = chat.options.__class__(max_new_tokens=40)
     chat.listen("")
@@ -500,7 +500,7 @@ def test_chat_barge_in_stops_the_spoken_reply_within_half_a_second(tiny_loaded, 
 
 
 def test_a_microphone_that_fails_to_start_is_reported_and_the_chat_goes_on(tiny_loaded, monkeypatch, capsys):
-    from blsp_chat import mic
+    from blsp_chat import cli
 
     class BusyMicrophone:
         device_name, sample_rate = "busy mic", SAMPLE_RATE
@@ -514,7 +514,7 @@ def test_a_microphone_that_fails_to_start_is_reported_and_the_chat_goes_on(tiny_
         def read_block(self, timeout):
             raise AssertionError("never started: nothing to read")
 
-    monkeypatch.setattr(mic, "Recorder", BusyMicrophone)
+    monkeypatch.setattr(cli, "Recorder", BusyMicrophone)  # where the chat looks it up
     chat = chat_with(tiny_loaded)
     chat.handle("/listen")
     chat.handle("hello")
