@@ -10,6 +10,8 @@ import threading
 from pathlib import Path
 from typing import Callable, Iterator
 
+import soundfile as sf
+
 from . import manifest, weights
 from . import serve as server  # fastapi: the serve command's defaults come from it when the parser is built
 from .audio import DEFAULT_MAX_AUDIO_SECONDS, AudioError, load_audio
@@ -176,9 +178,6 @@ def run_generate(args: argparse.Namespace) -> int:
 
 def write_spoken_reply(reply: str, path: str, engine: str) -> int:
     """--speech-out: the reply spoken into a wav file; without a voice, a notice (the text was printed)."""
-    import soundfile as sf
-
-
     voice, notice = try_load_voice(VoiceOptions(engine=engine))
     if voice is None:
         print(f"error: {notice}; {path} was not written", file=sys.stderr)
