@@ -67,7 +67,7 @@ def load_audio(source, *, max_seconds: float | None = DEFAULT_MAX_AUDIO_SECONDS)
     # rejected without spending time on it.
     _check_finite(mono)
     _check_duration(len(mono) / sample_rate, max_seconds)
-    audio = _limit_peak(_resample(mono, sample_rate))
+    audio = _limit_peak(resample(mono, sample_rate))
     return validate_audio(audio, max_seconds=max_seconds)
 
 
@@ -274,10 +274,11 @@ def _num_samples(x: np.ndarray) -> int:
     return len(x) if x.ndim == 1 else max(x.shape)  # samples are the long axis, as in _to_mono
 
 
-def _resample(x: np.ndarray, sample_rate: int) -> np.ndarray:
-    if sample_rate == SAMPLE_RATE or x.size == 0:
+def resample(x: np.ndarray, rate_in: float, rate_out: float = SAMPLE_RATE) -> np.ndarray:
+    """float32 audio (samples on the first axis) from rate_in to rate_out Hz, with soxr's high quality."""
+    if rate_in == rate_out or x.size == 0:
         return x
-    return soxr.resample(x, sample_rate, SAMPLE_RATE, quality=RESAMPLE_QUALITY).astype(np.float32, copy=False)
+    return soxr.resample(x, rate_in, rate_out, quality=RESAMPLE_QUALITY).astype(np.float32, copy=False)
 
 
 def _limit_peak(x: np.ndarray) -> np.ndarray:

@@ -66,9 +66,14 @@ class NothingHeardError(AudioError):
                          "to the microphone, or type the message.")
 
 
+def all_heard(speech: Sequence[torch.Tensor]) -> bool:
+    """Whether every clip's readout holds at least one vector (a word heard)."""
+    return all(clip.shape[0] for clip in speech)
+
+
 def check_heard(speech: Sequence[torch.Tensor]) -> None:
     """Raise NothingHeardError if a clip's readout holds no vectors."""
-    if any(clip.shape[0] == 0 for clip in speech):
+    if not all_heard(speech):
         raise NothingHeardError()
 
 
@@ -204,7 +209,7 @@ def _generate_batch(loaded, conversations, audios, options: GenerationOptions) -
     replies: list[str | None] = [None] * len(conversations)
     with model_lock(model):
         speech = _per_conversation(model.encode_speech([a for clips in audios for a in clips]), audios)
-        heard = [i for i, clips in enumerate(speech) if all(clip.shape[0] for clip in clips)]
+        heard = [i for i, clips in enumerate(speech) if all_heard(clips)]
         if not heard:
             return replies
         batch = _laid_out(loaded, [conversations[i] for i in heard], [speech[i] for i in heard])

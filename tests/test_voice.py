@@ -10,6 +10,7 @@ import pytest
 import soundfile as sf
 from conftest import LIBRIVOX_DIR
 
+from blsp_chat.audio import resample
 from blsp_chat.constants import SAMPLE_RATE
 from blsp_chat.voice import tts
 from blsp_chat.voice.listen import TurnListener
@@ -256,7 +257,7 @@ def whisper(default_whisper_dir):
 def heard_wer(whisper, audio: np.ndarray, rate: int, text: str) -> tuple[float, str]:
     from train.metrics import EnglishNormalizer, word_errors
 
-    heard = whisper([tts.resample(audio, rate, SAMPLE_RATE)])[0]
+    heard = whisper([resample(audio, rate, SAMPLE_RATE)])[0]
     return word_errors(text, heard, EnglishNormalizer()).wer, heard
 
 

@@ -55,7 +55,7 @@ from typing import TYPE_CHECKING, Callable, Sequence
 import numpy as np
 import soundfile as sf
 
-from blsp_chat.audio import AudioError, load_audio
+from blsp_chat.audio import AudioError, load_audio, resample
 from blsp_chat.constants import SAMPLE_RATE
 
 from .io import append_line, numbered_lines, read_jsonl_tolerant, repair_tail, resolve_audio, write_jsonl_atomic
@@ -112,12 +112,6 @@ def _fit_length(x: np.ndarray, n: int) -> np.ndarray:
     return x[:n] if len(x) >= n else np.pad(x, (0, n - len(x)))
 
 
-def _resample(x: np.ndarray, rate_in: float, rate_out: float) -> np.ndarray:
-    import soxr
-
-    return soxr.resample(x, rate_in, rate_out, quality="HQ").astype(np.float32)
-
-
 def _sox(audio: np.ndarray, *effect: str) -> np.ndarray:
     """audio through a sox effect, as raw 32-bit floats on pipes (no dither: same bytes on every run)."""
     if not shutil.which("sox"):
@@ -133,7 +127,7 @@ def _sox(audio: np.ndarray, *effect: str) -> np.ndarray:
 # --- the effects: (audio, **parameters) -> audio -------------------------------------------------------
 def speed(audio: np.ndarray, factor: float) -> np.ndarray:
     """Played `factor` times faster: duration / factor, every frequency x factor."""
-    return _resample(audio, SAMPLE_RATE * factor, SAMPLE_RATE)
+    return resample(audio, SAMPLE_RATE * factor, SAMPLE_RATE)
 
 
 def tempo(audio: np.ndarray, factor: float) -> np.ndarray:
@@ -255,8 +249,8 @@ def band_limit(audio: np.ndarray, kind: str) -> np.ndarray:
 
         sos = butter(BAND_FILTER_ORDER, TELEPHONE_BAND_HZ, btype="bandpass", fs=SAMPLE_RATE, output="sos")
         out = sosfiltfilt(sos, audio).astype(np.float32)
-    narrow = _resample(out, SAMPLE_RATE, NARROWBAND_RATE)
-    return _fit_length(_resample(narrow, NARROWBAND_RATE, SAMPLE_RATE), len(audio))
+    narrow = resample(out, SAMPLE_RATE, NARROWBAND_RATE)
+    return _fit_length(resample(narrow, NARROWBAND_RATE, SAMPLE_RATE), len(audio))
 
 
 def codec(audio: np.ndarray, name: str, bitrate: int) -> np.ndarray:

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..audio import resample
 from ..constants import SAMPLE_RATE
 
 ENGINES = ("piper", "espeak-ng")
@@ -151,14 +152,6 @@ class Voice:
 
     def synthesize_16k(self, text: str) -> np.ndarray:
         return resample(self.synthesize(text), self.sample_rate, SAMPLE_RATE)
-
-
-def resample(audio: np.ndarray, rate: int, target: int) -> np.ndarray:
-    if rate == target or len(audio) == 0:
-        return audio
-    import soxr
-
-    return soxr.resample(audio, rate, target).astype(np.float32, copy=False)
 
 
 ENGINE_CLASSES = {"piper": PiperEngine, "espeak-ng": EspeakEngine}
