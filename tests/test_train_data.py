@@ -486,6 +486,20 @@ def test_mix_cli_repetition_only(tmp_path, capsys):
     assert [entry["response"] for entry in _jsonl(out)] == ["T 0.", "T 1.", "T 2.", "T 3."]
 
 
+def test_mix_cli_written_in_another_folder_still_finds_the_clips(tmp_path, capsys):
+    data = tmp_path / "data"
+    (data / "wav").mkdir(parents=True)
+    (data / "wav" / "a.wav").write_bytes(b"RIFF")
+    lines = [{"audio": "wav/a.wav", "text": "a"}, {"audio": "/elsewhere/b.wav", "text": "b"}]
+    (data / "asr.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    out = tmp_path / "mixes" / "rep.jsonl"
+    out.parent.mkdir()
+    assert mix_data.main(["--asr", str(data / "asr.jsonl"), "--out", str(out), "--repetition-only"]) == 0
+    written = [entry["audio"] for entry in _jsonl(out)]
+    assert written == ["../data/wav/a.wav", "/elsewhere/b.wav"]
+    assert (out.parent / written[0]).resolve() == (data / "wav" / "a.wav").resolve()
+
+
 def test_mix_cli_leaves_out_continuations_of_other_splits(tmp_path, capsys):
     def line(i, split):
         return {"audio": f"/a/{i}.wav", "text": f"t {i}", "split": split, "instruction": CONTINUATION_INSTRUCTION,

@@ -94,3 +94,16 @@ def resolve_audio(manifest: str | Path, audio: str) -> Path:
     """Relative audio paths are read against the manifest's folder."""
     audio_path = Path(audio)
     return (audio_path if audio_path.is_absolute() else Path(manifest).parent / audio_path).resolve()
+
+
+def rebase_audio(records: Iterable[dict], manifest: str | Path, new_manifest: str | Path) -> list[dict]:
+    """Lines read from `manifest` as they must read from `new_manifest`: relative audio paths re-expressed
+    against the new file's folder, so that a manifest written elsewhere still finds its clips."""
+    new_folder = Path(new_manifest).resolve().parent
+    rebased = []
+    for record in records:
+        audio = record.get("audio")
+        if audio and not Path(audio).is_absolute():
+            record = {**record, "audio": os.path.relpath(resolve_audio(manifest, audio), new_folder)}
+        rebased.append(record)
+    return rebased

@@ -23,7 +23,7 @@ from typing import Sequence
 
 from blsp_chat.constants import REPEAT_INSTRUCTION
 
-from .io import read_jsonl_tolerant, write_jsonl_atomic
+from .io import read_jsonl_tolerant, rebase_audio, write_jsonl_atomic
 
 PAPER_RATIO = "1:9"   # repetition : continuation
 
@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as err:
             print(f"error: {err}", file=sys.stderr)
             return 1
-    write_jsonl_atomic(Path(args.out), lines)
+    write_jsonl_atomic(Path(args.out), rebase_audio(lines, args.asr, args.out))
     counts = {"lines": len(lines), "repeat": sum(entry.get("task") == "repeat" for entry in lines)}
     counts["continue"] = counts["lines"] - counts["repeat"]
     if not args.repetition_only:
