@@ -17,7 +17,7 @@ import soundfile as sf
 from blsp_chat.constants import SAMPLE_RATE
 from train import augment as A
 from train import synthesize
-from train.evaluate import WhisperTranscriber
+from train.eval_run import WhisperTranscriber
 from train.metrics import EnglishNormalizer
 
 SR = SAMPLE_RATE
