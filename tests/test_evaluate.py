@@ -1,5 +1,5 @@
-"""train.evaluate and train.metrics: each task's metric on hand-made outputs, label mapping, resume,
-the Table-2 comparison, and system dispatch on the tiny models."""
+"""train.evaluate (eval_run, eval_score, eval_compare) and train.metrics: each task's metric on hand-made
+outputs, label mapping, resume, the Table-2 comparison, and system dispatch on the tiny models."""
 import json
 import math
 from types import SimpleNamespace
@@ -12,6 +12,19 @@ from blsp_chat.constants import REPEAT_INSTRUCTION, SAMPLE_RATE, SNIPS_LIGHT_INT
 from tiny import tiny_blsp, tiny_tokenizer, tone
 from train import evaluate as ev
 from train import metrics
+from train.eval_compare import compare_table
+from train.eval_run import (
+    SYSTEM_NAMES,
+    SYSTEMS,
+    Engines,
+    EvalSettings,
+    LlmRunner,
+    Request,
+    check_items,
+    read_manifest,
+    slu_instruction,
+)
+from train.eval_score import judge_verdicts, parse_verdict, summarize
 
 SENTIMENT = ("positive", "negative", "neutral")
 
@@ -49,10 +62,10 @@ def test_wer_of_empty_sides():
 
 
 def test_asr_summary_reports_percent_wer():
-    settings = ev.EvalSettings("asr", "blsp")
+    settings = EvalSettings("asr", "blsp")
     records = [{"id": "1", "reply": "Hello world.", "text": "hello world"},
                {"id": "2", "reply": "", "text": "good night"}]
-    summary = ev.summarize(records, settings)
+    summary = summarize(records, settings)
     assert summary["headline"] == {"metric": "WER", "value": pytest.approx(50.0), "higher_is_better": False}
     assert summary["metrics"]["deletions"] == 2
 
@@ -66,8 +79,8 @@ def test_bleu_known_value():
 
 
 def test_st_summary_notes_missing_comet():
-    settings = ev.EvalSettings("st", "text", comet_model=None)
-    summary = ev.summarize([{"id": "1", "reply": "Guten Morgen, wie geht es dir?",
+    settings = EvalSettings("st", "text", comet_model=None)
+    summary = summarize([{"id": "1", "reply": "Guten Morgen, wie geht es dir?",
                              "reference": "Guten Morgen, wie geht es dir?", "text": "Good morning, how are you?"}],
                            settings)
     assert summary["headline"]["metric"] == "BLEU" and summary["headline"]["value"] == pytest.approx(100)
@@ -92,20 +105,20 @@ def test_map_label(reply, labels, label, how):
 
 
 def test_slu_accuracy_counts_unmappable_separately():
-    settings = ev.EvalSettings("slu", "text", labels=SENTIMENT)
+    settings = EvalSettings("slu", "text", labels=SENTIMENT)
     records = [{"id": "1", "reply": "positive", "label": "positive"},
                {"id": "2", "reply": "It sounds negative.", "label": "negative"},
                {"id": "3", "reply": "neutral", "label": "positive"},
                {"id": "4", "reply": "bananas", "label": "neutral"}]
-    summary = ev.summarize(records, settings)
+    summary = summarize(records, settings)
     assert summary["metrics"]["accuracy"] == pytest.approx(50.0)
     assert summary["metrics"]["unmappable"] == 1
     assert summary["predictions"] == {"1": "positive", "2": "negative", "3": "neutral", "4": None}
 
 
 def test_slu_instruction_follows_the_label_list():
-    assert "emotional tone" in ev.slu_instruction(["Positive", "negative", "neutral"])
-    assert ev.slu_instruction(["a", "b"]).endswith("choose from [a, b].")
+    assert "emotional tone" in slu_instruction(["Positive", "negative", "neutral"])
+    assert slu_instruction(["a", "b"]).endswith("choose from [a, b].")
 
 
 # --- continuation and QA ---------------------------------------------------------------------------
@@ -123,24 +136,24 @@ def test_token_f1_known_value():
 
 
 def test_qa_judge_gives_accept_rate_and_is_cached(tmp_path):
-    settings = ev.EvalSettings("qa", "text")
+    settings = EvalSettings("qa", "text")
     records = [{"id": str(i), "instruction": "Q?", "text": "t", "reply": r} for i, r in enumerate(["yes", "no", "yes"])]
     calls = []
 
     def judge(question, transcript, answer):
         calls.append(answer)
         return answer == "yes"
-    verdicts = ev.judge_verdicts(records, judge, tmp_path, settings)
-    assert ev.summarize(records, settings, verdicts)["metrics"]["accept_rate"] == pytest.approx(200 / 3)
-    ev.judge_verdicts(records, judge, tmp_path, settings)
+    verdicts = judge_verdicts(records, judge, tmp_path, settings)
+    assert summarize(records, settings, verdicts)["metrics"]["accept_rate"] == pytest.approx(200 / 3)
+    judge_verdicts(records, judge, tmp_path, settings)
     assert len(calls) == 3  # the second pass read the cache
-    assert ev.summarize(records, settings)["headline"]["metric"] == "answers"
+    assert summarize(records, settings)["headline"]["metric"] == "answers"
 
 
 def test_parse_verdict():
-    assert ev.parse_verdict("Unacceptable.") is False
-    assert ev.parse_verdict("acceptable") is True
-    assert ev.parse_verdict("maybe") is None
+    assert parse_verdict("Unacceptable.") is False
+    assert parse_verdict("acceptable") is True
+    assert parse_verdict("maybe") is None
 
 
 # --- resume ----------------------------------------------------------------------------------------
@@ -163,15 +176,15 @@ def _text_items(n):
 
 
 def test_resume_after_a_kill_has_no_duplicates_and_no_lost_items(tmp_path):
-    items, settings = _text_items(7), ev.EvalSettings("asr", "text", batch_size=2)
+    items, settings = _text_items(7), EvalSettings("asr", "text", batch_size=2)
     with pytest.raises(KeyboardInterrupt):
-        ev.evaluate(items, settings, ev.Engines(llm=FakeLlm(fail_after=2)), tmp_path, progress=False)
+        ev.evaluate(items, settings, Engines(llm=FakeLlm(fail_after=2)), tmp_path, progress=False)
     path = tmp_path / "asr.test.jsonl"
     assert len(path.read_text().splitlines()) == 4
     with open(path, "a") as handle:  # killed in the middle of writing a record
         handle.write('{"id": "4", "task": "asr", "sys')
     llm = FakeLlm()
-    summary = ev.evaluate(items, settings, ev.Engines(llm=llm), tmp_path, progress=False)
+    summary = ev.evaluate(items, settings, Engines(llm=llm), tmp_path, progress=False)
     ids = [json.loads(line)["id"] for line in path.read_text().splitlines()]
     assert sorted(ids) == sorted(item["id"] for item in items)  # each once
     assert [r.text for r in llm.requests] == [f"sentence number {i}" for i in (4, 5, 6)]
@@ -180,32 +193,32 @@ def test_resume_after_a_kill_has_no_duplicates_and_no_lost_items(tmp_path):
 
 
 def test_resume_refuses_outputs_of_another_run(tmp_path):
-    ev.evaluate(_text_items(2), ev.EvalSettings("asr", "text"), ev.Engines(llm=FakeLlm()), tmp_path, progress=False)
+    ev.evaluate(_text_items(2), EvalSettings("asr", "text"), Engines(llm=FakeLlm()), tmp_path, progress=False)
     with pytest.raises(ValueError, match="another run"):
-        ev.evaluate(_text_items(2), ev.EvalSettings("asr", "text", model="other"), ev.Engines(llm=FakeLlm()), tmp_path,
+        ev.evaluate(_text_items(2), EvalSettings("asr", "text", model="other"), Engines(llm=FakeLlm()), tmp_path,
                     progress=False)
 
 
 def test_manifest_ids_and_relative_audio(tmp_path):
     (tmp_path / "m.jsonl").write_text('{"audio": "a.wav", "text": "x"}\n\n{"id": "k", "audio": "/abs/b.wav"}\n')
-    items = ev.read_manifest(tmp_path / "m.jsonl")
+    items = read_manifest(tmp_path / "m.jsonl")
     assert [i["id"] for i in items] == ["1", "k"]
     assert items[0]["audio"] == str(tmp_path / "a.wav") and items[1]["audio"] == "/abs/b.wav"
     (tmp_path / "d.jsonl").write_text('{"id": 1}\n{"id": 1}\n')
     with pytest.raises(ValueError, match="twice"):
-        ev.read_manifest(tmp_path / "d.jsonl")
+        read_manifest(tmp_path / "d.jsonl")
 
 
 def test_missing_fields_fail_before_running():
     with pytest.raises(ValueError, match="lacks label"):
-        ev.check_items([{"id": "1", "text": "x"}], ev.EvalSettings("slu", "text"))
+        check_items([{"id": "1", "text": "x"}], EvalSettings("slu", "text"))
     with pytest.raises(ValueError, match="only does --task asr"):
-        ev.EvalSettings("slu", "whisper")
+        EvalSettings("slu", "whisper")
 
 
 # --- compare ---------------------------------------------------------------------------------------
 def _summary(task, system, value, label=None, metric="WER", higher=False):
-    return {"task": task, "dataset": "smoke", "system": system, "label": label or ev.SYSTEM_NAMES[system],
+    return {"task": task, "dataset": "smoke", "system": system, "label": label or SYSTEM_NAMES[system],
             "headline": {"metric": metric, "value": value, "higher_is_better": higher}}
 
 
@@ -213,7 +226,7 @@ def test_compare_table_has_paper_table_2_layout():
     summaries = [_summary("asr", "blsp", 80.0), _summary("asr", "whisper", 17.4), _summary("asr", "cascade", 20.25),
                  _summary("asr", "text", 1.0), _summary("slu", "blsp", 10.0, metric="ACC", higher=True),
                  _summary("slu", "text", 90.0, metric="ACC", higher=True)]
-    lines = ev.compare_table(summaries).splitlines()
+    lines = compare_table(summaries).splitlines()
     assert lines[0] == "| Method | ASR (WER↓) smoke | SLU (ACC↑) smoke |"
     assert lines[2:] == ["| Text+LLM | 1.0 | 90.0 |", "| Whisper+LLM | 17.4 / 20.2 | - |", "| BLSP | 80.0 | 10.0 |"]
 
@@ -243,7 +256,7 @@ def speech_items(tmp_path):
     return items
 
 
-class SpyRunner(ev.LlmRunner):
+class SpyRunner(LlmRunner):
     def __init__(self, loaded):
         super().__init__(loaded, GenerationOptions(max_new_tokens=4))
         self.requests = []
@@ -257,11 +270,11 @@ def fake_whisper(audios):
     return [f"heard {len(a)}" for a in audios]
 
 
-@pytest.mark.parametrize("system", ev.SYSTEMS)
+@pytest.mark.parametrize("system", SYSTEMS)
 def test_system_dispatch(system, tiny_loaded, speech_items, tmp_path):
     spy = SpyRunner(tiny_loaded)
-    engines = ev.Engines(llm=None if system == "whisper" else spy, transcriber=fake_whisper)
-    summary = ev.evaluate(speech_items, ev.EvalSettings("asr", system, batch_size=2), engines, tmp_path, progress=False)
+    engines = Engines(llm=None if system == "whisper" else spy, transcriber=fake_whisper)
+    summary = ev.evaluate(speech_items, EvalSettings("asr", system, batch_size=2), engines, tmp_path, progress=False)
     lines = (tmp_path / "asr.test.jsonl").read_text().splitlines()
     records = {json.loads(entry)["id"]: json.loads(entry) for entry in lines}
     assert summary["items"] == 3 and set(records) == {"c0", "c1", "c2"}
@@ -279,9 +292,9 @@ def test_system_dispatch(system, tiny_loaded, speech_items, tmp_path):
 
 
 def test_batched_replies_equal_one_by_one(tiny_loaded):
-    runner = ev.LlmRunner(tiny_loaded, GenerationOptions(max_new_tokens=6))
-    requests = [ev.Request(REPEAT_INSTRUCTION, audio=tone(1.7, 300)), ev.Request("Hi", text="the quick brown fox"),
-                ev.Request(REPEAT_INSTRUCTION, audio=tone(0.5, 180, seed=3))]
+    runner = LlmRunner(tiny_loaded, GenerationOptions(max_new_tokens=6))
+    requests = [Request(REPEAT_INSTRUCTION, audio=tone(1.7, 300)), Request("Hi", text="the quick brown fox"),
+                Request(REPEAT_INSTRUCTION, audio=tone(0.5, 180, seed=3))]
     batch = runner.batch_inputs(requests)
     assert (batch["attention_mask"].sum(1) < batch["attention_mask"].shape[1]).any()  # some rows are padded
     assert batch["attention_mask"][:, -1].all()  # ... on the left
@@ -290,10 +303,10 @@ def test_batched_replies_equal_one_by_one(tiny_loaded):
 
 def test_ctc_readout_prompts_hold_exactly_the_encoded_speech():
     model = tiny_blsp("none", speech_readout="ctc", ctc_blank_id=5)
-    runner = ev.LlmRunner(SimpleNamespace(model=model, tokenizer=tiny_tokenizer()), GenerationOptions(max_new_tokens=6))
+    runner = LlmRunner(SimpleNamespace(model=model, tokenizer=tiny_tokenizer()), GenerationOptions(max_new_tokens=6))
     clips = [tone(1.7, 300), tone(0.5, 180, seed=3)]
-    requests = [ev.Request(REPEAT_INSTRUCTION, audio=clips[0]), ev.Request("Hi", text="fox"),
-                ev.Request(REPEAT_INSTRUCTION, audio=clips[1])]
+    requests = [Request(REPEAT_INSTRUCTION, audio=clips[0]), Request("Hi", text="fox"),
+                Request(REPEAT_INSTRUCTION, audio=clips[1])]
     batch = runner.batch_inputs(requests)
     heard = [e.shape[0] for e in batch["speech_embeds"]]
     assert heard == [e.shape[0] for e in model.encode_speech(clips)]
@@ -304,7 +317,7 @@ def test_ctc_readout_prompts_hold_exactly_the_encoded_speech():
 def test_continuation_compares_with_the_reply_from_the_transcript(tiny_loaded, speech_items, tmp_path):
     spy = SpyRunner(tiny_loaded)
     speech_items[0]["reference"] = "given continuation"
-    ev.evaluate(speech_items, ev.EvalSettings("continuation", "blsp"), ev.Engines(llm=spy), tmp_path, progress=False)
+    ev.evaluate(speech_items, EvalSettings("continuation", "blsp"), Engines(llm=spy), tmp_path, progress=False)
     records = [json.loads(entry) for entry in (tmp_path / "continuation.test.jsonl").read_text().splitlines()]
     by_id = {r["id"]: r for r in records}
     assert by_id["c0"]["reference_reply"] == "given continuation"
@@ -315,7 +328,7 @@ def test_continuation_compares_with_the_reply_from_the_transcript(tiny_loaded, s
 def test_cli_prints_the_headline_last(tmp_path, capsys, monkeypatch, speech_items):
     manifest = tmp_path / "m.jsonl"
     manifest.write_text("".join(json.dumps(item) + "\n" for item in speech_items))
-    monkeypatch.setattr(ev, "build_engines", lambda args, settings: ev.Engines(transcriber=fake_whisper))
+    monkeypatch.setattr(ev, "build_engines", lambda args, settings: Engines(transcriber=fake_whisper))
     code = ev.main(["--task", "asr", "--system", "whisper", "--manifest", str(manifest), "--out", str(tmp_path / "o")])
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert code == 0 and last.startswith("asr m Whisper: WER↓ ") and last.endswith("(3 items)")
@@ -324,7 +337,7 @@ def test_cli_prints_the_headline_last(tmp_path, capsys, monkeypatch, speech_item
 
 def test_continuation_of_the_text_system_is_its_own_reference(tmp_path):
     llm = FakeLlm()
-    summary = ev.evaluate(_text_items(3), ev.EvalSettings("continuation", "text"), ev.Engines(llm=llm), tmp_path,
+    summary = ev.evaluate(_text_items(3), EvalSettings("continuation", "text"), Engines(llm=llm), tmp_path,
                           progress=False)
     assert len(llm.requests) == 3  # no second generation for the reference
     assert summary["headline"]["metric"] == "chrF" and summary["metrics"]["token_f1"] == pytest.approx(1.0)
@@ -337,6 +350,6 @@ def test_fallback_flag_turns_on_temperature_fallback_and_is_recorded(tmp_path):
     settings = ev.settings_from_args(parser.parse_args(["--task", "asr", "--manifest", "m.jsonl", "--system", "text",
                                                         "--fallback"]))
     assert settings.options.fallback_temperatures == (0.2, 0.4, 0.6, 0.8, 1.0)
-    ev.evaluate(_text_items(2), settings, ev.Engines(llm=FakeLlm()), tmp_path, progress=False)
+    ev.evaluate(_text_items(2), settings, Engines(llm=FakeLlm()), tmp_path, progress=False)
     written = json.loads(next(tmp_path.glob("*.summary.json")).read_text())
     assert written["settings"]["generation"]["fallback_temperatures"] == [0.2, 0.4, 0.6, 0.8, 1.0]

@@ -88,8 +88,9 @@ def quiet(_):
 
 
 def test_lora_sft_lowers_loss_and_touches_only_lora_weights(tokenizer, tmp_path):
-    config = sft_llm.SftConfig(lr=1e-2, batch_size=4, max_steps=30, warmup_steps=1, lora_dropout=0.0, log_every=10,
-                               lora_targets=("q_proj", "k_proj", "v_proj", "o_proj"), run_dir=str(tmp_path))
+    config = sft_llm.SftConfig(learning_rate=1e-2, batch_size=4, max_steps=30, warmup_steps=1, lora_dropout=0.0,
+                               log_every=10, lora_targets=("q_proj", "k_proj", "v_proj", "o_proj"),
+                               run_dir=str(tmp_path))
     model = sft_llm.prepare_model(lively_llm(), config)
     encoded, _ = sft_llm.encode_all(records(), tokenizer, template_for("blsp", tokenizer), config.max_len)
     base_before = {k: v.clone() for k, v in model.named_parameters() if "lora_" not in k}
@@ -119,8 +120,8 @@ def test_sft_resumed_after_a_kill_reproduces_the_loss_sequence(tokenizer, tmp_pa
     encoded, _ = sft_llm.encode_all(records(), tokenizer, template_for("blsp", tokenizer), 160)
 
     def run(name, **kwargs):  # lora_dropout stays on: the resumed run must restore the RNG too
-        config = sft_llm.SftConfig(lr=1e-2, batch_size=4, max_steps=8, warmup_steps=2, save_every=3, log_every=1,
-                                   run_dir=str(tmp_path / name))
+        config = sft_llm.SftConfig(learning_rate=1e-2, batch_size=4, max_steps=8, warmup_steps=2, save_every=3,
+                                   log_every=1, run_dir=str(tmp_path / name))
         return sft_llm.train(sft_llm.prepare_model(lively_llm(), config), tokenizer, encoded, config, log=quiet,
                              **kwargs)
 
@@ -142,7 +143,7 @@ def test_cli_resume_keeps_the_time_budget_plan_and_writes_the_lora_and_card(toke
     lively_llm().save_pretrained(base_dir)
     tokenizer.save_pretrained(base_dir)
     (tmp_path / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records()))
-    settings = dict(llm=str(base_dir), data=str(tmp_path / "data.jsonl"), lr=1e-2, batch_size=4, epochs=3.0,
+    settings = dict(llm=str(base_dir), data=str(tmp_path / "data.jsonl"), learning_rate=1e-2, batch_size=4, epochs=3.0,
                     warmup_steps=2, save_every=2, log_every=1, time_budget_min=0.2)
 
     def config(name):
@@ -177,12 +178,12 @@ def test_cli_resume_keeps_the_time_budget_plan_and_writes_the_lora_and_card(toke
 
 
 def test_time_budget_probe_times_steps_and_puts_the_weights_back(tokenizer):
-    config = sft_llm.SftConfig(lr=1e-2)
+    config = sft_llm.SftConfig(learning_rate=1e-2)
     model = sft_llm.prepare_model(lively_llm(), config)
     encoded, _ = sft_llm.encode_all(records(4), tokenizer, template_for("blsp", tokenizer), config.max_len)
     before = {k: v.clone() for k, v in model.named_parameters()}
     batch = sft_llm.collate(encoded, tokenizer.pad_token_id)
-    assert sft_llm.seconds_per_step(model, [batch] * 4, grad_accum=2) > 0
+    assert sft_llm.seconds_per_step(model, [batch] * 4, gradient_accumulation_steps=2) > 0
     for name, value in model.named_parameters():
         assert torch.equal(value, before[name]) and value.grad is None, name
 
@@ -394,3 +395,28 @@ def test_default_llm_with_stage1_lora_answers_in_blsp_format():
     llm, tokenizer = weights.load_llm(weights.DEFAULT_LLM, torch.float32)
     replies = sft_llm.answer_all(llm.eval(), tokenizer, "blsp", [("What is the capital of France?", "")], 24)
     assert "paris" in replies[0].lower(), replies
+
+
+def test_old_spellings_of_learning_rate_and_accumulation_still_work_with_a_warning(tmp_path, monkeypatch):
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps({"lr": 3e-3, "grad_accum": 4}))
+    with pytest.warns(FutureWarning) as caught:
+        config = sft_llm.SftConfig.load(path)
+    assert [str(w.message).split(": use ")[1].split()[0] for w in caught] == ["'learning_rate'",
+                                                                              "'gradient_accumulation_steps'"]
+    assert (config.learning_rate, config.gradient_accumulation_steps) == (3e-3, 4)
+    assert sft_llm.loop_config(config, None).learning_rate == 3e-3  # what the loop is given
+    path.write_text(json.dumps({"lr": 3e-3, "learning_rate": 1e-3}))
+    with pytest.raises(ValueError, match="both 'lr' and 'learning_rate'"):
+        sft_llm.SftConfig.load(path)
+
+    seen = []
+    monkeypatch.setattr(sft_llm, "train_and_save", lambda config, resume: seen.append(config))
+    with pytest.warns(FutureWarning) as caught:
+        sft_llm.main(["--lr", "0.02", "--grad-accum", "3", "--out", str(tmp_path / "o")])
+    assert [str(w.message).split(" is deprecated")[0] for w in caught] == ["--lr", "--grad-accum"]
+    assert (seen[0].learning_rate, seen[0].gradient_accumulation_steps) == (0.02, 3)
+    sft_llm.main(["--learning-rate", "0.05", "--out", str(tmp_path / "o")])
+    assert seen[1].learning_rate == 0.05
+    with pytest.raises(SystemExit):
+        sft_llm.main(["--lr", "0.02", "--learning-rate", "0.05"])

@@ -13,13 +13,30 @@ import soundfile as sf
 import torch
 from safetensors.torch import load_file
 
+from blsp_chat.adapter import collapse_ctc
 from blsp_chat.audio import load_audio
 from blsp_chat.constants import IGNORE_INDEX, REPEAT_INSTRUCTION, SAMPLE_RATE
 from blsp_chat.prompt import Turn, render
 from blsp_chat.weights import LoadedBlsp
 from tiny import tiny_blsp, tiny_tokenizer, tone
 from train import precompute_encoder
+from train.adapter_config import (
+    AdapterTrainConfig,
+    DataSection,
+    EvalSection,
+    LossSection,
+    ModelSection,
+    load_config,
+)
 from train.loop import LoopConfig
+from train.losses import (
+    AdapterObjective,
+    cross_entropy,
+    ctc_blank_id,
+    distillation_kl,
+    embedding_ctc,
+    response_span,
+)
 from train.precompute_encoder import fill, missing_clips
 from train.speech_data import (
     BucketBatchSampler,
@@ -32,23 +49,7 @@ from train.speech_data import (
     speech_embeddings,
     with_repetition,
 )
-from train.train_adapter import (
-    AdapterObjective,
-    AdapterTrainConfig,
-    DataSection,
-    EvalSection,
-    LossSection,
-    ModelSection,
-    collapse_ctc,
-    cross_entropy,
-    ctc_blank_id,
-    distillation_kl,
-    embedding_ctc,
-    load_config,
-    readout_wer_fn,
-    response_span,
-    run,
-)
+from train.train_adapter import readout_wer_fn, run
 
 SENTENCES = ["hello there", "the quick brown fox", "what is the capital of france", "paris is a city",
              "the lazy dog sleeps", "jumps over the dog"]

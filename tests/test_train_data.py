@@ -18,7 +18,7 @@ from blsp_chat.constants import CONTINUATION_INSTRUCTION, REPEAT_INSTRUCTION, SA
 from blsp_chat.prompt import BLSP_TEMPLATE
 from tiny import tiny_llm, tiny_tokenizer, tone
 from train import generate_continuations as gc
-from train import mix_data, prepare_data, synthesize, text_sources
+from train import mix_data, prepare_data, synthesize, text_sources, tts_engines
 
 
 def _wav(path: Path, seconds: float = 0.5, fmt: str | None = None) -> Path:
@@ -201,7 +201,7 @@ SENTENCES = ["The cat sat on the mat today.", "A small boat drifted across the l
 
 
 def _espeak_plan(out_dir: Path, seed: int = 0, **kwargs):
-    voices = {"espeak-ng": [v for v in synthesize.espeak_voices() if v.name.startswith(("en-us+", "en-gb+"))]}
+    voices = {"espeak-ng": [v for v in tts_engines.espeak_voices() if v.name.startswith(("en-us+", "en-gb+"))]}
     return synthesize.plan(SENTENCES, out_dir, voices, seed=seed, **kwargs)
 
 
@@ -241,8 +241,8 @@ def test_synthesis_is_deterministic_and_resumes(tmp_path):
 
 
 def test_plan_depends_on_seed_and_not_on_order(tmp_path):
-    voices = {"espeak-ng": [synthesize.Voice("espeak-ng", f"en-us+m{i}", f"en-us+m{i}") for i in range(1, 8)],
-              "flite": [synthesize.Voice("flite", n, n) for n in ("kal", "rms", "slt")]}
+    voices = {"espeak-ng": [tts_engines.Voice("espeak-ng", f"en-us+m{i}", f"en-us+m{i}") for i in range(1, 8)],
+              "flite": [tts_engines.Voice("flite", n, n) for n in ("kal", "rms", "slt")]}
     a = synthesize.plan(SENTENCES, tmp_path, voices, seed=1, voices_per_sentence=2)
     b = synthesize.plan(SENTENCES[::-1], tmp_path, voices, seed=1, voices_per_sentence=2)
     c = synthesize.plan(SENTENCES, tmp_path, voices, seed=2, voices_per_sentence=2)
@@ -255,10 +255,10 @@ def test_plan_depends_on_seed_and_not_on_order(tmp_path):
 
 
 def test_split_holds_out_sentences_and_voices(tmp_path):
-    voices = {"espeak-ng": [synthesize.Voice("espeak-ng", f"{a}+{v}", f"{a}+{v}")
+    voices = {"espeak-ng": [tts_engines.Voice("espeak-ng", f"{a}+{v}", f"{a}+{v}")
                             for a in ("en-us", "en-029") for v in ("m1", "f5")],
-              "flite": [synthesize.Voice("flite", n, synthesize._flite_speaker(n)) for n in ("kal", "kal16", "rms")],
-              "festival": [synthesize.Voice("festival", n, synthesize._festival_speaker(n))
+              "flite": [tts_engines.Voice("flite", n, tts_engines._flite_speaker(n)) for n in ("kal", "kal16", "rms")],
+              "festival": [tts_engines.Voice("festival", n, tts_engines._festival_speaker(n))
                            for n in ("kal_diphone", "ked_diphone")]}
     sentences = [f"Sentence number {i} is spoken here." for i in range(200)]
     jobs = synthesize.plan(sentences, tmp_path, voices, seed=0, voices_per_sentence=2, dev_frac=0.1, test_frac=0.1,

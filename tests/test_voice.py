@@ -249,7 +249,7 @@ REPLY = ("The capital of France is Paris. It is famous for the Eiffel Tower and 
 
 @pytest.fixture(scope="module")
 def whisper(default_whisper_dir):
-    from train.evaluate import WhisperTranscriber
+    from train.eval_run import WhisperTranscriber
 
     return WhisperTranscriber(str(default_whisper_dir))
 

@@ -37,7 +37,7 @@ from blsp_chat.audio import load_audio
 from blsp_chat.session import model_lock
 from blsp_chat.weights import load_pretrained
 
-from .evaluate import LlmRunner, Request, read_manifest
+from .eval_run import LlmRunner, Request, read_manifest
 
 # Paper Table 6: the instructions used to extract the cross-modal representations.
 INSTRUCTIONS = {

@@ -21,7 +21,7 @@ import torch
 
 from blsp_chat.config import SPEECH_READOUTS
 from blsp_chat.weights import DTYPES, load_blsp_dir, save_adapter
-from train.train_adapter import ctc_blank_id
+from train.losses import ctc_blank_id
 
 RECORD_FILES = ("README.md", "loss_curve.png", "train_config.json", "data_summary.json", "eval.jsonl")
 

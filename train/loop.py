@@ -17,13 +17,14 @@ Run directory (`LoopConfig.output_dir`):
     train_config.json   the loop config and the caller's `run_info`
     metrics.jsonl       every `log_every` optimizer steps: step, epoch, loss, lr, grad_norm, samples_per_s, ...
     eval.jsonl          every `eval_every` steps and at the end: held-out loss (and the caller's eval_fn scores)
-    loss_curve.png      training (and eval) loss against step, drawn with Pillow
+    loss_curve.png      training (and eval) loss against step (matplotlib)
     checkpoints/step-N  trainable weights, optimizer, scheduler, grad scaler, data position, RNG states
                         (the newest `keep_last` are kept); `resume=True` continues from the newest one
 
 Exact resume: checkpoints are taken only at optimizer-step boundaries. The data order of an epoch is a
 pure function of (seed, epoch) — see `ShuffledBatchSampler` — so on resume the sampler is set to the
-saved epoch and the batches already consumed are skipped without being loaded; the Python, NumPy and
+saved epoch and the batches already consumed are skipped without being loaded (accelerate's
+`skip_first_batches`); the Python, NumPy and
 torch (CPU and CUDA) RNG states of every process are restored; the step counter continues. On a
 deterministic device the resumed run's loss sequence equals the uninterrupted run's bit for bit.
 
@@ -48,7 +49,13 @@ from typing import Any, Callable, Iterable, Iterator, Literal, Protocol, Sequenc
 
 import numpy as np
 import torch
+from accelerate import Accelerator
+from accelerate.data_loader import skip_first_batches
+from accelerate.state import AcceleratorState, GradientState
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 from torch import nn
+from torch.utils.data import DataLoader
 
 from train.io import append_line, read_jsonl
 
@@ -185,21 +192,6 @@ def shard_global_batches(global_batches: Iterable[list[int]], num_replicas: int,
         yield batch[rank * per_rank:(rank + 1) * per_rank]
 
 
-class _SkipFirst:
-    """A batch sampler that leaves out the first `skip` batches (already consumed before a resume)."""
-
-    def __init__(self, sampler: BatchSampler, skip: int):
-        self.sampler, self.skip = sampler, skip
-
-    def __iter__(self) -> Iterator[list[int]]:
-        for index, batch in enumerate(self.sampler):
-            if index >= self.skip:
-                yield batch
-
-    def __len__(self) -> int:
-        return max(0, len(self.sampler) - self.skip)
-
-
 # --- state -------------------------------------------------------------------------------------------
 @dataclass
 class LoopState:
@@ -259,6 +251,11 @@ def check_trainable(model: nn.Module, expected: Callable[[str], bool] | Sequence
 
 
 def lr_lambda(config: LoopConfig, total_steps: int) -> Callable[[int], float]:
+    """The learning-rate factor of each optimizer step (0-based). After warmup this is transformers'
+    linear, cosine-with-min-lr and constant decay (tests/test_loop.py checks they agree), but it is not
+    built from transformers' schedulers: their warmup starts at 0 (step / warmup), so the first step would
+    not learn and every run's schedule (and resumed checkpoints' position in it) would shift by a step;
+    their linear decay also has no floor (`min_lr_ratio`)."""
     warmup = config.warmup_steps
 
     def factor(step: int) -> float:
@@ -284,9 +281,6 @@ def make_optimizer(model: nn.Module, config: LoopConfig) -> torch.optim.Optimize
 def make_accelerator(config: LoopConfig):
     """An Accelerator for this config. Outside a multi-process launch, state left by an earlier run in
     the same Python process (tests, notebooks) is reset so that mixed precision may change."""
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState, GradientState
-
     if int(os.environ.get("WORLD_SIZE", "1")) == 1:
         AcceleratorState._reset_state(reset_partial_state=True)
         GradientState._reset_state()
@@ -471,15 +465,14 @@ class _Loop:
         self.accelerator.wait_for_everyone()
 
     def _batches(self) -> Iterator[tuple[int, Any]]:
-        """(epoch, batch) from the saved data position on, forever (the caller stops)."""
-        from torch.utils.data import DataLoader
-
+        """(epoch, batch) from the saved data position on, forever (the caller stops). The batches this
+        epoch already consumed are skipped in the batch sampler, so they are never loaded."""
         while True:
             self.sampler.set_epoch(self.state.epoch)
-            loader = DataLoader(self.train_dataset, batch_sampler=_SkipFirst(self.sampler, self.state.batches_in_epoch),
-                                collate_fn=self.collate_fn, num_workers=self.config.num_workers,
+            loader = DataLoader(self.train_dataset, batch_sampler=self.sampler, collate_fn=self.collate_fn,
+                                num_workers=self.config.num_workers,
                                 generator=_private_generator(self.config.seed, self.state.epoch))
-            for batch in loader:
+            for batch in skip_first_batches(loader, self.state.batches_in_epoch):
                 yield self.state.epoch, batch
             self.state.epoch += 1
             self.state.batches_in_epoch = 0
@@ -572,8 +565,6 @@ class _Loop:
         acc = self.accelerator
         scores: dict[str, Any] = {}
         if self.eval_sampler is not None:
-            from torch.utils.data import DataLoader
-
             self.model.eval()
             sums, count = {}, 0
             loader = DataLoader(self.eval_dataset, batch_sampler=self.eval_sampler, collate_fn=self.collate_fn,
@@ -607,6 +598,10 @@ class _Loop:
         return self.accelerator.distributed_type.value in ("FSDP", "DEEPSPEED", "MEGATRON_LM")
 
     def _save_checkpoint(self) -> None:
+        """Written by hand on one process and under DDP: accelerate's save_state would write the whole model
+        (the frozen Whisper and LLM too: gigabytes per checkpoint for a 7B LLM, where the trainable weights
+        are megabytes) in its own layout, which the checkpoints of earlier runs do not have, so they could
+        no longer be resumed. Sharded runs (FSDP, DeepSpeed) need accelerate's, and use it."""
         acc, state = self.accelerator, self.state
         final = self.output_dir / CHECKPOINTS_DIR / f"{CHECKPOINT_PREFIX}{state.step}"
         scratch = final.with_name(final.name + ".partial")
@@ -710,47 +705,26 @@ class _Window:
         return record
 
 
-# --- a PNG without matplotlib ------------------------------------------------------------------------
-PLOT_SIZE = (800, 480)
-PLOT_MARGIN = (70, 20, 20, 50)  # left, top, right, bottom
-TRAIN_COLOUR, EVAL_COLOUR = (31, 119, 180), (214, 39, 40)
+# --- the loss curve ------------------------------------------------------------------------------------
+PLOT_SIZE_INCHES = (8, 4.8)
+PLOT_DPI = 100
 
 
 def plot_loss_curve(path: Path, train_points: list[tuple[float, float]],
                     eval_points: list[tuple[float, float]] = ()) -> None:
-    """Training loss (blue line) and eval loss (red dots) against step, with labelled axes."""
-    from PIL import Image, ImageDraw
-
-    width, height = PLOT_SIZE
-    left, top, right, bottom = PLOT_MARGIN
-    image = Image.new("RGB", PLOT_SIZE, "white")
-    draw = ImageDraw.Draw(image)
-    points = list(train_points) + list(eval_points)
-    x_lo, x_hi = min(p[0] for p in points), max(p[0] for p in points)
-    y_lo, y_hi = min(p[1] for p in points), max(p[1] for p in points)
-    x_hi, y_hi = (x_hi if x_hi > x_lo else x_lo + 1), (y_hi if y_hi > y_lo else y_lo + 1e-3)
-
-    def xy(x: float, y: float) -> tuple[float, float]:
-        return (left + (x - x_lo) / (x_hi - x_lo) * (width - left - right),
-                height - bottom - (y - y_lo) / (y_hi - y_lo) * (height - top - bottom))
-
-    draw.rectangle([left, top, width - right, height - bottom], outline="black")
-    for i in range(5):
-        y = y_lo + (y_hi - y_lo) * i / 4
-        x = x_lo + (x_hi - x_lo) * i / 4
-        draw.text((5, xy(x_lo, y)[1] - 6), f"{y:.3g}", fill="black")
-        draw.text((xy(x, y_lo)[0] - 10, height - bottom + 5), f"{x:.4g}", fill="black")
-    draw.text((width // 2 - 15, height - 20), "step", fill="black")
-    draw.text((left + 10, top + 5), "train loss", fill=TRAIN_COLOUR)
+    """Training loss (line) and eval loss (dots) against step, as a PNG. matplotlib's object API (a Figure
+    of its own, no pyplot) draws without a display and without global state."""
+    figure = Figure(figsize=PLOT_SIZE_INCHES, dpi=PLOT_DPI, layout="tight")
+    axes = figure.subplots()
+    steps, losses = zip(*train_points)
+    axes.plot(steps, losses, marker="o" if len(train_points) == 1 else None, label="train loss")
     if eval_points:
-        draw.text((left + 10, top + 20), "eval loss", fill=EVAL_COLOUR)
-    if len(train_points) > 1:
-        draw.line([xy(*p) for p in train_points], fill=TRAIN_COLOUR, width=2)
-    for p in (train_points if len(train_points) == 1 else []):
-        cx, cy = xy(*p)
-        draw.ellipse([cx - 3, cy - 3, cx + 3, cy + 3], fill=TRAIN_COLOUR)
-    for p in eval_points:
-        cx, cy = xy(*p)
-        draw.ellipse([cx - 4, cy - 4, cx + 4, cy + 4], fill=EVAL_COLOUR)
+        eval_steps, eval_losses = zip(*eval_points)
+        axes.plot(eval_steps, eval_losses, "o", label="eval loss")
+    axes.set_xlabel("step")
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes.set_ylabel("loss")
+    axes.grid(alpha=0.3)
+    axes.legend()
     path.parent.mkdir(parents=True, exist_ok=True)
-    image.save(path)
+    figure.savefig(path)

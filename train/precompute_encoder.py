@@ -18,8 +18,9 @@ from typing import Sequence
 import torch
 
 from blsp_chat.audio import load_audio
+from train.adapter_config import load_config
 from train.speech_data import EncoderCache, manifest_audio_paths
-from train.train_adapter import build_model, load_config
+from train.train_adapter import build_model
 
 
 def missing_clips(paths: Sequence[str], cache: EncoderCache) -> list[tuple[str, str]]:

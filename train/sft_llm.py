@@ -11,7 +11,9 @@ its adapter_config naming the base as the user gave it (an `offline:` name for t
     python -m train.sft_llm --config train/configs/sft_smollm2.json --resume   # after a kill
     python -m train.sft_llm --evaluate --out assets/stage1_lora     # before/after table into the card
 
-Training runs on `train.loop` (warmup, then cosine decay to 10% of `lr`; batches of similar length).
+Training runs on `train.loop` (warmup, then cosine decay to 10% of `learning_rate`; batches of similar
+length). The knobs carry the loop's names (`learning_rate`, `gradient_accumulation_steps`); the old
+spellings `lr` / `--lr` and `grad_accum` / `--grad-accum` are still read, with a deprecation warning.
 Its record and checkpoints (every `save_every` steps) go to `run_dir`, default runs/sft/<name of out>;
 `--resume` continues from the newest checkpoint there. `time_budget_min` times a few steps first and
 shortens the schedule to fit the budget.
@@ -27,6 +29,7 @@ import random
 import re
 import shutil
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -58,7 +61,10 @@ OPTIONAL_TYPES = {"max_per_kind": int, "max_steps": int, "time_budget_min": floa
                   "max_grad_norm": float}  # fields whose default is None
 BUDGET_PROBE_STEPS = 5  # steps timed before a time budget fixes the schedule
 LENGTH_GROUP_BATCHES = 16  # batches sorted by length together: less padding, still shuffled
-MIN_LR_RATIO = 0.1  # the cosine decays to 10% of lr
+MIN_LR_RATIO = 0.1  # the cosine decays to 10% of learning_rate
+# Old spellings of SftConfig fields -> the names train.loop and the adapter configs use. Configs and command
+# lines that still carry them keep working, with a warning that names the new spelling.
+DEPRECATED_NAMES = {"lr": "learning_rate", "grad_accum": "gradient_accumulation_steps"}
 
 
 @dataclass
@@ -72,14 +78,14 @@ class SftConfig:
     lora_alpha: int = 16
     lora_dropout: float = 0.05
     lora_targets: tuple[str, ...] = LORA_TARGETS
-    lr: float = 2e-4
+    learning_rate: float = 2e-4
     weight_decay: float = 0.0
     warmup_steps: int = 10
     epochs: float = 1.0
     max_steps: int | None = None                  # overrides epochs
     time_budget_min: float | None = None          # time 5 steps first, shorten the schedule to fit this
     batch_size: int = 8
-    grad_accum: int = 1
+    gradient_accumulation_steps: int = 1
     max_len: int = 160                            # longer examples are skipped, not cut
     max_per_kind: int | None = None               # cap each `kind` of a self-distilled set (file order)
     seed: int = 0
@@ -107,7 +113,27 @@ class SftConfig:
             data = yaml.safe_load(text)
         else:
             data = json.loads(text)
-        return cls(**{**data, **{k: v for k, v in overrides.items() if v is not None}})
+        return cls(**{**canonical_names(data, str(path)), **{k: v for k, v in overrides.items() if v is not None}})
+
+
+def canonical_names(data: dict, source: str) -> dict:
+    """`data` with each deprecated key renamed to its canonical name (warning once per key); an error when
+    both spellings are given."""
+    data = dict(data)
+    for old, new in DEPRECATED_NAMES.items():
+        if old not in data:
+            continue
+        if new in data:
+            raise ValueError(f"{source}: both {old!r} and {new!r} are set; keep {new!r}")
+        warn_deprecated(f"{source}: {old!r}", repr(new))
+        data[new] = data.pop(old)
+    return data
+
+
+def warn_deprecated(what: str, instead: str) -> None:
+    # FutureWarning, not DeprecationWarning: Python shows it to the user running the command by default.
+    warnings.warn(f"{what} is deprecated and will be removed: use {instead} (the name train.loop uses)",
+                  FutureWarning, stacklevel=3)
 
 
 # --- data ---------------------------------------------------------------------------------------------
@@ -193,10 +219,10 @@ def response_loss(model, batch: dict[str, torch.Tensor]):
 
 def loop_config(config: SftConfig, max_steps: int | None) -> LoopConfig:
     return LoopConfig(
-        output_dir=str(config.run_directory()), learning_rate=config.lr, weight_decay=config.weight_decay,
+        output_dir=str(config.run_directory()), learning_rate=config.learning_rate, weight_decay=config.weight_decay,
         warmup_steps=config.warmup_steps, lr_schedule="cosine", min_lr_ratio=MIN_LR_RATIO,
         num_epochs=config.epochs, max_steps=max_steps, per_device_batch_size=config.batch_size,
-        gradient_accumulation_steps=config.grad_accum, max_grad_norm=config.max_grad_norm,
+        gradient_accumulation_steps=config.gradient_accumulation_steps, max_grad_norm=config.max_grad_norm,
         save_every=config.save_every, log_every=config.log_every, seed=config.seed)
 
 
@@ -222,10 +248,11 @@ def planned_steps(model, encoded: Sequence, collate_fn, sampler, config: SftConf
     saved = checkpoint_dirs(config.run_directory()) if resume else []
     if saved:
         return json.loads((saved[-1] / LOOP_STATE_NAME).read_text())["total_steps"]
-    scheduled = config.max_steps or max(1, int(config.epochs * len(sampler)) // config.grad_accum)  # as the loop counts
-    micro = list(itertools.islice(itertools.cycle(sampler), BUDGET_PROBE_STEPS * config.grad_accum))
+    accumulation = config.gradient_accumulation_steps
+    scheduled = config.max_steps or max(1, int(config.epochs * len(sampler)) // accumulation)  # as the loop counts
+    micro = list(itertools.islice(itertools.cycle(sampler), BUDGET_PROBE_STEPS * accumulation))
     started = time.monotonic()
-    per_step = seconds_per_step(model, [collate_fn([encoded[i] for i in batch]) for batch in micro], config.grad_accum)
+    per_step = seconds_per_step(model, [collate_fn([encoded[i] for i in batch]) for batch in micro], accumulation)
     # The probe's steps are thrown away (weights restored), so its time comes out of the budget.
     fits = int((config.time_budget_min * 60 - (time.monotonic() - started)) / per_step)
     total = max(1, min(scheduled, fits))
@@ -233,7 +260,7 @@ def planned_steps(model, encoded: Sequence, collate_fn, sampler, config: SftConf
     return total
 
 
-def seconds_per_step(model, micro_batches: Sequence[dict], grad_accum: int) -> float:
+def seconds_per_step(model, micro_batches: Sequence[dict], gradient_accumulation_steps: int) -> float:
     """Mean time of an optimizer step over these micro-batches. The trained weights are put back
     afterwards: the run proper starts from the untouched model."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -243,8 +270,8 @@ def seconds_per_step(model, micro_batches: Sequence[dict], grad_accum: int) -> f
     optimizer = torch.optim.AdamW(params)
     started = time.monotonic()
     for index, batch in enumerate(micro_batches, 1):
-        (model(**to_device(batch, device)).loss / grad_accum).backward()
-        if index % grad_accum == 0:
+        (model(**to_device(batch, device)).loss / gradient_accumulation_steps).backward()
+        if index % gradient_accumulation_steps == 0:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
     if device.type == "cuda":
@@ -253,7 +280,7 @@ def seconds_per_step(model, micro_batches: Sequence[dict], grad_accum: int) -> f
     with torch.no_grad():
         for param, value in zip(params, saved):
             param.copy_(value)
-    return elapsed / (len(micro_batches) / grad_accum)
+    return elapsed / (len(micro_batches) / gradient_accumulation_steps)
 
 
 def loss_curve(run_dir: Path, losses: Sequence[float]) -> list[dict]:
@@ -468,8 +495,20 @@ def main(argv: Iterable[str] | None = None) -> None:
                         help="only measure base vs the LoRA in --out; write the card")
     parser.add_argument("--resume", action="store_true",
                         help="continue from the newest checkpoint in the run directory")
+    for old, new in DEPRECATED_NAMES.items():  # the old flags, hidden from --help
+        kind = type(getattr(SftConfig, new))
+        parser.add_argument(f"--{old.replace('_', '-')}", dest=f"deprecated_{old}", type=kind, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(SftConfig) if f.name != "lora_targets"}
+    for old, new in DEPRECATED_NAMES.items():
+        value = getattr(args, f"deprecated_{old}")
+        if value is None:
+            continue
+        if overrides[new] is not None:
+            parser.error(f"--{old.replace('_', '-')} and --{new.replace('_', '-')} are both given; "
+                         f"keep --{new.replace('_', '-')}")
+        warn_deprecated(f"--{old.replace('_', '-')}", f"--{new.replace('_', '-')}")
+        overrides[new] = value
     if args.config:
         config = SftConfig.load(args.config, **overrides)
     else:

@@ -1,0 +1,151 @@
+"""The stage-2 training config (`python -m train.train_adapter --config ...`): its sections `model`, `data`,
+`loss`, `eval` and `loop` (`train.loop.LoopConfig`) as typed dataclasses, read from JSON or YAML with
+`section.key=value` overrides on top. Bad keys and impossible settings fail when the config is read."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import yaml
+
+from blsp_chat.config import SPEECH_READOUTS
+from train.loop import LoopConfig
+from train.speech_data import PAPER_REPETITION_RATIO, FrameMasking
+
+
+@dataclass
+class ModelSection:
+    whisper: str = "offline:whisper-tiny.en"        # offline: name, local dir or hub id
+    llm: str = "offline:smollm2-135m-instruct"      # the (stage-1 tuned) instruction-following LLM
+    init_adapter: str | None = None                 # a BLSP checkpoint dir to start from
+    conv_kernel_sizes: str = "5,5,5"
+    adapter_inner_dim: int = 512
+    encoder_padding: str = "30s"
+    prompt_template: str = "blsp"
+    dtype: str = "float32"                          # weights of the frozen models: float32 | bfloat16 | float16
+    seed: int = 0                                   # adapter initialisation
+    # How the trained model is served and evaluated (BlspConfig.speech_readout): "ctc" reads the outputs
+    # of a CTC-trained adapter through the CTC-compressed readout, its blank being loss.ctc_blank.
+    speech_readout: str = "embeddings"
+    ctc_readout_temperature: float = 0.1
+
+
+@dataclass
+class DataSection:
+    train_manifest: str = ""
+    eval_manifest: str | None = None        # else `eval_fraction` of the train clips is held out
+    eval_fraction: float = 0.02
+    max_eval_examples: int = 200
+    repetition_ratio: float = PAPER_REPETITION_RATIO  # repeat lines per other line; 0 disables
+    max_train_examples: int | None = None
+    max_seconds: float | None = 30.0
+    mega_batch_factor: int = 50
+    encoder_cache_dir: str | None = None    # cache frozen Whisper outputs here
+    # SpecAugment on the encoder outputs, training only (train.speech_data.FrameMasking): about this
+    # fraction of each clip's frames in spans of mask_time_span frames, and this fraction of channels, zeroed.
+    mask_time_fraction: float = 0.0
+    mask_time_span: int = 10
+    mask_channel_fraction: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.frame_masking()  # refuse impossible mask settings when the config is read, not at step 1
+
+    def frame_masking(self) -> FrameMasking:
+        return FrameMasking(self.mask_time_fraction, self.mask_time_span, self.mask_channel_fraction)
+
+
+@dataclass
+class LossSection:
+    ce_weight: float = 1.0
+    kd_weight: float = 0.0
+    kd_temperature: float = 1.0
+    # CTC pre-alignment: each adapter output is classified by its distance to every LLM word embedding,
+    # and CTC aligns those classes with the transcript's tokens. No LLM pass, so it costs a fraction of
+    # a step of the other losses: a cheap first stage that puts speech vectors near the words they carry.
+    ctc_weight: float = 0.0
+    ctc_blank: str = " "        # text of the one token that stands for "no new word" (a space: harmless to the LLM)
+    # CTC alone only needs each vector closer to its word's embedding than to any other, and it gets
+    # there by growing vectors 3x longer than any embedding, which the LLM has never read. This pulls
+    # every vector onto its nearest embedding (VQ-VAE's commitment loss, the codebook frozen).
+    commit_weight: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.commit_weight and not self.ctc_weight:
+            raise ValueError("loss.commit_weight needs loss.ctc_weight: it pulls vectors onto the words CTC chose")
+        if not (self.ce_weight or self.kd_weight or self.ctc_weight):
+            raise ValueError("every loss weight is 0: set loss.ce_weight, loss.kd_weight or loss.ctc_weight")
+
+    @property
+    def needs_llm(self) -> bool:
+        return bool(self.ce_weight or self.kd_weight)
+
+
+@dataclass
+class EvalSection:
+    repeat_wer_examples: int = 0    # greedy repeat-instruction WER on this many held-out clips at each eval
+    max_new_tokens: int = 64
+
+
+@dataclass
+class AdapterTrainConfig:
+    loop: LoopConfig
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    loss: LossSection = field(default_factory=LossSection)
+    eval: EvalSection = field(default_factory=EvalSection)
+
+    def __post_init__(self) -> None:
+        if self.model.speech_readout not in SPEECH_READOUTS:  # at config load, not after the model is built
+            raise ValueError(f"model.speech_readout must be one of {SPEECH_READOUTS}, "
+                             f"got {self.model.speech_readout!r}")
+        if self.model.speech_readout == "ctc" and (self.loss.needs_llm or not self.loss.ctc_weight):
+            raise ValueError("model.speech_readout 'ctc' serves outputs trained by the CTC loss alone: set "
+                             "loss.ctc_weight and leave loss.ce_weight and loss.kd_weight at 0 (those losses "
+                             "lay speech out one position per output, which the readout does not)")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "AdapterTrainConfig":
+        sections = {"model": ModelSection, "data": DataSection, "loss": LossSection, "eval": EvalSection}
+        unknown = sorted(set(data) - set(sections) - {"loop", "description"})
+        if unknown:
+            raise ValueError(f"unknown config sections {unknown}; known: loop, {', '.join(sections)}")
+        kwargs: dict[str, Any] = {"loop": LoopConfig.from_dict(data.get("loop", {}))}
+        for name, section in sections.items():
+            values = data.get(name, {})
+            bad = sorted(set(values) - {f.name for f in dataclasses.fields(section)})
+            if bad:
+                raise ValueError(f"unknown keys in config section {name!r}: {bad}")
+            kwargs[name] = section(**values)
+        return cls(**kwargs)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"loop": self.loop.to_dict(),
+                **{n: dataclasses.asdict(getattr(self, n)) for n in ("model", "data", "loss", "eval")}}
+
+
+def load_config(path: str | Path, overrides: Sequence[str] = ()) -> AdapterTrainConfig:
+    path = Path(path)
+    text = path.read_text()
+    if path.suffix in (".yaml", ".yml"):
+        data = yaml.safe_load(text)
+    else:
+        data = json.loads(text)
+    for override in overrides:
+        apply_override(data, override)
+    return AdapterTrainConfig.from_dict(data)
+
+
+def apply_override(data: dict[str, Any], override: str) -> None:
+    """`section.key=value`; value parsed as JSON (numbers, true, null, lists), else kept as a string."""
+    if "=" not in override or "." not in override.split("=", 1)[0]:
+        raise ValueError(f"override {override!r} is not section.key=value")
+    dotted, raw = override.split("=", 1)
+    section, key = dotted.split(".", 1)
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw
+    data.setdefault(section, {})[key] = value

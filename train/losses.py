@@ -1,0 +1,130 @@
+"""The losses of stage 2 (the modality adapter): cross-entropy on the response, distillation from the LLM
+reading the transcript, CTC pre-alignment against the LLM's word embeddings with its commitment term, and
+`AdapterObjective`, the module that combines them as the config weighs them."""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from blsp_chat.adapter import embedding_distance_logits
+from blsp_chat.constants import IGNORE_INDEX
+from blsp_chat.model import BlspModel
+from train.adapter_config import LossSection
+from train.speech_data import EncoderCache, FrameMasking, speech_embeddings
+
+WRAPPER_PREFIX = "blsp."  # parameter names inside AdapterObjective
+
+
+def response_logits(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The next-token logits that predict each response/EOS token, in order: (N, V), targets (N,)."""
+    predicting = logits[:, :-1]
+    targets = labels[:, 1:]
+    keep = targets != IGNORE_INDEX
+    return predicting[keep], targets[keep]
+
+
+def response_span(labels: torch.Tensor) -> int:
+    """How many trailing positions hold every response token and the position that predicts the first:
+    the LLM's head (a 576 x 49152 product per position for SmolLM2) need not run on the prompt."""
+    learned = (labels != IGNORE_INDEX).any(0).nonzero()
+    return labels.shape[1] - int(learned[0]) + 1 if len(learned) else 1
+
+
+def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    chosen, targets = response_logits(logits, labels)
+    return nn.functional.cross_entropy(chosen.float(), targets)
+
+
+def distillation_kl(student_logits: torch.Tensor, student_labels: torch.Tensor, teacher_logits: torch.Tensor,
+                    teacher_labels: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """KL(teacher || student) of the next-token distributions at the response positions, mean per token,
+    scaled by T^2. Both views must carry the same response tokens (checked)."""
+    student, s_targets = response_logits(student_logits, student_labels)
+    teacher, t_targets = response_logits(teacher_logits, teacher_labels)
+    if not torch.equal(s_targets.cpu(), t_targets.cpu()):
+        raise ValueError("speech and transcript views carry different responses; cannot distil")
+    log_p_student = nn.functional.log_softmax(student.float() / temperature, dim=-1)
+    log_p_teacher = nn.functional.log_softmax(teacher.float() / temperature, dim=-1)
+    kl = nn.functional.kl_div(log_p_student, log_p_teacher, log_target=True, reduction="batchmean")
+    return kl * temperature**2
+
+
+def embedding_ctc(speech_embeds: Sequence[torch.Tensor], targets: Sequence[Sequence[int]], embeddings: torch.Tensor,
+                  blank_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """CTC between each clip's adapter outputs (L_i, d) and its transcript's token ids, the classes being the
+    LLM's vocabulary with `blank_id` as the blank. Mean over clips of the loss per target token; clips with
+    more tokens than speech positions contribute zero (zero_infinity) instead of inf.
+    Also returns the commitment: the mean squared distance of each real vector to its nearest embedding."""
+    lengths = torch.tensor([e.shape[0] for e in speech_embeds])
+    padded = nn.utils.rnn.pad_sequence(list(speech_embeds), batch_first=True)
+    logits = embedding_distance_logits(padded, embeddings)
+    log_probs = nn.functional.log_softmax(logits, dim=-1)
+    flat = torch.tensor([t for row in targets for t in row], dtype=torch.long)
+    target_lengths = torch.tensor([len(row) for row in targets])
+    ctc = nn.functional.ctc_loss(log_probs.transpose(0, 1), flat, lengths, target_lengths, blank=blank_id,
+                                 reduction="mean", zero_infinity=True)
+    real = torch.arange(padded.shape[1])[None, :] < lengths[:, None]
+    nearest = (padded.float() ** 2).sum(-1) - logits.max(-1).values   # ||x - e||^2 of the closest e
+    return ctc, nearest[real.to(nearest.device)].mean()
+
+
+class AdapterObjective(nn.Module):
+    """forward(batch) -> (loss, metrics). Holds the BlspModel as `blsp`, so accelerate can wrap the whole
+    objective (DDP hooks then see every adapter gradient) and the encoder cache stays outside model.py."""
+
+    def __init__(self, blsp: BlspModel, loss: LossSection, cache: EncoderCache | None = None,
+                 ctc_blank_id: int | None = None, masking: FrameMasking = FrameMasking()):
+        super().__init__()
+        self.blsp, self.loss, self.cache, self.ctc_blank_id = blsp, loss, cache, ctc_blank_id
+        self.masking = masking
+        if loss.ctc_weight and ctc_blank_id is None:
+            raise ValueError("loss.ctc_weight is set but no CTC blank token id was given")
+
+    def train(self, mode: bool = True) -> "AdapterObjective":
+        super().train(mode)
+        self.blsp.train(mode)  # keeps Whisper and the LLM in eval mode
+        return self
+
+    def forward(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
+        augment = self.masking if self.training and self.masking.active else None
+        embeds = speech_embeddings(self.blsp, batch, self.cache, augment)
+        loss, metrics = self._llm_losses(batch, embeds) if self.loss.needs_llm else (0.0, {})
+        if self.loss.ctc_weight:
+            table = self.blsp.llama_model.get_input_embeddings().weight
+            ctc, commit = embedding_ctc(embeds, batch["transcript_ids"], table, self.ctc_blank_id)
+            loss = loss + self.loss.ctc_weight * ctc + self.loss.commit_weight * commit
+            metrics.update(ctc=float(ctc.detach()), commit=float(commit.detach()))
+        return loss, metrics
+
+    def _llm_losses(self, batch: dict[str, Any], embeds: list[torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        keep = response_span(batch["labels"])
+        out = self.blsp(batch["input_ids"], batch["attention_mask"], batch["speech_mask"], speech_embeds=embeds,
+                        logits_to_keep=keep)
+        labels = batch["labels"][:, -keep:]
+        ce = cross_entropy(out.logits, labels)
+        loss = self.loss.ce_weight * ce
+        metrics = {"ce": float(ce.detach()), "response_tokens": float((labels != IGNORE_INDEX).sum())}
+        if self.loss.kd_weight:
+            teacher = batch["teacher"]
+            teacher_keep = response_span(teacher["labels"])
+            with torch.no_grad():
+                teacher_logits = self.blsp(teacher["input_ids"], teacher["attention_mask"],
+                                           logits_to_keep=teacher_keep).logits
+            kd = distillation_kl(out.logits, labels, teacher_logits, teacher["labels"][:, -teacher_keep:],
+                                 self.loss.kd_temperature)
+            loss = loss + self.loss.kd_weight * kd
+            metrics["kd"] = float(kd.detach())
+        return loss, metrics
+
+
+def objective_loss(model: nn.Module, batch: dict[str, Any]):
+    return model(batch)
+
+
+def ctc_blank_id(tokenizer, text: str) -> int:
+    ids = tokenizer(text, add_special_tokens=False).input_ids
+    if len(ids) != 1:
+        raise ValueError(f"loss.ctc_blank {text!r} is {len(ids)} tokens for this tokenizer; it must be exactly one")
+    return ids[0]
