@@ -44,7 +44,7 @@ from blsp_chat.constants import SAMPLE_RATE
 from blsp_chat.voice.vad import TURN_END, TurnOptions, detect_turns
 from blsp_chat.weights import cache_dir, default_whisper_dir
 
-from .evaluate import WhisperTranscriber
+from .eval_run import WhisperTranscriber
 from .generate_continuations import is_looping
 from .io import read_jsonl_tolerant, write_jsonl_atomic
 from .prepare_data import english_normalizer
