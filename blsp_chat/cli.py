@@ -17,9 +17,10 @@ from . import serve as server  # fastapi: the serve command's defaults come from
 from .audio import DEFAULT_MAX_AUDIO_SECONDS, AudioError, load_audio
 from .config import GenerationOptions
 from .constants import DEFAULT_TRANSLATION_TARGET, FALLBACK_TEMPERATURES, SAMPLE_RATE, TASK_PRESETS
+from .generate import generate_reply, speech_turn
 from .mic import MicrophoneUnavailable, Player, Recorder, microphone_problem  # sounddevice loads only when recording
 from .prompt import Turn, task_instruction
-from .session import ChatSession, ContextOverflowError, generate_reply, speech_turn
+from .session import ChatSession, ContextOverflowError
 from .voice.barge_in import BargeInWatch
 from .voice.listen import TurnListener
 from .voice.speaker import SpokenReply, speak_text

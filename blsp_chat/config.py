@@ -122,7 +122,7 @@ class GenerationOptions:
     repetition_penalty: float = 1.0  # the paper decodes greedily with none; raise it if a small LLM loops
     # openai/whisper's answer to loops: a reply whose text compresses too well (zlib ratio above the
     # threshold) is decoded again by sampling at each of these temperatures in turn. Empty: no second try.
-    # Applies to whole-reply generation (session.generate_replies), not to streamed chat replies.
+    # Applies to whole-reply generation (generate.generate_replies), not to streamed chat replies.
     fallback_temperatures: tuple[float, ...] = ()
     compression_ratio_threshold: float = 2.4
 

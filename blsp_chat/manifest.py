@@ -22,8 +22,8 @@ import numpy as np
 
 from .audio import DEFAULT_MAX_AUDIO_SECONDS, AudioError, load_audio
 from .config import GenerationOptions
+from .generate import NothingHeardError, replies_if_heard, speech_turn
 from .prompt import Turn, render, template_for
-from .session import NothingHeardError, replies_if_heard, speech_turn
 
 LINE_KEY = "_line"         # where each output line records its manifest line number
 RESPONSE_KEY = "response"

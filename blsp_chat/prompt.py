@@ -1,4 +1,5 @@
-"""Conversation -> token ids, speech slots and loss mask. The ONE renderer for training and serving.
+"""Conversation -> token ids, speech slots and loss mask. The ONE renderer for training and serving,
+and every tokenizer rule both share: which ids end a reply, what pads a batch, where a reply stops.
 
 Templates are data. `blsp` is the released format (paper section 3):
     BOS ###[Human]:{instruction}{speech | transcript}\n\n\n###[Assistant]:{response}\n\n\n###[Human]:...
@@ -9,7 +10,9 @@ appends tokens: the rendering of a history is a prefix of the rendering of the h
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Sequence
+from typing import TYPE_CHECKING, Literal, Sequence
+
+import torch
 
 from .constants import (
     ASSISTANT_PREFIX,
@@ -17,11 +20,17 @@ from .constants import (
     HUMAN_PREFIX,
     IGNORE_INDEX,
     SNIPS_LIGHT_INTENTS,
+    STOP_STRINGS,
     TASK_PRESETS,
     TURN_SEPARATOR,
 )
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
 Role = Literal["human", "assistant"]
+# End-of-text spellings of common LLM families; any present in the vocabulary ends a reply.
+END_OF_TEXT_TOKENS = ("</s>", "<|endoftext|>", "<|im_end|>", "<|eot_id|>", "<|end|>")
 _SENTINELS = ("\x00U1\x00", "\x00A1\x00", "\x00U2\x00")
 
 
@@ -162,3 +171,37 @@ def task_instruction(task: str, target: str = DEFAULT_TRANSLATION_TARGET,
     if task not in TASK_PRESETS:
         raise ValueError(f"unknown task {task!r}; choose from {sorted(TASK_PRESETS)}")
     return TASK_PRESETS[task].format(target=target, labels=", ".join(labels))
+
+
+# --- tokenizer rules -------------------------------------------------------------------------------
+def eos_token_ids(tokenizer: PreTrainedTokenizerBase, llm: PreTrainedModel) -> list[int]:
+    """Every id that ends a reply: the tokenizer's EOS, the LLM's generation config, known spellings."""
+    ids = {tokenizer.eos_token_id}
+    configured = llm.generation_config.eos_token_id
+    ids.update(configured if isinstance(configured, (list, tuple)) else [configured])
+    vocab = tokenizer.get_vocab()
+    ids.update(vocab[t] for t in END_OF_TEXT_TOKENS if t in vocab)
+    return sorted(i for i in ids if i is not None)
+
+
+def pad_token_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+def cut_at_stop(text: str) -> str:
+    """The raw `###` format can run on into an invented next turn: keep only what precedes it."""
+    for stop in STOP_STRINGS:
+        text = text.split(stop, 1)[0]
+    return text.strip()
+
+
+def left_padded_batch(prompts: Sequence[RenderedPrompt], pad_id: int) -> dict[str, torch.Tensor]:
+    """Rendered prompts -> input_ids, attention_mask, speech_mask (B, T), padded on the left so that
+    every row's next token is generated at the same column."""
+    width = max(len(p) for p in prompts)
+    pads = [width - len(p) for p in prompts]
+    return {
+        "input_ids": torch.tensor([[pad_id] * n + p.input_ids for n, p in zip(pads, prompts)]),
+        "attention_mask": torch.tensor([[0] * n + [1] * len(p) for n, p in zip(pads, prompts)]),
+        "speech_mask": torch.tensor([[False] * n + p.speech_mask for n, p in zip(pads, prompts)]),
+    }

@@ -34,8 +34,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from .audio import DEFAULT_MAX_AUDIO_SECONDS, AudioError, load_audio
 from .config import GenerationOptions
 from .constants import REPEAT_INSTRUCTION, SAMPLE_RATE
+from .generate import NothingHeardError
 from .prompt import render
-from .session import ChatSession, ContextOverflowError, NothingHeardError, ReplyChunk
+from .session import ChatSession, ContextOverflowError, ReplyChunk
 
 DEFAULT_MODEL_ID = "blsp-chat"
 OWNER = "blsp-chat"

@@ -23,7 +23,7 @@ from .session import CacheBudget, ChatSession, ContextOverflowError
 
 EXAMPLES_DIR = Path(__file__).resolve().parent.parent / "assets" / "examples"
 TITLE = "BLSP chat: talk to a language model"
-# Replies generated at once. Their steps take turns at the model (session.FairLock), so a short question
+# Replies generated at once. Their steps take turns at the model (lock.FairLock), so a short question
 # starts answering after one step of each running reply instead of after the whole of the longest.
 DEFAULT_CONCURRENCY = 4
 UNTRAINED_NOTICE = ("**Note:** this model's speech adapter is untrained, so spoken turns are not understood yet; "

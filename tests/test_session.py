@@ -10,27 +10,24 @@ from blsp_chat import session as session_module
 from blsp_chat.adapter import embedding_distance_logits
 from blsp_chat.audio import AudioError
 from blsp_chat.config import GenerationOptions
-from blsp_chat.prompt import Turn, render
+from blsp_chat.generate import (
+    NothingHeardError,
+    compression_ratio,
+    encoded_batch,
+    generate_replies,
+    generate_reply,
+    next_token,
+    speech_turn,
+)
+from blsp_chat.lock import FairLock, model_lock
+from blsp_chat.prompt import Turn, cut_at_stop, eos_token_ids, render
 from blsp_chat.session import (
     HISTORY_KEPT_ON_OVERFLOW,
     REPLACEMENT_CHAR,
     CacheBudget,
     ChatSession,
     ContextOverflowError,
-    FairLock,
-    NothingHeardError,
     TextStream,
-    apply_repetition_penalty,
-    compression_ratio,
-    cut_at_stop,
-    encoded_batch,
-    eos_token_ids,
-    generate_replies,
-    generate_reply,
-    model_lock,
-    next_token,
-    speech_turn,
-    top_p_filter,
 )
 from blsp_chat.weights import LoadedBlsp
 from tiny import blank_hearing_blsp, hears_only_long_clips, lively_blsp, tiny_blsp, tiny_tokenizer, tone
@@ -613,15 +610,24 @@ def test_eos_and_max_new_tokens_end_a_reply(tok):
 
 
 # --- sampling ------------------------------------------------------------------------------------
-def test_sampling_pieces_match_transformers():
+def test_sampling_follows_transformers_repetition_penalty_and_top_p():
+    logits = torch.linspace(-5, 5, 50)  # id 49 is the best, 48 the next
+    previous = [49, 3, 3]
+    penalised = RepetitionPenaltyLogitsProcessor(1.4)(torch.tensor([previous]), logits[None].clone())[0]
+    assert next_token(logits, previous, GenerationOptions()) == 49
+    assert next_token(logits, previous, GenerationOptions(repetition_penalty=1.4)) == int(penalised.argmax()) == 48
     torch.manual_seed(0)
     logits = torch.randn(50) * 3
-    previous = [3, 7, 7, 11]
-    expected = RepetitionPenaltyLogitsProcessor(1.4)(torch.tensor([previous]), logits[None].clone())[0]
-    torch.testing.assert_close(apply_repetition_penalty(logits, previous, 1.4), expected)
     for top_p in (0.3, 0.9):
-        expected = TopPLogitsWarper(top_p)(torch.tensor([[0]]), logits[None].clone())[0]
-        assert torch.equal(torch.isinf(top_p_filter(logits, top_p)), torch.isinf(expected))
+        nucleus = set(torch.isfinite(TopPLogitsWarper(top_p)(torch.tensor([[0]]), logits[None].clone())[0])
+                      .nonzero().flatten().tolist())
+        options = GenerationOptions(do_sample=True, temperature=1.0, top_p=top_p)
+        generator = torch.Generator().manual_seed(3)
+        draws = {next_token(logits, [], options, generator) for _ in range(300)}
+        assert draws <= nucleus and len(nucleus) < 50
+    wide = GenerationOptions(do_sample=True, temperature=1.0, top_p=1.0)  # the whole distribution
+    generator = torch.Generator().manual_seed(3)
+    assert not {next_token(logits, [], wide, generator) for _ in range(300)} <= nucleus
 
 
 def test_sampling_is_seeded_and_tiny_top_p_is_greedy():

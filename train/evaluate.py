@@ -66,8 +66,8 @@ from blsp_chat.constants import (
     SNIPS_LIGHT_INTENTS,
     TRANSLATE_INSTRUCTION,
 )
+from blsp_chat.generate import encoded_batch, generate_replies, speech_turn
 from blsp_chat.prompt import Turn
-from blsp_chat.session import encoded_batch, generate_replies, speech_turn
 from blsp_chat.weights import DEFAULT_ADAPTER_DIR, DEFAULT_WHISPER, load_pretrained, resolve_base
 
 from . import metrics
