@@ -32,7 +32,7 @@ class BlspConfig:
     encoder_padding: EncoderPadding = "30s"
     prompt_template: str = "blsp"
     # How adapter outputs reach the LLM. "embeddings": each output fills one LLM position (the paper).
-    # "ctc": for adapters trained with the CTC loss, the CTC-compressed readout (adapter.ctc_readout):
+    # "ctc": for adapters trained with the CTC loss, the CTC-compressed readout (readout.ctc_readout):
     # one position per word piece heard, so a clip's position count depends on what was said.
     speech_readout: str = "embeddings"
     ctc_blank_id: int | None = None       # the LLM token CTC used as its blank ("ctc" readout only)

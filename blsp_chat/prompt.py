@@ -76,7 +76,7 @@ BLSP_TEMPLATE = PromptTemplate(
 )
 
 
-def chat_template_of(tokenizer) -> PromptTemplate:
+def chat_template_of(tokenizer: PreTrainedTokenizerBase) -> PromptTemplate:
     """Read the pieces of the LLM's own chat template by rendering a conversation of sentinels."""
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError("the 'chat' prompt template needs a tokenizer with a chat template; use 'blsp'")
@@ -94,7 +94,7 @@ def chat_template_of(tokenizer) -> PromptTemplate:
     )
 
 
-def template_for(name: str, tokenizer) -> PromptTemplate:
+def template_for(name: str, tokenizer: PreTrainedTokenizerBase) -> PromptTemplate:
     if name == "blsp":
         return BLSP_TEMPLATE
     if name == "chat":
@@ -117,18 +117,18 @@ class RenderedPrompt:
         return len(self.input_ids)
 
 
-def _tokens(tokenizer, text: str) -> list[int]:
+def _tokens(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False).input_ids if text else []
 
 
-def bos_ids(tokenizer) -> list[int]:
+def bos_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
     """What the tokenizer itself puts in front of a text (Llama: [BOS]; SmolLM2, Qwen: nothing)."""
     return tokenizer("").input_ids
 
 
 def render(
     turns: Sequence[Turn],
-    tokenizer,
+    tokenizer: PreTrainedTokenizerBase,
     template: PromptTemplate = BLSP_TEMPLATE,
     *,
     speech_placeholder_id: int | None = None,
@@ -205,3 +205,8 @@ def left_padded_batch(prompts: Sequence[RenderedPrompt], pad_id: int) -> dict[st
         "attention_mask": torch.tensor([[0] * n + [1] * len(p) for n, p in zip(pads, prompts)]),
         "speech_mask": torch.tensor([[False] * n + p.speech_mask for n, p in zip(pads, prompts)]),
     }
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions count only real tokens, so padding anywhere in a row does not shift them."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)

@@ -7,7 +7,6 @@ import torch
 from transformers import RepetitionPenaltyLogitsProcessor, TopPLogitsWarper
 
 from blsp_chat import session as session_module
-from blsp_chat.adapter import embedding_distance_logits
 from blsp_chat.audio import AudioError
 from blsp_chat.config import GenerationOptions
 from blsp_chat.generate import (
@@ -21,6 +20,7 @@ from blsp_chat.generate import (
 )
 from blsp_chat.lock import FairLock, model_lock
 from blsp_chat.prompt import Turn, cut_at_stop, eos_token_ids, render
+from blsp_chat.readout import embedding_distance_logits
 from blsp_chat.session import (
     HISTORY_KEPT_ON_OVERFLOW,
     REPLACEMENT_CHAR,

@@ -10,10 +10,10 @@ import torch
 from transformers import WhisperModel
 
 from blsp_chat import weights
-from blsp_chat.adapter import ctc_readout
 from blsp_chat.config import BlspConfig
 from blsp_chat.model import BlspModel
 from blsp_chat.prompt import Turn, render
+from blsp_chat.readout import ctc_readout
 from blsp_chat.weights import PinnedWheel, WeightsError, building, is_complete, load_pretrained, save_adapter
 from tiny import TRAINING_TEXT, VOCAB, tiny_blsp, tiny_tokenizer, tone
 from train.export_adapter import export

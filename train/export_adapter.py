@@ -6,7 +6,7 @@ record, into a folder such as assets/default_adapter (the folder `python app.py`
 The weights are stored as --dtype (float16 halves them: 11.5 MB for the tiny default); loading casts them
 back to the dtype the model runs in. Checkpoints, optimizer state and logs of the run stay behind.
 `--speech-readout ctc` serves an adapter trained with the CTC loss through the CTC-compressed readout
-(blsp_chat.adapter.ctc_readout), whatever readout the run itself was evaluated with; `--ctc-lm-weight`
+(blsp_chat.readout.ctc_readout), whatever readout the run itself was evaluated with; `--ctc-lm-weight`
 decodes it by beam search with the LLM fused in as a language model (blsp_chat.ctc_decode).
 """
 from __future__ import annotations

@@ -47,13 +47,14 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from blsp_chat.adapter import collapse_ctc, embedding_distance_logits
+from blsp_chat.adapter import collapse_ctc
 from blsp_chat.audio import load_audio
 from blsp_chat.config import SPEECH_READOUTS, BlspConfig, GenerationOptions
 from blsp_chat.constants import IGNORE_INDEX, REPEAT_INSTRUCTION
 from blsp_chat.generate import generate_reply
 from blsp_chat.model import TRAINABLE_PREFIXES, BlspModel
 from blsp_chat.prompt import Turn, pad_token_id, template_for
+from blsp_chat.readout import embedding_distance_logits
 from blsp_chat.weights import (
     DTYPES,
     LoadedBlsp,
