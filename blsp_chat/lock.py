@@ -53,7 +53,7 @@ _MODEL_LOCKS: "weakref.WeakKeyDictionary[torch.nn.Module, FairLock]" = weakref.W
 _MODEL_LOCKS_GUARD = threading.Lock()
 
 
-def model_lock(model) -> FairLock:
+def model_lock(model: torch.nn.Module) -> FairLock:
     """The lock every forward pass on `model` holds, so sessions sharing a model take turns step by
     step, in arrival order (their caches are their own, so interleaved steps are safe)."""
     with _MODEL_LOCKS_GUARD:
