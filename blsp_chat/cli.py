@@ -12,14 +12,15 @@ from typing import Callable, Iterator
 
 import soundfile as sf
 
-from . import manifest, weights
+from . import manifest, offline, weights
 from . import serve as server  # fastapi: the serve command's defaults come from it when the parser is built
 from .audio import DEFAULT_MAX_AUDIO_SECONDS, AudioError, load_audio
 from .config import GenerationOptions
 from .constants import DEFAULT_TRANSLATION_TARGET, FALLBACK_TEMPERATURES, SAMPLE_RATE, TASK_PRESETS
+from .generate import generate_reply, speech_turn
 from .mic import MicrophoneUnavailable, Player, Recorder, microphone_problem  # sounddevice loads only when recording
 from .prompt import Turn, task_instruction
-from .session import ChatSession, ContextOverflowError, generate_reply, speech_turn
+from .session import ChatSession, ContextOverflowError
 from .voice.barge_in import BargeInWatch
 from .voice.listen import TurnListener
 from .voice.speaker import SpokenReply, speak_text
@@ -227,8 +228,8 @@ def say(text: str = "", end: str = "\n") -> None:
 class TerminalChat:
     """The read-eval-print loop of `chat` over one ChatSession. `read_line` is `input` in a terminal."""
 
-    def __init__(self, loaded, options: GenerationOptions, instruction: str | None = None, mic_device=None,
-                 read_line: Callable[[str], str] = input, max_context_tokens: int | None = None,
+    def __init__(self, loaded: weights.LoadedBlsp, options: GenerationOptions, instruction: str | None = None,
+                 mic_device=None, read_line: Callable[[str], str] = input, max_context_tokens: int | None = None,
                  voice=None, player=None, hands_free: bool = False, barge_in: bool = False):
         self.loaded = loaded
         self.session = ChatSession.from_loaded(loaded, max_context_tokens=max_context_tokens)
@@ -539,7 +540,7 @@ def run_serve(args: argparse.Namespace) -> int:
 
 
 def run_download(_: argparse.Namespace) -> int:
-    for name, path in weights.download_defaults().items():
+    for name, path in offline.download_defaults().items():
         print(f"{name}: {path}")
     return 0
 
@@ -550,7 +551,7 @@ def main(argv: list[str] | None = None) -> int:
     handlers = {"chat": run_chat, "generate": run_generate, "serve": run_serve, "download": run_download}
     try:
         return handlers[args.command](args)
-    except weights.WeightsError as err:
+    except offline.WeightsError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     except ValueError as err:  # invalid generation options

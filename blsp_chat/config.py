@@ -32,7 +32,7 @@ class BlspConfig:
     encoder_padding: EncoderPadding = "30s"
     prompt_template: str = "blsp"
     # How adapter outputs reach the LLM. "embeddings": each output fills one LLM position (the paper).
-    # "ctc": for adapters trained with the CTC loss, the CTC-compressed readout (adapter.ctc_readout):
+    # "ctc": for adapters trained with the CTC loss, the CTC-compressed readout (readout.ctc_readout):
     # one position per word piece heard, so a clip's position count depends on what was said.
     speech_readout: str = "embeddings"
     ctc_blank_id: int | None = None       # the LLM token CTC used as its blank ("ctc" readout only)
@@ -42,6 +42,9 @@ class BlspConfig:
     ctc_lm_weight: float = 0.0
     ctc_token_bonus: float = 0.0          # added per word piece in that search (offsets the LM's short bias)
     ctc_beam_size: int = 4
+    # Labels of an output less likely than this (log-probability) are not tried in that search (pyctcdecode's
+    # token_min_logp): the LLM then reads fewer sound-alike beams. None tries each output's 8 best labels.
+    ctc_label_min_log_prob: float | None = None
     # Where the frozen base models come from when a checkpoint holds only the adapter.
     whisper_name_or_path: str | None = None
     llm_name_or_path: str | None = None
@@ -61,6 +64,9 @@ class BlspConfig:
         if self.ctc_lm_weight < 0 or self.ctc_beam_size < 1:
             raise ValueError(f"ctc_lm_weight must be >= 0 and ctc_beam_size >= 1, got {self.ctc_lm_weight} "
                              f"and {self.ctc_beam_size}")
+        if self.ctc_label_min_log_prob is not None and not self.ctc_label_min_log_prob <= 0:
+            raise ValueError(f"ctc_label_min_log_prob is a log-probability (<= 0) or None, got "
+                             f"{self.ctc_label_min_log_prob}")
         if not self.kernel_sizes:
             raise ValueError("conv_kernel_sizes must name at least one kernel size, e.g. '5,5,5'")
 
@@ -122,7 +128,7 @@ class GenerationOptions:
     repetition_penalty: float = 1.0  # the paper decodes greedily with none; raise it if a small LLM loops
     # openai/whisper's answer to loops: a reply whose text compresses too well (zlib ratio above the
     # threshold) is decoded again by sampling at each of these temperatures in turn. Empty: no second try.
-    # Applies to whole-reply generation (session.generate_replies), not to streamed chat replies.
+    # Applies to whole-reply generation (generate.generate_replies), not to streamed chat replies.
     fallback_temperatures: tuple[float, ...] = ()
     compression_ratio_threshold: float = 2.4
 

@@ -16,14 +16,17 @@ import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 import numpy as np
 
 from .audio import DEFAULT_MAX_AUDIO_SECONDS, AudioError, load_audio
 from .config import GenerationOptions
+from .generate import NothingHeardError, replies_if_heard, speech_turn
 from .prompt import Turn, render, template_for
-from .session import NothingHeardError, replies_if_heard, speech_turn
+
+if TYPE_CHECKING:
+    from .weights import LoadedBlsp
 
 LINE_KEY = "_line"         # where each output line records its manifest line number
 RESPONSE_KEY = "response"
@@ -104,8 +107,9 @@ def batches(items: Sequence[Item], size: int) -> Iterator[list[Item]]:
         yield list(items[start:start + size])
 
 
-def run_manifest(loaded, manifest: str | os.PathLike, out: str | os.PathLike, *, batch_size: int = DEFAULT_BATCH_SIZE,
-                 instruction: str = "", options: GenerationOptions = GenerationOptions(),
+def run_manifest(loaded: LoadedBlsp, manifest: str | os.PathLike, out: str | os.PathLike, *,
+                 batch_size: int = DEFAULT_BATCH_SIZE, instruction: str = "",
+                 options: GenerationOptions = GenerationOptions(),
                  max_audio_seconds: float | None = DEFAULT_MAX_AUDIO_SECONDS, progress: bool = True) -> Summary:
     """Answer every manifest line not yet in `out`, appending one batch at a time."""
     from tqdm import tqdm
@@ -132,7 +136,7 @@ def run_manifest(loaded, manifest: str | os.PathLike, out: str | os.PathLike, *,
     return summary
 
 
-def _answer(loaded, batch: list[Item], manifest_dir: Path, instruction: str, options: GenerationOptions,
+def _answer(loaded: LoadedBlsp, batch: list[Item], manifest_dir: Path, instruction: str, options: GenerationOptions,
             max_audio_seconds: float | None, limit: int | None) -> list[dict]:
     """Output records of one batch, in manifest order: lines that load are generated together."""
     model = loaded.model

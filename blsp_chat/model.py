@@ -14,16 +14,13 @@ from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel, WhisperFeatureExtractor
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
-from .adapter import Bottleneck, Conv1dSubsampler, ctc_label_candidates, ctc_readout, subsampled_lengths, zero_past
+from . import readout
+from .adapter import Bottleneck, Conv1dSubsampler, subsampled_lengths, zero_past
 from .audio import split_into_windows
 from .config import BlspConfig, GenerationOptions
 from .constants import HOP_LENGTH, N_FFT, N_SAMPLES, SAMPLE_RATE
-from .ctc_decode import prefix_beam_search
-from .prefix_scorer import KvCachedPrefixScorer, scoring_start_id
-
-# Labels per adapter output the LM-fused readout considers: the right word piece is nearly always among
-# the first few, and each extra one multiplies the beams the LLM scores.
-CTC_BEAM_LABELS = 8
+from .prefix_scorer import KvCachedPrefixScorer
+from .prompt import position_ids_from_mask
 
 TRAINABLE_PREFIXES = ("subsampler.", "adapter.", "speech_ln.")
 SPEECH_LN_EPS = 1e-5
@@ -50,11 +47,6 @@ def mel_frame_count(num_samples: int) -> int:
 def encoder_lengths(frame_lengths: torch.Tensor) -> torch.Tensor:
     """Whisper's stride-2 conv: floor((F - 1) / 2) + 1 output frames."""
     return subsampled_lengths(frame_lengths, 1)
-
-
-def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Positions count only real tokens, so padding anywhere in a row does not shift them."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
 def merge_speech(inputs_embeds: torch.Tensor, speech_mask: torch.Tensor,
@@ -235,42 +227,10 @@ class BlspModel(nn.Module):
         return [self.read_out(e) for e in self.adapt_windows(self.encode_windows(audios))]
 
     def read_out(self, speech: torch.Tensor) -> torch.Tensor:
-        """One clip's adapter outputs (L, d_llm) -> the vectors the LLM reads (see BlspConfig.speech_readout)."""
-        if self.config.speech_readout == "embeddings":
-            return speech
+        """One clip's adapter outputs (L, d_llm) -> the vectors the LLM reads (`readout.read_out`; the
+        LM-fused readout runs the LLM here, as a KV-cached scorer)."""
         table = self.llama_model.get_input_embeddings().weight
-        if self.config.ctc_lm_weight > 0:
-            return self.lm_fused_readout(speech, table)
-        return ctc_readout(speech, table, self.config.ctc_blank_id, self.config.ctc_readout_temperature)
-
-    def lm_fused_readout(self, speech: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-        """The "ctc" readout decoded by prefix beam search with the LLM as its language model: the
-        embeddings of the word pieces found (none if it heard only blanks). The LLM reads each new beam as one
-        decode step over its parent's cached keys and values (`KvCachedPrefixScorer`)."""
-        if speech.shape[0] == 0:
-            return speech
-        config = self.config
-        log_probs, ids = ctc_label_candidates(speech, table, CTC_BEAM_LABELS)
-        pieces = prefix_beam_search(log_probs, ids, config.ctc_blank_id, KvCachedPrefixScorer(self.llama_model),
-                                    lm_weight=config.ctc_lm_weight, token_bonus=config.ctc_token_bonus,
-                                    beam_size=config.ctc_beam_size)
-        return table[torch.tensor(pieces, dtype=torch.long, device=table.device)].to(speech.dtype)
-
-    @torch.no_grad()
-    def next_piece_log_probs(self, prefixes: Sequence[tuple[int, ...]]) -> torch.Tensor:
-        """(N, V) log-probabilities of the LLM's next word piece after each prefix, as plain text, each
-        prefix read from its start: the reference the KV-cached scorer of the readout is checked against."""
-        start = scoring_start_id(self.llama_model.config)
-        rows = [[start, *prefix] for prefix in prefixes]
-        width = max(len(row) for row in rows)
-        ids = torch.zeros(len(rows), width, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for r, row in enumerate(rows):  # left-padded, so every row's last position is its next piece
-            ids[r, width - len(row):] = torch.tensor(row)
-            mask[r, width - len(row):] = 1
-        logits = self.llama_model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
-                                  position_ids=position_ids_from_mask(mask).to(self.device)).logits[:, -1]
-        return logits.float().log_softmax(-1).cpu()
+        return readout.read_out(speech, table, self.config, lambda: KvCachedPrefixScorer(self.llama_model))
 
     # --- language model ----------------------------------------------------------------------------
     def embed_inputs(self, input_ids: torch.Tensor, speech_mask: torch.Tensor | None,

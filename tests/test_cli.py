@@ -16,9 +16,9 @@ from blsp_chat.audio import load_audio
 from blsp_chat.cli import build_parser, generation_options
 from blsp_chat.config import GenerationOptions
 from blsp_chat.constants import SAMPLE_RATE
+from blsp_chat.generate import generate_reply, speech_turn
 from blsp_chat.mic import microphone_problem
 from blsp_chat.serve import MEBIBYTE, ServerLimits
-from blsp_chat.session import generate_reply, speech_turn
 from blsp_chat.weights import LoadedBlsp
 from tiny import lively_blsp, tiny_tokenizer, tone
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from blsp_chat.audio import load_audio
+from blsp_chat.generate import generate_reply, speech_turn
 from blsp_chat.prompt import Turn
-from blsp_chat.session import generate_reply, speech_turn
 from blsp_chat.weights import DEFAULT_ADAPTER_DIR
 from train import real_speech
 from train.metrics import EnglishNormalizer, corpus_wer, word_errors

@@ -2,11 +2,12 @@
 import pytest
 import torch
 
-from blsp_chat.adapter import Conv1dSubsampler, collapse_ctc, ctc_readout, embedding_distance_logits
+from blsp_chat.adapter import Conv1dSubsampler, collapse_ctc
 from blsp_chat.config import GenerationOptions
 from blsp_chat.constants import IGNORE_INDEX, N_SAMPLES, SAMPLE_RATE
-from blsp_chat.model import merge_speech, position_ids_from_mask, split_into_windows, window_lengths
-from blsp_chat.prompt import Turn, render
+from blsp_chat.model import merge_speech, split_into_windows, window_lengths
+from blsp_chat.prompt import Turn, position_ids_from_mask, render
+from blsp_chat.readout import ctc_readout, embedding_distance_logits
 from tiny import tiny_blsp, tiny_tokenizer, tone
 
 
@@ -202,7 +203,7 @@ def test_ctc_readout_is_the_mean_posterior_of_each_segment_times_the_table(monke
     posteriors = torch.softmax(embedding_distance_logits(speech, table) / 2.0, dim=-1)
     expected = torch.stack([posteriors[:2].mean(0), posteriors[3]]) @ table
     torch.testing.assert_close(ctc_readout(speech, table, 0, temperature=2.0), expected)
-    monkeypatch.setattr("blsp_chat.adapter.READOUT_CHUNK", 1)  # chunking changes nothing
+    monkeypatch.setattr("blsp_chat.readout.READOUT_CHUNK", 1)  # chunking changes nothing
     torch.testing.assert_close(ctc_readout(speech, table, 0, temperature=2.0), expected)
 
 
@@ -230,6 +231,7 @@ def test_ctc_readout_model_lays_out_one_position_per_word_heard():
     (dict(speech_readout="ctc", ctc_blank_id=5, ctc_readout_temperature=0.0), "temperature must be positive"),
     (dict(speech_readout="ctc", ctc_blank_id=5, ctc_lm_weight=-0.1), "ctc_lm_weight must be >= 0"),
     (dict(speech_readout="ctc", ctc_blank_id=5, ctc_beam_size=0), "ctc_beam_size >= 1"),
+    (dict(speech_readout="ctc", ctc_blank_id=5, ctc_label_min_log_prob=0.5), "is a log-probability"),
 ])
 def test_readout_settings_are_checked(bad, match):
     with pytest.raises(ValueError, match=match):
@@ -241,5 +243,5 @@ def test_ctc_readout_keeps_only_the_nearest_words_of_each_posterior_without_chan
     table = torch.randn(500, 8)
     speech = table[torch.randint(0, 500, (40,))] + 0.3 * torch.randn(40, 8)
     truncated = ctc_readout(speech, table, blank_id=0, temperature=0.1)
-    monkeypatch.setattr("blsp_chat.adapter.READOUT_TOP_K", 500)  # the whole posterior
+    monkeypatch.setattr("blsp_chat.readout.READOUT_TOP_K", 500)  # the whole posterior
     torch.testing.assert_close(truncated, ctc_readout(speech, table, blank_id=0, temperature=0.1))

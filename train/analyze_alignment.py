@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from blsp_chat.audio import load_audio
-from blsp_chat.session import model_lock
+from blsp_chat.lock import model_lock
 from blsp_chat.weights import load_pretrained
 
 from .eval_run import LlmRunner, Request, read_manifest

@@ -29,8 +29,8 @@ from blsp_chat.constants import (
     SNIPS_LIGHT_INTENTS,
     TRANSLATE_INSTRUCTION,
 )
+from blsp_chat.generate import encoded_batch, generate_replies, speech_turn
 from blsp_chat.prompt import Turn
-from blsp_chat.session import encoded_batch, generate_replies, speech_turn
 
 from .io import append_lines, numbered_lines, read_jsonl, repair_tail, resolve_audio
 
@@ -172,7 +172,7 @@ class Request:
 
 class LlmRunner:
     """Batched replies of a loaded BLSP model (`.model`, `.tokenizer`) to single human turns, through
-    the serving code (blsp_chat.session: one renderer, left padding, the chat's stop rules)."""
+    the serving code (blsp_chat.generate: one renderer, left padding, the chat's stop rules)."""
 
     def __init__(self, loaded, options: GenerationOptions = GenerationOptions()):
         self.loaded, self.options = loaded, options

@@ -6,7 +6,7 @@ record, into a folder such as assets/default_adapter (the folder `python app.py`
 The weights are stored as --dtype (float16 halves them: 11.5 MB for the tiny default); loading casts them
 back to the dtype the model runs in. Checkpoints, optimizer state and logs of the run stay behind.
 `--speech-readout ctc` serves an adapter trained with the CTC loss through the CTC-compressed readout
-(blsp_chat.adapter.ctc_readout), whatever readout the run itself was evaluated with; `--ctc-lm-weight`
+(blsp_chat.readout.ctc_readout), whatever readout the run itself was evaluated with; `--ctc-lm-weight`
 decodes it by beam search with the LLM fused in as a language model (blsp_chat.ctc_decode).
 """
 from __future__ import annotations
@@ -59,10 +59,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="above 0: decode the ctc readout by beam search with the LLM as LM at this weight")
     parser.add_argument("--ctc-token-bonus", type=float, default=0.0, help="per word piece, in that search")
     parser.add_argument("--ctc-beam-size", type=int, default=4)
+    parser.add_argument("--ctc-label-min-log-prob", type=float, default=None,
+                        help="in that search, do not try labels less likely than this log-probability (e.g. -5)")
     args = parser.parse_args(argv)
     copied = export(args.run_dir, args.out, DTYPES[args.dtype], args.speech_readout, args.ctc_blank,
                     ctc_readout_temperature=args.ctc_readout_temperature, ctc_lm_weight=args.ctc_lm_weight,
-                    ctc_token_bonus=args.ctc_token_bonus, ctc_beam_size=args.ctc_beam_size)
+                    ctc_token_bonus=args.ctc_token_bonus, ctc_beam_size=args.ctc_beam_size,
+                    ctc_label_min_log_prob=args.ctc_label_min_log_prob)
     readout = args.speech_readout or "the run's"
     print(f"wrote {args.out} ({args.dtype} weights, {readout} readout; record: {', '.join(copied) or 'none'})")
     return 0

@@ -6,8 +6,8 @@
 
 Prompt: `prompt.render` of one human turn (instruction = constants.CONTINUATION_INSTRUCTION, text = the
 transcript) with the model's template, i.e. `BOS###[Human]:Continue ... 40 words. {text}\n\n\n###[Assistant]:`
-for the released `blsp` format. Greedy, at most --max-new-tokens, stopping at EOS (session.eos_token_ids)
-or at `###` (the text is cut there, session.cut_at_stop). Prompts longer than --max-prompt-tokens are
+for the released `blsp` format. Greedy, at most --max-new-tokens, stopping at EOS (prompt.eos_token_ids)
+or at `###` (the text is cut there, prompt.cut_at_stop). Prompts longer than --max-prompt-tokens are
 skipped (the release keeps < 192 tokens). Prompts are sorted by length (longest first, so a batch that does
 not fit in memory fails at once) and batched with LEFT padding.
 
@@ -53,8 +53,7 @@ import torch
 
 from blsp_chat import weights
 from blsp_chat.constants import CONTINUATION_INSTRUCTION, STOP_STRINGS
-from blsp_chat.prompt import PromptTemplate, Turn, render, template_for
-from blsp_chat.session import cut_at_stop, eos_token_ids
+from blsp_chat.prompt import PromptTemplate, Turn, cut_at_stop, eos_token_ids, render, template_for
 
 from .io import append_line, read_jsonl_tolerant, repair_tail, write_jsonl_atomic
 

@@ -8,9 +8,9 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from blsp_chat.adapter import embedding_distance_logits
 from blsp_chat.constants import IGNORE_INDEX
 from blsp_chat.model import BlspModel
+from blsp_chat.readout import embedding_distance_logits
 from train.adapter_config import LossSection
 from train.speech_data import EncoderCache, FrameMasking, speech_embeddings
 

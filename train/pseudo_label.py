@@ -41,8 +41,8 @@ import soundfile as sf
 
 from blsp_chat.audio import AudioError, load_audio
 from blsp_chat.constants import SAMPLE_RATE
+from blsp_chat.offline import cache_dir, default_whisper_dir
 from blsp_chat.voice.vad import TURN_END, TurnOptions, detect_turns
-from blsp_chat.weights import cache_dir, default_whisper_dir
 
 from .eval_run import WhisperTranscriber
 from .generate_continuations import is_looping

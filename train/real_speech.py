@@ -51,7 +51,7 @@ import soundfile as sf
 
 from blsp_chat.audio import AudioError, load_audio
 from blsp_chat.constants import SAMPLE_RATE
-from blsp_chat.weights import cache_dir, sha256_of
+from blsp_chat.offline import cache_dir, sha256_of
 
 from . import metrics
 from .io import read_jsonl_tolerant, write_jsonl_atomic

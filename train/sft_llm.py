@@ -37,8 +37,7 @@ from typing import Iterable, Sequence
 import torch
 
 from blsp_chat.constants import IGNORE_INDEX, INTENT_INSTRUCTION, REPEAT_INSTRUCTION, SNIPS_LIGHT_INTENTS
-from blsp_chat.prompt import Turn, render, template_for
-from blsp_chat.session import cut_at_stop, eos_token_ids, left_padded_batch, pad_token_id
+from blsp_chat.prompt import Turn, cut_at_stop, eos_token_ids, left_padded_batch, pad_token_id, render, template_for
 from blsp_chat.weights import load_llm
 from train.build_sft_data import intent_commands, load_sources, pick_label, read_alpaca, split_of, transcript_style
 from train.io import read_jsonl

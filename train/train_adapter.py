@@ -49,13 +49,14 @@ from typing import Sequence
 import torch
 from accelerate.state import PartialState
 
-from blsp_chat.adapter import collapse_ctc, embedding_distance_logits
+from blsp_chat.adapter import collapse_ctc
 from blsp_chat.audio import load_audio
 from blsp_chat.config import BlspConfig, GenerationOptions
 from blsp_chat.constants import REPEAT_INSTRUCTION
+from blsp_chat.generate import generate_reply
 from blsp_chat.model import TRAINABLE_PREFIXES, BlspModel
-from blsp_chat.prompt import Turn, template_for
-from blsp_chat.session import generate_reply, pad_token_id
+from blsp_chat.prompt import Turn, pad_token_id, template_for
+from blsp_chat.readout import embedding_distance_logits
 from blsp_chat.weights import (
     DTYPES,
     LoadedBlsp,
