@@ -172,12 +172,13 @@ def model_name(loaded) -> str:
     hub_cache = re.search(r"models--([^/\\]+?)--([^/\\]+)", source)
     if hub_cache:  # a hub snapshot: .../models--ORG--NAME/snapshots/REVISION
         return f"{hub_cache.group(1)}/{hub_cache.group(2)}"
-    if "/" not in source and "\\" not in source:
+    path = Path(source).expanduser()
+    if not (path.is_absolute() or path.exists()):  # a hub id, or a description ("offline default ...")
         return source
     config = loaded.model.config
     parts = [str(name).split(":", 1)[-1].rstrip("/\\").rsplit("/", 1)[-1]
              for name in (config.whisper_name_or_path, config.llm_name_or_path) if name]
-    return " + ".join(parts) if parts else Path(source).name
+    return " + ".join(parts) if parts else path.name
 
 
 def on_gpu(handler):
