@@ -34,7 +34,7 @@ from .prompt import task_instruction
 from .session import CacheBudget, ChatSession, ContextOverflowError
 from .voice.live import LiveTurns
 from .voice.paced import PacedPlayer
-from .voice.speaker import SpokenReply
+from .voice.speaker import SpokenReply, spoken_prefix
 from .voice.tts import VoiceOptions, try_load_voice
 from .voice.vad import SPEECH_START, TURN_END, TurnOptions
 
@@ -120,17 +120,6 @@ class ReplyInFlight:
     def stop_speaking(self) -> None:
         if self.spoken is not None:
             self.spoken.stop()
-
-
-def spoken_prefix(reply: str, sentences: list[str]) -> str:
-    """The reply as far as its spoken `sentences` (in order, as the splitter cut them) reach."""
-    end = 0
-    for sentence in sentences:
-        found = reply.find(sentence, end)
-        if found < 0:
-            break
-        end = found + len(sentence)
-    return reply[:end]
 
 
 def release_chat(chat: UserChat | None) -> None:

@@ -103,8 +103,9 @@ def test_typed_message_and_uploaded_clip(page, tmp_path):
     replies = _wait_for_replies(page, 2)
     assert len(replies) == 2, "the spoken turn gets its own reply"
     users = page.locator("#chatbot [data-testid='user']")
-    assert users.count() == 2
+    assert users.count() == 3, "the typed turn; the spoken turn's clip and, under it, the words the model heard"
     assert "audio" in users.nth(1).inner_html(), "the clip shows as a playable audio bubble"
+    assert "heard:" in users.nth(2).inner_text() and "france" in users.nth(2).inner_text().lower()
     assert "France" in users.nth(0).inner_text()
 
     shot = tmp_path / "chat.png"

@@ -25,7 +25,7 @@ from blsp_chat.voice.listen import TurnListener
 from blsp_chat.voice.live import LiveTurns
 from blsp_chat.voice.paced import PacedPlayer
 from blsp_chat.voice.sentences import SentenceSplitter, SplitterOptions
-from blsp_chat.voice.speaker import SpokenReply, speak_text
+from blsp_chat.voice.speaker import SpokenReply, speak_text, spoken_prefix
 from blsp_chat.voice.vad import (
     END_BY_MAX_LENGTH,
     END_BY_PAUSE,
@@ -512,6 +512,7 @@ def test_chat_barge_in_stops_the_spoken_reply_within_half_a_second(tiny_loaded, 
     assert "[interrupted]" in printed
     human = [t for t in chat.session.turns if t.role == "human"]
     assert len(human) == 2 and printed.count("(sent ") == 2
+    assert chat.session.turns[1].text == "", "the reply was cut in its first sentence: nothing of it was heard"
 
 
 def test_a_microphone_that_fails_to_start_is_reported_and_the_chat_goes_on(tiny_loaded, monkeypatch, capsys):
@@ -694,6 +695,14 @@ def test_page_barge_in_stops_the_spoken_reply_and_keeps_what_was_said(ctc_loaded
     assert [t for t, _ in calls if is_trigger(t)] == ["2"], "the new speech ended as the next turn"
     *_, (messages, chat, _) = handlers.take_heard_turn("2", "Chat", "German", *SETTINGS, False, chat)
     assert [m["role"] for m in messages] == ["user", "assistant"] * 2
+
+
+@pytest.mark.parametrize("sentences, kept", [
+    ([], ""), (["Paris is big."], "Paris is big."), (["Paris is big.", "It is old!"], "Paris is big. It is old!"),
+    (["Paris is big.", "Not said."], "Paris is big."),
+])
+def test_spoken_prefix_is_the_reply_as_far_as_it_was_heard(sentences, kept):
+    assert spoken_prefix("Paris is big. It is old!\nSee it.", sentences) == kept
 
 
 def test_trim_last_reply_and_last_speech(ctc_loaded):
