@@ -23,7 +23,7 @@ from .prompt import Turn, task_instruction
 from .session import ChatSession, ContextOverflowError
 from .voice.barge_in import BargeInWatch
 from .voice.listen import TurnListener
-from .voice.speaker import SpokenReply, speak_text
+from .voice.speaker import SpokenReply, speak_text, spoken_prefix
 from .voice.tts import AUTO, ENGINES, VoiceOptions, try_load_voice
 
 USER_PROMPT = "you> "
@@ -330,6 +330,8 @@ class TerminalChat:
         say()
         if spoken:
             self.finish_speaking(spoken)
+            if self._barged.is_set():
+                self.keep_what_was_spoken(spoken)
         if last is None:
             return
         if not last.text:
@@ -343,6 +345,12 @@ class TerminalChat:
     def start_speaking(self):
 
         return SpokenReply(self.voice, self.player.play, self.player.stop) if self.voice and self.player else None
+
+    def keep_what_was_spoken(self, spoken) -> None:
+        """Barge-in cut the spoken reply: the model remembers it only as far as the user heard it."""
+        turns = self.session.turns
+        if turns and turns[-1].role == "assistant":
+            self.session.trim_last_reply(spoken_prefix(turns[-1].text, list(spoken.spoken)))
 
     def finish_speaking(self, spoken) -> None:
         """Wait for the reply's last sentence to play; Ctrl-C cuts it short."""

@@ -275,6 +275,22 @@ class ChatSession:
             self._entries.clear()
             self._reset_cache()
 
+    def trim_last_reply(self, text: str) -> None:
+        """Keep the last reply only as far as `text` (what the user heard of it before interrupting);
+        the model reads the trimmed reply from then on. The cache is cropped lazily by the next reply."""
+        with self._state:
+            self._check_idle()
+            if not self._entries or self._entries[-1].turn.role != "assistant":
+                raise ValueError("there is no reply to trim")
+            self._entries[-1] = _Entry(Turn("assistant", text=text))
+
+    def last_speech(self) -> torch.Tensor | None:
+        """What the LLM reads for the last human turn's clip, (L, d_llm) (None for a typed turn): the
+        readout's vectors, kept from submit_audio, e.g. to show the words a "ctc" readout heard."""
+        with self._state:
+            humans = [e for e in self._entries if e.turn.role == "human"]
+        return humans[-1].speech if humans else None
+
     def regenerate(self, options: GenerationOptions = GenerationOptions()) -> Iterator[ReplyChunk]:
         """Drop the last reply and generate another (sample to get a different one)."""
         with self._state:

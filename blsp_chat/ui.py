@@ -5,21 +5,38 @@ sit behind a concurrency limit, while cheap steps (stop, undo, clear) skip the q
 all sessions' KV caches share one `CacheBudget`, and a closed page frees its cache at once (Gradio keeps
 a closed session's state for an hour). Clear and Undo bump the chat's `generation`, and a stream started
 before stops touching the page, so a reply finishing at that moment cannot bring the removed exchange back.
+
+Voice: with "Hands-free" on, a streaming microphone feeds each browser session's end-of-turn detector
+(voice/live.py); a pause ends the turn, which a hidden trigger then sends as a recorded turn is sent. With
+"Speak replies" on, each reply is spoken sentence by sentence while it streams (voice/speaker.py), the
+clips paced into an autoplaying audio output (voice/paced.py). Speech heard while a reply is generated or
+spoken stops it (barge-in), and the reply is kept as far as it was spoken.
 """
 from __future__ import annotations
 
+import re
+import tempfile
 import threading
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
 import gradio as gr
+import numpy as np
+import soundfile as sf
 
 from .audio import AudioError, load_audio
 from .config import GenerationOptions
-from .constants import DEFAULT_TRANSLATION_TARGET, TASK_PRESETS
+from .constants import DEFAULT_TRANSLATION_TARGET, SAMPLE_RATE, TASK_PRESETS
+from .heard import heard_text
 from .prompt import task_instruction
 from .session import CacheBudget, ChatSession, ContextOverflowError
+from .voice.live import LiveTurns
+from .voice.paced import PacedPlayer
+from .voice.speaker import SpokenReply, spoken_prefix
+from .voice.tts import VoiceOptions, try_load_voice
+from .voice.vad import SPEECH_START, TURN_END, TurnOptions
 
 if TYPE_CHECKING:
     from .weights import LoadedBlsp
@@ -29,6 +46,24 @@ TITLE = "BLSP chat: talk to a language model"
 # Replies generated at once. Their steps take turns at the model (lock.FairLock), so a short question
 # starts answering after one step of each running reply instead of after the whole of the longest.
 DEFAULT_CONCURRENCY = 4
+# The live microphone's chunks. Gradio keeps only the latest chunk that arrives while the handler is busy,
+# so each chunk's overhead (an upload, a queue round) must stay below this, or audio is lost; barge-in hears
+# speech at most this late.
+STREAM_EVERY_S = 0.5
+PLAYBACK_POLL_S = 0.1      # how often a spoken reply's stream looks for its next sentence's audio
+GPU_SECONDS = 120          # ZeroGPU: the longest a reply (generated and spoken) may hold the GPU
+TURN_GAP_S = 0.3           # silence between hands-free turns heard while one reply ran, sent as one
+# Turning hands-free on starts the streaming microphone at once (a click on its record button, once the
+# box is shown): no further click is needed to talk.
+START_LIVE_MIC_JS = """(on) => {
+  const press = (tries) => {
+    const button = document.querySelector('#live-mic button.record-button');
+    if (button) { console.log('hands-free: starting the microphone'); button.click(); }
+    else if (tries > 0) setTimeout(() => press(tries - 1), 200);
+  };
+  if (on) press(25);
+  return on;
+}"""
 UNTRAINED_NOTICE = ("**Note:** this model's speech adapter is untrained, so spoken turns are not understood yet; "
                     "typed turns work.")
 
@@ -42,6 +77,11 @@ class UserChat:
     turn_sizes: list[int] = field(default_factory=list)  # page messages per human+assistant exchange
     generation: int = 0  # bumped by Clear and Undo: streams of an older generation no longer update the page
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)  # page edits
+    live: LiveTurns | None = field(default=None, repr=False, compare=False)  # hands-free: made on its first chunk
+    heard_turns: list[np.ndarray] = field(default_factory=list, repr=False, compare=False)  # ended, not yet sent
+    turns_ended: int = 0  # hands-free turns the detector ended: the hidden trigger's value
+    reply: "ReplyInFlight | None" = field(default=None, repr=False, compare=False)  # for barge-in to stop
+    voice_notice_shown: bool = False
 
     def add_exchange(self, user_messages: list[dict]) -> None:
         self.messages.extend(user_messages + [{"role": "assistant", "content": ""}])
@@ -57,13 +97,49 @@ class UserChat:
             del self.messages[-self.turn_sizes.pop():]
 
 
+class ReplyInFlight:
+    """A reply being generated and, with "Speak replies", spoken: what barge-in stops."""
+
+    def __init__(self, session: ChatSession, voice=None):
+        self.session = session
+        self.player = PacedPlayer() if voice is not None else None
+        self.spoken = SpokenReply(voice, self.player.play, self.player.stop) if voice is not None else None
+        self.interrupted = threading.Event()
+
+    def feed(self, delta: str) -> None:
+        if self.spoken is not None:
+            self.spoken.feed(delta)
+
+    def next_clip(self) -> tuple[int, np.ndarray] | None:
+        """The next sentence's (rate, audio) for the page to play, when its turn has come."""
+        return self.player.take() if self.player is not None else None
+
+    def interrupt(self) -> None:
+        """Barge-in (on the microphone's handler): stop the voice at once, then the generation."""
+        self.interrupted.set()
+        self.stop_speaking()
+        self.session.cancel()
+
+    def stop_speaking(self) -> None:
+        if self.spoken is not None:
+            self.spoken.stop()
+
+
 def release_chat(chat: UserChat | None) -> None:
     """A closed page: stop its reply and free its KV cache (its history stays until Gradio drops it).
     A plain function, not a bound method: Gradio deep-copies a component's arguments, and a method would
     drag the shared model along."""
     if chat is not None:
-        chat.session.cancel()
+        _stop_reply(chat)
         chat.session.release_cache()
+
+
+def _stop_reply(chat: UserChat) -> None:
+    """Stop the reply's voice and its generation (Stop, Undo, Clear, a closed page)."""
+    reply = chat.reply
+    if reply is not None:
+        reply.stop_speaking()
+    chat.session.cancel()
 
 
 def _options(max_new_tokens, do_sample, temperature, top_p, repetition_penalty) -> GenerationOptions:
@@ -72,19 +148,58 @@ def _options(max_new_tokens, do_sample, temperature, top_p, repetition_penalty) 
                              repetition_penalty=float(repetition_penalty))
 
 
+def _audio_update(clip: tuple[int, np.ndarray] | None):
+    """The reply audio output's update: a clip to play, or no change (the one playing goes on)."""
+    return gr.skip() if clip is None else clip
+
+
 def _notice(text: str) -> dict:
     return {"role": "assistant", "content": text, "metadata": {"title": "⚠️ Notice"}}
+
+
+def model_name(loaded) -> str:
+    """What the page calls the model: a hub id, or the names of its parts; never a local path (a Space's
+    or a user's directories are no business of the people chatting)."""
+    source = str(loaded.source)
+    hub_cache = re.search(r"models--([^/\\]+?)--([^/\\]+)", source)
+    if hub_cache:  # a hub snapshot: .../models--ORG--NAME/snapshots/REVISION
+        return f"{hub_cache.group(1)}/{hub_cache.group(2)}"
+    path = Path(source).expanduser()
+    if not (path.is_absolute() or path.exists()):  # a hub id, or a description ("offline default ...")
+        return source
+    config = loaded.model.config
+    parts = [str(name).split(":", 1)[-1].rstrip("/\\").rsplit("/", 1)[-1]
+             for name in (config.whisper_name_or_path, config.llm_name_or_path) if name]
+    return " + ".join(parts) if parts else path.name
+
+
+def on_gpu(handler):
+    """`handler` under the `spaces` package's GPU decorator on a ZeroGPU Space (which lends a GPU only
+    inside such functions); elsewhere, where the package is absent, `handler` itself."""
+    try:
+        import spaces  # here, not at the top: only Hugging Face Spaces have it
+    except ImportError:
+        return handler
+    return spaces.GPU(duration=GPU_SECONDS)(handler)
 
 
 class ChatHandlers:
     """The page's event handlers, bound to one shared model."""
 
     def __init__(self, loaded: LoadedBlsp, max_audio_seconds: float | None, max_context_tokens: int | None = None,
-                 cache_budget: CacheBudget | None = None):
+                 cache_budget: CacheBudget | None = None, voice_options: VoiceOptions | None = None,
+                 turn_options: TurnOptions = TurnOptions()):
         self.loaded = loaded
         self.max_audio_seconds = max_audio_seconds
         self.max_context_tokens = max_context_tokens
         self.cache_budget = cache_budget
+        self.voice_options = voice_options or VoiceOptions()
+        self.turn_options = turn_options
+        self._voice: tuple | None = None  # (voice or None, notice or None), loaded on first use
+        self._voice_lock = threading.Lock()
+        # Hands-free turns are written here for the chat's audio bubbles (inside the temp directory, which
+        # Gradio serves files from).
+        self.turn_dir = Path(tempfile.mkdtemp(prefix="blsp-chat-turns-"))
 
     def _chat(self, state: UserChat | None) -> UserChat:
         if state is not None:
@@ -92,23 +207,53 @@ class ChatHandlers:
         return UserChat(ChatSession.from_loaded(self.loaded, max_context_tokens=self.max_context_tokens,
                                                 cache_budget=self.cache_budget))
 
+    def voice(self):
+        """(voice, None), or (None, why not): loaded once, on the first spoken reply, for all sessions."""
+        with self._voice_lock:
+            if self._voice is None:
+                self._voice = try_load_voice(self.voice_options)
+            return self._voice
+
+    # --- turns -------------------------------------------------------------------------------------
     def send(self, text, audio_path, task, target, *settings_and_state) -> Iterator[tuple]:
-        *settings, state = settings_and_state
+        *settings, speak, state = settings_and_state
         chat, text = self._chat(state), (text or "").strip()
         if chat.session.busy:
             chat.session.cancel()
         if not text and not audio_path:
-            yield chat.messages + [_notice("Type a message or record/upload audio first.")], chat, text, audio_path
+            yield (chat.messages + [_notice("Type a message or record/upload audio first.")], chat, text, audio_path,
+                   gr.skip())
             return
+        yield from self._turn(chat, text, audio_path, task, target, settings, speak, ("", None))
+
+    def take_heard_turn(self, _trigger, task, target, *settings_and_state) -> Iterator[tuple]:
+        """Hands-free: send what the detector heard (the hidden trigger changed). Turns that ended while
+        a reply ran are sent together, in order, as one."""
+        *settings, speak, state = settings_and_state
+        chat = self._chat(state)
+        with chat.lock:
+            turns, chat.heard_turns = chat.heard_turns, []
+        if not turns:
+            yield chat.messages, chat, gr.skip()
+            return
+        if chat.session.busy:
+            chat.session.cancel()
+        gap = np.zeros(int(TURN_GAP_S * SAMPLE_RATE), np.float32)
+        audio = np.concatenate([piece for turn in turns for piece in (turn, gap)][:-1])
+        path = self.turn_dir / f"turn-{uuid.uuid4().hex}.wav"
+        sf.write(path, audio, SAMPLE_RATE)
+        yield from self._turn(chat, "", str(path), task, target, settings, speak, ())
+
+    def _turn(self, chat: UserChat, text: str, audio_path, task, target, settings, speak, extra) -> Iterator[tuple]:
         try:
             options = _options(*settings)
             user = self._submit(chat, text, audio_path, task, target)
             chunks = chat.session.stream_reply(options)  # a turn too long for the context is refused here
         except (AudioError, ContextOverflowError, ValueError) as err:
-            yield chat.messages + [_notice(str(err))], chat, "", None
+            yield (chat.messages + [_notice(str(err))], chat, *extra, gr.skip())
             return
         chat.add_exchange(user)
-        yield from self._stream(chat, chunks, ("", None))
+        yield from self._stream(chat, chunks, extra, speak)
 
     def _submit(self, chat: UserChat, text: str, audio_path, task, target) -> list[dict]:
         if not audio_path:
@@ -117,60 +262,158 @@ class ChatHandlers:
         audio = load_audio(audio_path, max_seconds=self.max_audio_seconds)
         chat.session.submit_audio(audio, instruction=task_instruction(task, target or DEFAULT_TRANSLATION_TARGET),
                                   text=text)
-        return [{"role": "user",
-                 "content": {"path": audio_path}}] + ([{"role": "user", "content": text}] if text else [])
+        heard = heard_text(self.loaded.model, self.loaded.tokenizer, chat.session.last_speech())
+        clip: dict | list = {"path": audio_path}
+        if heard is not None:  # under the clip: whether a wrong answer is a mishearing shows at once
+            clip = [clip, f"*heard:* {heard or '(no words)'}"]
+        return [{"role": "user", "content": clip}] + ([{"role": "user", "content": text}] if text else [])
 
-    def _stream(self, chat: UserChat, chunks, extra: tuple) -> Iterator[tuple]:
-        generation = chat.generation
+    # --- replies -----------------------------------------------------------------------------------
+    def _start_reply(self, chat: UserChat, speak: bool) -> ReplyInFlight:
+        voice = None
+        if speak:
+            voice, notice = self.voice()
+            if notice and not chat.voice_notice_shown:
+                chat.note_before_reply(_notice(f"Replies stay text only: {notice}."))
+                chat.voice_notice_shown = True
+        chat.reply = ReplyInFlight(chat.session, voice)
+        return chat.reply
+
+    def _stream(self, chat: UserChat, chunks, extra: tuple, speak: bool = False) -> Iterator[tuple]:
+        generation, message = chat.generation, chat.messages[-1]  # the reply's message (notices go above it)
+        reply = self._start_reply(chat, speak)
         try:
-            for index, chunk in enumerate(chunks):
+            try:
+                for index, chunk in enumerate(chunks):
+                    with chat.lock:
+                        if chat.generation != generation:  # Clear or Undo took over: the page is theirs now
+                            break
+                        if index == 0 and chunk.dropped_turns:
+                            chat.note_before_reply(_notice(f"The conversation outgrew the model's context: the "
+                                                           f"oldest {chunk.dropped_turns} turns are no longer seen "
+                                                           "by the model."))
+                        message["content"] = chunk.text
+                    reply.feed(chunk.delta)
+                    yield (chat.messages, chat, *extra, _audio_update(reply.next_clip()))
+            except Exception as err:  # out of memory, a broken model: say so, keep the page usable
+                reply.stop_speaking()
                 with chat.lock:
-                    if chat.generation != generation:  # Clear or Undo took over: the page is theirs now
-                        break
-                    if index == 0 and chunk.dropped_turns:
-                        chat.note_before_reply(_notice(f"The conversation outgrew the model's context: the oldest "
-                                                       f"{chunk.dropped_turns} turns are no longer seen by the model."))
-                    chat.messages[-1]["content"] = chunk.text
-                yield (chat.messages, chat, *extra)
-        except Exception as err:  # out of memory, a broken model: say so, keep the page usable
-            with chat.lock:
-                if chat.generation == generation:
-                    chat.session.undo()
-                    chat.drop_last_exchange()
-            yield (chat.messages + [_notice(f"Generation failed: {err}. Please try again.")], chat, *extra)
-            return
+                    if chat.generation == generation:
+                        chat.session.undo()
+                        chat.drop_last_exchange()
+                yield (chat.messages + [_notice(f"Generation failed: {err}. Please try again.")], chat, *extra,
+                       gr.skip())
+                return
+            finally:
+                chunks.close()
+            if chat.generation == generation:
+                yield from self._speak_rest(chat, reply, extra)
         finally:
-            chunks.close()
+            reply.stop_speaking()
+            chat.reply = None
+        if reply.interrupted.is_set() and reply.spoken is not None:
+            self._keep_what_was_spoken(chat, reply, message, generation)
+            yield (chat.messages, chat, *extra, gr.skip())
         if chat.generation != generation:
             with chat.lock:  # waits until Clear/Undo has finished editing (never held across a yield)
                 messages = list(chat.messages)
             # An update of this stream sent just before theirs can reach the page after it: end on their
             # page, so that the last word (and the stream's closing message) agrees with the server.
-            yield (messages, chat, *extra)
+            yield (messages, chat, *extra, gr.skip())
 
+    def _speak_rest(self, chat: UserChat, reply: ReplyInFlight, extra: tuple) -> Iterator[tuple]:
+        """The text is complete: hand over each remaining sentence's audio as its turn to play comes."""
+        if reply.spoken is None:
+            return
+        reply.spoken.finish()
+        while not reply.spoken.wait(timeout=PLAYBACK_POLL_S):
+            clip = reply.next_clip()
+            if clip is not None:
+                yield (chat.messages, chat, *extra, clip)
+        if reply.spoken.error is not None:
+            with chat.lock:
+                chat.messages.append(_notice(f"The voice failed ({reply.spoken.error}); this reply is text only."))
+                chat.turn_sizes[-1] += 1
+            yield (chat.messages, chat, *extra, gr.skip())
+
+    def _keep_what_was_spoken(self, chat: UserChat, reply: ReplyInFlight, message: dict, generation: int) -> None:
+        """Barge-in cut a spoken reply: it stays in the history (the model's and the page's) as far as
+        the user heard it."""
+        with chat.lock:
+            if chat.generation != generation or not chat.turn_sizes:
+                return
+            turns = chat.session.turns
+            if not turns or turns[-1].role != "assistant":
+                return
+            heard = spoken_prefix(turns[-1].text, list(reply.spoken.spoken))
+            chat.session.trim_last_reply(heard)
+            message["content"] = f"{heard} … *(interrupted)*" if heard else "*(interrupted)*"
+
+    # --- hands-free ----------------------------------------------------------------------------------
+    def listen(self, chunk, hands_free, state):
+        """Each chunk of the streaming microphone: run this session's detector. Speech over a reply stops
+        it (barge-in: the page stops playing it too); a turn that ended bumps the hidden trigger, whose
+        change sends it. Cheap (~0.1 ms of VAD per 32 ms of audio): it runs outside the GPU queue."""
+        chat = self._chat(state)
+        if not hands_free or chunk is None:
+            return chat, gr.skip(), gr.skip()
+        samples, rate = sf.read(chunk, dtype="float32")  # a short wav the browser recorded
+        if chat.live is None:
+            chat.live = LiveTurns(self.turn_options)
+        trigger = reply_audio = gr.skip()
+        for event in chat.live.feed(rate, samples):
+            reply = chat.reply
+            if event.kind == SPEECH_START and reply is not None:
+                reply.interrupt()
+                reply_audio = None
+            elif event.kind == TURN_END:
+                with chat.lock:
+                    chat.heard_turns.append(event.audio)
+                chat.turns_ended += 1
+                trigger = str(chat.turns_ended)
+        return chat, trigger, reply_audio
+
+    def switch_hands_free(self, hands_free: bool, state: UserChat | None):
+        """Swap the record/upload box (and Send) for the streaming microphone, and back. The detector is
+        made here, before the first chunk: a chunk that arrives while the handler is still busy replaces
+        the one waiting (Gradio keeps the latest), so a slow first call would lose the first words."""
+        chat = self._chat(state)
+        if hands_free and chat.live is None:
+            chat.live = LiveTurns(self.turn_options)
+        elif not hands_free and chat.live is not None:
+            chat.live.reset()
+        return (gr.update(visible=not hands_free), gr.update(visible=True if hands_free else "hidden"),
+                gr.update(visible=not hands_free), chat)
+
+    def stop_listening(self, state: UserChat | None) -> None:
+        """The microphone stopped: its next recording starts afresh (a half-heard turn is dropped)."""
+        if state is not None and state.live is not None:
+            state.live.reset()
+
+    # --- editing -------------------------------------------------------------------------------------
     def regenerate(self, *settings_and_state) -> Iterator[tuple]:
-        *settings, state = settings_and_state
+        *settings, speak, state = settings_and_state
         chat = self._chat(state)
         if not chat.turn_sizes or chat.session.busy:
-            yield chat.messages, chat
+            yield chat.messages, chat, gr.skip()
             return
         try:
             chunks = chat.session.regenerate(_options(*settings))
         except ValueError as err:
-            yield chat.messages + [_notice(str(err))], chat
+            yield chat.messages + [_notice(str(err))], chat, gr.skip()
             return
         chat.messages[-1]["content"] = ""
-        yield from self._stream(chat, chunks, ())
+        yield from self._stream(chat, chunks, (), speak)
 
     def stop(self, state: UserChat | None) -> None:
         if state is not None:
-            state.session.cancel()
+            _stop_reply(state)
 
     def undo(self, state: UserChat | None):
         chat = self._chat(state)
         with chat.lock:  # a stream sees the new generation only with the edit done
             chat.generation += 1
-            chat.session.cancel()
+            _stop_reply(chat)
             if chat.turn_sizes:
                 chat.session.undo()
                 chat.drop_last_exchange()
@@ -180,7 +423,7 @@ class ChatHandlers:
         chat = self._chat(state)
         with chat.lock:
             chat.generation += 1
-            chat.session.cancel()
+            _stop_reply(chat)
             chat.session.clear()
             chat.messages.clear()
             chat.turn_sizes.clear()
@@ -188,24 +431,38 @@ class ChatHandlers:
 
 
 def build_demo(loaded: LoadedBlsp, *, max_audio_seconds: float | None = 120.0, concurrency: int = DEFAULT_CONCURRENCY,
-               max_context_tokens: int | None = None, max_cached_tokens: int | None = None) -> gr.Blocks:
+               max_context_tokens: int | None = None, max_cached_tokens: int | None = None,
+               voice_options: VoiceOptions | None = None, turn_options: TurnOptions = TurnOptions()) -> gr.Blocks:
     """The page for one shared model; `max_context_tokens` caps each conversation (default: the LLM's),
-    `max_cached_tokens` the KV-cache positions of all sessions together (default: no ceiling)."""
+    `max_cached_tokens` the KV-cache positions of all sessions together (default: no ceiling);
+    `voice_options` the spoken replies' voice (default: piper, else espeak-ng), `turn_options` the hands-free
+    end of turn."""
     budget = CacheBudget(max_cached_tokens) if max_cached_tokens is not None else None
-    handlers = ChatHandlers(loaded, max_audio_seconds, max_context_tokens, budget)
+    handlers = ChatHandlers(loaded, max_audio_seconds, max_context_tokens, budget, voice_options, turn_options)
     with gr.Blocks(title=TITLE) as demo:
         gr.Markdown(f"# {TITLE}\nSpeak or type; spoken and typed turns share one conversation. "
-                    f"Model: `{loaded.source}`." + ("" if loaded.adapter_trained else "\n\n" + UNTRAINED_NOTICE))
+                    f"Model: `{model_name(loaded)}`." + ("" if loaded.adapter_trained else "\n\n" + UNTRAINED_NOTICE))
         state = gr.State(None, delete_callback=release_chat)
         chatbot = gr.Chatbot(label="Conversation", height=480, elem_id="chatbot", buttons=["copy"])
+        reply_audio = gr.Audio(label="Spoken reply", autoplay=True, interactive=False, visible=False,
+                               elem_id="reply-audio")
+        with gr.Row():
+            hands_free = gr.Checkbox(False, label="Hands-free: each spoken turn is sent when you pause; speaking "
+                                     "over a reply interrupts it (use headphones)", elem_id="hands-free")
+            speak = gr.Checkbox(False, label="Speak replies", elem_id="speak-replies")
         with gr.Row():
             audio = gr.Audio(sources=["microphone", "upload"], type="filepath", label="Speak or upload audio", scale=2,
                              elem_id="audio-input")
+            # "hidden", not False: mounted from the start, so that its recorder (loaded when it mounts) is
+            # ready by the time hands-free presses its record button.
+            live_mic = gr.Audio(sources=["microphone"], streaming=True, type="filepath", label="Listening (hands-free)",
+                                scale=2, visible="hidden", elem_id="live-mic")
             with gr.Column(scale=3):
                 text = gr.Textbox(label="Message", placeholder="Type a message, or add text to your audio", lines=2)
                 with gr.Row():
                     task = gr.Dropdown(list(TASK_PRESETS), value="Chat", label="Task for the next spoken turn")
                     target = gr.Textbox(value=DEFAULT_TRANSLATION_TARGET, label="Translate into")
+        heard_trigger = gr.Textbox(visible="hidden", elem_id="heard-turn")  # bumped when a hands-free turn ends
         with gr.Row():
             send = gr.Button("Send", variant="primary", elem_id="send")
             stop = gr.Button("Stop", elem_id="stop")
@@ -227,16 +484,28 @@ def build_demo(loaded: LoadedBlsp, *, max_audio_seconds: float | None = 120.0, c
         gr.Examples([["What is the capital of France?"], ["Write a haiku about the sea."]], inputs=[text],
                     label="Example prompts")
 
-        inputs = [text, audio, task, target, *settings, state]
-        outputs = [chatbot, state, text, audio]
+        inputs = [text, audio, task, target, *settings, speak, state]
+        outputs = [chatbot, state, text, audio, reply_audio]
+        gpu = dict(concurrency_limit=concurrency, concurrency_id="gpu")
+        send_on_gpu = on_gpu(handlers.send)
         for trigger in (send.click, text.submit):
-            trigger(handlers.send, inputs, outputs, concurrency_limit=concurrency, concurrency_id="gpu",
-                    api_name="send" if trigger == send.click else False)
-        regenerate.click(handlers.regenerate, [*settings, state], [chatbot, state], concurrency_limit=concurrency,
-                         concurrency_id="gpu", api_name="regenerate")
+            trigger(send_on_gpu, inputs, outputs, api_name="send" if trigger == send.click else False, **gpu)
+        regenerate.click(on_gpu(handlers.regenerate), [*settings, speak, state], [chatbot, state, reply_audio],
+                         api_name="regenerate", **gpu)
         stop.click(handlers.stop, [state], None, queue=False, api_name="stop")
         undo.click(handlers.undo, [state], [chatbot, state], queue=False, api_name="undo")
         clear.click(handlers.clear, [state], [chatbot, state], queue=False, api_name="clear")
+
+        hands_free.change(handlers.switch_hands_free, [hands_free, state], [audio, live_mic, send, state], queue=False,
+                          api_name=False)
+        hands_free.change(None, [hands_free], None, js=START_LIVE_MIC_JS)
+        speak.change(lambda on: gr.update(visible=on), [speak], [reply_audio], queue=False, api_name=False)
+        live_mic.stream(handlers.listen, [live_mic, hands_free, state], [state, heard_trigger, reply_audio],
+                        stream_every=STREAM_EVERY_S, concurrency_limit=None, concurrency_id="listen",
+                        show_progress="hidden", api_name=False)
+        live_mic.stop_recording(handlers.stop_listening, [state], None, queue=False, api_name=False)
+        heard_trigger.change(on_gpu(handlers.take_heard_turn), [heard_trigger, task, target, *settings, speak, state],
+                             [chatbot, state, reply_audio], show_progress="hidden", api_name=False, **gpu)
 
         def release_closed_page(request: gr.Request) -> None:
             release_chat(_session_state(demo, state, request))

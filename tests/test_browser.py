@@ -1,9 +1,12 @@
-"""The page in headless Chromium: a typed turn, then an uploaded clip, on the real app."""
+"""The page in headless Chromium: a typed turn, then an uploaded clip, on the real app; and a hands-free
+spoken conversation through Chromium's fake microphone, fed from a wav file."""
 import os
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
+import soundfile as sf
 
 pytestmark = pytest.mark.integration
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -12,6 +15,20 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networki
 CLIP = Path(__file__).resolve().parent.parent / "assets" / "examples" / "capital_of_france.wav"
 REPLY_TIMEOUT_MS = 180_000
 SETTLED_POLLS = 6  # 3 s without change: the streamed reply is complete
+# The longest duration of the spoken reply's audio elements: Gradio's player keeps its <audio> inside the
+# waveform's shadow root, so the search goes through shadow roots. null while none holds playable audio.
+REPLY_AUDIO_DURATION_JS = """() => {
+  const found = [];
+  const walk = (root) => root.querySelectorAll('*').forEach((node) => {
+    if (node.tagName === 'AUDIO' && node.src && isFinite(node.duration) && node.duration > 0) found.push(node.duration);
+    if (node.shadowRoot) walk(node.shadowRoot);
+  });
+  const output = document.querySelector('#reply-audio');
+  if (output) walk(output);
+  return found.length ? Math.max(...found) : null;
+}"""
+LEAD_SILENCE_S = 3.0   # before the question: the microphone is streaming by the time it is spoken
+TAIL_SILENCE_S = 120.0  # after it: Chromium loops the file, and the question must not come round again (barge-in)
 
 
 @pytest.fixture
@@ -21,6 +38,34 @@ def page(app_url):
         pytest.skip("needs Debian's chromium: apt-get install -y chromium")
     with playwright.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1280, "height": 1000})
+        page.goto(app_url)
+        page.wait_for_selector("#send")
+        yield page
+        browser.close()
+
+
+@pytest.fixture
+def spoken_question(tmp_path) -> Path:
+    """The example question with silence around it, as the fake microphone's recording."""
+    question, rate = sf.read(CLIP, dtype="float32")
+    lead, tail = np.zeros(int(LEAD_SILENCE_S * rate), np.float32), np.zeros(int(TAIL_SILENCE_S * rate), np.float32)
+    path = tmp_path / "question.wav"
+    sf.write(path, np.concatenate([lead, question, tail]), rate, subtype="PCM_16")
+    return path
+
+
+@pytest.fixture
+def mic_page(app_url, spoken_question):
+    """The page in a Chromium whose microphone "says" spoken_question, with autoplay allowed."""
+    playwright = pytest.importorskip("playwright.sync_api")
+    if not Path(CHROMIUM).exists():
+        pytest.skip("needs Debian's chromium: apt-get install -y chromium")
+    args = CHROMIUM_ARGS + ["--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
+                            f"--use-file-for-fake-audio-capture={spoken_question}",
+                            "--autoplay-policy=no-user-gesture-required"]
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=args)
         page = browser.new_page(viewport={"width": 1280, "height": 1000})
         page.goto(app_url)
         page.wait_for_selector("#send")
@@ -58,8 +103,9 @@ def test_typed_message_and_uploaded_clip(page, tmp_path):
     replies = _wait_for_replies(page, 2)
     assert len(replies) == 2, "the spoken turn gets its own reply"
     users = page.locator("#chatbot [data-testid='user']")
-    assert users.count() == 2
+    assert users.count() == 3, "the typed turn; the spoken turn's clip and, under it, the words the model heard"
     assert "audio" in users.nth(1).inner_html(), "the clip shows as a playable audio bubble"
+    assert "heard:" in users.nth(2).inner_text() and "france" in users.nth(2).inner_text().lower()
     assert "France" in users.nth(0).inner_text()
 
     shot = tmp_path / "chat.png"
@@ -67,3 +113,19 @@ def test_typed_message_and_uploaded_clip(page, tmp_path):
     assert shot.stat().st_size > 10_000
     if os.environ.get("BLSP_CHAT_SCREENSHOT"):
         shutil.copy(shot, os.environ["BLSP_CHAT_SCREENSHOT"])
+
+
+def test_hands_free_question_is_sent_at_the_pause_and_answered_aloud(mic_page):
+    """No click sends the turn: switching hands-free on starts the microphone, the pause after the question
+    ends the turn, the reply streams and is spoken; the reply's audio element holds playable audio."""
+    page = mic_page
+    page.locator("#speak-replies input").check()
+    page.locator("#hands-free input").check()
+    replies = _wait_for_replies(page, 1)
+    assert replies[0].strip(), "the spoken question was answered"
+    users = page.locator("#chatbot [data-testid='user']")
+    assert "audio" in users.first.inner_html(), "the spoken turn shows as an audio bubble"
+    heard = " ".join(users.nth(i).inner_text() for i in range(users.count())).lower()
+    assert "heard:" in heard and "france" in heard, "what the model heard, under the clip"
+    duration = page.wait_for_function(REPLY_AUDIO_DURATION_JS, timeout=REPLY_TIMEOUT_MS)
+    assert duration.json_value() > 0

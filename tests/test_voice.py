@@ -2,20 +2,31 @@
 understands, the streaming sentence splitter, the chat's hands-free and spoken paths, a missing voice."""
 from __future__ import annotations
 
+import sys
 import threading
+import types
 from pathlib import Path
 
 import numpy as np
 import pytest
 import soundfile as sf
+import torch
 from conftest import LIBRIVOX_DIR
 
+from blsp_chat.adapter import collapse_ctc
 from blsp_chat.audio import resample
+from blsp_chat.config import BlspConfig, GenerationOptions
 from blsp_chat.constants import SAMPLE_RATE
+from blsp_chat.heard import heard_piece_ids, heard_text
+from blsp_chat.readout import embedding_distance_logits
+from blsp_chat.session import ChatSession
+from blsp_chat.ui import ChatHandlers, build_demo, model_name, on_gpu
 from blsp_chat.voice import tts
 from blsp_chat.voice.listen import TurnListener
+from blsp_chat.voice.live import LiveTurns
+from blsp_chat.voice.paced import PacedPlayer
 from blsp_chat.voice.sentences import SentenceSplitter, SplitterOptions
-from blsp_chat.voice.speaker import SpokenReply, speak_text
+from blsp_chat.voice.speaker import SpokenReply, speak_text, spoken_prefix
 from blsp_chat.voice.vad import (
     END_BY_MAX_LENGTH,
     END_BY_PAUSE,
@@ -27,6 +38,8 @@ from blsp_chat.voice.vad import (
     detect_turns,
     frames_in,
 )
+from blsp_chat.weights import LoadedBlsp
+from tiny import lively_blsp, tiny_blsp, tiny_tokenizer, tone
 
 ROOM_TONE_S = 0.15       # every LibriVox clip starts with more than this before its first word (VAD: > 0.25 s)
 EDGE_S = 0.35            # room tone at either end of a clip, at most: its speech lies inside the rest
@@ -500,6 +513,7 @@ def test_chat_barge_in_stops_the_spoken_reply_within_half_a_second(tiny_loaded, 
     assert "[interrupted]" in printed
     human = [t for t in chat.session.turns if t.role == "human"]
     assert len(human) == 2 and printed.count("(sent ") == 2
+    assert chat.session.turns[1].text == "", "the reply was cut in its first sentence: nothing of it was heard"
 
 
 def test_a_microphone_that_fails_to_start_is_reported_and_the_chat_goes_on(tiny_loaded, monkeypatch, capsys):
@@ -523,3 +537,214 @@ def test_a_microphone_that_fails_to_start_is_reported_and_the_chat_goes_on(tiny_
     chat.handle("hello")
     printed = capsys.readouterr().out
     assert "error: could not start listening on busy mic" in printed and "bot> " in printed
+
+
+# --- the page: hands-free chunks, spoken replies, barge-in, heard words -----------------------------------
+BROWSER_RATE = 48000      # what Chromium records at
+BROWSER_CHUNK_S = 0.5     # as ui.STREAM_EVERY_S sends them
+
+
+def browser_chunks(audio16k: np.ndarray, directory: Path) -> list[str]:
+    """A 16 kHz recording as the page's streaming microphone delivers it: 48 kHz int16 wav files of 0.5 s."""
+    audio = resample(audio16k, SAMPLE_RATE, BROWSER_RATE)
+    step, paths = int(BROWSER_CHUNK_S * BROWSER_RATE), []
+    for index, start in enumerate(range(0, len(audio), step)):
+        path = directory / f"chunk{index:04d}.wav"
+        sf.write(path, audio[start:start + step], BROWSER_RATE, subtype="PCM_16")
+        paths.append(str(path))
+    return paths
+
+
+def test_live_turns_hear_browser_chunks(clips):
+    stream, spans = join(clips[:2], PAUSE_S)
+    audio = (resample(stream, SAMPLE_RATE, BROWSER_RATE) * 32767).astype(np.int16)
+    live, ends = LiveTurns(), []
+    for start in range(0, len(audio), BROWSER_RATE // 4):
+        ends += [e for e in live.feed(BROWSER_RATE, audio[start:start + BROWSER_RATE // 4]) if e.kind == TURN_END]
+    assert len(ends) == 2
+    for event, (start, end) in zip(ends, spans):
+        assert abs(len(event.audio) - (end - start)) < SAMPLE_RATE  # the whole clip, give or take its edges
+    with pytest.raises(ValueError, match="int16 or float"):
+        live.feed(BROWSER_RATE, np.zeros(10, np.int32))
+
+
+def test_paced_player_hands_over_each_clip_and_stop_cuts_the_wait():
+    player = PacedPlayer(start_delay_s=0.0)
+    player.play(np.zeros(160, np.float32), SAMPLE_RATE)  # 10 ms: returns once "played"
+    rate, clip = player.take()
+    assert rate == SAMPLE_RATE and len(clip) == 160 and player.take() is None
+    waiting = threading.Thread(target=player.play, args=(np.zeros(SAMPLE_RATE * 600, np.float32), SAMPLE_RATE))
+    waiting.start()
+    player.stop()
+    waiting.join(timeout=30)
+    assert not waiting.is_alive(), "stop() must end a clip's wait at once"
+    player.play(np.zeros(160, np.float32), SAMPLE_RATE)
+    assert player.take() is not None and player.take() is None  # the stopped clip; nothing after stop()
+
+
+def test_piper_speaks_the_same_sentence_the_same_way_in_each_run():
+    first = load_or_skip("piper").synthesize("The capital of France is Paris.")
+    again = tts.load_voice(tts.VoiceOptions(engine="piper")).synthesize("The capital of France is Paris.")
+    np.testing.assert_array_equal(first, again)
+
+
+def test_heard_words_are_the_ctc_readouts_word_pieces():
+    model = tiny_blsp("none", speech_readout="ctc", ctc_blank_id=5)
+    audio = tone(2.0)
+    with torch.no_grad():  # word embeddings spread as a trained LLM's are: the readout's posteriors are sharp
+        model.llama_model.get_input_embeddings().weight.mul_(30)
+        model.match_speech_scale_to_embeddings()
+        (outputs,) = model.adapt_windows(model.encode_windows([audio]))
+        labels = embedding_distance_logits(outputs, model.llama_model.get_input_embeddings().weight).argmax(-1)
+        (speech,) = model.encode_speech([audio])
+    assert heard_piece_ids(model, speech) == collapse_ctc(labels.tolist(), 5)
+    assert isinstance(heard_text(model, tiny_tokenizer(), speech), str)
+    assert heard_piece_ids(tiny_blsp("none"), speech) is None  # the paper's readout reads no words
+
+
+@pytest.fixture(scope="module")
+def ctc_loaded():
+    """A tiny "ctc"-readout model that hears words in any clip (its readout's blank is an unused id)."""
+    model = lively_blsp(seed=3)
+    model.config = BlspConfig(**{**model.config.__dict__, "speech_readout": "ctc", "ctc_blank_id": 300})
+    return LoadedBlsp(model, tiny_tokenizer(), "/home/someone/models/tiny-ctc", adapter_trained=True)
+
+
+def page_handlers(loaded, **kwargs):
+    return ChatHandlers(loaded, max_audio_seconds=60, **kwargs)
+
+
+SETTINGS = (24, False, 0.7, 0.9, 1.0)  # max new tokens, sample, temperature, top-p, repetition penalty
+
+
+def listen_to(handlers, paths, chat, stop_when=lambda outputs: False):
+    """Feed the page's listen handler chunk files; returns (chat, the outputs of each call)."""
+    calls = []
+    for path in paths:
+        chat, trigger, reply_audio = handlers.listen(path, True, chat)
+        calls.append((trigger, reply_audio))
+        if stop_when((trigger, reply_audio)):
+            break
+    return chat, calls
+
+
+def is_trigger(value) -> bool:
+    return isinstance(value, str)
+
+
+def test_page_hands_free_turn_is_sent_at_the_pause_with_the_words_heard(ctc_loaded, clips, tmp_path):
+    handlers = page_handlers(ctc_loaded)
+    stream, _ = join(clips[1:2], PAUSE_S)
+    chat, calls = listen_to(handlers, browser_chunks(stream, tmp_path), None)
+    triggers = [trigger for trigger, _ in calls if is_trigger(trigger)]
+    assert triggers == ["1"], "one turn, ended by its pause"
+    *_, (messages, chat, _) = handlers.take_heard_turn(triggers[0], "Chat", "German", *SETTINGS, False, chat)
+    assert [m["role"] for m in messages] == ["user", "assistant"] and messages[1]["content"].strip()
+    clip, heard = messages[0]["content"]
+    assert sf.info(clip["path"]).duration > 1.0, "the turn's audio, for the chat's bubble"
+    assert heard.startswith("*heard:*") and len(heard) > len("*heard:* ")
+    assert chat.session.turns[0].speech_tokens > 0
+    *_, (again, chat, _) = handlers.take_heard_turn("1", "Chat", "German", *SETTINGS, False, chat)
+    assert len(again) == 2, "a trigger with no turn waiting sends nothing"
+
+
+def test_page_speaks_the_reply_and_a_missing_voice_leaves_text(ctc_loaded):
+    voice = load_or_skip("espeak-ng")
+    handlers = page_handlers(ctc_loaded, voice_options=tts.VoiceOptions(engine="espeak-ng"))
+    updates = list(handlers.send("hello there", None, "Chat", "German", *SETTINGS, True, None))
+    clips = [update[-1] for update in updates if isinstance(update[-1], tuple)]
+    reply = updates[-1][0][-1]["content"]
+    if any(ch.isalnum() for ch in reply):
+        assert clips and all(rate == voice.sample_rate and len(audio) for rate, audio in clips)
+
+    silent = page_handlers(ctc_loaded, voice_options=tts.VoiceOptions(engine="piper", piper_voice="nobody"))
+    updates = list(silent.send("hello there", None, "Chat", "German", *SETTINGS, True, None))
+    messages = updates[-1][0]
+    assert "text only" in messages[1]["content"] and messages[-1]["role"] == "assistant"
+    assert messages[-1]["content"].strip(), "the reply itself, as text"
+    assert not any(isinstance(update[-1], tuple) for update in updates)
+    updates = list(silent.send("and again", None, "Chat", "German", *SETTINGS, True, updates[-1][1]))
+    assert sum("text only" in str(m["content"]) for m in updates[-1][0]) == 1, "the notice is given once"
+
+
+def test_page_barge_in_stops_the_spoken_reply_and_keeps_what_was_said(ctc_loaded, clips, tmp_path):
+    """A reply is being spoken when the user speaks again: the reply stops, stays in the history as far as
+    it was heard, and the new speech becomes the next turn."""
+    load_or_skip("espeak-ng")
+    handlers = page_handlers(ctc_loaded, voice_options=tts.VoiceOptions(engine="espeak-ng"))
+    first, _ = join(clips[1:2], PAUSE_S)
+    (tmp_path / "a").mkdir()
+    chat, _ = listen_to(handlers, browser_chunks(first, tmp_path / "a"), None)
+    settings = (40, False, 0.7, 0.9, 1.0)
+    updates = handlers.take_heard_turn("1", "Chat", "German", *settings, True, chat)
+    spoken = []
+    for update in updates:  # until the reply's first sentence is handed to the page to play
+        if isinstance(update[-1], tuple):
+            spoken.append(update[-1])
+            break
+    assert spoken and chat.reply is not None, "the reply is being spoken"
+    second, _ = join(clips[2:3], PAUSE_S)
+    (tmp_path / "b").mkdir()
+    chat, calls = listen_to(handlers, browser_chunks(second, tmp_path / "b"), chat)
+    assert any(reply_audio is None for _, reply_audio in calls), "barge-in stops the page's playback"
+    rest = list(updates)
+    assert chat.reply is None
+    messages = rest[-1][0]
+    assert "interrupted" in messages[-1]["content"]
+    kept = chat.session.turns[-1]
+    assert kept.role == "assistant" and kept.text in messages[-1]["content"]
+    assert [t for t, _ in calls if is_trigger(t)] == ["2"], "the new speech ended as the next turn"
+    *_, (messages, chat, _) = handlers.take_heard_turn("2", "Chat", "German", *SETTINGS, False, chat)
+    assert [m["role"] for m in messages] == ["user", "assistant"] * 2
+
+
+@pytest.mark.parametrize("sentences, kept", [
+    ([], ""), (["Paris is big."], "Paris is big."), (["Paris is big.", "It is old!"], "Paris is big. It is old!"),
+    (["Paris is big.", "Not said."], "Paris is big."),
+])
+def test_spoken_prefix_is_the_reply_as_far_as_it_was_heard(sentences, kept):
+    assert spoken_prefix("Paris is big. It is old!\nSee it.", sentences) == kept
+
+
+def test_trim_last_reply_and_last_speech(ctc_loaded):
+    session = ChatSession.from_loaded(ctc_loaded)
+    session.submit_text("hello")
+    assert session.last_speech() is None
+    list(session.stream_reply(GenerationOptions(max_new_tokens=6)))
+    session.trim_last_reply("he")
+    assert session.turns[-1].text == "he"
+    session.submit_audio(tone(1.5))
+    assert session.last_speech().shape[0] == session.turns[-1].speech_tokens
+    with pytest.raises(ValueError, match="no reply to trim"):
+        session.trim_last_reply("x")
+    list(session.stream_reply(GenerationOptions(max_new_tokens=6)))  # the trimmed history still replies
+
+
+def test_page_names_the_model_never_a_path(ctc_loaded):
+    assert model_name(ctc_loaded) == "whisper-dir + llm-dir"
+    snapshot = "/root/.cache/huggingface/hub/models--cwang621--blsp/snapshots/0123abcd"
+    assert model_name(LoadedBlsp(ctc_loaded.model, None, snapshot, True)) == "cwang621/blsp"
+    assert model_name(LoadedBlsp(ctc_loaded.model, None, "Qwen/some-blsp", True)) == "Qwen/some-blsp"
+
+
+def test_generation_runs_under_spaces_gpu_when_the_package_is_there(ctc_loaded, monkeypatch):
+    def handler():
+        return "ran"
+
+    assert on_gpu(handler) is handler  # no `spaces` package here
+    wrapped = []
+    fake = types.ModuleType("spaces")
+
+    def gpu(duration):
+        def decorate(fn):
+            def on_the_gpu(*args, **kwargs):
+                return fn(*args, **kwargs)
+            wrapped.append(fn.__name__)
+            return on_the_gpu
+        return decorate
+
+    fake.GPU = gpu
+    monkeypatch.setitem(sys.modules, "spaces", fake)
+    assert on_gpu(handler)() == "ran"
+    build_demo(ctc_loaded)
+    assert {"send", "regenerate", "take_heard_turn"} <= set(wrapped)

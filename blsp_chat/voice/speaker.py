@@ -78,6 +78,18 @@ class SpokenReply:
                 self.spoken.append(sentence)
 
 
+def spoken_prefix(reply: str, sentences: list[str]) -> str:
+    """The reply as far as its spoken `sentences` (SpokenReply.spoken: in order, as the splitter cut them)
+    reach: what a listener heard of a reply that was interrupted."""
+    end = 0
+    for sentence in sentences:
+        found = reply.find(sentence, end)
+        if found < 0:
+            break
+        end = found + len(sentence)
+    return reply[:end]
+
+
 def speak_text(voice, text: str, splitter: SplitterOptions = SplitterOptions()) -> np.ndarray:
     """A whole reply as one recording at voice.sample_rate, sentence by sentence as SpokenReply says it."""
     pieces: list[np.ndarray] = []

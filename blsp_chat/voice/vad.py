@@ -13,6 +13,7 @@ silence, or is cut at `max_turn_s` when the speaker never pauses (the speech tha
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 from collections import deque
 from dataclasses import dataclass, field
@@ -54,16 +55,22 @@ def vad_model_path() -> Path:
     return path
 
 
+@functools.lru_cache(maxsize=None)
+def vad_session(model_path: str):
+    """One onnxruntime session per model file, shared by every stream: the recurrent state lives in each
+    SileroVad, and a session's run() is thread-safe, so a page's many microphones load the model once."""
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads, options.inter_op_num_threads = VAD_THREADS, 1
+    return onnxruntime.InferenceSession(model_path, sess_options=options, providers=["CPUExecutionProvider"])
+
+
 class SileroVad:
     """Speech probability of each 32 ms frame of one 16 kHz stream (the model is recurrent: frames in order)."""
 
     def __init__(self, model_path: Path | None = None):
-        import onnxruntime
-
-        options = onnxruntime.SessionOptions()
-        options.intra_op_num_threads, options.inter_op_num_threads = VAD_THREADS, 1
-        self.session = onnxruntime.InferenceSession(str(model_path or vad_model_path()), sess_options=options,
-                                                    providers=["CPUExecutionProvider"])
+        self.session = vad_session(str(model_path or vad_model_path()))
         self.reset()
 
     def reset(self) -> None:
