@@ -215,8 +215,11 @@ class ChatHandlers:
             return self._voice
 
     # --- turns -------------------------------------------------------------------------------------
-    def send(self, text, audio_path, task, target, *settings_and_state) -> Iterator[tuple]:
-        *settings, speak, state = settings_and_state
+    # Handlers take the settings sliders' values, then the session state, then "Speak replies" (last and
+    # optional, so that a caller that never speaks keeps the shorter call).
+    def send(self, text, audio_path, task, target, max_new_tokens, do_sample, temperature, top_p, repetition_penalty,
+             state: UserChat | None = None, speak: bool = False) -> Iterator[tuple]:
+        settings = (max_new_tokens, do_sample, temperature, top_p, repetition_penalty)
         chat, text = self._chat(state), (text or "").strip()
         if chat.session.busy:
             chat.session.cancel()
@@ -226,10 +229,11 @@ class ChatHandlers:
             return
         yield from self._turn(chat, text, audio_path, task, target, settings, speak, ("", None))
 
-    def take_heard_turn(self, _trigger, task, target, *settings_and_state) -> Iterator[tuple]:
+    def take_heard_turn(self, _trigger, task, target, max_new_tokens, do_sample, temperature, top_p,
+                        repetition_penalty, state: UserChat | None = None, speak: bool = False) -> Iterator[tuple]:
         """Hands-free: send what the detector heard (the hidden trigger changed). Turns that ended while
         a reply ran are sent together, in order, as one."""
-        *settings, speak, state = settings_and_state
+        settings = (max_new_tokens, do_sample, temperature, top_p, repetition_penalty)
         chat = self._chat(state)
         with chat.lock:
             turns, chat.heard_turns = chat.heard_turns, []
@@ -391,8 +395,9 @@ class ChatHandlers:
             state.live.reset()
 
     # --- editing -------------------------------------------------------------------------------------
-    def regenerate(self, *settings_and_state) -> Iterator[tuple]:
-        *settings, speak, state = settings_and_state
+    def regenerate(self, max_new_tokens, do_sample, temperature, top_p, repetition_penalty,
+                   state: UserChat | None = None, speak: bool = False) -> Iterator[tuple]:
+        settings = (max_new_tokens, do_sample, temperature, top_p, repetition_penalty)
         chat = self._chat(state)
         if not chat.turn_sizes or chat.session.busy:
             yield chat.messages, chat, gr.skip()
@@ -484,13 +489,13 @@ def build_demo(loaded: LoadedBlsp, *, max_audio_seconds: float | None = 120.0, c
         gr.Examples([["What is the capital of France?"], ["Write a haiku about the sea."]], inputs=[text],
                     label="Example prompts")
 
-        inputs = [text, audio, task, target, *settings, speak, state]
+        inputs = [text, audio, task, target, *settings, state, speak]
         outputs = [chatbot, state, text, audio, reply_audio]
         gpu = dict(concurrency_limit=concurrency, concurrency_id="gpu")
         send_on_gpu = on_gpu(handlers.send)
         for trigger in (send.click, text.submit):
             trigger(send_on_gpu, inputs, outputs, api_name="send" if trigger == send.click else False, **gpu)
-        regenerate.click(on_gpu(handlers.regenerate), [*settings, speak, state], [chatbot, state, reply_audio],
+        regenerate.click(on_gpu(handlers.regenerate), [*settings, state, speak], [chatbot, state, reply_audio],
                          api_name="regenerate", **gpu)
         stop.click(handlers.stop, [state], None, queue=False, api_name="stop")
         undo.click(handlers.undo, [state], [chatbot, state], queue=False, api_name="undo")
@@ -504,7 +509,7 @@ def build_demo(loaded: LoadedBlsp, *, max_audio_seconds: float | None = 120.0, c
                         stream_every=STREAM_EVERY_S, concurrency_limit=None, concurrency_id="listen",
                         show_progress="hidden", api_name=False)
         live_mic.stop_recording(handlers.stop_listening, [state], None, queue=False, api_name=False)
-        heard_trigger.change(on_gpu(handlers.take_heard_turn), [heard_trigger, task, target, *settings, speak, state],
+        heard_trigger.change(on_gpu(handlers.take_heard_turn), [heard_trigger, task, target, *settings, state, speak],
                              [chatbot, state, reply_audio], show_progress="hidden", api_name=False, **gpu)
 
         def release_closed_page(request: gr.Request) -> None:

@@ -638,32 +638,32 @@ def test_page_hands_free_turn_is_sent_at_the_pause_with_the_words_heard(ctc_load
     chat, calls = listen_to(handlers, browser_chunks(stream, tmp_path), None)
     triggers = [trigger for trigger, _ in calls if is_trigger(trigger)]
     assert triggers == ["1"], "one turn, ended by its pause"
-    *_, (messages, chat, _) = handlers.take_heard_turn(triggers[0], "Chat", "German", *SETTINGS, False, chat)
+    *_, (messages, chat, _) = handlers.take_heard_turn(triggers[0], "Chat", "German", *SETTINGS, chat, False)
     assert [m["role"] for m in messages] == ["user", "assistant"] and messages[1]["content"].strip()
     clip, heard = messages[0]["content"]
     assert sf.info(clip["path"]).duration > 1.0, "the turn's audio, for the chat's bubble"
     assert heard.startswith("*heard:*") and len(heard) > len("*heard:* ")
     assert chat.session.turns[0].speech_tokens > 0
-    *_, (again, chat, _) = handlers.take_heard_turn("1", "Chat", "German", *SETTINGS, False, chat)
+    *_, (again, chat, _) = handlers.take_heard_turn("1", "Chat", "German", *SETTINGS, chat, False)
     assert len(again) == 2, "a trigger with no turn waiting sends nothing"
 
 
 def test_page_speaks_the_reply_and_a_missing_voice_leaves_text(ctc_loaded):
     voice = load_or_skip("espeak-ng")
     handlers = page_handlers(ctc_loaded, voice_options=tts.VoiceOptions(engine="espeak-ng"))
-    updates = list(handlers.send("hello there", None, "Chat", "German", *SETTINGS, True, None))
+    updates = list(handlers.send("hello there", None, "Chat", "German", *SETTINGS, None, True))
     clips = [update[-1] for update in updates if isinstance(update[-1], tuple)]
     reply = updates[-1][0][-1]["content"]
     if any(ch.isalnum() for ch in reply):
         assert clips and all(rate == voice.sample_rate and len(audio) for rate, audio in clips)
 
     silent = page_handlers(ctc_loaded, voice_options=tts.VoiceOptions(engine="piper", piper_voice="nobody"))
-    updates = list(silent.send("hello there", None, "Chat", "German", *SETTINGS, True, None))
+    updates = list(silent.send("hello there", None, "Chat", "German", *SETTINGS, None, True))
     messages = updates[-1][0]
     assert "text only" in messages[1]["content"] and messages[-1]["role"] == "assistant"
     assert messages[-1]["content"].strip(), "the reply itself, as text"
     assert not any(isinstance(update[-1], tuple) for update in updates)
-    updates = list(silent.send("and again", None, "Chat", "German", *SETTINGS, True, updates[-1][1]))
+    updates = list(silent.send("and again", None, "Chat", "German", *SETTINGS, updates[-1][1], True))
     assert sum("text only" in str(m["content"]) for m in updates[-1][0]) == 1, "the notice is given once"
 
 
@@ -676,7 +676,7 @@ def test_page_barge_in_stops_the_spoken_reply_and_keeps_what_was_said(ctc_loaded
     (tmp_path / "a").mkdir()
     chat, _ = listen_to(handlers, browser_chunks(first, tmp_path / "a"), None)
     settings = (40, False, 0.7, 0.9, 1.0)
-    updates = handlers.take_heard_turn("1", "Chat", "German", *settings, True, chat)
+    updates = handlers.take_heard_turn("1", "Chat", "German", *settings, chat, True)
     spoken = []
     for update in updates:  # until the reply's first sentence is handed to the page to play
         if isinstance(update[-1], tuple):
@@ -694,7 +694,7 @@ def test_page_barge_in_stops_the_spoken_reply_and_keeps_what_was_said(ctc_loaded
     kept = chat.session.turns[-1]
     assert kept.role == "assistant" and kept.text in messages[-1]["content"]
     assert [t for t, _ in calls if is_trigger(t)] == ["2"], "the new speech ended as the next turn"
-    *_, (messages, chat, _) = handlers.take_heard_turn("2", "Chat", "German", *SETTINGS, False, chat)
+    *_, (messages, chat, _) = handlers.take_heard_turn("2", "Chat", "German", *SETTINGS, chat, False)
     assert [m["role"] for m in messages] == ["user", "assistant"] * 2
 
 
