@@ -63,8 +63,3 @@ class Bottleneck(nn.Module):
         return x + self.fc2(nn.functional.gelu(self.fc1(x)))
 
 
-def collapse_ctc(ids: list[int], blank_id: int) -> list[int]:
-    """Greedy CTC decoding of the adapter's labels: merge runs of the same class, then drop the blank.
-    (ctc_decode.py imports it from here, and readout.py imports ctc_decode: defined in readout.py it
-    would close a circle.)"""
-    return [i for n, i in enumerate(ids) if i != blank_id and (n == 0 or ids[n - 1] != i)]

@@ -20,8 +20,6 @@ from typing import Callable, Sequence
 
 import torch
 
-from .adapter import collapse_ctc
-
 Prefix = tuple[int, ...]
 # prefixes -> (N, V) log-probabilities of the next word piece after each prefix
 LmScorer = Callable[[Sequence[Prefix]], torch.Tensor]
@@ -33,6 +31,11 @@ BLANK_SKIP_PROBABILITY = 0.999
 # How many of the next outputs' best labels an LM that reads ahead is told about: a few seconds of speech,
 # a handful of word pieces.
 LOOKAHEAD_OUTPUTS = 24
+
+
+def collapse_ctc(ids: list[int], blank_id: int) -> list[int]:
+    """Greedy CTC decoding of the adapter's labels: merge runs of the same class, then drop the blank."""
+    return [i for n, i in enumerate(ids) if i != blank_id and (n == 0 or ids[n - 1] != i)]
 
 
 def _logsumexp(a: float, b: float) -> float:

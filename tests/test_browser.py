@@ -31,18 +31,23 @@ LEAD_SILENCE_S = 3.0   # before the question: the microphone is streaming by the
 TAIL_SILENCE_S = 120.0  # after it: Chromium loops the file, and the question must not come round again (barge-in)
 
 
-@pytest.fixture
-def page(app_url):
+def open_page(app_url: str, extra_args: list[str] = ()):
+    """The page in a headless Chromium launched with CHROMIUM_ARGS + extra_args (a generator for fixtures)."""
     playwright = pytest.importorskip("playwright.sync_api")
     if not Path(CHROMIUM).exists():
         pytest.skip("needs Debian's chromium: apt-get install -y chromium")
     with playwright.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS + list(extra_args))
         page = browser.new_page(viewport={"width": 1280, "height": 1000})
         page.goto(app_url)
         page.wait_for_selector("#send")
         yield page
         browser.close()
+
+
+@pytest.fixture
+def page(app_url):
+    yield from open_page(app_url)
 
 
 @pytest.fixture
@@ -58,19 +63,9 @@ def spoken_question(tmp_path) -> Path:
 @pytest.fixture
 def mic_page(app_url, spoken_question):
     """The page in a Chromium whose microphone "says" spoken_question, with autoplay allowed."""
-    playwright = pytest.importorskip("playwright.sync_api")
-    if not Path(CHROMIUM).exists():
-        pytest.skip("needs Debian's chromium: apt-get install -y chromium")
-    args = CHROMIUM_ARGS + ["--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
-                            f"--use-file-for-fake-audio-capture={spoken_question}",
-                            "--autoplay-policy=no-user-gesture-required"]
-    with playwright.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=args)
-        page = browser.new_page(viewport={"width": 1280, "height": 1000})
-        page.goto(app_url)
-        page.wait_for_selector("#send")
-        yield page
-        browser.close()
+    yield from open_page(app_url, ["--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
+                                   f"--use-file-for-fake-audio-capture={spoken_question}",
+                                   "--autoplay-policy=no-user-gesture-required"])
 
 
 def _wait_for_replies(page, count: int) -> list[str]:

@@ -7,9 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from blsp_chat.adapter import collapse_ctc
 from blsp_chat.audio import load_audio
-from blsp_chat.ctc_decode import cached_lm, prefix_beam_search
+from blsp_chat.ctc_decode import cached_lm, collapse_ctc, prefix_beam_search
 from blsp_chat.prefix_scorer import KvCachedPrefixScorer
 from blsp_chat.readout import CTC_BEAM_LABELS, ctc_label_candidates, embedding_distance_logits, next_piece_log_probs
 from tiny import VOCAB, blank_hearing_blsp, tiny_blsp, tone

@@ -2,9 +2,10 @@
 import pytest
 import torch
 
-from blsp_chat.adapter import Conv1dSubsampler, collapse_ctc
+from blsp_chat.adapter import Conv1dSubsampler
 from blsp_chat.config import GenerationOptions
 from blsp_chat.constants import IGNORE_INDEX, N_SAMPLES, SAMPLE_RATE
+from blsp_chat.ctc_decode import collapse_ctc
 from blsp_chat.model import merge_speech, split_into_windows, window_lengths
 from blsp_chat.prompt import Turn, position_ids_from_mask, render
 from blsp_chat.readout import ctc_readout, embedding_distance_logits

@@ -13,9 +13,9 @@ import soundfile as sf
 import torch
 from safetensors.torch import load_file
 
-from blsp_chat.adapter import collapse_ctc
 from blsp_chat.audio import load_audio
 from blsp_chat.constants import IGNORE_INDEX, REPEAT_INSTRUCTION, SAMPLE_RATE
+from blsp_chat.ctc_decode import collapse_ctc
 from blsp_chat.prompt import Turn, render
 from blsp_chat.weights import LoadedBlsp
 from tiny import tiny_blsp, tiny_tokenizer, tone

@@ -13,10 +13,10 @@ import soundfile as sf
 import torch
 from conftest import LIBRIVOX_DIR
 
-from blsp_chat.adapter import collapse_ctc
 from blsp_chat.audio import resample
 from blsp_chat.config import BlspConfig, GenerationOptions
 from blsp_chat.constants import SAMPLE_RATE
+from blsp_chat.ctc_decode import collapse_ctc
 from blsp_chat.heard import heard_piece_ids, heard_text
 from blsp_chat.readout import embedding_distance_logits
 from blsp_chat.session import ChatSession

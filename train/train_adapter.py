@@ -49,10 +49,10 @@ from typing import Sequence
 import torch
 from accelerate.state import PartialState
 
-from blsp_chat.adapter import collapse_ctc
 from blsp_chat.audio import load_audio
 from blsp_chat.config import BlspConfig, GenerationOptions
 from blsp_chat.constants import REPEAT_INSTRUCTION
+from blsp_chat.ctc_decode import collapse_ctc
 from blsp_chat.generate import generate_reply
 from blsp_chat.model import TRAINABLE_PREFIXES, BlspModel
 from blsp_chat.prompt import Turn, pad_token_id, template_for
