@@ -3,6 +3,7 @@ readings are cut at their pauses, untrustworthy transcripts and dev-set clips ar
 labels on a real recording are close to what was said."""
 import io
 import json
+import math
 import zipfile
 
 import numpy as np
@@ -54,6 +55,39 @@ def test_the_warzone_voice_lines_are_found_and_the_sound_effects_left(base_wz):
 def test_a_missing_warzone_package_is_named_with_how_to_install_it(tmp_path):
     with pytest.raises(SourceMissing, match="apt-get install warzone2100-data"):
         list(pseudo_label.warzone_recordings(tmp_path / "base.wz"))
+
+
+@pytest.fixture
+def hedgewars_voices(tmp_path):
+    """Voice packs laid out as hedgewars-data's: English packs, a Spanish one, and a file that is not audio."""
+    speech = ogg_bytes(real_clip())
+    for pack, line in [("British", "Leavemealone"), ("Pirate", "Jump2"), ("Default_es", "Hello")]:
+        (tmp_path / pack).mkdir(exist_ok=True)
+        (tmp_path / pack / f"{line}.ogg").write_bytes(speech)
+    (tmp_path / "British" / "README").write_text("not a voice line")
+    return tmp_path
+
+
+def test_the_english_hedgewars_lines_are_found_with_what_their_names_spell(hedgewars_voices):
+    recordings = list(pseudo_label.hedgewars_recordings(hedgewars_voices))
+    assert [(r.clip_id, r.spelled) for r in recordings] == [("British__Leavemealone", "leavemealone"),
+                                                             ("Pirate__Jump2", "jump")]
+    assert len(load_audio(recordings[0].read())) == pytest.approx(len(real_clip()), abs=SAMPLE_RATE // 50)
+
+
+def test_a_missing_hedgewars_package_is_named_with_how_to_install_it(tmp_path):
+    with pytest.raises(SourceMissing, match="apt-get install hedgewars-data"):
+        list(pseudo_label.hedgewars_recordings(tmp_path / "voices"))
+
+
+@pytest.mark.parametrize("text, problem", [
+    ("Leave me alone!", None),
+    ("leave me, alone.", None),
+    ("Leave me a loan", "not its file name"),
+    ("Leave me alone now", "not its file name"),
+])
+def test_a_label_must_spell_what_the_file_name_says(text, problem):
+    assert pseudo_label.transcript_problem(text, 1.5, spelled="leavemealone") == problem
 
 
 def test_a_long_reading_is_cut_at_its_pauses_and_a_short_one_kept_whole():
@@ -125,3 +159,18 @@ def test_whisper_labels_a_real_recording_close_to_what_was_said(default_whisper_
     assert len(records) == 1
     errors = word_errors(truth, records[0]["text"])
     assert errors.errors / errors.reference_words < 0.15, records[0]["text"]
+
+
+@pytest.mark.integration
+def test_a_length_cap_stops_decoding_at_the_rate_people_speak(default_whisper_dir, librivox_clip):
+    """Decoding stops at `max_tokens_per_second` of the clip: a hallucinated loop cannot run to 448 tokens, and a
+    clip spoken at a normal rate is transcribed whole under the cap pseudo_label uses."""
+    path, truth = librivox_clip
+    audio = load_audio(path)
+    capped = pseudo_label.WhisperTranscriber(str(default_whisper_dir), max_tokens_per_second=0.5)([audio])[0]
+    seconds = len(audio) / SAMPLE_RATE
+    assert len(capped.split()) <= math.ceil(seconds * 0.5) + 4 < len(truth.split())
+    roomy = pseudo_label.WhisperTranscriber(str(default_whisper_dir),
+                                            max_tokens_per_second=2 * pseudo_label.MAX_WORDS_PER_SECOND)([audio])[0]
+    errors = word_errors(truth, pseudo_label.english_normalizer()[0](roomy))
+    assert errors.errors / errors.reference_words < 0.15, roomy

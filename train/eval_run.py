@@ -6,6 +6,7 @@ resumable outputs file (`{task}.{dataset}.jsonl`, appended and flushed batch by 
 """
 from __future__ import annotations
 
+import math
 import os
 import sys
 from dataclasses import dataclass, field
@@ -203,12 +204,16 @@ class WhisperTranscriber:
     """Whisper's own encoder-decoder: 16 kHz clips -> English transcripts (clips past 30 s are cut
     into 30 s windows whose transcripts are joined)."""
 
-    def __init__(self, source: str, device: str = "cpu", batch_size: int = DEFAULT_BATCH_SIZE):
+    def __init__(self, source: str, device: str = "cpu", batch_size: int = DEFAULT_BATCH_SIZE,
+                 max_tokens_per_second: float | None = None):
         dtype = torch.float16 if str(device).startswith("cuda") else torch.float32
         self.model = WhisperForConditionalGeneration.from_pretrained(source, dtype=dtype).to(device).eval()
         self.extractor = WhisperFeatureExtractor.from_pretrained(source)
         self.tokenizer = AutoTokenizer.from_pretrained(source)
         self.batch_size = batch_size
+        # A caller that refuses transcripts faster than people speak (train.pseudo_label) stops decoding there:
+        # a grunt's hallucinated loop is otherwise decoded to 448 tokens at every fallback temperature.
+        self.max_tokens_per_second = max_tokens_per_second
         multilingual = getattr(self.model.generation_config, "is_multilingual", False)
         self.generate_kwargs = {"language": "en", "task": "transcribe"} if multilingual else {}
         # openai/whisper's transcribe decoding: greedy first, and a window whose text compresses too well (a
@@ -226,15 +231,22 @@ class WhisperTranscriber:
                 owners.append(index)
         texts = []
         for start in range(0, len(windows), self.batch_size):
-            features = self.extractor(windows[start:start + self.batch_size], sampling_rate=SAMPLE_RATE,
-                                      return_tensors="pt").input_features
+            batch = windows[start:start + self.batch_size]
+            features = self.extractor(batch, sampling_rate=SAMPLE_RATE, return_tensors="pt").input_features
             torch.manual_seed(start)  # fallback samples: the same clips give the same transcripts on every run
-            ids = self.model.generate(features.to(self.model.device, self.model.dtype), **self.generate_kwargs)
+            ids = self.model.generate(features.to(self.model.device, self.model.dtype), **self.generate_kwargs,
+                                      **self._length_cap(batch))
             texts += [t.strip() for t in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
         joined = [[] for _ in audios]
         for owner, text in zip(owners, texts):
             joined[owner].append(text)
         return [" ".join(parts) for parts in joined]
+
+    def _length_cap(self, batch: Sequence[np.ndarray]) -> dict:
+        if self.max_tokens_per_second is None:
+            return {}
+        seconds = max(len(window) for window in batch) / SAMPLE_RATE
+        return {"max_new_tokens": math.ceil(seconds * self.max_tokens_per_second) + 4}
 
 
 @dataclass

