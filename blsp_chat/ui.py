@@ -140,7 +140,7 @@ class UserChat:
     def delete_unshown_files(self) -> None:
         """Delete this session's wavs that no message shows any more (a shown one is served again with
         each update of the page, so it must stay)."""
-        shown = _paths_shown(self.messages)
+        shown = paths_shown(self.messages)
         for path in self.files - shown:
             path.unlink(missing_ok=True)
         self.files &= shown
@@ -152,7 +152,7 @@ class UserChat:
         self.files.clear()
 
 
-def _paths_shown(messages: list[dict]) -> set[Path]:
+def paths_shown(messages: list[dict]) -> set[Path]:
     """The files the messages show (a content is a text, a {"path": ...} file, or a list of these)."""
     shown = set()
     for message in messages:

@@ -785,7 +785,7 @@ def spoken_turn(handlers, chat, clip: np.ndarray, directory: Path, speak: bool =
 
 
 def shown_paths(messages) -> list[Path]:
-    return sorted(ui._paths_shown(messages))
+    return sorted(ui.paths_shown(messages))
 
 
 def test_page_spoken_reply_joins_the_conversation_under_its_text_and_undo_removes_it(ctc_loaded, clips, tone_voice,
