@@ -114,7 +114,7 @@ class UserChat:
                 return True
         return False
 
-    def restart_reply(self) -> dict:
+    def restart_reply(self) -> None:
         """Regenerate: the last exchange gets a new, empty reply message in place of the old one and of what
         came under it. A new message, so that the old reply's stream, still speaking, finds its exchange gone."""
         old = self.replies[-1]
@@ -123,7 +123,6 @@ class UserChat:
         self.messages[at:] = [{"role": "assistant", "content": ""}]
         self.replies[-1] = self.messages[at]
         self.delete_unshown_files()
-        return self.replies[-1]
 
     def drop_last_exchange(self) -> None:
         if self.turn_sizes:

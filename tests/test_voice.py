@@ -842,6 +842,23 @@ def test_page_deletes_the_wavs_no_message_shows_and_keeps_the_rest(ctc_loaded, c
     assert not any(handlers.turn_dir.iterdir()) and chat.session.cached_tokens == 0
 
 
+class BrokenVoice(ToneVoice):
+    def synthesize(self, text: str) -> np.ndarray:
+        raise RuntimeError("the synthesizer crashed")
+
+
+def test_page_voice_that_breaks_leaves_the_text_and_says_so_under_it(ctc_loaded, monkeypatch):
+    monkeypatch.setattr(ui, "try_load_voice", lambda options: (BrokenVoice(), None))
+    handlers = page_handlers(ctc_loaded)
+    updates = list(handlers.send("hello there", None, "Chat", "German", *SETTINGS, None, True))
+    (messages, chat, *_), played = updates[-1], [u[-1] for u in updates if isinstance(u[-1], tuple)]
+    assert [m["role"] for m in messages] == ["user", "assistant", "assistant"] and not played
+    assert messages[1]["content"].strip() and "synthesizer crashed" in messages[2]["content"], "no audio; why"
+    assert chat.turn_sizes == [3] and not any(handlers.turn_dir.iterdir())
+    messages, chat = handlers.undo(chat)
+    assert messages == []
+
+
 def test_a_refused_hands_free_turn_leaves_no_wav(ctc_loaded, clips, tmp_path):
     handlers = ChatHandlers(ctc_loaded, max_audio_seconds=1.0)  # every spoken turn is too long
     chat, updates = spoken_turn(handlers, None, clips[1], tmp_path / "a", speak=False)
