@@ -2,6 +2,7 @@
 understands, the streaming sentence splitter, the chat's hands-free and spoken paths, a missing voice."""
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 import threading
@@ -866,14 +867,23 @@ def test_a_refused_hands_free_turn_leaves_no_wav(ctc_loaded, clips, tmp_path):
     assert not any(handlers.turn_dir.iterdir())
 
 
-def test_the_turn_folder_goes_when_the_server_process_ends():
-    program = ("from blsp_chat.ui import ChatHandlers\n"
+@pytest.mark.parametrize("ending", ["exit", "sigterm"])
+def test_the_turn_folder_goes_when_the_server_process_ends(ending):
+    """At a normal exit, and when stopped by SIGTERM (app.py makes that an exit, as a platform stops a Space)."""
+    program = ("import sys, time\n"
+               "import app\n"
+               "from blsp_chat.ui import ChatHandlers\n"
                "handlers = ChatHandlers(None, 60)\n"
                "(handlers.turn_dir / 'turn-x.wav').write_bytes(b'RIFF')\n"
-               "print(handlers.turn_dir)\n")
-    done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=300,
-                          cwd=Path(__file__).resolve().parent.parent)
-    assert done.returncode == 0, done.stderr
-    folder = Path(done.stdout.strip().splitlines()[-1])
-    assert folder.name.startswith("blsp-chat-turns-") and not folder.exists()
-
+               "app.exit_on_sigterm()\n"
+               "print(handlers.turn_dir, flush=True)\n"
+               "if sys.argv[1] == 'sigterm':\n"
+               "    time.sleep(300)\n")
+    server = subprocess.Popen([sys.executable, "-c", program, ending], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, cwd=Path(__file__).resolve().parent.parent)
+    folder = Path(server.stdout.readline().strip())
+    assert folder.name.startswith("blsp-chat-turns-") and folder.is_dir(), server.stderr.read()
+    if ending == "sigterm":
+        server.send_signal(signal.SIGTERM)
+    assert server.wait(timeout=120) == (0 if ending == "exit" else 128 + signal.SIGTERM)
+    assert not folder.exists()
