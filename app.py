@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
+import sys
 
 from blsp_chat import weights
 from blsp_chat.cli import add_context_option, positive_int
@@ -47,6 +49,12 @@ def parse_auth(value: str | None):
     return (user, password)
 
 
+def exit_on_sigterm() -> None:
+    """End the process on SIGTERM (a platform stopping the Space, `kill`) as on Ctrl-C, by an exception:
+    by default SIGTERM ends it at once, skipping the exit-time clean-ups (the page's folder of recordings)."""
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+
+
 def main(argv=None) -> None:
     # Here, not at the top: gradio loads for serving the page only, not for the tests that parse arguments.
     from blsp_chat.ui import DEFAULT_CONCURRENCY, build_demo
@@ -57,6 +65,7 @@ def main(argv=None) -> None:
     concurrency = args.concurrency or DEFAULT_CONCURRENCY
     demo = build_demo(loaded, max_audio_seconds=args.max_audio_seconds, concurrency=concurrency,
                       max_context_tokens=args.max_context_tokens, max_cached_tokens=args.max_cached_tokens)
+    exit_on_sigterm()
     demo.queue(default_concurrency_limit=concurrency).launch(
         server_name=args.host, server_port=args.port, share=args.share, auth=auth)
 

@@ -2,13 +2,15 @@
 spoken question to the first reply audio (VAD delay + time to first token + the rest of the first sentence
 + its synthesis), for a ~3 s and a ~10 s question spoken by a person (LibriVox, pocketsphinx-testdata).
 
-    PYTHONPATH=. .venv/bin/python bench/bench_voice.py [--device cpu] [--threads 1] [--repeats 3]
+    PYTHONPATH=. .venv/bin/python bench/bench_voice.py [--device cpu|cuda] [--dtype ...] [--threads 1] [--repeats 3]
 
 The VAD delay is counted in audio, not wall clock: the question is fed to EndOfTurnDetector in 20 ms blocks
 followed by silence, and the delay is from the end of the recording's speech (the detector's own speech end)
 to the block on which it reported the turn's end; its processing time per block is printed beside it.
 The rest is wall clock in this process: ChatSession.stream_reply from submitting the turn to the first
 chunk (TTFT) and to the first complete sentence (SentenceSplitter), then piper's synthesis of that sentence.
+On a GPU the model runs there (bfloat16 unless --dtype says otherwise) after one untimed reply (the CUDA
+context and kernel choice would otherwise land in the first run); the voice stays on the CPU, as in the app.
 """
 from __future__ import annotations
 
@@ -20,12 +22,14 @@ from pathlib import Path
 
 import numpy as np
 import soundfile as sf
+import torch
 
 from blsp_chat.config import GenerationOptions
 from blsp_chat.constants import SAMPLE_RATE
 from blsp_chat.voice.sentences import SentenceSplitter
 from blsp_chat.voice.tts import ENGINES, VoiceOptions, VoiceUnavailable, load_voice
 from blsp_chat.voice.vad import FRAME_SECONDS, TURN_END, EndOfTurnDetector, TurnOptions, frames_in
+from blsp_chat.weights import DTYPES, load_pretrained
 
 LIBRIVOX = Path("/usr/share/pocketsphinx/test/data/librivox")
 SHORT_QUESTION = ["sense_and_sensibility_01_austen_64kb-0880"]                    # 3.0 s
@@ -98,30 +102,44 @@ def first_sentence(loaded, turn_audio: np.ndarray, voice, max_new_tokens: int) -
             "sentence": sentence}
 
 
-def main() -> None:
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                        help="default: bfloat16 on a GPU, float32 on the CPU")
     parser.add_argument("--threads", type=int, default=1, help="onnxruntime threads for piper (0: one per core)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--max-new-tokens", type=int, default=64)
-    args = parser.parse_args()
-    import torch
+    args = parser.parse_args(argv)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: this torch sees no CUDA GPU")
+    return args
 
-    from blsp_chat.weights import load_pretrained
 
-    print(f"cpu cores: {os.cpu_count()}; torch threads: {torch.get_num_threads()}; load: {os.getloadavg()[0]:.1f}; "
-          f"piper threads: {args.threads or 'default'}")
+def machine_line(args) -> str:
+    line = (f"cpu cores: {os.cpu_count()}; torch threads: {torch.get_num_threads()}; load: {os.getloadavg()[0]:.1f}; "
+            f"piper threads: {args.threads or 'default'}")
+    if args.device.startswith("cuda"):
+        line += f"; model on {torch.cuda.get_device_name(torch.device(args.device))} ({args.dtype or 'bfloat16'})"
+    return line
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    print(machine_line(args))
     for engine in ENGINES:
         result = tts_rtf(engine, args.threads, args.repeats)
         if result:
             print(f"TTS {engine:9s} real-time factor {result[0]:.3f} "
                   f"(synthesis s / audio s; {result[1]:.1f} s of speech)")
     options = TurnOptions()
-    loaded = load_pretrained(None, device=args.device)
+    loaded = load_pretrained(None, device=args.device, dtype=DTYPES.get(args.dtype))
     voice = load_voice(VoiceOptions(threads=args.threads))
     for label, names in (("3 s", SHORT_QUESTION), ("10 s", LONG_QUESTION)):
         audio = question(names)
         delay, vad_rtf, turn = vad_delay(audio, options)
+        if args.device != "cpu":
+            first_sentence(loaded, turn, voice, args.max_new_tokens)  # untimed: CUDA's first-use costs
         runs = [first_sentence(loaded, turn, voice, args.max_new_tokens) for _ in range(args.repeats)]
         median = {key: statistics.median(run[key] for run in runs) for key in ("ttft", "first_sentence_text",
                                                                                "synthesis")}

@@ -9,15 +9,22 @@ before stops touching the page, so a reply finishing at that moment cannot bring
 Voice: with "Hands-free" on, a streaming microphone feeds each browser session's end-of-turn detector
 (voice/live.py); a pause ends the turn, which a hidden trigger then sends as a recorded turn is sent. With
 "Speak replies" on, each reply is spoken sentence by sentence while it streams (voice/speaker.py), the
-clips paced into an autoplaying audio output (voice/paced.py). Speech heard while a reply is generated or
+clips paced into an autoplaying audio output (voice/paced.py); once it is spoken (or cut), its audio as
+heard joins the conversation under its text, to be played again. Speech heard while a reply is generated or
 spoken stops it (barge-in), and the reply is kept as far as it was spoken.
+
+Files: each session's hands-free turns and spoken replies are wavs in the server's own temp folder; a wav
+goes when no message of its session shows it any more (Undo, Clear, Regenerate) or the session's state is
+dropped, and the folder goes when the server process ends.
 """
 from __future__ import annotations
 
 import re
+import shutil
 import tempfile
 import threading
 import uuid
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
@@ -82,19 +89,77 @@ class UserChat:
     turns_ended: int = 0  # hands-free turns the detector ended: the hidden trigger's value
     reply: "ReplyInFlight | None" = field(default=None, repr=False, compare=False)  # for barge-in to stop
     voice_notice_shown: bool = False
+    # Each exchange's reply message: notices go above it, its audio (and a notice about its voice) under it.
+    replies: list[dict] = field(default_factory=list, repr=False, compare=False)
+    files: set[Path] = field(default_factory=set, repr=False, compare=False)  # wavs this session wrote
 
     def add_exchange(self, user_messages: list[dict]) -> None:
-        self.messages.extend(user_messages + [{"role": "assistant", "content": ""}])
+        reply = {"role": "assistant", "content": ""}
+        self.messages.extend(user_messages + [reply])
         self.turn_sizes.append(len(user_messages) + 1)
+        self.replies.append(reply)
 
     def note_before_reply(self, message: dict) -> None:
         """A notice that stays in the page just above the reply it concerns."""
         self.messages.insert(len(self.messages) - 1, message)
         self.turn_sizes[-1] += 1
 
+    def add_under_reply(self, reply: dict, message: dict) -> bool:
+        """`message` at the end of the exchange whose reply is `reply` (its audio, a notice about its voice);
+        False when that exchange is gone (Undo, Clear, Regenerate)."""
+        for index, candidate in enumerate(self.replies):
+            if candidate is reply:
+                self.messages.insert(sum(self.turn_sizes[:index + 1]), message)
+                self.turn_sizes[index] += 1
+                return True
+        return False
+
+    def restart_reply(self) -> None:
+        """Regenerate: the last exchange gets a new, empty reply message in place of the old one and of what
+        came under it. A new message, so that the old reply's stream, still speaking, finds its exchange gone."""
+        old = self.replies[-1]
+        at = next(index for index in range(len(self.messages) - 1, -1, -1) if self.messages[index] is old)
+        self.turn_sizes[-1] -= len(self.messages) - at - 1
+        self.messages[at:] = [{"role": "assistant", "content": ""}]
+        self.replies[-1] = self.messages[at]
+        self.delete_unshown_files()
+
     def drop_last_exchange(self) -> None:
         if self.turn_sizes:
             del self.messages[-self.turn_sizes.pop():]
+            self.replies.pop()
+            self.delete_unshown_files()
+
+    def clear_page(self) -> None:
+        self.messages.clear()
+        self.turn_sizes.clear()
+        self.replies.clear()
+        self.delete_unshown_files()
+
+    def delete_unshown_files(self) -> None:
+        """Delete this session's wavs that no message shows any more (a shown one is served again with
+        each update of the page, so it must stay)."""
+        shown = paths_shown(self.messages)
+        for path in self.files - shown:
+            path.unlink(missing_ok=True)
+        self.files &= shown
+
+    def delete_files(self) -> None:
+        """The session is gone: delete all its wavs."""
+        for path in self.files:
+            path.unlink(missing_ok=True)
+        self.files.clear()
+
+
+def paths_shown(messages: list[dict]) -> set[Path]:
+    """The files the messages show (a content is a text, a {"path": ...} file, or a list of these)."""
+    shown = set()
+    for message in messages:
+        content = message["content"]
+        for part in content if isinstance(content, list) else [content]:
+            if isinstance(part, dict) and "path" in part:
+                shown.add(Path(part["path"]))
+    return shown
 
 
 class ReplyInFlight:
@@ -124,18 +189,32 @@ class ReplyInFlight:
         if self.spoken is not None:
             self.spoken.stop()
 
+    def heard(self) -> tuple[list[str], np.ndarray, int]:
+        """(the sentences heard to their end, their audio joined, its sample rate); nothing without a voice."""
+        if self.spoken is None:
+            return [], np.zeros(0, np.float32), SAMPLE_RATE
+        return (*self.spoken.heard(), self.spoken.voice.sample_rate)
+
 
 def release_chat(chat: UserChat | None) -> None:
-    """A closed page: stop its reply and free its KV cache (its history stays until Gradio drops it).
-    A plain function, not a bound method: Gradio deep-copies a component's arguments, and a method would
-    drag the shared model along."""
+    """A closed page: stop its reply and free its KV cache (recomputed if the session comes back: Gradio
+    keeps a closed session's state for an hour). A plain function, not a bound method: Gradio deep-copies
+    a component's arguments, and a method would drag the shared model along."""
     if chat is not None:
         _stop_reply(chat)
         chat.session.release_cache()
 
 
+def forget_chat(chat: UserChat | None) -> None:
+    """Gradio dropped the session's state (an hour after its page closed): nothing can show its history
+    again, so its wavs go too. Until then they stay, as the history that points at them may come back."""
+    if chat is not None:
+        release_chat(chat)
+        chat.delete_files()
+
+
 def _stop_reply(chat: UserChat) -> None:
-    """Stop the reply's voice and its generation (Stop, Undo, Clear, a closed page)."""
+    """Stop the reply's voice and its generation (Stop, Undo, Clear, a new turn, a closed page)."""
     reply = chat.reply
     if reply is not None:
         reply.stop_speaking()
@@ -197,9 +276,11 @@ class ChatHandlers:
         self.turn_options = turn_options
         self._voice: tuple | None = None  # (voice or None, notice or None), loaded on first use
         self._voice_lock = threading.Lock()
-        # Hands-free turns are written here for the chat's audio bubbles (inside the temp directory, which
-        # Gradio serves files from).
+        # Hands-free turns and spoken replies are written here for the chat's audio bubbles (inside the temp
+        # directory, which Gradio serves files from); the folder goes with the server (at exit, or when the
+        # handlers are collected).
         self.turn_dir = Path(tempfile.mkdtemp(prefix="blsp-chat-turns-"))
+        self.remove_turn_dir = weakref.finalize(self, shutil.rmtree, self.turn_dir, ignore_errors=True)
 
     def _chat(self, state: UserChat | None) -> UserChat:
         if state is not None:
@@ -221,8 +302,7 @@ class ChatHandlers:
              state: UserChat | None = None, speak: bool = False) -> Iterator[tuple]:
         settings = (max_new_tokens, do_sample, temperature, top_p, repetition_penalty)
         chat, text = self._chat(state), (text or "").strip()
-        if chat.session.busy:
-            chat.session.cancel()
+        _stop_reply(chat)  # a new turn: the reply before it, still generated or spoken, stops
         if not text and not audio_path:
             yield (chat.messages + [_notice("Type a message or record/upload audio first.")], chat, text, audio_path,
                    gr.skip())
@@ -240,23 +320,34 @@ class ChatHandlers:
         if not turns:
             yield chat.messages, chat, gr.skip()
             return
-        if chat.session.busy:
-            chat.session.cancel()
+        _stop_reply(chat)
         gap = np.zeros(int(TURN_GAP_S * SAMPLE_RATE), np.float32)
         audio = np.concatenate([piece for turn in turns for piece in (turn, gap)][:-1])
-        path = self.turn_dir / f"turn-{uuid.uuid4().hex}.wav"
-        sf.write(path, audio, SAMPLE_RATE)
-        yield from self._turn(chat, "", str(path), task, target, settings, speak, ())
+        path = self._write_wav(audio, SAMPLE_RATE, "turn")
+        yield from self._turn(chat, "", str(path), task, target, settings, speak, (), own_audio=True)
 
-    def _turn(self, chat: UserChat, text: str, audio_path, task, target, settings, speak, extra) -> Iterator[tuple]:
+    def _write_wav(self, audio: np.ndarray, rate: int, kind: str) -> Path:
+        path = self.turn_dir / f"{kind}-{uuid.uuid4().hex}.wav"
+        sf.write(path, audio, rate)
+        return path
+
+    def _turn(self, chat: UserChat, text: str, audio_path, task, target, settings, speak, extra,
+              own_audio: bool = False) -> Iterator[tuple]:
+        """Submit a turn and stream its reply. `own_audio`: the clip is a wav this server wrote (a
+        hands-free turn), which the session then owns, or which goes at once if the turn is refused."""
         try:
             options = _options(*settings)
             user = self._submit(chat, text, audio_path, task, target)
             chunks = chat.session.stream_reply(options)  # a turn too long for the context is refused here
         except (AudioError, ContextOverflowError, ValueError) as err:
+            if own_audio:
+                Path(audio_path).unlink(missing_ok=True)
             yield (chat.messages + [_notice(str(err))], chat, *extra, gr.skip())
             return
-        chat.add_exchange(user)
+        with chat.lock:
+            chat.add_exchange(user)
+            if own_audio:
+                chat.files.add(Path(audio_path))
         yield from self._stream(chat, chunks, extra, speak)
 
     def _submit(self, chat: UserChat, text: str, audio_path, task, target) -> list[dict]:
@@ -284,7 +375,7 @@ class ChatHandlers:
         return chat.reply
 
     def _stream(self, chat: UserChat, chunks, extra: tuple, speak: bool = False) -> Iterator[tuple]:
-        generation, message = chat.generation, chat.messages[-1]  # the reply's message (notices go above it)
+        generation, message = chat.generation, chat.replies[-1]  # the reply's message (notices go above it)
         reply = self._start_reply(chat, speak)
         try:
             try:
@@ -314,9 +405,10 @@ class ChatHandlers:
                 yield from self._speak_rest(chat, reply, extra)
         finally:
             reply.stop_speaking()
-            chat.reply = None
-        if reply.interrupted.is_set() and reply.spoken is not None:
-            self._keep_what_was_spoken(chat, reply, message, generation)
+            if chat.reply is reply:  # not a newer turn's reply
+                chat.reply = None
+        if reply.spoken is not None:
+            self._keep_spoken_reply(chat, reply, message, generation)
             yield (chat.messages, chat, *extra, gr.skip())
         if chat.generation != generation:
             with chat.lock:  # waits until Clear/Undo has finished editing (never held across a yield)
@@ -334,24 +426,33 @@ class ChatHandlers:
             clip = reply.next_clip()
             if clip is not None:
                 yield (chat.messages, chat, *extra, clip)
-        if reply.spoken.error is not None:
-            with chat.lock:
-                chat.messages.append(_notice(f"The voice failed ({reply.spoken.error}); this reply is text only."))
-                chat.turn_sizes[-1] += 1
-            yield (chat.messages, chat, *extra, gr.skip())
 
-    def _keep_what_was_spoken(self, chat: UserChat, reply: ReplyInFlight, message: dict, generation: int) -> None:
-        """Barge-in cut a spoken reply: it stays in the history (the model's and the page's) as far as
-        the user heard it."""
-        with chat.lock:
-            if chat.generation != generation or not chat.turn_sizes:
+    def _keep_spoken_reply(self, chat: UserChat, reply: ReplyInFlight, message: dict, generation: int) -> None:
+        """A spoken reply ended (played out, stopped, or cut by barge-in): its audio as heard goes into the
+        conversation under its text, and a reply cut by barge-in stays in the history (the model's and the
+        page's) as far as the user heard it. Display only: the session's history stays text."""
+        sentences, audio, rate = reply.heard()
+        with chat.lock:  # Undo/Clear/Regenerate either came first (the exchange is gone) or find it whole
+            if chat.generation != generation or not any(candidate is message for candidate in chat.replies):
                 return
-            turns = chat.session.turns
-            if not turns or turns[-1].role != "assistant":
-                return
-            heard = spoken_prefix(turns[-1].text, list(reply.spoken.spoken))
-            chat.session.trim_last_reply(heard)
-            message["content"] = f"{heard} … *(interrupted)*" if heard else "*(interrupted)*"
+            if reply.interrupted.is_set() and chat.replies[-1] is message:
+                self._trim_to_what_was_heard(chat, message, sentences)
+            if len(audio):
+                path = self._write_wav(audio, rate, "reply")
+                chat.files.add(path)
+                chat.add_under_reply(message, {"role": "assistant", "content": {"path": str(path)}})
+            if reply.spoken.error is not None:
+                chat.add_under_reply(message, _notice(f"The voice failed ({reply.spoken.error}); this reply is "
+                                                      "text only from there."))
+
+    @staticmethod
+    def _trim_to_what_was_heard(chat: UserChat, message: dict, sentences: list[str]) -> None:
+        turns = chat.session.turns
+        if not turns or turns[-1].role != "assistant":
+            return
+        heard = spoken_prefix(turns[-1].text, sentences)
+        chat.session.trim_last_reply(heard)
+        message["content"] = f"{heard} … *(interrupted)*" if heard else "*(interrupted)*"
 
     # --- hands-free ----------------------------------------------------------------------------------
     def listen(self, chunk, hands_free, state):
@@ -402,12 +503,14 @@ class ChatHandlers:
         if not chat.turn_sizes or chat.session.busy:
             yield chat.messages, chat, gr.skip()
             return
+        _stop_reply(chat)  # the reply still being spoken
         try:
             chunks = chat.session.regenerate(_options(*settings))
         except ValueError as err:
             yield chat.messages + [_notice(str(err))], chat, gr.skip()
             return
-        chat.messages[-1]["content"] = ""
+        with chat.lock:
+            chat.restart_reply()
         yield from self._stream(chat, chunks, (), speak)
 
     def stop(self, state: UserChat | None) -> None:
@@ -421,7 +524,7 @@ class ChatHandlers:
             _stop_reply(chat)
             if chat.turn_sizes:
                 chat.session.undo()
-                chat.drop_last_exchange()
+                chat.drop_last_exchange()  # its reply's audio and its turn's wav too
         return chat.messages, chat
 
     def clear(self, state: UserChat | None):
@@ -430,8 +533,7 @@ class ChatHandlers:
             chat.generation += 1
             _stop_reply(chat)
             chat.session.clear()
-            chat.messages.clear()
-            chat.turn_sizes.clear()
+            chat.clear_page()
         return chat.messages, chat
 
 
@@ -447,7 +549,7 @@ def build_demo(loaded: LoadedBlsp, *, max_audio_seconds: float | None = 120.0, c
     with gr.Blocks(title=TITLE) as demo:
         gr.Markdown(f"# {TITLE}\nSpeak or type; spoken and typed turns share one conversation. "
                     f"Model: `{model_name(loaded)}`." + ("" if loaded.adapter_trained else "\n\n" + UNTRAINED_NOTICE))
-        state = gr.State(None, delete_callback=release_chat)
+        state = gr.State(None, delete_callback=forget_chat)
         chatbot = gr.Chatbot(label="Conversation", height=480, elem_id="chatbot", buttons=["copy"])
         reply_audio = gr.Audio(label="Spoken reply", autoplay=True, interactive=False, visible=False,
                                elem_id="reply-audio")

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from blsp_chat.ui import build_demo
+from blsp_chat.ui import build_demo, paths_shown
 
 pytestmark = pytest.mark.integration
 EXAMPLES = Path(__file__).resolve().parent.parent / "assets" / "examples"
@@ -18,11 +18,11 @@ def _client(url):
     return Client(url, verbose=False)
 
 
-def _send(client, text="", audio=None):
+def _send(client, text="", audio=None, speak=False):
     from gradio_client import handle_file
 
     job = client.submit(text, handle_file(str(audio)) if audio else None, "Chat", "German", 24, False, 0.7, 0.9, 1.0,
-                        api_name="/send")
+                        speak, api_name="/send")
     updates = list(job)
     return updates, job.result()
 
@@ -213,3 +213,38 @@ def test_clear_and_undo_win_over_a_finishing_reply_on_the_page_and_the_server(ow
         assert _plain(chat.messages) == expected
         assert len(chat.session.turns) == len(expected), f"trial {trial}: the server's history"
     client.close()
+
+
+def _audio_messages(messages) -> list[dict]:
+    """The messages that hold a wav file (gradio_client hands a Chatbot's file back as a downloaded copy)."""
+    return [m for m in messages
+            if any(isinstance(c, dict) and c.get("type") == "file" and str(c["file"]).endswith(".wav")
+                   for c in m["content"])]
+
+
+def test_a_spoken_reply_is_an_audio_message_that_undo_removes_and_a_dropped_session_deletes(own_app):
+    """With "Speak replies", each reply's audio joins the conversation right under its text; Undo takes
+    it away with its exchange (page and server agree); the session's state dropped, its wavs go."""
+    url, demo, state = own_app
+    client = _client(url)
+    _, final = _send(client, text="What is the capital of France?", speak=True)
+    if "text only" in str(final[0]):
+        pytest.skip("no voice here (piper or espeak-ng)")
+    assert [m["role"] for m in final[0]] == ["user", "assistant", "assistant"]
+    assert "Paris" in _last_text(final[0][:2]) and _audio_messages(final[0]) == [final[0][2]]
+    _, final = _send(client, text="And of Italy?", speak=True)
+    assert [m["role"] for m in final[0]] == ["user", "assistant", "assistant"] * 2
+    chat = _server_chat(demo, state, client)
+    first, second = (sorted(map(str, paths_shown(chat.messages[start:start + 3]))) for start in (0, 3))
+    assert len(first) == len(second) == 1 and all(Path(path).exists() for path in first + second)
+    assert len(chat.session.turns) == 4, "the server's history stays text: a user and an assistant turn each"
+
+    messages = client.predict(api_name="/undo")
+    assert [m["role"] for m in messages] == ["user", "assistant", "assistant"] and len(_audio_messages(messages)) == 1
+    assert _plain(messages) == _plain(chat.messages) and len(chat.session.turns) == 2
+    assert Path(first[0]).exists() and not Path(second[0]).exists(), "the undone reply's audio is deleted"
+
+    demo.state_holder.delete_state(client.session_hash)  # as Gradio drops a closed session's state
+    assert not Path(first[0]).exists()
+    client.close()
+

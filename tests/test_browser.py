@@ -15,18 +15,20 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networki
 CLIP = Path(__file__).resolve().parent.parent / "assets" / "examples" / "capital_of_france.wav"
 REPLY_TIMEOUT_MS = 180_000
 SETTLED_POLLS = 6  # 3 s without change: the streamed reply is complete
-# The longest duration of the spoken reply's audio elements: Gradio's player keeps its <audio> inside the
-# waveform's shadow root, so the search goes through shadow roots. null while none holds playable audio.
-REPLY_AUDIO_DURATION_JS = """() => {
+# The longest duration of the audio elements under the elements `selector` finds: Gradio's player keeps its
+# <audio> inside the waveform's shadow root, so the search goes through shadow roots. null while none holds
+# playable audio.
+AUDIO_DURATION_JS = """(selector) => {
   const found = [];
   const walk = (root) => root.querySelectorAll('*').forEach((node) => {
     if (node.tagName === 'AUDIO' && node.src && isFinite(node.duration) && node.duration > 0) found.push(node.duration);
     if (node.shadowRoot) walk(node.shadowRoot);
   });
-  const output = document.querySelector('#reply-audio');
-  if (output) walk(output);
+  document.querySelectorAll(selector).forEach(walk);
   return found.length ? Math.max(...found) : null;
 }"""
+REPLY_PLAYER = "#reply-audio"                         # plays each sentence as the reply streams
+CONVERSATION_REPLIES = "#chatbot [data-testid='bot']"  # the reply's audio joins them once spoken
 LEAD_SILENCE_S = 3.0   # before the question: the microphone is streaming by the time it is spoken
 TAIL_SILENCE_S = 120.0  # after it: Chromium loops the file, and the question must not come round again (barge-in)
 
@@ -112,7 +114,8 @@ def test_typed_message_and_uploaded_clip(page, tmp_path):
 
 def test_hands_free_question_is_sent_at_the_pause_and_answered_aloud(mic_page):
     """No click sends the turn: switching hands-free on starts the microphone, the pause after the question
-    ends the turn, the reply streams and is spoken; the reply's audio element holds playable audio."""
+    ends the turn, the reply streams and is spoken; the player's audio element holds playable audio, and once
+    spoken, the reply's audio is in the conversation, playable again."""
     page = mic_page
     page.locator("#speak-replies input").check()
     page.locator("#hands-free input").check()
@@ -122,5 +125,9 @@ def test_hands_free_question_is_sent_at_the_pause_and_answered_aloud(mic_page):
     assert "audio" in users.first.inner_html(), "the spoken turn shows as an audio bubble"
     heard = " ".join(users.nth(i).inner_text() for i in range(users.count())).lower()
     assert "heard:" in heard and "france" in heard, "what the model heard, under the clip"
-    duration = page.wait_for_function(REPLY_AUDIO_DURATION_JS, timeout=REPLY_TIMEOUT_MS)
+    duration = page.wait_for_function(AUDIO_DURATION_JS, arg=REPLY_PLAYER, timeout=REPLY_TIMEOUT_MS)
     assert duration.json_value() > 0
+    in_conversation = page.wait_for_function(AUDIO_DURATION_JS, arg=CONVERSATION_REPLIES, timeout=REPLY_TIMEOUT_MS)
+    assert in_conversation.json_value() > 0
+    bot = page.locator(CONVERSATION_REPLIES)
+    assert bot.count() == 2 and replies[0].strip() in bot.nth(0).inner_text(), "the audio, right under the text"

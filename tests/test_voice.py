@@ -2,6 +2,8 @@
 understands, the streaming sentence splitter, the chat's hands-free and spoken paths, a missing voice."""
 from __future__ import annotations
 
+import signal
+import subprocess
 import sys
 import threading
 import types
@@ -13,6 +15,7 @@ import soundfile as sf
 import torch
 from conftest import LIBRIVOX_DIR
 
+from blsp_chat import ui
 from blsp_chat.audio import resample
 from blsp_chat.config import BlspConfig, GenerationOptions
 from blsp_chat.constants import SAMPLE_RATE
@@ -20,7 +23,7 @@ from blsp_chat.ctc_decode import collapse_ctc
 from blsp_chat.heard import heard_piece_ids, heard_text
 from blsp_chat.readout import embedding_distance_logits
 from blsp_chat.session import ChatSession
-from blsp_chat.ui import ChatHandlers, build_demo, model_name, on_gpu
+from blsp_chat.ui import ChatHandlers, build_demo, forget_chat, model_name, on_gpu
 from blsp_chat.voice import tts
 from blsp_chat.voice.listen import TurnListener
 from blsp_chat.voice.live import LiveTurns
@@ -653,9 +656,10 @@ def test_page_speaks_the_reply_and_a_missing_voice_leaves_text(ctc_loaded):
     handlers = page_handlers(ctc_loaded, voice_options=tts.VoiceOptions(engine="espeak-ng"))
     updates = list(handlers.send("hello there", None, "Chat", "German", *SETTINGS, None, True))
     clips = [update[-1] for update in updates if isinstance(update[-1], tuple)]
-    reply = updates[-1][0][-1]["content"]
+    reply = updates[-1][0][1]["content"]
     if any(ch.isalnum() for ch in reply):
         assert clips and all(rate == voice.sample_rate and len(audio) for rate, audio in clips)
+        assert sf.info(updates[-1][0][2]["content"]["path"]).samplerate == voice.sample_rate, "its audio, under it"
 
     silent = page_handlers(ctc_loaded, voice_options=tts.VoiceOptions(engine="piper", piper_voice="nobody"))
     updates = list(silent.send("hello there", None, "Chat", "German", *SETTINGS, None, True))
@@ -693,6 +697,8 @@ def test_page_barge_in_stops_the_spoken_reply_and_keeps_what_was_said(ctc_loaded
     assert "interrupted" in messages[-1]["content"]
     kept = chat.session.turns[-1]
     assert kept.role == "assistant" and kept.text in messages[-1]["content"]
+    audio_messages = [m for m in messages if isinstance(m["content"], dict)]
+    assert len(audio_messages) == (1 if kept.text else 0), "the reply's audio as heard joins it, if any was heard"
     assert [t for t, _ in calls if is_trigger(t)] == ["2"], "the new speech ended as the next turn"
     *_, (messages, chat, _) = handlers.take_heard_turn("2", "Chat", "German", *SETTINGS, chat, False)
     assert [m["role"] for m in messages] == ["user", "assistant"] * 2
@@ -748,3 +754,136 @@ def test_generation_runs_under_spaces_gpu_when_the_package_is_there(ctc_loaded, 
     assert on_gpu(handler)() == "ran"
     build_demo(ctc_loaded)
     assert {"send", "regenerate", "take_heard_turn"} <= set(wrapped)
+
+
+# --- the reply's audio in the conversation, and the session's wav files ----------------------------------
+class ToneVoice:
+    """A voice that says each sentence as a short tone: spoken replies at test speed, of a known length."""
+
+    sample_rate = 22050
+    description = "a tone per sentence"
+    seconds = 0.2
+
+    def synthesize(self, text: str) -> np.ndarray:
+        samples = np.arange(int(self.seconds * self.sample_rate))
+        return (0.3 * np.sin(2 * np.pi * 330 * samples / self.sample_rate)).astype(np.float32)
+
+
+@pytest.fixture
+def tone_voice(monkeypatch):
+    monkeypatch.setattr(ui, "try_load_voice", lambda options: (ToneVoice(), None))
+
+
+def spoken_turn(handlers, chat, clip: np.ndarray, directory: Path, speak: bool = True):
+    """A hands-free turn on the page: `clip` heard through the streaming microphone, then sent at its
+    pause and answered (spoken with `speak`). Returns (chat, every update of the reply's stream)."""
+    directory.mkdir()
+    stream, _ = join([clip], PAUSE_S)
+    chat, calls = listen_to(handlers, browser_chunks(stream, directory), chat)
+    trigger = [t for t, _ in calls if is_trigger(t)][-1]
+    updates = list(handlers.take_heard_turn(trigger, "Chat", "German", *SETTINGS, chat, speak))
+    return updates[-1][1], updates
+
+
+def shown_paths(messages) -> list[Path]:
+    return sorted(ui.paths_shown(messages))
+
+
+def test_page_spoken_reply_joins_the_conversation_under_its_text_and_undo_removes_it(ctc_loaded, clips, tone_voice,
+                                                                                       tmp_path):
+    import gradio as gr  # here: the page's own format, as the Chatbot component takes it
+
+    handlers = page_handlers(ctc_loaded)
+    chat, updates = spoken_turn(handlers, None, clips[1], tmp_path / "a")
+    messages = updates[-1][0]
+    assert [m["role"] for m in messages] == ["user", "assistant", "assistant"]
+    reply, audio = messages[1]["content"], messages[2]["content"]
+    assert isinstance(reply, str) and reply.strip(), "the reply's text, with its audio right under it"
+    played = [update[-1] for update in updates if isinstance(update[-1], tuple)]  # (rate, clip) for the player
+    recorded, rate = sf.read(audio["path"], dtype="float32")
+    assert played and rate == ToneVoice.sample_rate
+    np.testing.assert_allclose(recorded, np.concatenate([clip for _, clip in played]), atol=1e-4,
+                               err_msg="the sentences joined, as the page played them")
+    shown = gr.Chatbot().postprocess(messages).root
+    assert shown[2].role == "assistant" and shown[2].content[0].file.mime_type.startswith("audio/")
+    assert [(t.role, t.text) for t in chat.session.turns][1] == ("assistant", reply), "the history stays text"
+
+    messages, chat = handlers.undo(chat)
+    assert messages == [] and len(chat.session.turns) == 0 and chat.turn_sizes == []
+    assert not Path(audio["path"]).exists(), "the undone reply's audio is deleted"
+    assert not any(handlers.turn_dir.iterdir()), "and the turn's wav"
+
+
+def test_page_deletes_the_wavs_no_message_shows_and_keeps_the_rest(ctc_loaded, clips, tone_voice, tmp_path):
+    handlers = page_handlers(ctc_loaded)
+    chat, _ = spoken_turn(handlers, None, clips[1], tmp_path / "a")
+    first = shown_paths(chat.messages)
+    chat, _ = spoken_turn(handlers, chat, clips[2], tmp_path / "b")
+    turn, reply = Path(chat.messages[3]["content"][0]["path"]), Path(chat.messages[5]["content"]["path"])
+    assert len(first) == 2 and sorted(handlers.turn_dir.iterdir()) == sorted(first + [turn, reply]), \
+        "each exchange: the turn's wav and the reply's"
+
+    *_, (messages, chat, _) = handlers.regenerate(*SETTINGS, chat, True)
+    assert [m["role"] for m in messages] == ["user", "assistant", "assistant"] * 2
+    new_reply = Path(messages[5]["content"]["path"])
+    assert new_reply != reply and new_reply.exists() and turn.exists()
+    assert not reply.exists(), "the regenerated reply's old audio is deleted"
+    assert len(chat.session.turns) == 4 and all(isinstance(t.text, str) for t in chat.session.turns)
+
+    messages, chat = handlers.undo(chat)
+    assert shown_paths(messages) == first and all(path.exists() for path in first)
+    assert sorted(handlers.turn_dir.iterdir()) == first, "the undone exchange's wavs are deleted"
+
+    other, _ = spoken_turn(handlers, None, clips[3], tmp_path / "c")
+    others = shown_paths(other.messages)
+    messages, other = handlers.clear(other)
+    assert messages == [] and not any(path.exists() for path in others), "Clear deletes the session's wavs"
+
+    forget_chat(chat)  # Gradio dropped the session's state
+    assert not any(handlers.turn_dir.iterdir()) and chat.session.cached_tokens == 0
+
+
+class BrokenVoice(ToneVoice):
+    def synthesize(self, text: str) -> np.ndarray:
+        raise RuntimeError("the synthesizer crashed")
+
+
+def test_page_voice_that_breaks_leaves_the_text_and_says_so_under_it(ctc_loaded, monkeypatch):
+    monkeypatch.setattr(ui, "try_load_voice", lambda options: (BrokenVoice(), None))
+    handlers = page_handlers(ctc_loaded)
+    updates = list(handlers.send("hello there", None, "Chat", "German", *SETTINGS, None, True))
+    (messages, chat, *_), played = updates[-1], [u[-1] for u in updates if isinstance(u[-1], tuple)]
+    assert [m["role"] for m in messages] == ["user", "assistant", "assistant"] and not played
+    assert messages[1]["content"].strip() and "synthesizer crashed" in messages[2]["content"], "no audio; why"
+    assert chat.turn_sizes == [3] and not any(handlers.turn_dir.iterdir())
+    messages, chat = handlers.undo(chat)
+    assert messages == []
+
+
+def test_a_refused_hands_free_turn_leaves_no_wav(ctc_loaded, clips, tmp_path):
+    handlers = ChatHandlers(ctc_loaded, max_audio_seconds=1.0)  # every spoken turn is too long
+    chat, updates = spoken_turn(handlers, None, clips[1], tmp_path / "a", speak=False)
+    assert "1" in updates[-1][0][-1]["content"] and chat.messages == []
+    assert not any(handlers.turn_dir.iterdir())
+
+
+@pytest.mark.parametrize("ending", ["exit", "sigterm"])
+def test_the_turn_folder_goes_when_the_server_process_ends(ending):
+    """At a normal exit, and when stopped by SIGTERM (app.py makes that an exit, as a platform stops a Space)."""
+    program = ("import sys, time\n"
+               "import app\n"
+               "from blsp_chat.ui import ChatHandlers\n"
+               "handlers = ChatHandlers(None, 60)\n"
+               "(handlers.turn_dir / 'turn-x.wav').write_bytes(b'RIFF')\n"
+               "app.exit_on_sigterm()\n"
+               "print(handlers.turn_dir, flush=True)\n"
+               "if sys.argv[1] == 'sigterm':\n"
+               "    time.sleep(300)\n")
+    server = subprocess.Popen([sys.executable, "-c", program, ending], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, cwd=Path(__file__).resolve().parent.parent)
+    folder = Path(server.stdout.readline().strip())
+    assert folder.name.startswith("blsp-chat-turns-") and folder.is_dir(), server.stderr.read()
+    if ending == "sigterm":
+        server.send_signal(signal.SIGTERM)
+    assert server.wait(timeout=120) == (0 if ending == "exit" else 128 + signal.SIGTERM)
+    assert not folder.exists()

@@ -7,6 +7,7 @@ one after another, so the first sentence is heard while the model is still writi
     reply.finish()            # no more text: speak what is left
     reply.wait()              # until the last sentence has played
     reply.stop()              # or at once (Ctrl-C, barge-in): the sentence playing is cut
+    sentences, audio = reply.heard()   # the sentences played to their end, and their audio joined
 
 `play(audio, sample_rate)` blocks until the audio has played or `stop_playback()` was called.
 """
@@ -31,6 +32,7 @@ class SpokenReply:
         self.stop_playback = stop_playback
         self.splitter = SentenceSplitter(splitter)
         self.spoken: list[str] = []        # sentences played to their end
+        self.spoken_audio: list[np.ndarray] = []  # their audio (appended first: never shorter than `spoken`)
         self.error: Exception | None = None
         self._sentences: queue.Queue[str | None] = queue.Queue()
         self._stopped = threading.Event()
@@ -75,7 +77,15 @@ class SpokenReply:
             if len(audio):
                 self.play(audio, self.voice.sample_rate)
             if not self._stopped.is_set():
+                self.spoken_audio.append(audio)
                 self.spoken.append(sentence)
+
+    def heard(self) -> tuple[list[str], np.ndarray]:
+        """The reply as far as it was heard, in one snapshot (the speaking thread may still append): the
+        sentences played to their end, and their audio joined at voice.sample_rate (empty when none was)."""
+        sentences = list(self.spoken)
+        pieces = self.spoken_audio[:len(sentences)]
+        return sentences, np.concatenate(pieces) if pieces else np.zeros(0, np.float32)
 
 
 def spoken_prefix(reply: str, sentences: list[str]) -> str:
@@ -92,11 +102,10 @@ def spoken_prefix(reply: str, sentences: list[str]) -> str:
 
 def speak_text(voice, text: str, splitter: SplitterOptions = SplitterOptions()) -> np.ndarray:
     """A whole reply as one recording at voice.sample_rate, sentence by sentence as SpokenReply says it."""
-    pieces: list[np.ndarray] = []
-    reply = SpokenReply(voice, lambda audio, rate: pieces.append(audio), splitter=splitter)
+    reply = SpokenReply(voice, lambda audio, rate: None, splitter=splitter)
     reply.feed(text)
     reply.finish()
     reply.wait()
     if reply.error is not None:
         raise reply.error
-    return np.concatenate(pieces) if pieces else np.zeros(0, np.float32)
+    return reply.heard()[1]
