@@ -25,6 +25,7 @@ from blsp_chat.session import (
     ChatSession,
     ContextOverflowError,
     TextStream,
+    whole_sentences,
 )
 from blsp_chat.weights import LoadedBlsp
 from tiny import blank_hearing_blsp, hears_only_long_clips, lively_blsp, tiny_blsp, tiny_tokenizer, tone
@@ -75,8 +76,9 @@ def scratch(model, tokenizer, turns, audios, max_new_tokens=12, repetition_penal
 
 
 def assert_same_as_scratch(session, chunks, audios, **kwargs):
-    """The session's last reply equals a from-scratch `model.generate` on the history before it."""
-    text, ids = scratch(session.model, session.tokenizer, session.turns[:-1], audios, **kwargs)
+    """The session's last reply equals a from-scratch `model.generate` on the history before it (as the
+    model reads it)."""
+    text, ids = scratch(session.model, session.tokenizer, session.context_turns[:-1], audios, **kwargs)
     last = session.turns[-1]
     assert last.text == text
     if chunks[-1].stopped_by != "stop_string":
@@ -462,6 +464,47 @@ def test_cancel_stops_promptly_and_keeps_the_partial_reply(tok):
     model.llama_model.forward = type(model.llama_model).forward.__get__(model.llama_model)
     session.submit_text("paris.")
     assert_same_as_scratch(session, reply(session), [])  # the cache is consistent with the partial reply
+
+
+@pytest.mark.parametrize("text, whole", [
+    ("Paris is big. It is o", "Paris is big."), ("Yes! Really?", "Yes! Really?"), ("It is big.\nNext li", "It is big."),
+    ("Dr. Smith came", ""), ("Pi is 3.14 and", ""), ("", ""), ("Go on, " * 60, ""),
+])
+def test_whole_sentences_cut_at_the_last_sentence_end(text, whole):
+    assert whole_sentences(text) == whole
+
+
+def stopped_then_next_prompt(tok, said, reuse_cache):
+    """A session whose first reply is stopped right after saying `said`; then a second turn. Returns the
+    session, the stopped reply's last chunk, the ids of the first forward of the second reply and its chunks."""
+    model = lively_blsp(seed=4)
+    session = ChatSession(model, tok, reuse_cache=reuse_cache)
+    session.submit_text("hello")
+    script = tok(said, add_special_tokens=False).input_ids
+    scripted(model, tok, said)
+    record_forward(model, before=lambda call: call == len(script) + 1 and session.cancel())  # the reply's own thread
+    last = reply(session, GenerationOptions(max_new_tokens=60))[-1]
+    model.llama_model.forward = type(model.llama_model).forward.__get__(model.llama_model)
+    read, embed = [], model.embed_inputs
+    model.embed_inputs = lambda ids, *args: read.append(ids[0].tolist()) or embed(ids, *args)
+    session.submit_text("and then?")
+    chunks = reply(session)
+    return session, last, read[0], chunks
+
+
+@pytest.mark.parametrize("said, kept", [("Hello there. How are yo", "Hello there."), ("Hello there, how", "")])
+def test_a_stopped_reply_is_shown_whole_but_read_only_up_to_its_last_sentence(tok, said, kept):
+    # reuse_cache=False: the second reply reads its whole prompt anew, in its first forward
+    session, last, prompt, chunks = stopped_then_next_prompt(tok, said, reuse_cache=False)
+    assert last.stopped_by == "cancelled" and last.text == said
+    assert session.turns[1].text == said  # the history shows what was said (regenerate, barge-in read it)
+    assert session.context_turns[1].text == kept
+    expected = render([Turn("human", text="hello"), Turn("assistant", text=kept), Turn("human", text="and then?")], tok)
+    assert prompt == expected.input_ids
+    assert said[len(kept):].strip() not in tok.decode(prompt)  # no cut-off fragment for the model to parrot
+    assert_same_as_scratch(session, chunks, [])
+    cached, *_ = stopped_then_next_prompt(tok, said, reuse_cache=True)  # a cropped cache reads the same
+    assert cached.turns == session.turns and cached.context_turns == session.context_turns
 
 
 def test_leaving_the_stream_early_cancels_the_reply(tok):
