@@ -17,7 +17,9 @@ the room, so that the next several turns reuse the cache again. A `CacheBudget` 
 sessions caps the positions their caches hold together, dropping the least recently used idle ones.
 
 Whole replies at once (one-shot and batched) are `generate.py`'s; a streamed reply samples its steps
-with `generate.next_token`, so both follow the same rules.
+with `generate.next_token`, so both follow the same rules. A reply's prefill runs in pieces under the
+model's fair lock; its decode steps go through the model's `batcher.StepBatcher`, which runs the steps of
+all sessions decoding at that moment as one batched forward pass.
 """
 from __future__ import annotations
 
@@ -33,6 +35,7 @@ import torch
 from transformers import DynamicCache
 
 from .audio import validate_audio
+from .batcher import step_batcher
 from .config import GenerationOptions
 from .constants import STOP_STRINGS
 from .generate import check_heard, next_token
@@ -422,23 +425,24 @@ class ChatSession:
         try:
             with torch.inference_mode():
                 logits = None if job.cancel.is_set() else self._prefill(job)
-                for step in range(job.options.max_new_tokens):
-                    if logits is None or job.cancel.is_set():
-                        stopped_by = "cancelled"
-                        break
-                    token = next_token(logits, generated, job.options, self.generator)
-                    if token in self.eos_ids:
-                        stopped_by = "eos"
-                        break
-                    generated.append(token)
-                    delta = stream.push(token)
-                    if stream.stop_hit:
-                        stopped_by = "stop_string"
-                        break
-                    if delta:
-                        job.chunks.put(ReplyChunk(delta, stream.shown, dropped_turns=job.dropped_turns))
-                    if step + 1 < job.options.max_new_tokens:
-                        logits = self._forward([token], [False], [], start=len(self._cache_keys), keys=[token])
+                with step_batcher(self.model).decoding() as decode_step:
+                    for step in range(job.options.max_new_tokens):
+                        if logits is None or job.cancel.is_set():
+                            stopped_by = "cancelled"
+                            break
+                        token = next_token(logits, generated, job.options, self.generator)
+                        if token in self.eos_ids:
+                            stopped_by = "eos"
+                            break
+                        generated.append(token)
+                        delta = stream.push(token)
+                        if stream.stop_hit:
+                            stopped_by = "stop_string"
+                            break
+                        if delta:
+                            job.chunks.put(ReplyChunk(delta, stream.shown, dropped_turns=job.dropped_turns))
+                        if step + 1 < job.options.max_new_tokens:
+                            logits = self._decode_step(decode_step, token)
         except BaseException as err:  # handed to the caller's iterator; the cache may be half-written
             self._reset_cache()
             with self._state:
@@ -518,6 +522,15 @@ class ChatSession:
         if self.cache_budget is not None:
             self.cache_budget.note_use(self)
         return out.logits[0, -1]
+
+    def _decode_step(self, decode_step, token: int) -> torch.Tensor:
+        """One generated token through the LLM, batched with the other sessions' steps waiting for the
+        model (`batcher.StepBatcher`); the next position's logits (V,)."""
+        logits = decode_step(self._cache, token, len(self._cache_keys))
+        self._cache_keys.append(token)
+        if self.cache_budget is not None:
+            self.cache_budget.note_use(self)
+        return logits
 
     def _crop_cache(self, length: int) -> None:
         if length == 0:
