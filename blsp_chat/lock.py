@@ -1,5 +1,6 @@
 """One lock per model: every forward pass on a model holds it, so the sessions and batch generations
-sharing the model take turns step by step, in arrival order (`FairLock`)."""
+sharing the model take turns step by step, in arrival order (`FairLock`): a session's prefill piece, the
+batched decode step of all sessions replying (`batcher.StepBatcher`), a whole-batch `generate`."""
 from __future__ import annotations
 
 import collections

@@ -17,7 +17,9 @@ the room, so that the next several turns reuse the cache again. A `CacheBudget` 
 sessions caps the positions their caches hold together, dropping the least recently used idle ones.
 
 Whole replies at once (one-shot and batched) are `generate.py`'s; a streamed reply samples its steps
-with `generate.next_token`, so both follow the same rules.
+with `generate.next_token`, so both follow the same rules. A reply's prefill runs in pieces under the
+model's fair lock; its decode steps go through the model's `batcher.StepBatcher`, which runs the steps of
+all sessions decoding at that moment as one batched forward pass.
 """
 from __future__ import annotations
 
@@ -33,11 +35,14 @@ import torch
 from transformers import DynamicCache
 
 from .audio import validate_audio
+from .batcher import step_batcher
 from .config import GenerationOptions
 from .constants import STOP_STRINGS
 from .generate import check_heard, next_token
 from .lock import model_lock
 from .prompt import RenderedPrompt, Turn, cut_at_stop, eos_token_ids, render, template_for
+from .voice.sentences import SentenceSplitter, SplitterOptions
+from .voice.speaker import spoken_prefix
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -56,6 +61,10 @@ HISTORY_KEPT_ON_OVERFLOW = 1 / 3
 # A prefill runs in pieces of this many positions, each one turn at the model lock, so that another
 # session's decode step waits behind one piece rather than behind a whole long history.
 PREFILL_CHUNK_TOKENS = 256
+
+# Whole sentences only: a stopped reply is kept for the model up to its last sentence end, never cut
+# through a run-on clause (the splitter's max_chars cut is for speaking early, not for completeness).
+WHOLE_SENTENCES = SplitterOptions(max_chars=10**9)
 
 StopReason = Literal["eos", "stop_string", "max_new_tokens", "cancelled"]
 
@@ -149,6 +158,11 @@ class _Entry:
     turn: Turn
     speech: torch.Tensor | None = None  # (L, d_llm) on the model's device, for a spoken human turn
     uid: int = 0                        # names this turn's speech positions in the cache keys
+    read_as: Turn | None = None         # what the LLM reads in place of `turn` (a stopped reply's whole sentences)
+
+    @property
+    def read(self) -> Turn:
+        return self.turn if self.read_as is None else self.read_as
 
 
 @dataclass
@@ -212,6 +226,12 @@ class ChatSession:
     def turns(self) -> tuple[Turn, ...]:
         with self._state:
             return tuple(e.turn for e in self._entries)
+
+    @property
+    def context_turns(self) -> tuple[Turn, ...]:
+        """The history as the LLM reads it: `turns`, with each stopped reply cut back to its whole sentences."""
+        with self._state:
+            return tuple(e.read for e in self._entries)
 
     @property
     def busy(self) -> bool:
@@ -301,7 +321,9 @@ class ChatSession:
         return self.stream_reply(options)
 
     def cancel(self, timeout: float = CANCEL_JOIN_SECONDS) -> bool:
-        """Stop the reply in flight after its current step; the partial reply stays in the history.
+        """Stop the reply in flight after its current step; the partial reply stays in the history as it
+        was shown, but the model reads it only up to its last whole sentence (none if none was finished):
+        a small LLM reads a cut-off sentence as its own style and parrots it in later turns.
         Returns whether a reply was running."""
         job = self._job
         if job is None:
@@ -340,7 +362,7 @@ class ChatSession:
             if not self._entries or self._entries[-1].turn.role != "human":
                 raise ValueError("submit a human turn before asking for a reply")
             dropped = self._fit_context(options.max_new_tokens)
-            prompt = render([e.turn for e in self._entries], self.tokenizer, self.template)
+            prompt = render([e.read for e in self._entries], self.tokenizer, self.template)
             job = _Job(options, prompt, self._keys_of(prompt),
                        [e.speech for e in self._entries if e.speech is not None],
                        dropped, queue.Queue(), threading.Event())
@@ -388,7 +410,7 @@ class ChatSession:
         return dropped
 
     def _history_length(self) -> int:
-        return len(render([e.turn for e in self._entries], self.tokenizer, self.template))
+        return len(render([e.read for e in self._entries], self.tokenizer, self.template))
 
     def _keys_of(self, prompt: RenderedPrompt) -> list:
         """A key per position: the token id, or (speech uid, frame) so that different clips differ."""
@@ -403,23 +425,24 @@ class ChatSession:
         try:
             with torch.inference_mode():
                 logits = None if job.cancel.is_set() else self._prefill(job)
-                for step in range(job.options.max_new_tokens):
-                    if logits is None or job.cancel.is_set():
-                        stopped_by = "cancelled"
-                        break
-                    token = next_token(logits, generated, job.options, self.generator)
-                    if token in self.eos_ids:
-                        stopped_by = "eos"
-                        break
-                    generated.append(token)
-                    delta = stream.push(token)
-                    if stream.stop_hit:
-                        stopped_by = "stop_string"
-                        break
-                    if delta:
-                        job.chunks.put(ReplyChunk(delta, stream.shown, dropped_turns=job.dropped_turns))
-                    if step + 1 < job.options.max_new_tokens:
-                        logits = self._forward([token], [False], [], start=len(self._cache_keys), keys=[token])
+                with step_batcher(self.model).decoding() as decode_step:
+                    for step in range(job.options.max_new_tokens):
+                        if logits is None or job.cancel.is_set():
+                            stopped_by = "cancelled"
+                            break
+                        token = next_token(logits, generated, job.options, self.generator)
+                        if token in self.eos_ids:
+                            stopped_by = "eos"
+                            break
+                        generated.append(token)
+                        delta = stream.push(token)
+                        if stream.stop_hit:
+                            stopped_by = "stop_string"
+                            break
+                        if delta:
+                            job.chunks.put(ReplyChunk(delta, stream.shown, dropped_turns=job.dropped_turns))
+                        if step + 1 < job.options.max_new_tokens:
+                            logits = self._decode_step(decode_step, token)
         except BaseException as err:  # handed to the caller's iterator; the cache may be half-written
             self._reset_cache()
             with self._state:
@@ -429,19 +452,35 @@ class ChatSession:
             return
         delta = stream.finish()
         reply = Turn("assistant", text=stream.shown, token_ids=tuple(self._kept_ids(stream, stopped_by)))
+        read_as = self._whole_sentences_of(stream) if stopped_by == "cancelled" else None
         with self._state:
-            self._entries.append(_Entry(reply))
+            self._entries.append(_Entry(reply, read_as=read_as))
             self._job = None
         job.chunks.put(ReplyChunk(delta, stream.shown, True, stopped_by, job.dropped_turns))
         job.chunks.put(_DONE)
 
     def _kept_ids(self, stream: TextStream, stopped_by: StopReason) -> list[int]:
         """The ids the reply is kept as in the history: all generated ids, or, cut at a stop string,
-        the longest prefix of them that spells the text before it (plus the missing rest re-tokenised)."""
-        ids = stream.ids
+        the ids that spell the text before it."""
         if stopped_by != "stop_string":
-            return ids
-        target = stream.raw_before_stop().rstrip()
+            return stream.ids
+        return self._ids_spelling(stream, stream.raw_before_stop().rstrip())
+
+    def _whole_sentences_of(self, stream: TextStream) -> Turn | None:
+        """A stopped reply as the model reads it later: up to its last whole sentence (empty if none was
+        finished), as barge-in keeps a reply "as far as it was spoken"; None when it ends one already."""
+        shown = stream.shown
+        kept = whole_sentences(shown)
+        if kept == shown:
+            return None
+        raw = stream.raw_before_stop()
+        leading = len(raw) - len(raw.lstrip())  # the shown text is stripped; the ids spell the raw one
+        return Turn("assistant", text=kept, token_ids=tuple(self._ids_spelling(stream, raw[:leading + len(kept)])))
+
+    def _ids_spelling(self, stream: TextStream, target: str) -> list[int]:
+        """The longest prefix of the generated ids that spells a prefix of `target`, plus the rest of it
+        re-tokenised: a cache of the generated ids stays valid up to that prefix."""
+        ids = stream.ids
         keep = next(k for k in range(len(ids), -1, -1) if target.startswith(stream.decode(ids[:k])))
         rest = target[len(stream.decode(ids[:keep])):]
         return ids[:keep] + (self.tokenizer(rest, add_special_tokens=False).input_ids if rest else [])
@@ -483,6 +522,15 @@ class ChatSession:
         if self.cache_budget is not None:
             self.cache_budget.note_use(self)
         return out.logits[0, -1]
+
+    def _decode_step(self, decode_step, token: int) -> torch.Tensor:
+        """One generated token through the LLM, batched with the other sessions' steps waiting for the
+        model (`batcher.StepBatcher`); the next position's logits (V,)."""
+        logits = decode_step(self._cache, token, len(self._cache_keys))
+        self._cache_keys.append(token)
+        if self.cache_budget is not None:
+            self.cache_budget.note_use(self)
+        return logits
 
     def _crop_cache(self, length: int) -> None:
         if length == 0:
@@ -527,6 +575,12 @@ class CacheBudget:
                     break
                 if other is not session:
                     excess -= other.release_cache(wait=False)  # never waits on a session's lock: no deadlock
+
+
+def whole_sentences(text: str) -> str:
+    """`text` up to the end of its last complete sentence, "" if it finished none. A text that ends on
+    a sentence end counts it complete (a stopped reply's text is shown stripped of what followed)."""
+    return spoken_prefix(text, SentenceSplitter(WHOLE_SENTENCES).feed(text + " "))
 
 
 def _common_prefix(a: Sequence, b: Sequence) -> int:

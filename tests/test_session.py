@@ -25,6 +25,7 @@ from blsp_chat.session import (
     ChatSession,
     ContextOverflowError,
     TextStream,
+    whole_sentences,
 )
 from blsp_chat.weights import LoadedBlsp
 from tiny import blank_hearing_blsp, hears_only_long_clips, lively_blsp, tiny_blsp, tiny_tokenizer, tone
@@ -75,8 +76,9 @@ def scratch(model, tokenizer, turns, audios, max_new_tokens=12, repetition_penal
 
 
 def assert_same_as_scratch(session, chunks, audios, **kwargs):
-    """The session's last reply equals a from-scratch `model.generate` on the history before it."""
-    text, ids = scratch(session.model, session.tokenizer, session.turns[:-1], audios, **kwargs)
+    """The session's last reply equals a from-scratch `model.generate` on the history before it (as the
+    model reads it)."""
+    text, ids = scratch(session.model, session.tokenizer, session.context_turns[:-1], audios, **kwargs)
     last = session.turns[-1]
     assert last.text == text
     if chunks[-1].stopped_by != "stop_string":
@@ -152,32 +154,6 @@ def test_a_prefill_in_pieces_equals_one_in_a_piece(tok, monkeypatch):
             assert lengths[:pieces] == [min(piece, prompt_len - i * piece) for i in range(pieces)]
         conversations[piece] = session.turns
     assert conversations[7] == conversations[10_000]
-
-
-def test_replies_of_two_sessions_take_the_model_step_by_step_in_turn(tok):
-    """The model lock hands over in arrival order: while two replies run, neither takes two decode
-    steps in a row (a plain lock lets the thread that just released it take it straight back)."""
-    model = tiny_blsp()  # its untrained LLM repeats one token: no early end of text
-    order = []
-    original = model.llama_model.forward
-
-    def forward(*args, **kwargs):
-        order.append(id(kwargs["past_key_values"]))
-        time.sleep(0.01)  # a step long enough that the other thread is back at the lock, even on a busy CPU
-        return original(*args, **kwargs)
-
-    model.llama_model.forward = forward
-    sessions = [ChatSession(model, tok) for _ in range(2)]
-    for session, text in zip(sessions, ("hello there", "the lazy dog")):
-        session.submit_text(text)
-    streams = [session.stream_reply(GenerationOptions(max_new_tokens=40)) for session in sessions]
-    for stream in streams:
-        list(stream)
-    assert [len(s.turns[-1].token_ids) for s in sessions] == [40, 40]
-    both_running = order[: len(order) - next(i for i, c in enumerate(reversed(order)) if c != order[-1])]
-    assert len(set(both_running)) == 2 and len(both_running) > 60
-    repeats = sum(a == b for a, b in zip(both_running, both_running[1:]))
-    assert repeats <= 2, f"{repeats} steps in a row by one session while the other waited"
 
 
 def test_a_long_prefill_does_not_hold_up_another_sessions_reply(tok, monkeypatch):
@@ -462,6 +438,47 @@ def test_cancel_stops_promptly_and_keeps_the_partial_reply(tok):
     model.llama_model.forward = type(model.llama_model).forward.__get__(model.llama_model)
     session.submit_text("paris.")
     assert_same_as_scratch(session, reply(session), [])  # the cache is consistent with the partial reply
+
+
+@pytest.mark.parametrize("text, whole", [
+    ("Paris is big. It is o", "Paris is big."), ("Yes! Really?", "Yes! Really?"), ("It is big.\nNext li", "It is big."),
+    ("Dr. Smith came", ""), ("Pi is 3.14 and", ""), ("", ""), ("Go on, " * 60, ""),
+])
+def test_whole_sentences_cut_at_the_last_sentence_end(text, whole):
+    assert whole_sentences(text) == whole
+
+
+def stopped_then_next_prompt(tok, said, reuse_cache):
+    """A session whose first reply is stopped right after saying `said`; then a second turn. Returns the
+    session, the stopped reply's last chunk, the ids of the first forward of the second reply and its chunks."""
+    model = lively_blsp(seed=4)
+    session = ChatSession(model, tok, reuse_cache=reuse_cache)
+    session.submit_text("hello")
+    script = tok(said, add_special_tokens=False).input_ids
+    scripted(model, tok, said)
+    record_forward(model, before=lambda call: call == len(script) + 1 and session.cancel())  # the reply's own thread
+    last = reply(session, GenerationOptions(max_new_tokens=60))[-1]
+    model.llama_model.forward = type(model.llama_model).forward.__get__(model.llama_model)
+    read, embed = [], model.embed_inputs
+    model.embed_inputs = lambda ids, *args: read.append(ids[0].tolist()) or embed(ids, *args)
+    session.submit_text("and then?")
+    chunks = reply(session)
+    return session, last, read[0], chunks
+
+
+@pytest.mark.parametrize("said, kept", [("Hello there. How are yo", "Hello there."), ("Hello there, how", "")])
+def test_a_stopped_reply_is_shown_whole_but_read_only_up_to_its_last_sentence(tok, said, kept):
+    # reuse_cache=False: the second reply reads its whole prompt anew, in its first forward
+    session, last, prompt, chunks = stopped_then_next_prompt(tok, said, reuse_cache=False)
+    assert last.stopped_by == "cancelled" and last.text == said
+    assert session.turns[1].text == said  # the history shows what was said (regenerate, barge-in read it)
+    assert session.context_turns[1].text == kept
+    expected = render([Turn("human", text="hello"), Turn("assistant", text=kept), Turn("human", text="and then?")], tok)
+    assert prompt == expected.input_ids
+    assert said[len(kept):].strip() not in tok.decode(prompt)  # no cut-off fragment for the model to parrot
+    assert_same_as_scratch(session, chunks, [])
+    cached, *_ = stopped_then_next_prompt(tok, said, reuse_cache=True)  # a cropped cache reads the same
+    assert cached.turns == session.turns and cached.context_turns == session.context_turns
 
 
 def test_leaving_the_stream_early_cancels_the_reply(tok):
