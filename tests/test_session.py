@@ -213,7 +213,7 @@ def test_speech_is_encoded_once_per_turn(tok):
     model = lively_blsp()
     calls = []
     original = model.encode_speech
-    model.encode_speech = lambda audios: calls.append(len(audios)) or original(audios)
+    model.encode_speech = lambda audios, **guard: calls.append(len(audios)) or original(audios, **guard)
     session = ChatSession(model, tok)
     for seconds in (0.6, 1.1, 0.8):
         session.submit_audio(tone(seconds), instruction=REPEAT)
@@ -636,9 +636,9 @@ def test_a_different_clip_of_the_same_length_is_not_taken_from_the_cache(tok):
     model = lively_blsp(seed=6)
     original = model.encode_speech
 
-    def distinct(audios):  # the tiny random encoder hears tones alike; make each clip's vectors its own
+    def distinct(audios, **guard):  # the tiny random encoder hears tones alike; make each clip's vectors its own
         return [torch.randn(e.shape, generator=torch.Generator().manual_seed(int(abs(a).sum() * 1000)))
-                for a, e in zip(audios, original(audios))]
+                for a, e in zip(audios, original(audios, **guard))]
 
     model.encode_speech = distinct
     session = ChatSession(model, tok)
