@@ -32,7 +32,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="USER:PASS required to open the page (or $BLSP_CHAT_AUTH)")
     parser.add_argument("--max-audio-seconds", type=float, default=120.0)
     parser.add_argument("--concurrency", type=positive_int, default=None,
-                        help="replies generated at once on the shared model, step by step in turn (default: 4)")
+                        help="replies generated at once on the shared model, step by step in turn (default: 16)")
     add_context_option(parser)
     parser.add_argument("--max-cached-tokens", type=positive_int, default=DEFAULT_MAX_CACHED_TOKENS,
                         help="KV-cache positions all browser sessions may hold together; past it the least recently "

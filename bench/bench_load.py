@@ -159,7 +159,7 @@ def main() -> int:
     parser.add_argument("--turns", type=int, default=5)
     parser.add_argument("--max-new-tokens", type=int, default=16)
     parser.add_argument("--churn", type=int, default=100, help="sessions opened, used once and closed (0: skip)")
-    parser.add_argument("--concurrency", type=int, default=4, help="app.py --concurrency")
+    parser.add_argument("--concurrency", type=int, default=16, help="app.py --concurrency (its default: 16)")
     parser.add_argument("--max-cached-tokens", type=int, default=None, help="app.py --max-cached-tokens")
     parser.add_argument("--device", default=None)
     args = parser.parse_args()

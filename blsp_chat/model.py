@@ -5,8 +5,9 @@ Speech enters the LLM only at placeholder positions (`speech_mask`), filled in o
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, Sequence
+from typing import Any, Callable, ClassVar, ContextManager, Sequence
 
 import numpy as np
 import torch
@@ -222,15 +223,22 @@ class BlspModel(nn.Module):
             row += len(clip)
         return out
 
-    def encode_speech(self, audios: Sequence[np.ndarray]) -> list[torch.Tensor]:
-        """16 kHz mono clips of any length -> one (L_i, d_llm) tensor per clip, as the LLM reads them."""
-        return [self.read_out(e) for e in self.adapt_windows(self.encode_windows(audios))]
+    def encode_speech(self, audios: Sequence[np.ndarray],
+                      guard: Callable[[], ContextManager] = contextlib.nullcontext) -> list[torch.Tensor]:
+        """16 kHz mono clips of any length -> one (L_i, d_llm) tensor per clip, as the LLM reads them.
+        guard: a context manager factory entered around each forward pass, the encoder and adapter's
+        as one and each of the LM-fused readout's LLM forwards, so a caller sharing the model can hold
+        its lock per forward rather than for the whole clips (by default nothing is entered)."""
+        with guard():
+            adapted = self.adapt_windows(self.encode_windows(audios))
+        return [self.read_out(e, guard) for e in adapted]
 
-    def read_out(self, speech: torch.Tensor) -> torch.Tensor:
+    def read_out(self, speech: torch.Tensor,
+                 guard: Callable[[], ContextManager] = contextlib.nullcontext) -> torch.Tensor:
         """One clip's adapter outputs (L, d_llm) -> the vectors the LLM reads (`readout.read_out`; the
-        LM-fused readout runs the LLM here, as a KV-cached scorer)."""
+        LM-fused readout runs the LLM here, as a KV-cached scorer whose every forward is inside `guard()`)."""
         table = self.llama_model.get_input_embeddings().weight
-        return readout.read_out(speech, table, self.config, lambda: KvCachedPrefixScorer(self.llama_model))
+        return readout.read_out(speech, table, self.config, lambda: KvCachedPrefixScorer(self.llama_model, guard=guard))
 
     # --- language model ----------------------------------------------------------------------------
     def embed_inputs(self, input_ids: torch.Tensor, speech_mask: torch.Tensor | None,

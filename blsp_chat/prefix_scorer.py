@@ -14,11 +14,16 @@ A prefix with no read ancestor is read from the start token (BOS, or EOS for LLM
 
 Only the prefixes of the latest call (the beams alive) and what was read ahead of them keep their caches,
 so memory stays at a few caches per beam however long the clip. One scorer serves one decode.
+
+Each forward runs inside `guard()` (a context manager factory; by default nothing): a caller sharing the
+LLM with others passes its lock there, so that a long clip takes the LLM one forward at a time, and the
+search's own bookkeeping between forwards leaves it free.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, ContextManager, Sequence
 
 import torch
 from transformers import DynamicCache, PretrainedConfig, PreTrainedModel
@@ -58,7 +63,8 @@ class KvCachedPrefixScorer:
     """An `LmScorer` (ctc_decode) over a causal LM: prefixes -> (V,) next-piece log-probabilities each,
     equal to reading every prefix from the start token, at the cost of reading only its new pieces."""
 
-    def __init__(self, llm: PreTrainedModel, read_ahead: int = READ_AHEAD_PIECES):
+    def __init__(self, llm: PreTrainedModel, read_ahead: int = READ_AHEAD_PIECES,
+                 guard: Callable[[], ContextManager] = contextlib.nullcontext):
         if any(DynamicCache(config=llm.config).is_sliding):
             raise ValueError("the KV-cached prefix scorer needs full attention in every layer; this LLM has "
                              "sliding-window layers")
@@ -67,6 +73,7 @@ class KvCachedPrefixScorer:
         self.llm = llm
         self.start_id = scoring_start_id(llm.config)
         self.read_ahead = read_ahead
+        self.guard = guard  # entered around each forward of the LLM
         self.forwards = 0  # how many times the LLM ran: what a decode cost
         self._expected: tuple[int, ...] = ()
         self._read: dict[Prefix, _Read] = {}
@@ -109,9 +116,10 @@ class KvCachedPrefixScorer:
             mask[row, width - length: width + len(tail)] = 1  # left padding before the cache, right after the tail
             ids[row, :len(tail)] = torch.tensor(tail)
         positions = torch.tensor(lengths)[:, None] + torch.arange(added)
-        out = self.llm(input_ids=ids.to(self.device), position_ids=positions.to(self.device),
-                       attention_mask=mask.to(self.device), past_key_values=self._padded_cache(reads, lengths, width),
-                       use_cache=True)
+        cache = self._padded_cache(reads, lengths, width)
+        with self.guard():
+            out = self.llm(input_ids=ids.to(self.device), position_ids=positions.to(self.device),
+                           attention_mask=mask.to(self.device), past_key_values=cache, use_cache=True)
         self.forwards += 1
         log_probs = out.logits.float().log_softmax(-1).cpu()
         layers = out.past_key_values.layers

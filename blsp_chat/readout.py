@@ -5,8 +5,9 @@
   embeddings, and each word piece heard becomes one vector in the span of those embeddings (`ctc_readout`).
 - "ctc" with an LM weight: the word pieces are found by prefix beam search (`ctc_decode.py`) with the LLM as
   its language model, passed in as a scorer (`prefix_scorer.KvCachedPrefixScorer`), and read as their
-  embeddings (`lm_fused_readout`). That runs the LLM, so it runs wherever `BlspModel.encode_speech` does,
-  under the model lock of the caller.
+  embeddings (`lm_fused_readout`). That runs the LLM, once per forward of the scorer, each inside the
+  guard the caller of `BlspModel.encode_speech` passes (a chat session's: the model lock, so that other
+  sessions' steps run between the forwards of a long clip).
 Everything here is pure tensor code over what it is handed: the embedding table, the config, the scorer.
 """
 from __future__ import annotations

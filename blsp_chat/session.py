@@ -23,6 +23,7 @@ all sessions decoding at that moment as one batched forward pass.
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import queue
 import threading
@@ -250,8 +251,8 @@ class ChatSession:
         """A spoken turn: 16 kHz mono float audio, encoded here once and kept for later replies."""
         audio = validate_audio(audio, max_seconds=None)
         self._check_can_submit()
-        with torch.inference_mode(), model_lock(self.model):
-            (speech,) = self.model.encode_speech([audio])
+        with torch.inference_mode():  # the lock per forward pass: others' steps go between the readout's
+            (speech,) = self.model.encode_speech([audio], guard=functools.partial(model_lock, self.model))
         check_heard([speech])  # refused before it joins the history: the conversation stays as it was
         turn = Turn("human", instruction=instruction, text=text, speech_tokens=speech.shape[0])
         return self._append(_Entry(turn, speech, next(_uids)))

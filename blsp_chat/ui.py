@@ -50,9 +50,11 @@ if TYPE_CHECKING:
 
 EXAMPLES_DIR = Path(__file__).resolve().parent.parent / "assets" / "examples"
 TITLE = "BLSP chat: talk to a language model"
-# Replies generated at once. Their steps take turns at the model (lock.FairLock), so a short question
-# starts answering after one step of each running reply instead of after the whole of the longest.
-DEFAULT_CONCURRENCY = 4
+# Replies generated at once. Their decode steps share one batched forward (batcher.StepBatcher) and
+# their prefills take turns at the model (lock.FairLock), so a short question starts answering after one
+# step of each running reply instead of after the whole of the longest. Fewer would leave the other
+# sessions' turns in Gradio's queue (bench_load: at 4, 12 of 16 sessions waited there).
+DEFAULT_CONCURRENCY = 16
 # The live microphone's chunks. Gradio keeps only the latest chunk that arrives while the handler is busy,
 # so each chunk's overhead (an upload, a queue round) must stay below this, or audio is lost; barge-in hears
 # speech at most this late.

@@ -1,4 +1,5 @@
 """CTC prefix beam search, with and without a language model fused in, and the KV-cached LLM scorer."""
+import contextlib
 import functools
 import math
 import random
@@ -11,7 +12,7 @@ from blsp_chat.audio import load_audio
 from blsp_chat.ctc_decode import cached_lm, collapse_ctc, prefix_beam_search
 from blsp_chat.prefix_scorer import KvCachedPrefixScorer
 from blsp_chat.readout import CTC_BEAM_LABELS, ctc_label_candidates, embedding_distance_logits, next_piece_log_probs
-from tiny import VOCAB, blank_hearing_blsp, tiny_blsp, tone
+from tiny import VOCAB, blank_hearing_blsp, lively_lm_blsp, tiny_blsp, tone
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "assets" / "examples"
 
@@ -181,20 +182,6 @@ def test_the_llm_scores_prefixes_as_plain_text_whatever_their_padding():
     assert read_from_start(model)([(7,)]).shape == alone.shape
 
 
-def lively_lm_blsp(llm_kind: str = "llama", bos: bool = True, std: float = 0.3):
-    """tiny_blsp whose LLM has larger weights, so that its next-piece distribution depends on the whole
-    prefix (the default init is nearly uniform): a wrong cache, position or mask shows."""
-    model = tiny_blsp("none", llm_kind=llm_kind, speech_readout="ctc", ctc_blank_id=5, ctc_lm_weight=1.0)
-    gen = torch.Generator().manual_seed(7)
-    with torch.no_grad():
-        for param in model.llama_model.parameters():
-            if param.dim() > 1:
-                param.copy_(torch.randn(param.shape, generator=gen) * std)
-    if not bos:
-        model.llama_model.config.bos_token_id = None
-    return model
-
-
 def beam_like_requests(steps: int, beam_size: int = 4, seed: int = 0):
     """What a beam search asks: the live beams at each step, some of them last step's plus one piece."""
     rng = random.Random(seed)
@@ -281,9 +268,58 @@ def test_the_fused_readout_with_the_kv_cache_finds_the_pieces_that_full_rereadin
         torch.testing.assert_close(speech, table[cached or [5]])
 
 
+class RecordingGuard:
+    """A guard (a context manager factory) that counts how often it is entered and knows whether it is held."""
+
+    def __init__(self):
+        self.entered = 0
+        self.held = False
+
+    @contextlib.contextmanager
+    def __call__(self):
+        assert not self.held, "the guard was entered while held: a forward inside another"
+        self.entered += 1
+        self.held = True
+        try:
+            yield
+        finally:
+            self.held = False
+
+
+def record_held(model, guard, attribute):
+    """Wrap `model.<attribute>` (a module or method): returns, per call, whether `guard` was held around it."""
+    held, original = [], getattr(model, attribute)
+
+    def wrapped(*args, **kwargs):
+        held.append(guard.held)
+        return original(*args, **kwargs)
+
+    setattr(model, attribute, wrapped)
+    return held
+
+
+def test_the_guard_is_held_around_each_forward_of_the_readout_and_it_reads_the_same():
+    """A chat session passes the model lock as the guard: each forward holds it alone (others' steps run
+    between them), and what the clip is heard as does not change."""
+    model = lively_lm_blsp()
+    for seed in range(3):
+        clip = tone(3.0, freq=180.0 + 60 * seed, seed=seed)
+        (plain,) = model.encode_speech([clip])
+        guard = RecordingGuard()
+        llm_held = record_held(model.llama_model, guard, "forward")
+        encoder_held = record_held(model, guard, "encode_frames")
+        (guarded,) = model.encode_speech([clip], guard=guard)
+        assert torch.equal(guarded, plain)
+        assert encoder_held == [True] and len(llm_held) >= 2 and all(llm_held)
+        assert guard.entered == 1 + len(llm_held)  # once for the encoder and adapter, then once per LLM forward
+        assert not guard.held
+        del model.llama_model.forward, model.encode_frames  # unwrapped for the next clip's plain reading
+
+
 @pytest.mark.integration
 def test_the_default_model_reads_the_example_clips_as_full_rereading_does(default_blsp):
-    """The shipped default's replies do not change: the KV-cached readout picks the same word pieces."""
+    """The shipped default's replies do not change: the KV-cached readout picks the same word pieces, with
+    or without a guard around its forwards."""
 
     model = default_blsp.model
     config = model.config
@@ -302,3 +338,6 @@ def test_the_default_model_reads_the_example_clips_as_full_rereading_does(defaul
         assert cached == reference, clip.name
         (speech,) = model.encode_speech([audio])  # with the shipped label floor, which the reference lacks
         assert torch.equal(speech, table[reference].to(speech.dtype)), clip.name
+        guard = RecordingGuard()  # as a chat session reads it: the lock taken per forward, not per clip
+        (guarded,) = model.encode_speech([audio], guard=guard)
+        assert torch.equal(guarded, speech) and guard.entered > 2, clip.name

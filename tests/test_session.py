@@ -28,7 +28,15 @@ from blsp_chat.session import (
     whole_sentences,
 )
 from blsp_chat.weights import LoadedBlsp
-from tiny import blank_hearing_blsp, hears_only_long_clips, lively_blsp, tiny_blsp, tiny_tokenizer, tone
+from tiny import (
+    blank_hearing_blsp,
+    hears_only_long_clips,
+    lively_blsp,
+    lively_lm_blsp,
+    tiny_blsp,
+    tiny_tokenizer,
+    tone,
+)
 
 REPEAT = "Please repeat the following words."
 
@@ -186,6 +194,39 @@ def test_a_long_prefill_does_not_hold_up_another_sessions_reply(tok, monkeypatch
     assert all(steps >= 1 for steps in short_steps_between), short_steps_between
 
 
+def test_another_sessions_typed_reply_runs_between_the_forwards_of_a_spoken_turns_readout(tok):
+    """The LM-fused readout runs the LLM once per word piece or two heard: each forward takes the model
+    lock alone, so a typed reply that asks for the lock during a readout runs before the readout's next
+    forward instead of after the whole clip."""
+    model = lively_lm_blsp()
+    lock, order, replies, threads = model_lock(model), [], [], []
+    typed, spoken = ChatSession(model, tok), ChatSession(model, tok)
+    typed.submit_text("hello there")
+    original = model.llama_model.forward
+
+    def typed_reply():
+        replies.append(list(typed.stream_reply(GenerationOptions(max_new_tokens=3))))
+
+    def forward(*args, **kwargs):
+        readout = "input_ids" in kwargs  # the readout's scorer reads word pieces; a session reads embeddings
+        if readout and not order:  # the readout's first forward: the typed reply starts and queues for the lock
+            threads.append(threading.Thread(target=typed_reply))
+            threads[0].start()
+            while not lock._waiters:
+                time.sleep(0.001)
+        order.append("readout" if readout else "typed")
+        return original(*args, **kwargs)
+
+    model.llama_model.forward = forward
+    spoken.submit_audio(tone(3.0, 180.0))
+    threads[0].join(60)
+    assert replies, "the typed reply did not finish"
+    assert order.count("readout") >= 2 and order.count("typed") >= 1
+    first_typed = order.index("typed")
+    assert order[:first_typed] == ["readout"]  # it went next, before the readout's second forward
+    assert "readout" in order[first_typed:]
+
+
 def test_fair_lock_hands_over_in_arrival_order():
     lock, order, started = FairLock(), [], []
     lock.acquire()
@@ -213,7 +254,7 @@ def test_speech_is_encoded_once_per_turn(tok):
     model = lively_blsp()
     calls = []
     original = model.encode_speech
-    model.encode_speech = lambda audios: calls.append(len(audios)) or original(audios)
+    model.encode_speech = lambda audios, **guard: calls.append(len(audios)) or original(audios, **guard)
     session = ChatSession(model, tok)
     for seconds in (0.6, 1.1, 0.8):
         session.submit_audio(tone(seconds), instruction=REPEAT)
@@ -636,9 +677,9 @@ def test_a_different_clip_of_the_same_length_is_not_taken_from_the_cache(tok):
     model = lively_blsp(seed=6)
     original = model.encode_speech
 
-    def distinct(audios):  # the tiny random encoder hears tones alike; make each clip's vectors its own
+    def distinct(audios, **guard):  # the tiny random encoder hears tones alike; make each clip's vectors its own
         return [torch.randn(e.shape, generator=torch.Generator().manual_seed(int(abs(a).sum() * 1000)))
-                for a, e in zip(audios, original(audios))]
+                for a, e in zip(audios, original(audios, **guard))]
 
     model.encode_speech = distinct
     session = ChatSession(model, tok)

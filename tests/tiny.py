@@ -1,6 +1,8 @@
 """Tiny random Whisper/LLM pairs built in memory: fast, no downloads."""
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, WhisperConfig
@@ -82,14 +84,29 @@ def lively_blsp(seed: int = 0, std: float = 0.3):
     return model
 
 
+def lively_lm_blsp(llm_kind: str = "llama", bos: bool = True, std: float = 0.3) -> BlspModel:
+    """A tiny "ctc"-readout model with the LLM fused into its readout (blank id 5), the LLM's weights
+    larger, so that its next-piece distribution depends on the whole prefix (the default init is nearly
+    uniform): a wrong cache, position or mask shows."""
+    model = tiny_blsp("none", llm_kind=llm_kind, speech_readout="ctc", ctc_blank_id=5, ctc_lm_weight=1.0)
+    gen = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for param in model.llama_model.parameters():
+            if param.dim() > 1:
+                param.copy_(torch.randn(param.shape, generator=gen) * std)
+    if not bos:
+        model.llama_model.config.bos_token_id = None
+    return model
+
+
 def hears_only_long_clips(model: BlspModel, min_seconds: float = 1.0) -> BlspModel:
     """`model` with a readout that hears no words in clips shorter than `min_seconds` (a CTC readout
     that finds only blanks in them), as the default one does on some short real words."""
     read_out = model.read_out
     min_outputs = model.speech_token_count(int(min_seconds * SAMPLE_RATE))
 
-    def selective(speech):
-        heard = read_out(speech)
+    def selective(speech, guard=contextlib.nullcontext):
+        heard = read_out(speech, guard)
         return heard if speech.shape[0] >= min_outputs else heard[:0]
 
     model.read_out = selective
