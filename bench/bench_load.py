@@ -112,8 +112,9 @@ def session(url, offset: int, n_turns: int, max_new_tokens: int, ttfts: list, er
         errors.append(repr(err))
         return
     for i in range(n_turns):
+        turn = kinds[(offset + i) % len(kinds)]
         try:
-            ttfts.append(one_turn(chat, kinds[(offset + i) % len(kinds)], max_new_tokens)[0])
+            ttfts.append(("spoken" if "audio" in turn else "typed", one_turn(chat, turn, max_new_tokens)[0]))
         except Exception as err:  # noqa: BLE001
             errors.append(repr(err))
     chat.close()
@@ -124,7 +125,19 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-def run_sessions(url, n_sessions: int, n_turns: int, max_new_tokens: int) -> tuple[list[float], list[str], float]:
+def by_kind(ttfts: list[tuple[str, float]]) -> str:
+    """Each turn kind's TTFT percentiles: a spoken turn's readout and a typed turn's prefill wait differently."""
+    parts = []
+    for kind in ("typed", "spoken"):
+        values = [seconds for k, seconds in ttfts if k == kind]
+        if values:
+            parts.append(f"{kind} p50 {statistics.median(values):.2f} s p95 {percentile(values, P95):.2f} s "
+                         f"(n={len(values)})")
+    return ";  ".join(parts)
+
+
+def run_sessions(url, n_sessions: int, n_turns: int, max_new_tokens: int
+                 ) -> tuple[list[tuple[str, float]], list[str], float]:
     ttfts, errors = [], []
     threads = [threading.Thread(target=session, args=(url, i, n_turns, max_new_tokens, ttfts, errors))
                for i in range(n_sessions)]
@@ -167,18 +180,21 @@ def main() -> int:
     server, url = start_server(args)
     try:
         one_turn(client(url), {"text": TYPED[0]}, args.max_new_tokens)  # warm-up
-        alone, alone_errors, _ = run_sessions(url, 1, args.turns, args.max_new_tokens)
-        many, errors, wall = run_sessions(url, args.sessions, args.turns, args.max_new_tokens)
+        alone_turns, alone_errors, _ = run_sessions(url, 1, args.turns, args.max_new_tokens)
+        many_turns, errors, wall = run_sessions(url, args.sessions, args.turns, args.max_new_tokens)
+        alone, many = [t for _, t in alone_turns], [t for _, t in many_turns]
         rss_after_load = rss_mb(server.pid)
         base50, base95 = statistics.median(alone), percentile(alone, P95)
         print(f"server: app.py --concurrency {args.concurrency}, {os.cpu_count()} CPUs; "
               f"{args.turns} turns of up to {args.max_new_tokens} tokens per session, typed and spoken")
         print(f"1 session alone:   TTFT p50 {base50:.2f} s  p95 {base95:.2f} s  errors {len(alone_errors)}")
+        print(f"    by kind: {by_kind(alone_turns)}")
         if many:
             p50, p95 = statistics.median(many), percentile(many, P95)
             print(f"{args.sessions} sessions at once: TTFT p50 {p50:.2f} s ({p50 / base50:.1f}x)  p95 {p95:.2f} s "
                   f"({p95 / base95:.1f}x alone)  errors {len(errors)} of {args.sessions * args.turns}  "
                   f"wall {wall:.0f} s  server RSS {rss_after_load:.0f} MB")
+            print(f"    by kind: {by_kind(many_turns)}")
         for err in (alone_errors + errors)[:5]:
             print("  error:", err)
         if args.churn:
