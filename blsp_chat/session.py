@@ -40,7 +40,7 @@ from .batcher import step_batcher
 from .config import GenerationOptions
 from .constants import STOP_STRINGS
 from .generate import check_heard, next_token
-from .lock import model_lock
+from .lock import model_lock, urgent_model_lock
 from .prompt import RenderedPrompt, Turn, cut_at_stop, eos_token_ids, render, template_for
 from .voice.sentences import SentenceSplitter, SplitterOptions
 from .voice.speaker import spoken_prefix
@@ -252,7 +252,7 @@ class ChatSession:
         audio = validate_audio(audio, max_seconds=None)
         self._check_can_submit()
         with torch.inference_mode():  # the lock per forward pass: others' steps go between the readout's
-            (speech,) = self.model.encode_speech([audio], guard=functools.partial(model_lock, self.model))
+            (speech,) = self.model.encode_speech([audio], guard=functools.partial(urgent_model_lock, self.model))
         check_heard([speech])  # refused before it joins the history: the conversation stays as it was
         turn = Turn("human", instruction=instruction, text=text, speech_tokens=speech.shape[0])
         return self._append(_Entry(turn, speech, next(_uids)))

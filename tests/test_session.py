@@ -250,6 +250,34 @@ def test_fair_lock_hands_over_in_arrival_order():
         lock.release()
 
 
+def test_fair_lock_hands_urgent_work_over_first_but_lets_the_others_through_every_few_turns():
+    """A readout's forward waits behind other readouts, not behind a whole round of decode steps; the
+    decode steps still get one hand-over in every urgent_streak + 1 while urgent work waits."""
+    lock, order = FairLock(urgent_streak=2), []
+    lock.acquire()
+
+    def waiter(name, urgent):
+        lock.acquire(urgent=urgent)
+        order.append(name)
+        lock.release()
+
+    threads = []
+    for name, urgent in [("d1", False), ("d2", False), ("u1", True), ("u2", True), ("u3", True), ("u4", True)]:
+        threads.append(threading.Thread(target=waiter, args=(name, urgent)))
+        threads[-1].start()
+        while len(lock._waiters) + len(lock._urgent_waiters) < len(threads):
+            time.sleep(0.001)
+    lock.release()
+    for thread in threads:
+        thread.join(10)
+    assert order == ["u1", "u2", "d1", "u3", "u4", "d2"] and not lock.locked()
+    with lock.urgent():  # free: taken at once, as a plain acquire would be
+        assert lock.locked()
+    assert not lock.locked()
+    with pytest.raises(ValueError, match="urgent_streak"):
+        FairLock(urgent_streak=0)
+
+
 def test_speech_is_encoded_once_per_turn(tok):
     model = lively_blsp()
     calls = []
