@@ -10,7 +10,11 @@ outputs to add (`expect`), and it keeps the keys, values and next-piece distribu
 the way. When the beams take those pieces, their rows are already there. All prefixes of one call are read
 in one batched forward: each ancestor's cache left-padded to the longest, each new stretch right-padded,
 padding masked out and positions counting real tokens only, so every row is computed as if it were alone.
-A prefix with no read ancestor is read from the start token (BOS, or EOS for LLMs without one).
+
+Every prefix is read after the start token (BOS, or EOS for LLMs without one). The start token's own read is
+the same for every clip, so it is kept per LLM across decodes (while the LLM's weights stay as they were):
+a clip's first forward is then a beam's first pieces, not the start token; a single word costs one
+forward instead of two, and a sentence one fewer.
 
 Only the prefixes of the latest call (the beams alive) and what was read ahead of them keep their caches,
 so memory stays at a few caches per beam however long the clip. One scorer serves one decode.
@@ -22,6 +26,7 @@ search's own bookkeeping between forwards leaves it free.
 from __future__ import annotations
 
 import contextlib
+import weakref
 from dataclasses import dataclass
 from typing import Callable, ContextManager, Sequence
 
@@ -90,9 +95,27 @@ class KvCachedPrefixScorer:
         """The pieces the next outputs most likely add: read after each prefix the next call must read."""
         self._expected = tuple(pieces)
 
+    def _start_read(self) -> _Read:
+        """The start token read alone: kept per LLM, and read again when its weights changed (in place, as
+        an optimiser step changes them, or for new tensors)."""
+        fingerprint = tuple((p.data_ptr(), p._version) for p in self.llm.parameters())
+        known = _START_READS.get(self.llm)
+        if known is not None and known[0] == fingerprint:
+            return known[1]
+        with self.guard():
+            out = self.llm(input_ids=torch.tensor([[self.start_id]], device=self.device), use_cache=True)
+        self.forwards += 1
+        layers = out.past_key_values.layers
+        read = _Read(keys=tuple(layer.keys[0] for layer in layers), values=tuple(layer.values[0] for layer in layers),
+                     log_probs=out.logits[0, -1].float().log_softmax(-1).cpu())
+        _START_READS[self.llm] = (fingerprint, read)
+        return read
+
     @torch.no_grad()
     def __call__(self, prefixes: Sequence[Prefix]) -> list[torch.Tensor]:
         prefixes = [tuple(p) for p in prefixes]
+        if () in prefixes:
+            self._nearest_read(())  # the start token's read, kept across decodes: nothing to run
         missing = [p for p in dict.fromkeys(prefixes) if p not in self._read]
         if missing:
             self._read_ahead_of(missing)
@@ -105,10 +128,9 @@ class KvCachedPrefixScorer:
     def _read_ahead_of(self, missing: list[Prefix]) -> None:
         """One forward: each missing prefix and the expected pieces after it, over its nearest read ancestor."""
         targets, ancestors = self._chains(missing)
-        # A prefix with no read ancestor starts with the start token itself.
-        tails = [t[len(a):] if a is not None else (self.start_id, *t) for t, a in zip(targets, ancestors)]
-        reads = [self._read[a] if a is not None else None for a in ancestors]
-        lengths = [r.length if r is not None else 0 for r in reads]
+        tails = [t[len(a):] for t, a in zip(targets, ancestors)]
+        reads = [self._read[a] for a in ancestors]
+        lengths = [r.length for r in reads]
         width, added = max(lengths), max(map(len, tails))
         mask = torch.zeros(len(targets), width + added, dtype=torch.long)
         ids = torch.full((len(targets), added), self.start_id, dtype=torch.long)
@@ -132,12 +154,12 @@ class KvCachedPrefixScorer:
                                                values=tuple(layer.values[row, :, kept] for layer in layers),
                                                log_probs=log_probs[row, step])
 
-    def _chains(self, missing: list[Prefix]) -> tuple[list[Prefix], list[Prefix | None]]:
+    def _chains(self, missing: list[Prefix]) -> tuple[list[Prefix], list[Prefix]]:
         """What to read: each missing prefix and its expected pieces, and the read ancestor to read it from;
         a chain that another covers (read from an ancestor no longer than its own) is read with that one."""
         chains = {p + self._expected_after(p): self._nearest_read(p) for p in missing}
         targets = [t for t, a in chains.items()
-                   if not any(o != t and o[:len(t)] == t and _depth(b) <= _depth(a) for o, b in chains.items())]
+                   if not any(o != t and o[:len(t)] == t and len(b) <= len(a) for o, b in chains.items())]
         return targets, [chains[t] for t in targets]
 
     def _expected_after(self, prefix: Prefix) -> Prefix:
@@ -147,28 +169,27 @@ class KvCachedPrefixScorer:
             expected = expected[1:]
         return expected[:self.read_ahead]
 
-    def _nearest_read(self, prefix: Prefix) -> Prefix | None:
-        for end in range(len(prefix), -1, -1):
+    def _nearest_read(self, prefix: Prefix) -> Prefix:
+        """The longest read prefix of `prefix`: at least the empty one, the start token's read."""
+        for end in range(len(prefix), 0, -1):
             if prefix[:end] in self._read:
                 return prefix[:end]
-        return None
+        if () not in self._read:
+            self._read[()] = self._start_read()
+        return ()
 
-    def _padded_cache(self, reads: list[_Read | None], lengths: list[int], width: int) -> DynamicCache:
-        """The ancestors' caches as one batch, each left-padded with zeros to `width` (empty if none)."""
-        known = next((r for r in reads if r is not None), None)
-        if known is None:
-            return DynamicCache(config=self.llm.config)
+    def _padded_cache(self, reads: list[_Read], lengths: list[int], width: int) -> DynamicCache:
+        """The ancestors' caches as one batch, each left-padded with zeros to `width`."""
         layers = []
-        for layer in range(len(known.keys)):
-            keys = [r.keys[layer] if r is not None else known.keys[layer][:, :0] for r in reads]
-            values = [r.values[layer] if r is not None else known.values[layer][:, :0] for r in reads]
-            pads = [width - length for length in lengths]
-            layers.append((_left_padded(keys, pads), _left_padded(values, pads)))
+        pads = [width - length for length in lengths]
+        for layer in range(len(reads[0].keys)):
+            layers.append((_left_padded([r.keys[layer] for r in reads], pads),
+                           _left_padded([r.values[layer] for r in reads], pads)))
         return DynamicCache(ddp_cache_data=layers, config=self.llm.config)
 
 
-def _depth(ancestor: Prefix | None) -> int:
-    return len(ancestor) if ancestor is not None else -1
+# Per LLM: (its weights' fingerprint, the start token's read), shared by the decodes on it.
+_START_READS: "weakref.WeakKeyDictionary[PreTrainedModel, tuple[tuple, _Read]]" = weakref.WeakKeyDictionary()
 
 
 def _left_padded(states: list[torch.Tensor], pads: list[int]) -> torch.Tensor:

@@ -224,23 +224,43 @@ def test_the_kv_cached_scorer_reads_any_prefix_whatever_it_has_cached():
 def test_the_kv_cached_scorer_reads_the_expected_pieces_ahead_in_the_same_forward():
     model = lively_lm_blsp()
     scorer = KvCachedPrefixScorer(model.llama_model, read_ahead=3)
+    scorer([()])  # the start token's read
     scorer.expect([12, 40, 40, 7, 99])
     scorer([(5,)])
-    assert scorer.forwards == 1
+    assert scorer.forwards == 2
     ahead = [(5,), (5, 12), (5, 12, 40), (5, 12, 40, 40)]
     assert set(scorer.cached_prefixes) == set(ahead)
     rows = scorer(ahead)  # the beams took the expected pieces: no forward more, and the rows are exact
-    assert scorer.forwards == 1
+    assert scorer.forwards == 2
     torch.testing.assert_close(torch.stack(rows), read_from_start(model)(ahead), atol=1e-4, rtol=1e-4)
     scorer.expect([8, 7])  # a beam that ends with the first expected piece holds it: read on from the next
     scorer([(5, 12, 40, 40, 8)])
-    assert (5, 12, 40, 40, 8, 7) in scorer.cached_prefixes and scorer.forwards == 2
+    assert (5, 12, 40, 40, 8, 7) in scorer.cached_prefixes and scorer.forwards == 3
     scorer([(5, 12, 40, 40, 8, 7)])  # only this one is alive now: its shorter prefixes are dropped
     scorer.expect([7, 3])
     shorter = [(5, 12, 40, 40, 8)]  # read again, though the expected pieces after it are cached
     torch.testing.assert_close(torch.stack(scorer(shorter)), read_from_start(model)(shorter), atol=1e-4, rtol=1e-4)
     with pytest.raises(ValueError, match="read_ahead"):
         KvCachedPrefixScorer(model.llama_model, read_ahead=-1)
+
+
+def test_the_start_tokens_read_is_kept_across_decodes_until_the_llms_weights_change():
+    model = lively_lm_blsp()
+    llm = model.llama_model
+    first = KvCachedPrefixScorer(llm)
+    first([(), (7,)])
+    assert first.forwards == 2  # the start token, then the piece after it
+    second = KvCachedPrefixScorer(llm)  # the next clip's decode: its start is known
+    torch.testing.assert_close(torch.stack(second([()])), read_from_start(model)([()]), atol=1e-4, rtol=1e-4)
+    assert second.forwards == 0
+    asked = [(7,), (3, 9)]
+    torch.testing.assert_close(torch.stack(second(asked)), read_from_start(model)(asked), atol=1e-4, rtol=1e-4)
+    assert second.forwards == 1  # one piece each after the kept start, in one forward
+    with torch.no_grad():  # an optimiser step changes the weights in place
+        llm.get_input_embeddings().weight.mul_(1.5)
+    third = KvCachedPrefixScorer(llm)
+    torch.testing.assert_close(torch.stack(third(asked)), read_from_start(model)(asked), atol=1e-4, rtol=1e-4)
+    assert third.forwards == 2  # the start token read again with the new weights
 
 
 def test_an_llm_with_sliding_window_layers_is_refused_by_the_kv_cached_scorer():
