@@ -22,12 +22,20 @@ so memory stays at a few caches per beam however long the clip. One scorer serve
 Each forward runs inside `guard()` (a context manager factory; by default nothing): a caller sharing the
 LLM with others passes its lock there, so that a long clip takes the LLM one forward at a time, and the
 search's own bookkeeping between forwards leaves it free.
+
+Decodes on one LLM at the same time (several people's spoken turns) share their forwards (`_SharedReads`):
+a scorer hands its rows in and the first one waiting for the guard reads the rows of every scorer that has
+handed some in by the time it holds it, in one forward. A forward costs about the same for their rows
+together as for one scorer's, and each clip's readout then takes one forward per round of the model lock
+instead of waiting for the other readouts' forwards one by one (5-6 spoken turns at once were measured
+waiting 70% of their readout for each other).
 """
 from __future__ import annotations
 
 import contextlib
+import threading
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, ContextManager, Sequence
 
 import torch
@@ -129,30 +137,17 @@ class KvCachedPrefixScorer:
         """One forward: each missing prefix and the expected pieces after it, over its nearest read ancestor."""
         targets, ancestors = self._chains(missing)
         tails = [t[len(a):] for t, a in zip(targets, ancestors)]
-        reads = [self._read[a] for a in ancestors]
-        lengths = [r.length for r in reads]
-        width, added = max(lengths), max(map(len, tails))
-        mask = torch.zeros(len(targets), width + added, dtype=torch.long)
-        ids = torch.full((len(targets), added), self.start_id, dtype=torch.long)
-        for row, (length, tail) in enumerate(zip(lengths, tails)):
-            mask[row, width - length: width + len(tail)] = 1  # left padding before the cache, right after the tail
-            ids[row, :len(tail)] = torch.tensor(tail)
-        positions = torch.tensor(lengths)[:, None] + torch.arange(added)
-        cache = self._padded_cache(reads, lengths, width)
-        with self.guard():
-            out = self.llm(input_ids=ids.to(self.device), position_ids=positions.to(self.device),
-                           attention_mask=mask.to(self.device), past_key_values=cache, use_cache=True)
+        rows = _shared_reads(self.llm).read([_Row(self._read[a], tail) for a, tail in zip(ancestors, tails)],
+                                            self.guard)
         self.forwards += 1
-        log_probs = out.logits.float().log_softmax(-1).cpu()
-        layers = out.past_key_values.layers
-        for row, (target, tail, length) in enumerate(zip(targets, tails, lengths)):
+        for target, tail, (ancestor_length, row) in zip(targets, tails, rows):
             for step in range(len(tail)):  # every prefix along the tail, each ending at its token
                 prefix = target[:len(target) - len(tail) + step + 1]
                 if prefix not in self._read:
-                    kept = slice(width - length, width + step + 1)
-                    self._read[prefix] = _Read(keys=tuple(layer.keys[row, :, kept] for layer in layers),
-                                               values=tuple(layer.values[row, :, kept] for layer in layers),
-                                               log_probs=log_probs[row, step])
+                    kept = slice(0, ancestor_length + step + 1)
+                    self._read[prefix] = _Read(keys=tuple(keys[:, kept] for keys in row.keys),
+                                               values=tuple(values[:, kept] for values in row.values),
+                                               log_probs=row.log_probs[step])
 
     def _chains(self, missing: list[Prefix]) -> tuple[list[Prefix], list[Prefix]]:
         """What to read: each missing prefix and its expected pieces, and the read ancestor to read it from;
@@ -178,14 +173,118 @@ class KvCachedPrefixScorer:
             self._read[()] = self._start_read()
         return ()
 
-    def _padded_cache(self, reads: list[_Read], lengths: list[int], width: int) -> DynamicCache:
-        """The ancestors' caches as one batch, each left-padded with zeros to `width`."""
-        layers = []
+
+
+@dataclass(eq=False)
+class _Row:
+    """One row to read: `tail` after the ancestor `read`."""
+
+    read: _Read
+    tail: Prefix
+
+
+@dataclass(eq=False)
+class _Request:
+    """One scorer's rows for one forward, and what came back: per row, the ancestor's length and the
+    read of its whole tail (the keys and values of ancestor + tail, log-probabilities after each tail piece)."""
+
+    rows: list[_Row]
+    done: threading.Event = field(default_factory=threading.Event)
+    result: list[tuple[int, _Read]] | None = None
+    error: BaseException | None = None
+
+
+class _SharedReads:
+    """The rows of all scorers on one LLM that wait for it at once, read in one forward (see the module's
+    docstring). The first scorer waiting runs the forward inside its own guard for everyone."""
+
+    def __init__(self, llm: PreTrainedModel):
+        self._llm = weakref.ref(llm)  # the per-LLM registry must not keep its LLM alive
+        self._lock = threading.Lock()
+        self._pending: list[_Request] = []
+        self._leader_waiting = False  # a scorer waits for the guard to read the pending rows: others wait for it
+
+    def read(self, rows: list[_Row], guard: Callable[[], ContextManager]) -> list[tuple[int, _Read]]:
+        request = _Request(rows)
+        with self._lock:
+            self._pending.append(request)
+            lead, self._leader_waiting = not self._leader_waiting, True
+        if lead:
+            try:
+                with guard():
+                    self._run(self._take_pending())
+            except BaseException as err:  # the guard itself failed: no one else would read what waits
+                for waiting in self._take_pending():
+                    waiting.error = err
+                    waiting.done.set()
+                raise
+        request.done.wait()
+        if request.error is not None:
+            raise request.error
+        return request.result
+
+    def _take_pending(self) -> list[_Request]:
+        with self._lock:
+            requests, self._pending, self._leader_waiting = self._pending, [], False
+        return requests
+
+    def _run(self, requests: list[_Request]) -> None:
+        try:
+            results = self._forward([row for request in requests for row in request.rows])
+            for request in requests:
+                request.result, results = results[:len(request.rows)], results[len(request.rows):]
+        except Exception:  # read again one scorer at a time: a scorer whose rows fail fails alone
+            for request in requests:
+                try:
+                    request.result = self._forward(request.rows)
+                except Exception as err:
+                    request.error = err
+        finally:
+            for request in requests:
+                request.done.set()
+
+    @torch.no_grad()
+    def _forward(self, rows: list[_Row]) -> list[tuple[int, _Read]]:
+        """Rows of any ancestors and tails in one forward: ancestors' caches left-padded to the longest, tails
+        right-padded, padding masked out and positions counting real tokens, so each row reads as if alone."""
+        llm = self._llm()
+        device = llm.get_input_embeddings().weight.device
+        lengths = [row.read.length for row in rows]
+        width, added = max(lengths), max(len(row.tail) for row in rows)
+        mask = torch.zeros(len(rows), width + added, dtype=torch.long)
+        ids = torch.full((len(rows), added), scoring_start_id(llm.config), dtype=torch.long)
+        for index, (length, row) in enumerate(zip(lengths, rows)):
+            mask[index, width - length: width + len(row.tail)] = 1
+            ids[index, :len(row.tail)] = torch.tensor(row.tail)
+        positions = torch.tensor(lengths)[:, None] + torch.arange(added)
         pads = [width - length for length in lengths]
-        for layer in range(len(reads[0].keys)):
-            layers.append((_left_padded([r.keys[layer] for r in reads], pads),
-                           _left_padded([r.values[layer] for r in reads], pads)))
-        return DynamicCache(ddp_cache_data=layers, config=self.llm.config)
+        cache = DynamicCache(ddp_cache_data=[(_left_padded([row.read.keys[layer] for row in rows], pads),
+                                              _left_padded([row.read.values[layer] for row in rows], pads))
+                                             for layer in range(len(rows[0].read.keys))], config=llm.config)
+        out = llm(input_ids=ids.to(device), position_ids=positions.to(device), attention_mask=mask.to(device),
+                  past_key_values=cache, use_cache=True)
+        log_probs = out.logits.float().log_softmax(-1).cpu()
+        layers = out.past_key_values.layers
+        results = []
+        for index, (length, row) in enumerate(zip(lengths, rows)):
+            # Each row's own positions, copied out: a read kept by one scorer does not hold the whole batch.
+            kept = slice(width - length, width + len(row.tail))
+            results.append((length, _Read(keys=tuple(layer.keys[index, :, kept].clone() for layer in layers),
+                                          values=tuple(layer.values[index, :, kept].clone() for layer in layers),
+                                          log_probs=log_probs[index, :len(row.tail)])))
+        return results
+
+
+_SHARED_READS: "weakref.WeakKeyDictionary[PreTrainedModel, _SharedReads]" = weakref.WeakKeyDictionary()
+_SHARED_READS_GUARD = threading.Lock()
+
+
+def _shared_reads(llm: PreTrainedModel) -> _SharedReads:
+    with _SHARED_READS_GUARD:
+        shared = _SHARED_READS.get(llm)
+        if shared is None:
+            shared = _SHARED_READS[llm] = _SharedReads(llm)
+        return shared
 
 
 # Per LLM: (its weights' fingerprint, the start token's read), shared by the decodes on it.

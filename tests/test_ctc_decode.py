@@ -3,6 +3,8 @@ import contextlib
 import functools
 import math
 import random
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -10,7 +12,7 @@ import torch
 
 from blsp_chat.audio import load_audio
 from blsp_chat.ctc_decode import cached_lm, collapse_ctc, prefix_beam_search
-from blsp_chat.prefix_scorer import KvCachedPrefixScorer
+from blsp_chat.prefix_scorer import KvCachedPrefixScorer, _shared_reads
 from blsp_chat.readout import CTC_BEAM_LABELS, ctc_label_candidates, embedding_distance_logits, next_piece_log_probs
 from tiny import VOCAB, blank_hearing_blsp, lively_lm_blsp, tiny_blsp, tone
 
@@ -261,6 +263,48 @@ def test_the_start_tokens_read_is_kept_across_decodes_until_the_llms_weights_cha
     third = KvCachedPrefixScorer(llm)
     torch.testing.assert_close(torch.stack(third(asked)), read_from_start(model)(asked), atol=1e-4, rtol=1e-4)
     assert third.forwards == 2  # the start token read again with the new weights
+
+
+def test_two_clips_read_at_once_share_one_forward_and_each_reads_as_alone():
+    """Two people's spoken turns: the second scorer's rows join the forward the first is waiting to run."""
+    model = lively_lm_blsp()
+    llm = model.llama_model
+    KvCachedPrefixScorer(llm)([()])  # the start token's read, kept
+    runs, results, gate = [], {}, threading.Lock()
+    original = llm.forward
+    llm.forward = lambda *args, **kwargs: runs.append(kwargs["input_ids"].shape) or original(*args, **kwargs)
+
+    @contextlib.contextmanager
+    def held_until_both_wait():  # the model lock, held by someone else until both scorers have asked
+        with gate:
+            yield
+
+    def decode(name, asked):
+        scorer = KvCachedPrefixScorer(llm, guard=held_until_both_wait)
+        scorer.expect([11, 12])
+        results[name] = (scorer(asked), scorer.forwards)
+
+    gate.acquire()
+    first = threading.Thread(target=decode, args=("first", [(5,), (6, 7)]))
+    second = threading.Thread(target=decode, args=("second", [(9, 3, 3)]))
+    first.start()
+    while not _shared_reads(llm)._pending:
+        time.sleep(0.001)
+    second.start()
+    while len(_shared_reads(llm)._pending) < 2:
+        time.sleep(0.001)
+    gate.release()
+    first.join(30)
+    second.join(30)
+    assert len(runs) == 1 and runs[0][0] == 3  # one forward, the three rows of both
+    for name, asked in [("first", [(5,), (6, 7)]), ("second", [(9, 3, 3)])]:
+        rows, forwards = results[name]
+        assert forwards == 1
+        torch.testing.assert_close(torch.stack(rows), read_from_start(model)(asked), atol=1e-4, rtol=1e-4)
+    llm.forward = original
+    later = KvCachedPrefixScorer(llm)  # alone again: its rows read as before
+    torch.testing.assert_close(torch.stack(later([(9, 3, 3, 4)])), read_from_start(model)([(9, 3, 3, 4)]),
+                               atol=1e-4, rtol=1e-4)
 
 
 def test_an_llm_with_sliding_window_layers_is_refused_by_the_kv_cached_scorer():
