@@ -10,7 +10,8 @@ is scored against the manifest's text (readout WER: before the LLM repeats it), 
         --variant shipped '{}' --variant greedy '{"lm_weight": 0}' --variant floor-5 '{"label_min_log_prob": -5}'
 
 A variant is a name and the JSON keyword arguments of `ctc_decode.prefix_beam_search` that replace the
-model's own, plus "read_ahead" for the scorer; `"label_min_log_prob": null` searches without a label floor.
+model's own, plus "read_ahead" for the scorer; `"label_min_log_prob": null` searches without a label floor,
+`"beam_prune_log_prob": null` without beam pruning.
 Clips are grouped by their manifest's "source": the real dev set's sentence sources form "sentences", its
 word sources "words", other manifests their file's folder.
 """
@@ -65,9 +66,12 @@ def run_variant(loaded, clips: list[dict], overrides: dict) -> dict:
     search = dict(lm_weight=config.ctc_lm_weight, token_bonus=config.ctc_token_bonus, beam_size=config.ctc_beam_size)
     if config.ctc_label_min_log_prob is not None:
         search["label_min_log_prob"] = config.ctc_label_min_log_prob
+    if config.ctc_beam_prune_log_prob is not None:
+        search["beam_prune_log_prob"] = config.ctc_beam_prune_log_prob
     search.update(overrides)
-    if search.get("label_min_log_prob", 0) is None:  # null in a variant: no floor
-        search["label_min_log_prob"] = -math.inf
+    for key in ("label_min_log_prob", "beam_prune_log_prob"):
+        if key in search and search[key] is None:  # null in a variant: none
+            search[key] = -math.inf
     forwards, errors = 0, {}
     started = time.perf_counter()
     with torch.no_grad():

@@ -45,6 +45,9 @@ class BlspConfig:
     # Labels of an output less likely than this (log-probability) are not tried in that search (pyctcdecode's
     # token_min_logp): the LLM then reads fewer sound-alike beams. None tries each output's 8 best labels.
     ctc_label_min_log_prob: float | None = None
+    # Beams more than this (a log-probability, e.g. -3) below the best after an output are dropped in that
+    # search (pyctcdecode's beam_prune_logp): each beam kept costs the LLM a read. None keeps ctc_beam_size.
+    ctc_beam_prune_log_prob: float | None = None
     # Where the frozen base models come from when a checkpoint holds only the adapter.
     whisper_name_or_path: str | None = None
     llm_name_or_path: str | None = None
@@ -64,9 +67,10 @@ class BlspConfig:
         if self.ctc_lm_weight < 0 or self.ctc_beam_size < 1:
             raise ValueError(f"ctc_lm_weight must be >= 0 and ctc_beam_size >= 1, got {self.ctc_lm_weight} "
                              f"and {self.ctc_beam_size}")
-        if self.ctc_label_min_log_prob is not None and not self.ctc_label_min_log_prob <= 0:
-            raise ValueError(f"ctc_label_min_log_prob is a log-probability (<= 0) or None, got "
-                             f"{self.ctc_label_min_log_prob}")
+        for name in ("ctc_label_min_log_prob", "ctc_beam_prune_log_prob"):
+            value = getattr(self, name)
+            if value is not None and not value <= 0:
+                raise ValueError(f"{name} is a log-probability (<= 0) or None, got {value}")
         if not self.kernel_sizes:
             raise ValueError("conv_kernel_sizes must name at least one kernel size, e.g. '5,5,5'")
 

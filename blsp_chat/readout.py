@@ -105,15 +105,16 @@ def lm_fused_readout(speech: torch.Tensor, table: torch.Tensor, scorer: LmScorer
     log_probs, ids = ctc_label_candidates(speech, table, CTC_BEAM_LABELS)
     pieces = prefix_beam_search(log_probs, ids, config.ctc_blank_id, scorer, lm_weight=config.ctc_lm_weight,
                                 token_bonus=config.ctc_token_bonus, beam_size=config.ctc_beam_size,
-                                label_min_log_prob=_no_floor_if_none(config.ctc_label_min_log_prob))
+                                label_min_log_prob=_no_floor_if_none(config.ctc_label_min_log_prob),
+                                beam_prune_log_prob=_no_floor_if_none(config.ctc_beam_prune_log_prob))
     return table[torch.tensor(pieces, dtype=torch.long, device=table.device)].to(speech.dtype)
 
 
-@torch.no_grad()
 def _no_floor_if_none(log_prob: float | None) -> float:
     return -math.inf if log_prob is None else log_prob
 
 
+@torch.no_grad()
 def next_piece_log_probs(llm: PreTrainedModel, prefixes: Sequence[tuple[int, ...]]) -> torch.Tensor:
     """(N, V) log-probabilities of the LLM's next word piece after each prefix, as plain text, each
     prefix read from its start: the reference the KV-cached scorer of the readout is checked against."""

@@ -233,6 +233,7 @@ def test_ctc_readout_model_lays_out_one_position_per_word_heard():
     (dict(speech_readout="ctc", ctc_blank_id=5, ctc_lm_weight=-0.1), "ctc_lm_weight must be >= 0"),
     (dict(speech_readout="ctc", ctc_blank_id=5, ctc_beam_size=0), "ctc_beam_size >= 1"),
     (dict(speech_readout="ctc", ctc_blank_id=5, ctc_label_min_log_prob=0.5), "is a log-probability"),
+    (dict(speech_readout="ctc", ctc_blank_id=5, ctc_beam_prune_log_prob=1.0), "ctc_beam_prune_log_prob is a"),
 ])
 def test_readout_settings_are_checked(bad, match):
     with pytest.raises(ValueError, match=match):

@@ -188,10 +188,10 @@ def test_export_can_serve_a_ctc_trained_adapter_through_the_ctc_readout(tmp_path
                                                0.2))
     assert export_main([str(tmp_path / "run"), str(tmp_path / "fused"), "--speech-readout", "ctc",
                         "--ctc-lm-weight", "0.3", "--ctc-token-bonus", "0.5", "--ctc-beam-size", "2",
-                        "--ctc-label-min-log-prob", "-5"]) == 0
+                        "--ctc-label-min-log-prob", "-5", "--ctc-beam-prune-log-prob", "-3"]) == 0
     config = load_pretrained(str(tmp_path / "fused"), device="cpu").model.config
     assert (config.ctc_lm_weight, config.ctc_token_bonus, config.ctc_beam_size) == (0.3, 0.5, 2)
-    assert config.ctc_label_min_log_prob == -5
+    assert (config.ctc_label_min_log_prob, config.ctc_beam_prune_log_prob) == (-5, -3)
 
 
 # --- ModelScope (where BLSP's released 7B checkpoint lives) ---------------------------------------------

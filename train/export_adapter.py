@@ -60,12 +60,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--ctc-token-bonus", type=float, default=0.0, help="per word piece, in that search")
     parser.add_argument("--ctc-beam-size", type=int, default=4)
     parser.add_argument("--ctc-label-min-log-prob", type=float, default=None,
-                        help="in that search, do not try labels less likely than this log-probability (e.g. -5)")
+                        help="in that search, do not try labels less likely than this log-probability (e.g. -3)")
+    parser.add_argument("--ctc-beam-prune-log-prob", type=float, default=None,
+                        help="in that search, drop beams this far (a log-probability, e.g. -3) below the best")
     args = parser.parse_args(argv)
     copied = export(args.run_dir, args.out, DTYPES[args.dtype], args.speech_readout, args.ctc_blank,
                     ctc_readout_temperature=args.ctc_readout_temperature, ctc_lm_weight=args.ctc_lm_weight,
                     ctc_token_bonus=args.ctc_token_bonus, ctc_beam_size=args.ctc_beam_size,
-                    ctc_label_min_log_prob=args.ctc_label_min_log_prob)
+                    ctc_label_min_log_prob=args.ctc_label_min_log_prob,
+                    ctc_beam_prune_log_prob=args.ctc_beam_prune_log_prob)
     readout = args.speech_readout or "the run's"
     print(f"wrote {args.out} ({args.dtype} weights, {readout} readout; record: {', '.join(copied) or 'none'})")
     return 0
