@@ -265,46 +265,74 @@ def test_the_start_tokens_read_is_kept_across_decodes_until_the_llms_weights_cha
     assert third.forwards == 2  # the start token read again with the new weights
 
 
+def read_together(llm, asked: dict[str, list]) -> dict:
+    """Each name's prefixes scored by its own scorer, in its own thread, all handed in before the model lock
+    (held by someone else meanwhile) comes free: {name: (rows, forwards) or the error raised}."""
+    results, gate = {}, threading.Lock()
+
+    @contextlib.contextmanager
+    def model_lock():
+        with gate:
+            yield
+
+    def decode(name):
+        scorer = KvCachedPrefixScorer(llm, guard=model_lock)
+        scorer.expect([11, 12])
+        try:
+            results[name] = (scorer(asked[name]), scorer.forwards)
+        except Exception as err:  # noqa: BLE001  (what the test checks)
+            results[name] = err
+
+    gate.acquire()
+    threads = [threading.Thread(target=decode, args=(name,)) for name in asked]
+    for count, thread in enumerate(threads, 1):
+        thread.start()
+        while len(_shared_reads(llm)._pending) < count:
+            time.sleep(0.001)
+    gate.release()
+    for thread in threads:
+        thread.join(30)
+    return results
+
+
 def test_two_clips_read_at_once_share_one_forward_and_each_reads_as_alone():
     """Two people's spoken turns: the second scorer's rows join the forward the first is waiting to run."""
     model = lively_lm_blsp()
     llm = model.llama_model
     KvCachedPrefixScorer(llm)([()])  # the start token's read, kept
-    runs, results, gate = [], {}, threading.Lock()
-    original = llm.forward
+    runs, original = [], llm.forward
     llm.forward = lambda *args, **kwargs: runs.append(kwargs["input_ids"].shape) or original(*args, **kwargs)
-
-    @contextlib.contextmanager
-    def held_until_both_wait():  # the model lock, held by someone else until both scorers have asked
-        with gate:
-            yield
-
-    def decode(name, asked):
-        scorer = KvCachedPrefixScorer(llm, guard=held_until_both_wait)
-        scorer.expect([11, 12])
-        results[name] = (scorer(asked), scorer.forwards)
-
-    gate.acquire()
-    first = threading.Thread(target=decode, args=("first", [(5,), (6, 7)]))
-    second = threading.Thread(target=decode, args=("second", [(9, 3, 3)]))
-    first.start()
-    while not _shared_reads(llm)._pending:
-        time.sleep(0.001)
-    second.start()
-    while len(_shared_reads(llm)._pending) < 2:
-        time.sleep(0.001)
-    gate.release()
-    first.join(30)
-    second.join(30)
+    asked = {"first": [(5,), (6, 7)], "second": [(9, 3, 3)]}
+    results = read_together(llm, asked)
     assert len(runs) == 1 and runs[0][0] == 3  # one forward, the three rows of both
-    for name, asked in [("first", [(5,), (6, 7)]), ("second", [(9, 3, 3)])]:
+    for name, prefixes in asked.items():
         rows, forwards = results[name]
         assert forwards == 1
-        torch.testing.assert_close(torch.stack(rows), read_from_start(model)(asked), atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(torch.stack(rows), read_from_start(model)(prefixes), atol=1e-4, rtol=1e-4)
     llm.forward = original
     later = KvCachedPrefixScorer(llm)  # alone again: its rows read as before
     torch.testing.assert_close(torch.stack(later([(9, 3, 3, 4)])), read_from_start(model)([(9, 3, 3, 4)]),
                                atol=1e-4, rtol=1e-4)
+
+
+def test_a_shared_forward_that_fails_is_read_again_per_clip_and_only_the_failing_clip_fails():
+    model = lively_lm_blsp()
+    llm = model.llama_model
+    KvCachedPrefixScorer(llm)([()])
+    original = llm.forward
+
+    def forward(*args, **kwargs):
+        if (kwargs["input_ids"] == 13).any():  # a piece this LLM cannot read, say
+            raise RuntimeError("piece 13 is poison")
+        return original(*args, **kwargs)
+
+    llm.forward = forward
+    results = read_together(llm, {"poisoned": [(13,)], "healthy": [(9, 3)], "also healthy": [(4,)]})
+    assert isinstance(results["poisoned"], RuntimeError) and "poison" in str(results["poisoned"])
+    for name, prefixes in [("healthy", [(9, 3)]), ("also healthy", [(4,)])]:
+        rows, _ = results[name]
+        torch.testing.assert_close(torch.stack(rows), read_from_start(model)(prefixes), atol=1e-4, rtol=1e-4)
+    assert not _shared_reads(llm)._pending and not _shared_reads(llm)._leader_waiting
 
 
 def test_an_llm_with_sliding_window_layers_is_refused_by_the_kv_cached_scorer():
