@@ -174,7 +174,6 @@ class KvCachedPrefixScorer:
         return ()
 
 
-
 @dataclass(eq=False)
 class _Row:
     """One row to read: `tail` after the ancestor `read`."""
@@ -267,11 +266,12 @@ class _SharedReads:
         layers = out.past_key_values.layers
         results = []
         for index, (length, row) in enumerate(zip(lengths, rows)):
-            # Each row's own positions, copied out: a read kept by one scorer does not hold the whole batch.
+            # Each row's own positions and log-probabilities, copied out: a read kept by one scorer does not
+            # hold the whole batch.
             kept = slice(width - length, width + len(row.tail))
             results.append((length, _Read(keys=tuple(layer.keys[index, :, kept].clone() for layer in layers),
                                           values=tuple(layer.values[index, :, kept].clone() for layer in layers),
-                                          log_probs=log_probs[index, :len(row.tail)])))
+                                          log_probs=log_probs[index, :len(row.tail)].clone())))
         return results
 
 
