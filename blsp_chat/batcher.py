@@ -34,7 +34,7 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-from .lock import model_lock
+from .lock import PerModel, model_lock
 
 if TYPE_CHECKING:
     from .model import BlspModel
@@ -238,14 +238,9 @@ def _laid_out(steps: list[_Step]) -> _Batch:
     return _Batch(caches, pads, batch)
 
 
-_BATCHERS: "weakref.WeakKeyDictionary[torch.nn.Module, StepBatcher]" = weakref.WeakKeyDictionary()
-_BATCHERS_GUARD = threading.Lock()
+_step_batchers: PerModel[StepBatcher] = PerModel(StepBatcher)
 
 
 def step_batcher(model: BlspModel) -> StepBatcher:
     """The one StepBatcher of `model`, shared by every session on it."""
-    with _BATCHERS_GUARD:
-        batcher = _BATCHERS.get(model)
-        if batcher is None:
-            batcher = _BATCHERS[model] = StepBatcher(model)
-        return batcher
+    return _step_batchers(model)

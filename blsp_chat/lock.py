@@ -16,7 +16,7 @@ import collections
 import threading
 import weakref
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Callable, Generic, Iterator, TypeVar
 
 import torch
 
@@ -87,18 +87,33 @@ class FairLock:
         self.release()
 
 
-_MODEL_LOCKS: "weakref.WeakKeyDictionary[torch.nn.Module, FairLock]" = weakref.WeakKeyDictionary()
-_MODEL_LOCKS_GUARD = threading.Lock()
+Shared = TypeVar("Shared")
+
+
+class PerModel(Generic[Shared]):
+    """One object per model, made on first use by `make(model)` and shared by every caller on that model; the
+    registry holds models weakly, so it keeps none alive."""
+
+    def __init__(self, make: Callable[[torch.nn.Module], Shared]):
+        self._make = make
+        self._objects: weakref.WeakKeyDictionary[torch.nn.Module, Shared] = weakref.WeakKeyDictionary()
+        self._guard = threading.Lock()
+
+    def __call__(self, model: torch.nn.Module) -> Shared:
+        with self._guard:
+            shared = self._objects.get(model)
+            if shared is None:
+                shared = self._objects[model] = self._make(model)
+            return shared
+
+
+_model_locks: PerModel[FairLock] = PerModel(lambda model: FairLock())
 
 
 def model_lock(model: torch.nn.Module) -> FairLock:
     """The lock every forward pass on `model` holds, so sessions sharing a model take turns step by
     step (their caches are their own, so interleaved steps are safe)."""
-    with _MODEL_LOCKS_GUARD:
-        lock = _MODEL_LOCKS.get(model)
-        if lock is None:
-            lock = _MODEL_LOCKS[model] = FairLock()
-        return lock
+    return _model_locks(model)
 
 
 def urgent_model_lock(model: torch.nn.Module):

@@ -41,6 +41,8 @@ from typing import Callable, ContextManager, Sequence
 import torch
 from transformers import DynamicCache, PretrainedConfig, PreTrainedModel
 
+from .lock import PerModel
+
 Prefix = tuple[int, ...]
 
 
@@ -275,16 +277,7 @@ class _SharedReads:
         return results
 
 
-_SHARED_READS: "weakref.WeakKeyDictionary[PreTrainedModel, _SharedReads]" = weakref.WeakKeyDictionary()
-_SHARED_READS_GUARD = threading.Lock()
-
-
-def _shared_reads(llm: PreTrainedModel) -> _SharedReads:
-    with _SHARED_READS_GUARD:
-        shared = _SHARED_READS.get(llm)
-        if shared is None:
-            shared = _SHARED_READS[llm] = _SharedReads(llm)
-        return shared
+_shared_reads: PerModel[_SharedReads] = PerModel(_SharedReads)  # the one per LLM
 
 
 # Per LLM: (its weights' fingerprint, the start token's read), shared by the decodes on it.
