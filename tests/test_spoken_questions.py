@@ -1,8 +1,8 @@
-"""train/spoken_questions.py: each question typed and spoken, each a new conversation, scored by its pattern."""
+"""train/spoken_questions.py: each question typed and spoken, each its own conversation, scored by its pattern."""
 import pytest
 
 from blsp_chat.config import GenerationOptions
-from blsp_chat.session import ChatSession
+from blsp_chat.weights import LoadedBlsp
 from tiny import blank_hearing_blsp, lively_blsp, tiny_tokenizer, tone
 from train.spoken_questions import QUESTIONS, answer_all, ask, main
 
@@ -15,7 +15,7 @@ def tok():
 
 
 def test_each_question_is_asked_typed_and_spoken_in_a_new_conversation_and_scored_by_its_pattern(tok):
-    model = lively_blsp()
+    loaded = LoadedBlsp(lively_blsp(), tok, "tiny", adapter_trained=True)
     spoken = []
 
     def speak(text):
@@ -23,19 +23,19 @@ def test_each_question_is_asked_typed_and_spoken_in_a_new_conversation_and_score
         return tone(1.0, freq=200.0 + 10 * len(spoken))
 
     questions = [("the quick brown fox", "."), ("what is the capital", r"no such word zzq")]
-    answers = answer_all(lambda: ChatSession(model, tok), speak, questions, OPTIONS)
+    answers = answer_all(loaded, speak, questions, OPTIONS)
     assert spoken == ["the quick brown fox", "what is the capital"]
     assert [a.question for a in answers] == spoken
     first, second = answers
     assert first.typed_reply and first.typed_right and first.spoken_reply and first.spoken_right
     assert not second.typed_right and not second.spoken_right
-    # A new conversation each time: the second question's reply is what it gets asked alone.
-    assert second.typed_reply == ask(lambda: ChatSession(model, tok), "what is the capital", OPTIONS)
+    # A conversation of its own each time: the second question's reply is what it gets asked alone.
+    assert second.typed_reply == ask(loaded, "what is the capital", OPTIONS)
 
 
 def test_a_spoken_question_heard_as_nothing_is_counted_unanswered_with_the_refusal(tok):
-    model = blank_hearing_blsp()
-    (answer,) = answer_all(lambda: ChatSession(model, tok), lambda text: tone(1.0), [("hello there", ".")], OPTIONS)
+    loaded = LoadedBlsp(blank_hearing_blsp(), tok, "tiny", adapter_trained=True)
+    (answer,) = answer_all(loaded, lambda text: tone(1.0), [("hello there", ".")], OPTIONS)
     assert answer.typed_right
     assert answer.spoken_reply.startswith("[refused:") and not answer.spoken_right
 

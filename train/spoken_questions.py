@@ -1,7 +1,8 @@
 """Spoken questions against typed ones: is a question answered as often when it is said as when it is typed?
 
 Issue 16 asks for spoken questions answered as often as typed ones, within one. Each general-knowledge question
-is put to the model twice, each time as the first turn of a new conversation: typed, and spoken by a TTS voice
+is put to the model twice, each time as a conversation of its own (`generate.generate_reply`): typed, and spoken
+by a TTS voice
 (piper joe by default, a natural neural voice; `--voice espeak-ng` for a robotic one). An answer counts as
 right when it contains the expected word (a regular expression, case-insensitive).
 
@@ -21,8 +22,9 @@ from typing import Callable, Sequence
 import numpy as np
 
 from blsp_chat.config import GenerationOptions
-from blsp_chat.generate import NothingHeardError
-from blsp_chat.session import ChatSession
+from blsp_chat.generate import NothingHeardError, generate_reply, speech_turn
+from blsp_chat.prompt import Turn
+from blsp_chat.weights import LoadedBlsp
 
 # (question, a pattern every right answer contains)
 QUESTIONS: tuple[tuple[str, str], ...] = (
@@ -46,28 +48,24 @@ class Answer:
     spoken_right: bool
 
 
-def ask(new_session: Callable[[], ChatSession], turn: str | np.ndarray, options: GenerationOptions) -> str:
-    """The reply to one first turn: text, or 16 kHz audio (a clip heard as nothing: the refusal, in brackets)."""
-    session = new_session()
+def ask(loaded: LoadedBlsp, turn: str | np.ndarray, options: GenerationOptions) -> str:
+    """The reply to a conversation of one turn: text, or 16 kHz audio (a clip heard as nothing: the
+    refusal, in brackets)."""
     if isinstance(turn, str):
-        session.submit_text(turn)
-    else:
-        try:
-            session.submit_audio(turn)
-        except NothingHeardError as err:
-            return f"[refused: {err}]"
-    chunks = list(session.stream_reply(options))
-    return chunks[-1].text.strip() if chunks else ""
+        return generate_reply(loaded, [Turn("human", text=turn)], (), options).strip()
+    try:
+        return generate_reply(loaded, [speech_turn(turn, loaded.model)], [turn], options).strip()
+    except NothingHeardError as err:
+        return f"[refused: {err}]"
 
 
-def answer_all(new_session: Callable[[], ChatSession], speak: Callable[[str], np.ndarray],
-               questions: Sequence[tuple[str, str]] = QUESTIONS,
+def answer_all(loaded: LoadedBlsp, speak: Callable[[str], np.ndarray], questions: Sequence[tuple[str, str]] = QUESTIONS,
                options: GenerationOptions = GenerationOptions(max_new_tokens=40, do_sample=False)) -> list[Answer]:
     """Each question typed and spoken (`speak`: text -> 16 kHz audio), and whether each reply is right."""
     answers = []
     for question, pattern in questions:
-        typed = ask(new_session, question, options)
-        spoken = ask(new_session, speak(question), options)
+        typed = ask(loaded, question, options)
+        spoken = ask(loaded, speak(question), options)
         answers.append(Answer(question, typed, _right(pattern, typed), spoken, _right(pattern, spoken)))
     return answers
 
@@ -89,7 +87,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     loaded = load_pretrained(args.model, device=args.device)
     voice = load_voice(VoiceOptions(engine=args.voice))
-    answers = answer_all(lambda: ChatSession.from_loaded(loaded), voice.synthesize_16k,
+    answers = answer_all(loaded, voice.synthesize_16k,
                          options=GenerationOptions(max_new_tokens=args.max_new_tokens, do_sample=False))
     for answer in answers:
         print(f"{answer.question}\n  typed  {'right' if answer.typed_right else 'wrong'}: {answer.typed_reply!r}\n"
