@@ -75,8 +75,12 @@ def tone(seconds: float, freq: float = 220.0, seed: int = 0) -> np.ndarray:
 def lively_blsp(seed: int = 0, std: float = 0.3):
     """tiny_blsp with larger LLM weights: its greedy replies depend on the context (the default init
     repeats one token whatever it reads), so a wrong cache or position shows."""
-    model = tiny_blsp(seed=seed)
-    gen = torch.Generator().manual_seed(seed + 1)
+    return _with_larger_llm_weights(tiny_blsp(seed=seed), seed + 1, std)
+
+
+def _with_larger_llm_weights(model: BlspModel, seed: int, std: float) -> BlspModel:
+    """`model` with its LLM's matrices redrawn at standard deviation `std` (seeded)."""
+    gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for param in model.llama_model.parameters():
             if param.dim() > 1:
@@ -88,12 +92,8 @@ def lively_lm_blsp(llm_kind: str = "llama", bos: bool = True, std: float = 0.3) 
     """A tiny "ctc"-readout model with the LLM fused into its readout (blank id 5), the LLM's weights
     larger, so that its next-piece distribution depends on the whole prefix (the default init is nearly
     uniform): a wrong cache, position or mask shows."""
-    model = tiny_blsp("none", llm_kind=llm_kind, speech_readout="ctc", ctc_blank_id=5, ctc_lm_weight=1.0)
-    gen = torch.Generator().manual_seed(7)
-    with torch.no_grad():
-        for param in model.llama_model.parameters():
-            if param.dim() > 1:
-                param.copy_(torch.randn(param.shape, generator=gen) * std)
+    model = _with_larger_llm_weights(tiny_blsp("none", llm_kind=llm_kind, speech_readout="ctc", ctc_blank_id=5,
+                                               ctc_lm_weight=1.0), 7, std)
     if not bos:
         model.llama_model.config.bos_token_id = None
     return model
