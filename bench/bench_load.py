@@ -7,12 +7,16 @@ The server is `app.py` in a child process on 127.0.0.1 (its own RSS, read from /
 `gradio_client.Client` in its own thread that sends `--turns` turns one after another, typed questions and
 the spoken example clips in turn (each session starts at a different one). TTFT runs from submitting a turn
 to the first update that shows reply text. The baseline is one session sending the same turns alone, in
-the same run. Then `--churn` sessions each open, send one turn and close, one after another; the server's
-RSS is read after the first and after the last has been released (a closed page frees its KV cache).
+the same run. Beside it the bench prints what the sessions' first turns, all sent at the same moment, would
+get if each were served alone, one after another, shortest first, as fast as it was alone: where a scheduler
+that does not batch work stops, so that a ratio goal below it says how much batching must win. Then
+`--churn` sessions each open, send one turn and close, one after another; the server's RSS is read after the
+first and after the last has been released (a closed page frees its KV cache).
 """
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import socket
 import statistics
@@ -136,6 +140,17 @@ def by_kind(ttfts: list[tuple[str, float]]) -> str:
     return ";  ".join(parts)
 
 
+def served_one_by_one(n_sessions: int, alone_turns: list[tuple[str, float]]) -> float | None:
+    """p95 TTFT of the sessions' first turns, all sent at once, if each were served alone in turn, shortest
+    first, taking its kind's median time alone (None without a time alone for every kind they send)."""
+    alone = {kind: statistics.median([t for k, t in alone_turns if k == kind]) for kind, _ in alone_turns}
+    kinds = ["spoken" if "audio" in turn else "typed" for turn in turns()]
+    first = [kinds[i % len(kinds)] for i in range(n_sessions)]
+    if any(kind not in alone for kind in first):
+        return None
+    return percentile(list(itertools.accumulate(sorted(alone[kind] for kind in first))), P95)
+
+
 def run_sessions(url, n_sessions: int, n_turns: int, max_new_tokens: int
                  ) -> tuple[list[tuple[str, float]], list[str], float]:
     ttfts, errors = [], []
@@ -195,6 +210,10 @@ def main() -> int:
                   f"({p95 / base95:.1f}x alone)  errors {len(errors)} of {args.sessions * args.turns}  "
                   f"wall {wall:.0f} s  server RSS {rss_after_load:.0f} MB")
             print(f"    by kind: {by_kind(many_turns)}")
+            serial = served_one_by_one(args.sessions, alone_turns)
+            if serial is not None:
+                print(f"    first turns served one by one, shortest first, as fast as alone: p95 {serial:.2f} s "
+                      f"({serial / base95:.1f}x alone)")
         for err in (alone_errors + errors)[:5]:
             print("  error:", err)
         if args.churn:
