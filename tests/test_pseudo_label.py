@@ -128,14 +128,15 @@ def test_the_build_keeps_trusted_clips_and_refuses_dev_clips_and_bad_labels(tmp_
     (dev_dir / "manifest.jsonl").write_text(json.dumps({"id": "librivox/0880", "audio": "wav/0880.wav",
                                                         "text": "he was not an ill disposed young man"}) + "\n")
     dev_copy = load_audio(dev_dir / "wav" / "0880.wav")  # the dev clip, shipped again in another package
-    other, noise = real_clip("0870"), real_clip("0890")
-    labels = {len(other): "And Mr. John Dashwood had then leisure.", len(noise): "you you you you you you you you"}
+    other, noise, hum = real_clip("0870"), real_clip("0890"), real_clip("0930")
+    labels = {len(other): "And Mr. John Dashwood had then leisure.", len(noise): "you you you you you you you you",
+              len(hum): "Mmm."}  # a filler: no word left once normalised
 
     def transcribe(audios):
         return [labels[len(a)] for a in audios]
 
     sources = {"wav": lambda: iter([recording("wav", "dev", dev_copy), recording("wav", "other", other),
-                                    recording("wav", "noise", noise)])}
+                                    recording("wav", "noise", noise), recording("wav", "hum", hum)])}
     out = tmp_path / "out"
     records = pseudo_label.build(out, sources, transcribe, exclude=pseudo_label.excluded_digests([dev_dir /
                                                                                                   "manifest.jsonl"]))
@@ -146,7 +147,7 @@ def test_the_build_keeps_trusted_clips_and_refuses_dev_clips_and_bad_labels(tmp_
     written = load_audio(out / records[0]["audio"])
     assert np.abs(written - other).max() < 1e-3
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["refused_by_reason"] == {"a dev-set clip": 1, "loop": 1}
+    assert summary["refused_by_reason"] == {"a dev-set clip": 1, "loop": 1, "no words": 1}
     assert [json.loads(line)["id"] for line in (out / "manifest.jsonl").read_text().splitlines()] == ["wav/other"]
 
 

@@ -238,6 +238,8 @@ def build(out_dir: Path, sources: dict[str, Callable[[], Iterator[UnlabelledReco
         batch = clips[start:start + batch_size]
         for clip, text in zip(batch, transcribe([c.audio for c in batch])):
             problem = transcript_problem(text, len(clip.audio) / SAMPLE_RATE, clip.recording.spelled)
+            if problem is None and not normalize(text).strip():
+                problem = "no words"  # fillers only ("Mmm."): the normaliser leaves no word to train on
             if problem:
                 refused.append({"id": f"{clip.recording.source}/{clip.clip_id}", "reason": problem, "text": text})
             else:
