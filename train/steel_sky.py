@@ -3,7 +3,7 @@
 Debian's `beneath-a-steel-sky` ships the CD release that ScummVM plays: sky.dnr is its directory (a count,
 then 8 bytes per file: its number, a 24-bit offset and 24 bits of flags and size) and sky.dsk its data.
 Files 50000-59999 are the speech: each is a 22-byte header and unsigned 8-bit mono samples at 11,025 Hz,
-most of them RNC-packed (train/rnc.py). About three thousand lines by a cast of British actors, with no
+most of them RNC-packed (train/rnc.py). 3,650 lines by a cast of actors, with no
 transcripts: train.pseudo_label has Whisper transcribe them.
 
 The game's licence lets anyone give it away; training on it is what the record of the leg names.
