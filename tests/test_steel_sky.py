@@ -6,7 +6,7 @@ import struct
 import numpy as np
 import pytest
 
-from blsp_chat.audio import load_audio
+from blsp_chat.audio import AudioError, load_audio
 from blsp_chat.constants import SAMPLE_RATE
 from train import pseudo_label, steel_sky
 from train.real_speech import SourceMissing
@@ -137,6 +137,16 @@ def test_the_speech_files_are_read_by_number_and_the_others_left(sky_dir):
         audio = load_audio(recording.read(), max_seconds=None)
         assert len(audio) == pytest.approx(len(samples) * SAMPLE_RATE / steel_sky.SPEECH_SAMPLE_RATE, abs=2)
         assert 0.5 < np.abs(audio).max() < 1.0  # unsigned 8-bit around 128, not read as signed
+
+
+def test_a_damaged_speech_file_is_refused_as_unreadable_audio(sky_dir):
+    directory, _ = sky_dir
+    disk = bytearray((directory / "sky.dsk").read_bytes())
+    disk[64] ^= 0xFF  # inside the packed line's stream
+    (directory / "sky.dsk").write_bytes(bytes(disk))
+    packed = next(r for r in pseudo_label.steel_sky_recordings(directory) if r.clip_id == "50001")
+    with pytest.raises(AudioError, match="sky.dsk file 50001 cannot be read: .*damaged"):
+        packed.read()
 
 
 def test_a_directory_that_lists_more_than_it_holds_is_refused(sky_dir):

@@ -3,10 +3,11 @@
 Debian's `beneath-a-steel-sky` ships the CD release that ScummVM plays: sky.dnr is its directory (a count,
 then 8 bytes per file: its number, a 24-bit offset and 24 bits of flags and size) and sky.dsk its data.
 Files 50000-59999 are the speech: each is a 22-byte header and unsigned 8-bit mono samples at 11,025 Hz,
-most of them RNC-packed (train/rnc.py). 3,650 lines by a cast of actors, with no
-transcripts: train.pseudo_label has Whisper transcribe them.
+most of them RNC-packed (train/rnc.py). 3,650 lines by a cast of actors, with no transcripts:
+train.pseudo_label has Whisper transcribe them. A file that cannot be read (damaged, cut short) is an
+AudioError, so the build refuses that line and goes on.
 
-The game's licence lets anyone give it away; training on it is what the record of the leg names.
+The game's licence lets anyone give it away (train/results/steel_sky_leg.md says what was trained on it).
 """
 from __future__ import annotations
 
@@ -19,7 +20,9 @@ from typing import Callable, Iterator
 import numpy as np
 import soundfile as sf
 
-from .rnc import SIGNATURE, unpack
+from blsp_chat.audio import AudioError
+
+from .rnc import SIGNATURE, RncError, unpack
 
 SKY_DIR = Path("/usr/share/scummvm/beneath-a-steel-sky")
 SPEECH_FILES = range(50000, 60000)
@@ -87,6 +90,9 @@ def speech_lines(sky_dir: Path = SKY_DIR) -> Iterator[tuple[int, Callable[[], by
     disk_path = sky_dir / "sky.dsk"
     for entry in entries:
         def read(entry: DiskFile = entry) -> bytes:
-            with open(disk_path, "rb") as disk:
-                return speech_wav(file_data(disk, entry))
+            try:
+                with open(disk_path, "rb") as disk:
+                    return speech_wav(file_data(disk, entry))
+            except (RncError, ValueError) as err:
+                raise AudioError(f"sky.dsk file {entry.number} cannot be read: {err}") from err
         yield entry.number, read
