@@ -2,9 +2,8 @@
 
 Issue 16 asks for spoken questions answered as often as typed ones, within one. Each general-knowledge question
 is put to the model twice, each time as a conversation of its own (`generate.generate_reply`): typed, and spoken
-by a TTS voice
-(piper joe by default, a natural neural voice; `--voice espeak-ng` for a robotic one). An answer counts as
-right when it contains the expected word (a regular expression, case-insensitive).
+by a TTS voice (piper joe by default, a natural neural voice; `--voice espeak-ng` for a robotic one). An answer
+counts as right when it contains the expected word (a regular expression, case-insensitive).
 
     python -m train.spoken_questions [--model DIR] [--voice piper] [--out answers.jsonl]
 
@@ -39,6 +38,9 @@ QUESTIONS: tuple[tuple[str, str], ...] = (
 )
 
 
+REFUSED = "[refused: "  # how a clip heard as nothing is recorded as its reply
+
+
 @dataclass
 class Answer:
     question: str
@@ -56,7 +58,7 @@ def ask(loaded: LoadedBlsp, turn: str | np.ndarray, options: GenerationOptions) 
     try:
         return generate_reply(loaded, [speech_turn(turn, loaded.model)], [turn], options).strip()
     except NothingHeardError as err:
-        return f"[refused: {err}]"
+        return f"{REFUSED}{err}]"
 
 
 def answer_all(loaded: LoadedBlsp, speak: Callable[[str], np.ndarray], questions: Sequence[tuple[str, str]] = QUESTIONS,
@@ -71,7 +73,7 @@ def answer_all(loaded: LoadedBlsp, speak: Callable[[str], np.ndarray], questions
 
 
 def _right(pattern: str, reply: str) -> bool:
-    return not reply.startswith("[refused") and re.search(pattern, reply, re.IGNORECASE) is not None
+    return not reply.startswith(REFUSED) and re.search(pattern, reply, re.IGNORECASE) is not None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
