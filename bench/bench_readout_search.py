@@ -12,8 +12,8 @@ is scored against the manifest's text (readout WER: before the LLM repeats it), 
 A variant is a name and the JSON keyword arguments of `ctc_decode.prefix_beam_search` that replace the
 model's own, plus "read_ahead" for the scorer; `"label_min_log_prob": null` searches without a label floor,
 `"beam_prune_log_prob": null` without beam pruning.
-Clips are grouped by their manifest's "source": the real dev set's sentence sources form "sentences", its
-word sources "words", other manifests their file's folder.
+Clips are grouped by their manifest's "source": the real dev set's sources by `real_speech.SOURCE_GROUPS`
+("sentences", "acted", "words"), other manifests by their file's folder.
 """
 from __future__ import annotations
 
@@ -32,15 +32,13 @@ from blsp_chat.readout import CTC_BEAM_LABELS, ctc_label_candidates
 from blsp_chat.weights import load_pretrained
 from train.io import read_jsonl, resolve_audio
 from train.metrics import word_errors
-from train.real_speech import SENTENCE_SOURCES
+from train.real_speech import SOURCE_GROUPS
 
 
 def group_of(record: dict, manifest: Path) -> str:
     source = record.get("source")
-    if source in SENTENCE_SOURCES:
-        return "sentences"
-    if source is not None and "pseudo_label" not in record:
-        return "words"
+    if source in SOURCE_GROUPS and "pseudo_label" not in record:
+        return SOURCE_GROUPS[source]
     return manifest.parent.name
 
 

