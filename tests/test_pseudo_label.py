@@ -151,6 +151,34 @@ def test_the_build_keeps_trusted_clips_and_refuses_dev_clips_and_bad_labels(tmp_
     assert [json.loads(line)["id"] for line in (out / "manifest.jsonl").read_text().splitlines()] == ["wav/other"]
 
 
+def test_shipped_words_are_taken_as_they_are_and_whisper_hears_only_the_rest(tmp_path):
+    """A game's subtitles are its lines' transcripts: Whisper is not asked for them (it is for the clip without),
+    they are checked like Whisper's, and a line too long to keep whole is refused rather than cut from its words."""
+    asked = []
+
+    def transcribe(audios):
+        asked.extend(len(a) for a in audios)
+        return ["And Mr. John Dashwood had then leisure."] * len(audios)
+
+    said, unsaid, long_line, fast = real_clip("0880"), real_clip("0930"), real_clip("0870"), real_clip("0890")
+    sixty_words = " ".join(f"W{n}" for n in range(60))
+    sources = {"game": lambda: iter([
+        UnlabelledRecording("game", "said", "test:said", lambda: ogg_bytes(said), transcript="HE WAS NOT ILL DISPOSED"),
+        UnlabelledRecording("game", "unsaid", "test:unsaid", lambda: ogg_bytes(unsaid)),
+        UnlabelledRecording("game", "long", "test:long", lambda: ogg_bytes(long_line), transcript="A LONG LINE"),
+        UnlabelledRecording("game", "fast", "test:fast", lambda: ogg_bytes(fast), transcript=sixty_words),
+    ])}
+    max_seconds = (len(long_line) / SAMPLE_RATE) - 0.5
+    assert len(said) / SAMPLE_RATE < max_seconds and len(unsaid) / SAMPLE_RATE < max_seconds
+    records = pseudo_label.build(tmp_path, sources, transcribe, max_segment_seconds=max_seconds)
+    assert asked == [len(load_audio(ogg_bytes(unsaid)))]
+    assert [(r["id"], r["text"], r["pseudo_label"]) for r in records] == [
+        ("game/said", "he was not ill disposed", "subtitles"),
+        ("game/unsaid", "and mister john dashwood had then leisure", "whisper-tiny.en")]
+    refused = {r["id"]: r["reason"] for r in json.loads((tmp_path / "summary.json").read_text())["refused"]}
+    assert "transcript cannot be cut" in refused["game/long"] and refused["game/fast"].endswith("words/s")
+
+
 @pytest.mark.integration
 def test_whisper_labels_a_real_recording_close_to_what_was_said(default_whisper_dir, librivox_clip, tmp_path):
     path, truth = librivox_clip

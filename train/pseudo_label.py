@@ -1,6 +1,7 @@
 """Pseudo-labelled real speech for training: recordings of people without transcripts, transcribed by Whisper.
 
-    python -m train.pseudo_label --out-dir data/pseudo_real [--sources warzone,hedgewars,moonshine,whisper_cpp,steelsky]
+    python -m train.pseudo_label --out-dir data/pseudo_real \
+        [--sources warzone,hedgewars,moonshine,whisper_cpp,steelsky,drascula]
         [--exclude-manifest data/real_dev/manifest.jsonl] [--whisper DIR] [--max-segment-seconds 20]
 
 Synthetic voices teach the adapter synthetic voices (train/results/natural_voices_leg.md); these are people.
@@ -18,17 +19,22 @@ Sources, none of them in the real-speech dev set (train/real_speech.py):
                clip and is never taken.
 - steelsky     Debian `beneath-a-steel-sky`: the game's voice acting, read from its data files
                (train/steel_sky.py): 3,650 lines of dialogue by a cast of actors.
-Recordings longer than `--max-segment-seconds` are cut at pauses by the Silero VAD (blsp_chat.voice.vad).
+- drascula     Debian `drascula`: the hero's 446 lines of the game's voice acting (train/drascula.py). These
+               come with their words: the game's subtitles are their transcripts, and Whisper is not asked.
+               The rest of the cast is in the dev set.
+Recordings longer than `--max-segment-seconds` are cut at pauses by the Silero VAD (blsp_chat.voice.vad);
+one whose words are shipped is refused instead, as its words cannot be shared out among the parts.
 Whisper tiny.en's own decoder (openai/whisper's fallback decoding, as train.evaluate runs it) transcribes
-each clip, and a clip is kept only if its transcript has words, does not loop, and is spoken at a rate people
-speak at; summary.json counts what was refused and why. A clip whose decoded audio equals one of
+each other clip, and a clip is kept only if its transcript has words, does not loop, and is spoken at a rate
+people speak at; summary.json counts what was refused and why. A clip whose decoded audio equals one of
 `--exclude-manifest`'s clips (sha256 of the 16 kHz samples) is refused: the dev set stays out of training.
 Asterisk's voice-prompt packages are reserved for acceptance testing and are deliberately not a source.
 
 Output, as train.real_speech writes it: DIR/wav/<source>/<id>.wav, DIR/manifest.jsonl with
 `{"id", "audio", "text", "text_raw", "duration", "source", "origin", "pseudo_label"}` (`text_raw` Whisper's
-transcript, `pseudo_label` the transcriber) and DIR/summary.json. `python -m train.mix_data --asr
-DIR/manifest.jsonl --repetition-only` turns it into training lines like any other ASR manifest.
+transcript, `pseudo_label` the transcriber: "subtitles" where the package's words were taken) and
+DIR/summary.json. `python -m train.mix_data --asr DIR/manifest.jsonl --repetition-only` turns it into training
+lines like any other ASR manifest.
 """
 from __future__ import annotations
 
@@ -51,7 +57,7 @@ from blsp_chat.constants import SAMPLE_RATE
 from blsp_chat.offline import cache_dir, default_whisper_dir
 from blsp_chat.voice.vad import TURN_END, TurnOptions, detect_turns
 
-from . import steel_sky
+from . import drascula, steel_sky
 from .eval_run import WhisperTranscriber
 from .generate_continuations import is_looping
 from .io import read_jsonl_tolerant, write_jsonl_atomic
@@ -84,6 +90,7 @@ class UnlabelledRecording:
     origin: str                   # the shipped file (for an archive member: archive:member)
     read: Callable[[], bytes]     # the encoded file's bytes
     spelled: str | None = None    # the letters the words must spell, where the file's name says what was said
+    transcript: str | None = None  # the words said, where the package ships them: taken instead of Whisper's
 
 
 # --- the sources: each yields its recordings in a fixed order ------------------------------------
@@ -149,10 +156,20 @@ def steel_sky_recordings(sky_dir: Path = steel_sky.SKY_DIR) -> Iterator[Unlabell
         yield UnlabelledRecording("steelsky", str(number), f"{sky_dir / 'sky.dsk'}:{number}", read)
 
 
+def drascula_recordings(game_dir: Path = drascula.DRASCULA_DIR) -> Iterator[UnlabelledRecording]:
+    if not (game_dir / "drascula.dat").is_file():
+        raise SourceMissing(f"drascula: {game_dir} not found; install it with `apt-get install drascula`")
+    for line in drascula.spoken_lines(game_dir):
+        if line.speaker in drascula.TRAINING_SPEAKERS:
+            yield UnlabelledRecording("drascula", f"{line.speaker}{line.number}", str(line.path), line.read,
+                                      transcript=line.subtitle)
+
+
 SOURCES: dict[str, Callable[[], Iterator[UnlabelledRecording]]] = {
     "warzone": warzone_recordings, "hedgewars": hedgewars_recordings, "moonshine": moonshine_recordings,
-    "whisper_cpp": whisper_cpp_recordings, "steelsky": steel_sky_recordings,
+    "whisper_cpp": whisper_cpp_recordings, "steelsky": steel_sky_recordings, "drascula": drascula_recordings,
 }
+SUBTITLES = "subtitles"  # the labeller of the clips whose package ships their words
 
 
 # --- cutting, checking, transcribing ------------------------------------------------------------
@@ -208,6 +225,10 @@ class Clip:
 
 def clips_of(recording: UnlabelledRecording, max_segment_seconds: float, vad=None) -> list[Clip]:
     audio = load_audio(recording.read(), max_seconds=None)
+    if recording.transcript is not None:
+        if len(audio) > max_segment_seconds * SAMPLE_RATE:  # its words could not be shared out among the parts
+            raise AudioError(f"longer than {max_segment_seconds:g} s, and its transcript cannot be cut with it")
+        return [Clip(recording, recording.clip_id, audio)]
     parts = segments(audio, max_segment_seconds, vad)
     if len(parts) == 1:
         return [Clip(recording, recording.clip_id, parts[0])]
@@ -234,19 +255,29 @@ def build(out_dir: Path, sources: dict[str, Callable[[], Iterator[UnlabelledReco
                 else:
                     clips.append(clip)
     records = []
-    for start in range(0, len(clips), batch_size):
-        batch = clips[start:start + batch_size]
-        for clip, text in zip(batch, transcribe([c.audio for c in batch])):
-            problem = transcript_problem(text, len(clip.audio) / SAMPLE_RATE, clip.recording.spelled)
-            if problem is None and not normalize(text).strip():
-                problem = "no words"  # fillers only ("Mmm."): the normaliser leaves no word to train on
-            if problem:
-                refused.append({"id": f"{clip.recording.source}/{clip.clip_id}", "reason": problem, "text": text})
-            else:
-                records.append(write_clip(clip, text, out_dir, normalize))
+    for clip, text in transcripts(clips, transcribe, batch_size):
+        problem = transcript_problem(text, len(clip.audio) / SAMPLE_RATE, clip.recording.spelled)
+        if problem is None and not normalize(text).strip():
+            problem = "no words"  # fillers only ("Mmm."): the normaliser leaves no word to train on
+        if problem:
+            refused.append({"id": f"{clip.recording.source}/{clip.clip_id}", "reason": problem, "text": text})
+        else:
+            records.append(write_clip(clip, text, out_dir, normalize))
     write_jsonl_atomic(out_dir / "manifest.jsonl", records)
     (out_dir / "summary.json").write_text(json.dumps(summarize(records, refused), indent=2) + "\n")
     return records
+
+
+def transcripts(clips: list[Clip], transcribe: Callable[[Sequence[np.ndarray]], list[str]],
+                batch_size: int) -> Iterator[tuple[Clip, str]]:
+    """(clip, its words) in the clips' order: the package's own where it ships them, else Whisper's, in batches."""
+    unlabelled = [clip for clip in clips if clip.recording.transcript is None]
+    heard: dict[int, str] = {}
+    for start in range(0, len(unlabelled), batch_size):
+        batch = unlabelled[start:start + batch_size]
+        heard.update(zip(map(id, batch), transcribe([c.audio for c in batch])))
+    for clip in clips:
+        yield clip, clip.recording.transcript if clip.recording.transcript is not None else heard[id(clip)]
 
 
 def write_clip(clip: Clip, text: str, out_dir: Path, normalize: Callable[[str], str]) -> dict:
@@ -256,7 +287,8 @@ def write_clip(clip: Clip, text: str, out_dir: Path, normalize: Callable[[str], 
     sf.write(out_dir / relative, clip.audio, SAMPLE_RATE, subtype="PCM_16")
     return {"id": f"{source}/{clip.clip_id}", "audio": str(relative), "text": normalize(text), "text_raw": text,
             "duration": round(len(clip.audio) / SAMPLE_RATE, 3), "source": source,
-            "origin": clip.recording.origin, "pseudo_label": TRANSCRIBER}
+            "origin": clip.recording.origin,
+            "pseudo_label": TRANSCRIBER if clip.recording.transcript is None else SUBTITLES}
 
 
 def summarize(records: list[dict], refused: list[dict]) -> dict:

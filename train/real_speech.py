@@ -23,7 +23,7 @@ tuxpaint-stamps-default`):
               pinned): 11 s of J. F. Kennedy's inaugural address.
 - drascula    Debian `drascula`: the supporting cast of the game's voice acting (Drascula, Igor, B.J., Von
               Braun and five more; about 296 lines, 1-10 s), its subtitles as transcripts (train/drascula.py).
-              The hero's lines (`DRASCULA_TRAINING_SPEAKERS`) are left to training, so no voice is in both.
+              The hero's lines (`drascula.TRAINING_SPEAKERS`) are left to training, so no voice is in both.
 
 Output: DIR/wav/<source>/<id>.wav (16 kHz mono 16-bit), DIR/manifest.jsonl with one line per clip
 `{"id", "audio", "text", "text_raw", "duration", "source", "origin"}` (`text` Whisper-normalised as
@@ -73,8 +73,6 @@ KTUBERLING_SPELLING = {"fallingstar": "falling star", "palmtree": "palm tree", "
                        "sphynx": "sphinx"}
 APT_PACKAGE = {"librivox": "pocketsphinx-testdata", "cards": "pocketsphinx-testdata",
                "ktuberling": "ktuberling-data", "tuxpaint": "tuxpaint-stamps-default", "drascula": "drascula"}
-# Drascula's hero, John Hacker (the files without a speaker prefix): 446 lines by one actor, for training.
-DRASCULA_TRAINING_SPEAKERS = ("",)
 
 
 class SourceMissing(RuntimeError):
@@ -194,7 +192,7 @@ def jfk_recordings(fetch: Callable[[], Path] = fetch_jfk_sample) -> Iterator[Rec
 def drascula_recordings(game_dir: Path = drascula.DRASCULA_DIR) -> Iterator[Recording]:
     _require(game_dir / "drascula.dat", "drascula")
     for line in drascula.spoken_lines(game_dir):
-        if line.speaker not in DRASCULA_TRAINING_SPEAKERS:
+        if line.speaker not in drascula.TRAINING_SPEAKERS:
             yield Recording("drascula", f"{line.speaker}{line.number}", line.path, line.subtitle, line.read)
 
 
