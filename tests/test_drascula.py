@@ -103,3 +103,15 @@ def test_the_dev_set_takes_the_supporting_cast_and_leaves_the_hero_to_training(g
 def test_a_missing_game_is_named_with_how_to_install_it(tmp_path):
     with pytest.raises(SourceMissing, match="apt-get install drascula"):
         list(real_speech.drascula_recordings(tmp_path / "nowhere"))
+
+
+@pytest.mark.skipif(not (drascula.DRASCULA_DIR / "drascula.dat").is_file(), reason="needs apt-get install drascula")
+def test_the_installed_game_gives_every_speakers_lines_with_their_subtitles():
+    lines = list(drascula.spoken_lines())
+    hero = [line for line in lines if line.speaker in drascula.TRAINING_SPEAKERS]
+    assert len(lines) == 742 and len(hero) == 446
+    assert hero[0].subtitle == "THAT'S THE SECOND BIGGEST DOOR I'VE SEEN IN MY LIFE"
+    igor_asked = next(line for line in lines if (line.speaker, line.number) == ("D", 1))
+    assert igor_asked.subtitle == "HEY IGOR, HOW IS EVERYTHING GOING?"
+    audio, rate = sf.read(io.BytesIO(igor_asked.read()))
+    assert rate == SPEECH_SAMPLE_RATE and 2.0 < len(audio) / rate < 3.0
