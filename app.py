@@ -7,7 +7,7 @@ import signal
 import sys
 
 from blsp_chat import weights
-from blsp_chat.cli import add_context_option, positive_int
+from blsp_chat.cli import add_context_option, add_speech_search_option, positive_int
 from blsp_chat.weights import DTYPES
 
 # About 1.5 GB of KV cache for the CPU default (~46 KB a position); a 7B model in float16 needs ~0.5 MB a
@@ -23,6 +23,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                         help="default: bfloat16 on GPU, float32 on CPU")
+    add_speech_search_option(parser)
     parser.add_argument("--host",
                         default=os.environ.get("GRADIO_SERVER_NAME") or ("0.0.0.0" if on_space else "127.0.0.1"))
     parser.add_argument("--port", type=int,
@@ -61,7 +62,8 @@ def main(argv=None) -> None:
 
     args = parse_args(argv)
     auth = parse_auth(args.auth)  # before the model loads, so that a typo is reported at once
-    loaded = weights.load_pretrained(args.model, device=args.device, dtype=DTYPES.get(args.dtype))
+    loaded = weights.load_pretrained(args.model, device=args.device, dtype=DTYPES.get(args.dtype),
+                                     speech_search=args.speech_search)
     concurrency = args.concurrency or DEFAULT_CONCURRENCY
     demo = build_demo(loaded, max_audio_seconds=args.max_audio_seconds, concurrency=concurrency,
                       max_context_tokens=args.max_context_tokens, max_cached_tokens=args.max_cached_tokens)

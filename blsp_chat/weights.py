@@ -212,13 +212,37 @@ def untrained_default(dtype: torch.dtype) -> LoadedBlsp:
 
 
 def load_pretrained(name_or_path: str | None = None, *, device: str | None = None,
-                    dtype: torch.dtype | None = None) -> LoadedBlsp:
-    """Load a BLSP model: None for the offline default, a local directory, or a hub id."""
+                    dtype: torch.dtype | None = None, speech_search: str | None = None) -> LoadedBlsp:
+    """Load a BLSP model: None for the offline default, a local directory, or a hub id. `speech_search`
+    overrides how its "ctc" readout finds the word pieces heard (`choose_speech_search`)."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = dtype or (torch.bfloat16 if str(device).startswith("cuda") else torch.float32)
     loaded = _load_any(name_or_path, dtype)
+    choose_speech_search(loaded.model.config, speech_search)
     loaded.model.to(device)
     return loaded
+
+
+# How a "ctc" readout may find the word pieces heard (--speech-search).
+SPEECH_SEARCHES = ("fused", "greedy")
+
+
+def choose_speech_search(config: BlspConfig, search: str | None) -> None:
+    """"greedy": each adapter output's best label, with no LLM step before the prefill (on a CPU the fused
+    search delays a spoken turn's first token several times over, bench/README.md); "fused": beam search with
+    the LLM as language model, at the LM weight the checkpoint sets. None keeps the checkpoint's own choice."""
+    if search is None:
+        return
+    if search not in SPEECH_SEARCHES:
+        raise WeightsError(f"speech search must be one of {', '.join(SPEECH_SEARCHES)}, got {search!r}")
+    if config.speech_readout != "ctc":
+        raise WeightsError(f"this model reads speech as {config.speech_readout!r}, not through the ctc readout: "
+                           "it has no word pieces to search for")
+    if search == "greedy":
+        config.ctc_lm_weight = 0.0
+    elif config.ctc_lm_weight <= 0:
+        raise WeightsError("this checkpoint sets no LM weight for its readout (ctc_lm_weight 0), so it has no "
+                           "fused search; export it with --ctc-lm-weight to give it one")
 
 
 def _load_any(name_or_path: str | None, dtype: torch.dtype) -> LoadedBlsp:

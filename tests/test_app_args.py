@@ -40,6 +40,16 @@ def test_max_context_tokens_is_one_option_for_every_entry_point(capsys):
     assert "max-context-tokens" in capsys.readouterr().err
 
 
+def test_speech_search_is_one_option_for_every_entry_point(capsys):
+    assert app.parse_args([]).speech_search is None  # the checkpoint's own
+    assert app.parse_args(["--speech-search", "greedy"]).speech_search == "greedy"
+    for command in (["chat"], ["serve"], ["generate", "--text", "hi"]):
+        assert build_parser().parse_args([*command, "--speech-search", "fused"]).speech_search == "fused"
+    with pytest.raises(SystemExit):
+        app.parse_args(["--speech-search", "beam"])
+    assert "speech-search" in capsys.readouterr().err
+
+
 def test_cache_ceiling_has_a_default_and_refuses_nonsense():
     assert app.parse_args([]).max_cached_tokens == app.DEFAULT_MAX_CACHED_TOKENS
     assert app.parse_args(["--max-cached-tokens", "5000"]).max_cached_tokens == 5000

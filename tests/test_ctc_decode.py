@@ -12,8 +12,16 @@ import torch
 
 from blsp_chat.audio import load_audio
 from blsp_chat.ctc_decode import cached_lm, collapse_ctc, prefix_beam_search
+from blsp_chat.offline import WeightsError
 from blsp_chat.prefix_scorer import KvCachedPrefixScorer, _shared_reads
-from blsp_chat.readout import CTC_BEAM_LABELS, ctc_label_candidates, embedding_distance_logits, next_piece_log_probs
+from blsp_chat.readout import (
+    CTC_BEAM_LABELS,
+    ctc_label_candidates,
+    ctc_readout,
+    embedding_distance_logits,
+    next_piece_log_probs,
+)
+from blsp_chat.weights import choose_speech_search
 from tiny import VOCAB, blank_hearing_blsp, lively_lm_blsp, tiny_blsp, tone
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "assets" / "examples"
@@ -433,3 +441,32 @@ def test_the_default_model_reads_the_example_clips_as_full_rereading_does(defaul
         guard = RecordingGuard()  # as a chat session reads it: the lock taken per forward, not per clip
         (guarded,) = model.encode_speech([audio], guard=guard)
         assert torch.equal(guarded, speech) and guard.entered > 2, clip.name
+
+
+def test_a_greedy_speech_search_reads_out_without_the_llm_and_fused_keeps_the_checkpoints_search():
+    """--speech-search greedy: the readout is the greedy ctc one, and the LLM is not run before the prefill;
+    fused (or no choice) keeps the checkpoint's LM weight."""
+    audio = tone(2.0)
+    fused = tiny_blsp("none", speech_readout="ctc", ctc_blank_id=5, ctc_lm_weight=0.3, ctc_token_bonus=0.5)
+    choose_speech_search(fused.config, None)
+    choose_speech_search(fused.config, "fused")
+    assert fused.config.ctc_lm_weight == 0.3
+    greedy = tiny_blsp("none", speech_readout="ctc", ctc_blank_id=5, ctc_lm_weight=0.3, ctc_token_bonus=0.5)
+    choose_speech_search(greedy.config, "greedy")
+    llm_calls = []
+    greedy.llama_model.register_forward_hook(lambda *_: llm_calls.append(1))
+    (speech,) = greedy.encode_speech([audio])
+    raw = greedy.adapt_windows(greedy.encode_windows([audio]))[0]
+    table = greedy.llama_model.get_input_embeddings().weight
+    torch.testing.assert_close(speech, ctc_readout(raw, table, 5, greedy.config.ctc_readout_temperature))
+    assert not llm_calls
+
+
+@pytest.mark.parametrize("config, search, problem", [
+    (dict(speech_readout="ctc", ctc_blank_id=5), "fused", "no fused search"),
+    (dict(), "greedy", "not through the ctc readout"),
+    (dict(speech_readout="ctc", ctc_blank_id=5, ctc_lm_weight=0.3), "beam", "must be one of"),
+])
+def test_a_speech_search_the_checkpoint_cannot_do_is_refused(config, search, problem):
+    with pytest.raises(WeightsError, match=problem):
+        choose_speech_search(tiny_blsp("none", **config).config, search)
