@@ -353,3 +353,27 @@ def test_fallback_flag_turns_on_temperature_fallback_and_is_recorded(tmp_path):
     ev.evaluate(_text_items(2), settings, Engines(llm=FakeLlm()), tmp_path, progress=False)
     written = json.loads(next(tmp_path.glob("*.summary.json")).read_text())
     assert written["settings"]["generation"]["fallback_temperatures"] == [0.2, 0.4, 0.6, 0.8, 1.0]
+    assert written["settings"]["speech_search"] is None  # the checkpoint's own
+
+
+def test_a_speech_search_is_handed_to_the_loader_and_recorded(monkeypatch, tmp_path):
+    parser = ev.build_parser()
+    settings = ev.settings_from_args(parser.parse_args(["--task", "asr", "--manifest", "m.jsonl", "--system", "text",
+                                                        "--speech-search", "greedy"]))
+    assert settings.speech_search == "greedy"
+    seen = {}
+
+    class Loaded(Exception):
+        """Stands for the model: the test needs only what the loader was asked for."""
+
+    def load(name, device=None, speech_search=None):
+        seen.update(speech_search=speech_search)
+        raise Loaded
+
+    monkeypatch.setattr(ev, "load_pretrained", load)
+    with pytest.raises(Loaded):
+        ev.build_engines(parser.parse_args(["--task", "asr", "--manifest", "m.jsonl"]), settings)
+    assert seen == {"speech_search": "greedy"}
+    ev.evaluate(_text_items(1), settings, Engines(llm=FakeLlm()), tmp_path, progress=False)
+    written = json.loads(next(tmp_path.glob("*.summary.json")).read_text())
+    assert written["settings"]["speech_search"] == "greedy"

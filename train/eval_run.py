@@ -100,6 +100,7 @@ class EvalSettings:
     instruction: str | None = None     # overrides the task's instruction (an item's own wins)
     options: GenerationOptions = field(default_factory=GenerationOptions)
     comet_model: str | None = None
+    speech_search: str | None = None   # the readout's search chosen at load (None: the checkpoint's own)
     spelling_mapping: dict = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 

@@ -88,7 +88,8 @@ def summarize(records: Sequence[dict], settings: EvalSettings, verdicts: dict | 
         "task": settings.task, "system": settings.system, "label": settings.row_label, "model": settings.model,
         "dataset": settings.dataset, "items": len(records), "failed": failed, **scored, "notes": notes,
         "settings": {"batch_size": settings.batch_size, "target_language": settings.target_language,
-                     "instruction": settings.instruction, "generation": dataclasses.asdict(settings.options)},
+                     "instruction": settings.instruction, "speech_search": settings.speech_search,
+                     "generation": dataclasses.asdict(settings.options)},
     }
 
 

@@ -54,7 +54,7 @@ import torch
 
 from blsp_chat.config import CONFIG_NAME, BlspConfig, GenerationOptions
 from blsp_chat.constants import FALLBACK_TEMPERATURES, SNIPS_LIGHT_INTENTS
-from blsp_chat.weights import DEFAULT_ADAPTER_DIR, DEFAULT_WHISPER, load_pretrained, resolve_base
+from blsp_chat.weights import DEFAULT_ADAPTER_DIR, DEFAULT_WHISPER, SPEECH_SEARCHES, load_pretrained, resolve_base
 
 from . import metrics
 from .eval_compare import compare_table, load_summaries
@@ -105,6 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--fallback", action="store_true",
                         help="decode a looping LLM reply again at rising temperature (0.2 ... 1.0), as openai/whisper "
                              "does and as the whisper system always does; default: greedy only, as in the paper")
+    parser.add_argument("--speech-search", choices=SPEECH_SEARCHES, default=None,
+                        help="blsp/text/cascade: the readout's search, fused or greedy (default: the checkpoint's own)")
     parser.add_argument("--device", default=None)
     parser.add_argument("--whisper", default=None, help="cascade/whisper: Whisper to use (default: the BLSP config's)")
     parser.add_argument("--comet-model", default=None, help="st: a local COMET checkpoint (needs unbabel-comet)")
@@ -125,7 +127,7 @@ def settings_from_args(args: argparse.Namespace) -> EvalSettings:
         target_language=args.target_language, labels=labels, instruction=args.instruction,
         options=GenerationOptions(max_new_tokens=max_new,
                                   fallback_temperatures=FALLBACK_TEMPERATURES[1:] if args.fallback else ()),
-        comet_model=args.comet_model,
+        comet_model=args.comet_model, speech_search=args.speech_search,
     )
 
 
@@ -154,7 +156,7 @@ def build_engines(args: argparse.Namespace, settings: EvalSettings) -> Engines:
     engines = Engines()
     loaded = None
     if settings.system != "whisper":
-        loaded = load_pretrained(args.model, device=args.device)
+        loaded = load_pretrained(args.model, device=args.device, speech_search=settings.speech_search)
         engines.llm = LlmRunner(loaded, settings.options)
         if settings.system == "blsp" and not loaded.adapter_trained:
             settings.notes.append("the adapter is untrained: BLSP results on speech are a chance baseline")
