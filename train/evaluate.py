@@ -106,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="decode a looping LLM reply again at rising temperature (0.2 ... 1.0), as openai/whisper "
                              "does and as the whisper system always does; default: greedy only, as in the paper")
     parser.add_argument("--speech-search", choices=SPEECH_SEARCHES, default=None,
-                        help="blsp/text/cascade: the readout's search, fused or greedy (default: the checkpoint's own)")
+                        help="blsp: the readout's search, fused or greedy (default: the checkpoint's own)")
     parser.add_argument("--device", default=None)
     parser.add_argument("--whisper", default=None, help="cascade/whisper: Whisper to use (default: the BLSP config's)")
     parser.add_argument("--comet-model", default=None, help="st: a local COMET checkpoint (needs unbabel-comet)")
