@@ -199,11 +199,13 @@ def excluded_digests(manifests: Sequence[Path]) -> set[str]:
     return digests
 
 
-def transcript_problem(text: str, seconds: float, spelled: str | None = None) -> str | None:
-    """Why a pseudo label is not trusted, or None: no words, a loop, a rate no speaker has, or words that do not
-    spell what the file's name says was said."""
+def transcript_problem(text: str, seconds: float, spelled: str | None = None,
+                       normalize: Callable[[str], str] | None = None) -> str | None:
+    """Why a pseudo label is not trusted, or None: no words (none left by `normalize` either: fillers only,
+    "Mmm.", would make an empty training line), a loop, a rate no speaker has, or words that do not spell what
+    the file's name says was said."""
     words = re.findall(r"[A-Za-z0-9']+", text)
-    if not words:
+    if not words or (normalize is not None and not normalize(text).strip()):
         return "no words"
     if spelled is not None and letters_of(text) != spelled:
         return "not its file name"
@@ -256,9 +258,7 @@ def build(out_dir: Path, sources: dict[str, Callable[[], Iterator[UnlabelledReco
                     clips.append(clip)
     records = []
     for clip, text in transcripts(clips, transcribe, batch_size):
-        problem = transcript_problem(text, len(clip.audio) / SAMPLE_RATE, clip.recording.spelled)
-        if problem is None and not normalize(text).strip():
-            problem = "no words"  # fillers only ("Mmm."): the normaliser leaves no word to train on
+        problem = transcript_problem(text, len(clip.audio) / SAMPLE_RATE, clip.recording.spelled, normalize)
         if problem:
             refused.append({"id": f"{clip.recording.source}/{clip.clip_id}", "reason": problem, "text": text})
         else:
