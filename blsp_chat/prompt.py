@@ -6,6 +6,10 @@ Templates are data. `blsp` is the released format (paper section 3):
 with EOS after the final response when training. `chat` is the LLM's own chat template, read off the
 tokenizer. Every text piece is tokenised on its own without special tokens, so appending a turn only
 appends tokens: the rendering of a history is a prefix of the rendering of the history plus a new turn.
+
+Content never spells structure: whatever a user, a system message, a transcript or a client-sent reply holds,
+the rendered ids hold exactly the turns the history holds (`neutral_text`). Training renders through here too,
+so training data and serving follow the same rule.
 """
 from __future__ import annotations
 
@@ -32,6 +36,13 @@ Role = Literal["human", "assistant"]
 # End-of-text spellings of common LLM families; any present in the vocabulary ends a reply.
 END_OF_TEXT_TOKENS = ("</s>", "<|endoftext|>", "<|im_end|>", "<|eot_id|>", "<|end|>")
 _SENTINELS = ("\x00U1\x00", "\x00A1\x00", "\x00U2\x00")
+# Breaks a role marker or special-token string inside content. Why a zero-width space after the marker's first
+# character: the ids of a marker can only come from its exact string (the tokenizer reads text left to right and
+# a byte-level or sentencepiece decoder concatenates), so once no content holds the string, no content holds
+# the ids; the break is invisible where the text is shown again, the rest of the text tokenises as before, and
+# genuine turns (no marker inside) render exactly as they always did. Replacing characters with look-alikes
+# would change what people see in their own message, and refusing such text would refuse e.g. a pasted log.
+MARKER_BREAK = "\u200b"
 
 
 @dataclass(frozen=True)
@@ -65,6 +76,13 @@ class PromptTemplate:
     human_suffix: str
     between_turns: str
     add_bos: bool  # prepend the tokenizer's own BOS (the blsp format does; chat templates write theirs)
+
+    @property
+    def role_markers(self) -> tuple[str, ...]:
+        """The strings that open and close a turn (without the whitespace around them): content must never
+        hold one."""
+        pieces = (self.first_human_prefix, self.human_suffix, self.between_turns)
+        return tuple(dict.fromkeys(piece.strip() for piece in pieces if piece.strip()))
 
 
 BLSP_TEMPLATE = PromptTemplate(
@@ -121,6 +139,32 @@ def _tokens(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False).input_ids if text else []
 
 
+def special_strings(tokenizer: PreTrainedTokenizerBase) -> list[str]:
+    """The strings a tokenizer reads as one special id even with add_special_tokens=False (BOS, EOS,
+    `<|im_start|>`, ...): typed into content they would inject structure."""
+    added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+    return [t.content for t in added.values() if t.special and t.content] + list(tokenizer.all_special_tokens)
+
+
+def neutral_text(text: str, markers: Sequence[str]) -> str:
+    """`text` with every occurrence of each marker broken by MARKER_BREAK after its first character; repeated
+    until none is left (a marker that overlaps itself can reappear once its first occurrence is broken)."""
+    for marker in sorted(set(markers), key=len, reverse=True):
+        if len(marker) < 2:
+            continue
+        broken = marker[0] + MARKER_BREAK + marker[1:]
+        while marker in text:
+            text = text.replace(marker, broken)
+    return text
+
+
+def _content_tokens(tokenizer: PreTrainedTokenizerBase, template: PromptTemplate, text: str,
+                    opening: str = "") -> list[int]:
+    """`opening` (template text) + content, tokenised together as before, the content unable to spell a
+    role marker or a special token."""
+    return _tokens(tokenizer, opening + neutral_text(text, (*template.role_markers, *special_strings(tokenizer))))
+
+
 def bos_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
     """What the tokenizer itself puts in front of a text (Llama: [BOS]; SmolLM2, Qwen: nothing)."""
     return tokenizer("").input_ids
@@ -146,11 +190,14 @@ def render(
         if turn.role == "human":
             opening = template.first_human_prefix if index == 0 else template.between_turns
             words = " ".join(part for part in (turn.instruction, turn.text) if part)
-            out.add(_tokens(tokenizer, opening + words))
+            out.add(_content_tokens(tokenizer, template, words, opening))
             out.add([placeholder] * turn.speech_tokens, speech=True)
             out.add(_tokens(tokenizer, template.human_suffix))
         else:
-            ids = list(turn.token_ids) if turn.token_ids is not None else _tokens(tokenizer, turn.text)
+            # Ids the model generated are kept as they are (the reply ended at a stop string or EOS); a reply
+            # given as text (an API client's history) is content like any other.
+            given = turn.token_ids
+            ids = list(given) if given is not None else _content_tokens(tokenizer, template, turn.text)
             out.add(ids, learn=True)
     if add_eos and turns and turns[-1].role == "assistant":
         out.add([tokenizer.eos_token_id], learn=True)
