@@ -63,3 +63,29 @@ class Bottleneck(nn.Module):
         return x + self.fc2(nn.functional.gelu(self.fc1(x)))
 
 
+
+
+class ContextEncoder(nn.Module):
+    """Pre-norm transformer layers over the subsampled frames: (B, T', d) -> (B, T', d).
+
+    The convolutions see 5 frames a layer; a word's sound spans more, and which word piece a frame carries
+    depends on its neighbours. Self-attention lets every output see the whole window. No positional table
+    is added: Whisper's frames already carry their absolute positions. Padding frames are masked out of
+    attention and zeroed on the way out, so a clip in a padded batch gives what it gives alone.
+    """
+
+    def __init__(self, dim: int, num_layers: int, num_heads: int, ffn_dim: int, dropout: float = 0.1):
+        super().__init__()
+        self.layers = nn.ModuleList(
+            nn.TransformerEncoderLayer(dim, num_heads, ffn_dim, dropout=dropout, activation="gelu",
+                                       batch_first=True, norm_first=True)
+            for _ in range(num_layers)
+        )
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """x (B, T', d), lengths (B,) -> (B, T', d) with zeros past each row's length."""
+        padding = torch.arange(x.shape[1], device=x.device)[None, :] >= lengths.to(x.device)[:, None]
+        for layer in self.layers:
+            x = layer(x, src_key_padding_mask=padding)
+        return self.norm(x).masked_fill(padding[..., None], 0.0)

@@ -27,6 +27,11 @@ class BlspConfig:
     llama_config: dict[str, Any]
     conv_kernel_sizes: str = "5,5,5"
     adapter_inner_dim: int = 512
+    # Transformer layers between the subsampler and the bottleneck (adapter.ContextEncoder), so each output
+    # sees the whole window. 0 is the released BLSP adapter (no such layers, no such weights).
+    adapter_context_layers: int = 0
+    adapter_context_heads: int = 8
+    adapter_context_ffn_dim: int = 1152
     # "30s" pads every window to 30 s as the release does; "none" encodes only the real frames.
     # Training and decoding must agree, so inference follows what the adapter was trained with.
     encoder_padding: EncoderPadding = "30s"
@@ -71,6 +76,10 @@ class BlspConfig:
             value = getattr(self, name)
             if value is not None and not value <= 0:
                 raise ValueError(f"{name} is a log-probability (<= 0) or None, got {value}")
+        if self.adapter_context_layers < 0 or self.adapter_context_heads < 1 or self.adapter_context_ffn_dim < 1:
+            raise ValueError("adapter_context_layers must be >= 0, adapter_context_heads and adapter_context_ffn_dim "
+                             f">= 1; got {self.adapter_context_layers}, {self.adapter_context_heads}, "
+                             f"{self.adapter_context_ffn_dim}")
         if not self.kernel_sizes:
             raise ValueError("conv_kernel_sizes must name at least one kernel size, e.g. '5,5,5'")
 

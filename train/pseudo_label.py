@@ -1,7 +1,7 @@
 """Pseudo-labelled real speech for training: recordings of people without transcripts, transcribed by Whisper.
 
     python -m train.pseudo_label --out-dir data/pseudo_real \
-        [--sources warzone,hedgewars,moonshine,whisper_cpp,steelsky,drascula]
+        [--sources warzone,hedgewars,moonshine,whisper_cpp,steelsky,drascula,queen]
         [--exclude-manifest data/real_dev/manifest.jsonl] [--whisper DIR] [--max-segment-seconds 20]
 
 Synthetic voices teach the adapter synthetic voices (train/results/natural_voices_leg.md); these are people.
@@ -22,6 +22,9 @@ Sources, none of them in the real-speech dev set (train/real_speech.py):
 - drascula     Debian `drascula`: the hero's 446 lines of the game's voice acting (train/drascula.py). These
                come with their words: the game's subtitles are their transcripts, and Whisper is not asked.
                The rest of the cast is in the dev set.
+- queen        Debian `flight-of-the-amazon-queen`: Flight of the Amazon Queen's dialogue lines by Joe and the
+               cast but the dev set's actors (train/queen.py: 3,289 lines by ten actors), labelled with the
+               game's own text like drascula's. The held-out actors' lines are never taken.
 Recordings longer than `--max-segment-seconds` are cut at pauses by the Silero VAD (blsp_chat.voice.vad);
 one whose words are shipped is refused instead, as its words cannot be shared out among the parts.
 Whisper tiny.en's own decoder (openai/whisper's fallback decoding, as train.evaluate runs it) transcribes
@@ -56,8 +59,9 @@ from blsp_chat.audio import AudioError, load_audio
 from blsp_chat.constants import SAMPLE_RATE
 from blsp_chat.offline import cache_dir, default_whisper_dir
 from blsp_chat.voice.vad import TURN_END, TurnOptions, detect_turns
+from blsp_chat.weights import resolve_base
 
-from . import drascula, steel_sky
+from . import drascula, queen, steel_sky
 from .eval_run import WhisperTranscriber
 from .generate_continuations import is_looping
 from .io import read_jsonl_tolerant, write_jsonl_atomic
@@ -165,9 +169,19 @@ def drascula_recordings(game_dir: Path = drascula.DRASCULA_DIR) -> Iterator[Unla
                                       transcript=line.subtitle)
 
 
+def queen_recordings(game_dir: Path = queen.QUEEN_DIR) -> Iterator[UnlabelledRecording]:
+    if not (game_dir / queen.QUEEN_FILE).is_file():
+        raise SourceMissing(f"queen: {game_dir} not found; install it with `apt-get install {queen.APT_PACKAGE}`")
+    for line in queen.spoken_lines(game_dir):
+        if line.split == queen.TRAINING:  # never a held-out actor's line, nor one whose actor is not known
+            yield UnlabelledRecording("queen", line.clip, f"{line.path}:{line.clip}.SB", line.read,
+                                      transcript=line.subtitle)
+
+
 SOURCES: dict[str, Callable[[], Iterator[UnlabelledRecording]]] = {
     "warzone": warzone_recordings, "hedgewars": hedgewars_recordings, "moonshine": moonshine_recordings,
     "whisper_cpp": whisper_cpp_recordings, "steelsky": steel_sky_recordings, "drascula": drascula_recordings,
+    "queen": queen_recordings,
 }
 SUBTITLES = "subtitles"  # the labeller of the clips whose package ships their words
 
@@ -239,9 +253,11 @@ def clips_of(recording: UnlabelledRecording, max_segment_seconds: float, vad=Non
 
 def build(out_dir: Path, sources: dict[str, Callable[[], Iterator[UnlabelledRecording]]],
           transcribe: Callable[[Sequence[np.ndarray]], list[str]], *, exclude: set[str] = frozenset(),
-          max_segment_seconds: float = 20.0, batch_size: int = 16, vad=None) -> list[dict]:
+          max_segment_seconds: float = 20.0, batch_size: int = 16, vad=None,
+          transcriber: str = TRANSCRIBER) -> list[dict]:
     """Every recording of the sources, cut, transcribed and checked; the kept clips written under out_dir
-    with manifest.jsonl, and summary.json with what was refused and why."""
+    with manifest.jsonl, and summary.json with what was refused and why. `transcriber` names the Whisper
+    that labels them, as each line's `pseudo_label` records it."""
     normalize, _ = english_normalizer()
     clips, refused = [], []
     for name, recordings in sources.items():
@@ -262,7 +278,7 @@ def build(out_dir: Path, sources: dict[str, Callable[[], Iterator[UnlabelledReco
         if problem:
             refused.append({"id": f"{clip.recording.source}/{clip.clip_id}", "reason": problem, "text": text})
         else:
-            records.append(write_clip(clip, text, out_dir, normalize))
+            records.append(write_clip(clip, text, out_dir, normalize, transcriber))
     write_jsonl_atomic(out_dir / "manifest.jsonl", records)
     (out_dir / "summary.json").write_text(json.dumps(summarize(records, refused), indent=2) + "\n")
     return records
@@ -280,7 +296,8 @@ def transcripts(clips: list[Clip], transcribe: Callable[[Sequence[np.ndarray]], 
         yield clip, clip.recording.transcript if clip.recording.transcript is not None else heard[id(clip)]
 
 
-def write_clip(clip: Clip, text: str, out_dir: Path, normalize: Callable[[str], str]) -> dict:
+def write_clip(clip: Clip, text: str, out_dir: Path, normalize: Callable[[str], str],
+               transcriber: str = TRANSCRIBER) -> dict:
     source = clip.recording.source
     relative = Path("wav") / source / f"{clip.clip_id}.wav"
     (out_dir / relative).parent.mkdir(parents=True, exist_ok=True)
@@ -288,7 +305,7 @@ def write_clip(clip: Clip, text: str, out_dir: Path, normalize: Callable[[str], 
     return {"id": f"{source}/{clip.clip_id}", "audio": str(relative), "text": normalize(text), "text_raw": text,
             "duration": round(len(clip.audio) / SAMPLE_RATE, 3), "source": source,
             "origin": clip.recording.origin,
-            "pseudo_label": TRANSCRIBER if clip.recording.transcript is None else SUBTITLES}
+            "pseudo_label": transcriber if clip.recording.transcript is None else SUBTITLES}
 
 
 def summarize(records: list[dict], refused: list[dict]) -> dict:
@@ -305,7 +322,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sources", default=",".join(SOURCES), help="comma-separated, from: " + ", ".join(SOURCES))
     parser.add_argument("--exclude-manifest", type=Path, action="append", default=[],
                         help="a manifest (the real-speech dev set) whose clips must not be taken; repeatable")
-    parser.add_argument("--whisper", help="Whisper checkpoint to transcribe with (default: the offline tiny.en)")
+    parser.add_argument("--whisper", help="Whisper checkpoint to transcribe with: a directory or an offline: name "
+                                          "such as offline:whisper-base (default: the offline tiny.en)")
     parser.add_argument("--max-segment-seconds", type=float, default=20.0)
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
@@ -316,11 +334,12 @@ def main(argv: list[str] | None = None) -> int:
     if not 1.0 <= args.max_segment_seconds <= 30.0:
         parser.error("--max-segment-seconds must be between 1 and 30 (Whisper hears 30 s at once)")
     # English words average well under two tokens: a transcript longer than this is refused for its rate anyway.
-    transcribe = WhisperTranscriber(args.whisper or str(default_whisper_dir()), device=args.device,
-                                    max_tokens_per_second=2 * MAX_WORDS_PER_SECOND)
+    whisper = resolve_base(args.whisper) if args.whisper else str(default_whisper_dir())
+    transcribe = WhisperTranscriber(whisper, device=args.device, max_tokens_per_second=2 * MAX_WORDS_PER_SECOND)
     try:
         records = build(args.out_dir, {name: SOURCES[name] for name in names}, transcribe,
-                        exclude=excluded_digests(args.exclude_manifest), max_segment_seconds=args.max_segment_seconds)
+                        exclude=excluded_digests(args.exclude_manifest), max_segment_seconds=args.max_segment_seconds,
+                        transcriber=Path(whisper).name)
     except SourceMissing as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

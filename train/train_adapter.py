@@ -96,7 +96,9 @@ def build_model(section: ModelSection):
     config = BlspConfig.from_base_configs(
         encoder.config, llm.config, conv_kernel_sizes=section.conv_kernel_sizes,
         adapter_inner_dim=section.adapter_inner_dim, encoder_padding=section.encoder_padding,
-        prompt_template=section.prompt_template, whisper_name_or_path=section.whisper, llm_name_or_path=section.llm)
+        adapter_context_layers=section.adapter_context_layers, adapter_context_heads=section.adapter_context_heads,
+        adapter_context_ffn_dim=section.adapter_context_ffn_dim, prompt_template=section.prompt_template,
+        whisper_name_or_path=section.whisper, llm_name_or_path=section.llm)
     torch.manual_seed(section.seed)
     model = BlspModel(config, whisper_encoder=encoder, llm=llm, feature_extractor=extractor).to(dtype)
     return LoadedBlsp(model, tokenizer, "training", adapter_trained=False)
