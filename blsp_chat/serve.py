@@ -1,9 +1,10 @@
 """OpenAI-compatible HTTP API over an engine: `python -m blsp_chat serve`.
 
-Routes: `POST /v1/chat/completions` (text and `input_audio` parts in any user turn, streamed as server-sent
-events on request), `GET /v1/models`, `POST /v1/audio/transcriptions` (the repeat instruction on an uploaded
-file). The web layer only adapts: it turns an OpenAI request into `EngineTurn`s (text and decoded audio) and
-`GenerationOptions`, checks the server's limits, and writes the engine's chunks as OpenAI's JSON.
+Routes (all behind `--api-key` when one is set, except `GET /health`): `POST /v1/chat/completions` (text and
+`input_audio` parts in any user turn, streamed as server-sent events on request), `GET /v1/models`,
+`POST /v1/audio/transcriptions` (the repeat instruction on an uploaded file). The web layer only adapts: it
+turns an OpenAI request into `EngineTurn`s (text and decoded audio) and `GenerationOptions`, checks the
+server's limits, and writes the engine's chunks as OpenAI's JSON.
 
 The engine is one seam (`Engine`): `InProcessEngine` runs a fresh `ChatSession` per request on the shared
 model (its own history and KV cache, so requests cannot see each other; forward passes take turns under the
@@ -25,10 +26,10 @@ from typing import TYPE_CHECKING, Any, Iterator, Literal, Protocol, Sequence
 
 import numpy as np
 import torch
-from fastapi import Depends, FastAPI, File, Form, Request, UploadFile
+from fastapi import FastAPI, File, Form, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .audio import DEFAULT_MAX_AUDIO_SECONDS, AudioError, load_audio
@@ -50,6 +51,8 @@ DEFAULT_MAX_TOKENS = GenerationOptions().max_new_tokens  # when a request names 
 MAX_TEMPERATURE = 2.0                    # OpenAI's range is [0, 2]
 MAX_STOP_SEQUENCES = 4                   # OpenAI accepts up to four stop strings
 SSE_DONE = "data: [DONE]\n\n"
+SEED_RANGE = (-(1 << 63), (1 << 63) - 1)  # a signed 64-bit integer, as OpenAI documents `seed`
+HEALTH_ROUTE = "/health"                   # the one route open without the API key (load balancers probe it)
 # How the engine's reply ended -> OpenAI's finish_reason.
 FINISH_REASONS = {"eos": "stop", "stop_string": "stop", "max_new_tokens": "length", "cancelled": "stop"}
 NO_SPEECH_HEARD = "no_speech_heard"         # error code of a clip in which the model heard no words
@@ -197,7 +200,7 @@ class ChatCompletionRequest(BaseModel):
     temperature: float | None = None
     top_p: float | None = None
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
     stream: bool | None = None
     stream_options: dict[str, Any] | None = None
     n: int | None = None
@@ -248,7 +251,7 @@ def stop_sequences(stop: str | list[str] | None) -> list[str]:
         raise bad_request(f"at most {MAX_STOP_SEQUENCES} stop sequences, got {len(stops)}", "stop")
     if any(not s for s in stops):
         raise bad_request("stop sequences must not be empty", "stop")
-    return stops
+    return [checked_text(s, "stop") for s in stops]
 
 
 # --- messages -> turns ---------------------------------------------------------------------------------
@@ -296,10 +299,28 @@ def _merge_human(first: EngineTurn, second: EngineTurn, where: str) -> EngineTur
 
 def _text_only(content: Any, where: str) -> str:
     if isinstance(content, str):
-        return content
+        return checked_text(content, f"{where}.content")
     if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text" for p in content):
-        return " ".join(str(p.get("text", "")) for p in content)
+        return " ".join(text_part(p, f"{where}.content[{i}]") for i, p in enumerate(content))
     raise bad_request(f"{where}: this message's content must be text", f"{where}.content")
+
+
+def text_part(part: dict, where: str) -> str:
+    """A {"type": "text", "text": ...} part's text: a string, or the request is refused (never its repr)."""
+    text = part.get("text")
+    if not isinstance(text, str):
+        raise bad_request(f"{where}.text must be a string, got {type(text).__name__}", f"{where}.text")
+    return checked_text(text, f"{where}.text")
+
+
+def checked_text(text: str, where: str) -> str:
+    """JSON can carry a lone surrogate (\\ud800) that no tokenizer can encode: refuse it as the client's mistake."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise bad_request(f"{where} is not valid Unicode text: {err.reason} at position {err.start}", where,
+                          code="invalid_text") from err
+    return text
 
 
 def parse_content(content: Any, where: str, limits: ServerLimits) -> tuple[str, np.ndarray | None]:
@@ -307,7 +328,7 @@ def parse_content(content: Any, where: str, limits: ServerLimits) -> tuple[str, 
     if isinstance(content, str):
         if not content.strip():
             raise bad_request(f"{where} is empty: send text or an input_audio part", f"{where}.content")
-        return content, None
+        return checked_text(content, f"{where}.content"), None
     if not isinstance(content, list) or not content:
         raise bad_request(f"{where}.content must be a string or a list of content parts", f"{where}.content")
     texts, audios = [], []
@@ -315,7 +336,7 @@ def parse_content(content: Any, where: str, limits: ServerLimits) -> tuple[str, 
         at = f"{where}.content[{index}]"
         kind = part.get("type") if isinstance(part, dict) else None
         if kind == "text":
-            texts.append(str(part.get("text", "")))
+            texts.append(text_part(part, at))
         elif kind == "input_audio":
             audios.append(decode_input_audio(part.get("input_audio"), f"{at}.input_audio", limits))
         elif kind == "audio_url":
@@ -498,18 +519,27 @@ class BodyLimit:
         await error.response()(scope, receive, send)
 
 
-def bearer_auth(api_key: str | None):
-    """A dependency that refuses requests without `Authorization: Bearer <api_key>` (none: open)."""
+class BearerAuth:
+    """ASGI middleware: every request but `GET /health` must carry `Authorization: Bearer <api_key>`. The
+    outermost layer, so that the key is checked before anything reads the body (a client without it learns
+    nothing from a 400 or 413) and no route, the docs and the schema included, is open by mistake."""
 
-    async def check(request: Request) -> None:
-        if api_key is None:
-            return
-        scheme, _, given = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), api_key.encode()):
-            raise ApiError(401, "missing or incorrect API key: send it as 'Authorization: Bearer <key>'",
-                           code="invalid_api_key")
+    def __init__(self, app, api_key: str):
+        self.app, self.api_key = app, api_key.encode()
 
-    return check
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or self._allowed(scope):
+            return await self.app(scope, receive, send)
+        error = ApiError(401, "missing or incorrect API key: send it as 'Authorization: Bearer <key>'",
+                         code="invalid_api_key")
+        await error.response()(scope, receive, send)
+
+    def _allowed(self, scope) -> bool:
+        if scope.get("path") == HEALTH_ROUTE and scope.get("method") in ("GET", "HEAD"):
+            return True
+        header = dict(scope.get("headers") or []).get(b"authorization", b"")
+        scheme, _, given = header.partition(b" ")
+        return scheme.lower() == b"bearer" and hmac.compare_digest(given.strip(), self.api_key)
 
 
 def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -533,8 +563,10 @@ def _server_error(request: Request, exc: Exception) -> JSONResponse:
 
 def create_app(engine: Engine, *, limits: ServerLimits = ServerLimits(), api_key: str | None = None) -> FastAPI:
     """The API over `engine`. `api_key`: every request must carry it as a Bearer token (None: open)."""
-    app = FastAPI(title="blsp-chat OpenAI-compatible API", dependencies=[Depends(bearer_auth(api_key))])
+    app = FastAPI(title="blsp-chat OpenAI-compatible API")
     app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes)
+    if api_key is not None:
+        app.add_middleware(BearerAuth, api_key=api_key)  # added last: the outermost layer, before BodyLimit
     app.add_exception_handler(ApiError, lambda request, exc: exc.response())
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
@@ -563,6 +595,10 @@ def create_app(engine: Engine, *, limits: ServerLimits = ServerLimits(), api_key
             return completion_body(reply, stops, engine.model_id)
         except Exception as err:
             raise generation_failed(err) from err
+
+    @app.get(HEALTH_ROUTE)
+    def health() -> dict:
+        return {"status": "ok"}
 
     @app.get("/v1/models")
     def list_models() -> dict:

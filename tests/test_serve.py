@@ -6,6 +6,7 @@ server answer a spoken turn identically.
 """
 import base64
 import io
+import json
 import os
 import socket
 import subprocess
@@ -311,6 +312,10 @@ BAD_REQUESTS = {
     "wrong type": ({"max_tokens": "many"}, 400, "invalid_value", "max_tokens"),
     "body too large": ({"messages": [{"role": "user", "content": "x" * (LIMITS.max_body_bytes + 1)}]}, 413,
                        "request_too_large", None),
+    "seed over 64 bits": ({"seed": 1 << 64}, 400, "invalid_value", "seed"),
+    "seed under 64 bits": ({"seed": -(1 << 63) - 1}, 400, "invalid_value", "seed"),
+    "a text part that is not a string": ({"messages": [{"role": "user", "content": [
+        {"type": "text", "text": {"not": "a string"}}]}]}, 400, "invalid_value", "messages[0].content[0].text"),
 }
 
 
@@ -323,6 +328,27 @@ def test_bad_input_gets_its_4xx_and_the_server_goes_on(client, name):
     error = caught.value
     assert (error.status_code, error.code) == (status, code), error.body
     assert error.param == param and error.type == "invalid_request_error" and error.message
+    assert chat(client, TYPED).choices[0].message.content, "the next request is answered"
+
+
+LONE_SURROGATES = {
+    "messages[0].content": [{"role": "user", "content": "hi \ud800"}],
+    "messages[0].content[0].text": [{"role": "system", "content": [{"type": "text", "text": "\udfff"}]}, *TYPED],
+    "messages[1].content": [*TYPED, {"role": "assistant", "content": "\ud800"}, *TYPED],
+    "stop": TYPED,
+}
+
+
+@pytest.mark.parametrize("param", list(LONE_SURROGATES))
+def test_a_lone_surrogate_is_the_clients_mistake(url, client, param):
+    """JSON may escape a lone surrogate (the openai client cannot even send one); no tokenizer encodes it."""
+    request = {"model": MODEL, "messages": LONE_SURROGATES[param], "max_tokens": MAX_TOKENS}
+    if param == "stop":
+        request["stop"] = ["\ud800"]
+    body = json.dumps(request).encode()  # ensure_ascii: the surrogate travels as "\\ud800"
+    response = httpx.post(f"{url}/chat/completions", content=body, headers={"content-type": "application/json"})
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["code"] == "invalid_text" and response.json()["error"]["param"] == param
     assert chat(client, TYPED).choices[0].message.content, "the next request is answered"
 
 
@@ -358,6 +384,27 @@ def test_api_key_is_enforced(loaded):
         anonymous = httpx.get(f"{base}/models")
         assert anonymous.status_code == 401 and anonymous.json()["error"]["code"] == "invalid_api_key"
         assert chat(make_client(base, "s3cret"), TYPED).choices[0].message.content
+
+
+def test_api_key_covers_every_route_and_comes_before_the_body(loaded):
+    """The docs and the schema need the key too, and a client without it learns nothing from its body: 401, not
+    the 400 of invalid JSON or the 413 of a body over the limit. Only /health is open."""
+    app = create_app(InProcessEngine(loaded, MODEL, max_context_tokens=CONTEXT), limits=LIMITS, api_key="s3cret")
+    with running(app) as base:
+        root = base.removesuffix("/v1")
+        for route in ("/docs", "/redoc", "/openapi.json", "/docs/oauth2-redirect", "/v1/models", "/no/such/route"):
+            response = httpx.get(root + route)
+            assert response.status_code == 401, route
+            assert response.json()["error"]["code"] == "invalid_api_key"
+        json_headers = {"content-type": "application/json"}
+        bad_json = httpx.post(f"{base}/chat/completions", content=b"{not json", headers=json_headers)
+        huge = httpx.post(f"{base}/chat/completions", content=b"x" * (2 * LIMITS.max_body_bytes), headers=json_headers)
+        assert (bad_json.status_code, huge.status_code) == (401, 401)
+        assert httpx.get(f"{root}/health").json() == {"status": "ok"}
+        keyed = {"Authorization": "Bearer s3cret"}
+        assert httpx.get(f"{root}/openapi.json", headers=keyed).status_code == 200
+        assert httpx.post(f"{base}/chat/completions", content=b"{not json", headers={**json_headers, **keyed}
+                          ).status_code == 400
 
 
 # --- the real default model: generate, the app and the server agree ------------------------------------------
