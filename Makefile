@@ -3,8 +3,9 @@
 VENV ?= .venv
 PYTHON ?= python3
 PY := $(VENV)/bin/python
-# Real speech for the tests (a TTS voice, sox, LibriVox recordings with transcripts, spoken words) and a browser.
-APT_TEST_PACKAGES := espeak-ng sox libsox-fmt-all pocketsphinx-testdata ktuberling-data chromium
+# Real speech for the tests (a TTS voice, sox, LibriVox recordings with transcripts, spoken words, a game's voice
+# acting) and a browser.
+APT_TEST_PACKAGES := espeak-ng sox libsox-fmt-all pocketsphinx-testdata ktuberling-data chromium flight-of-the-amazon-queen
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: test system-deps run

@@ -24,6 +24,10 @@ tuxpaint-stamps-default`):
 - drascula    Debian `drascula`: the supporting cast of the game's voice acting (Drascula, Igor, B.J., Von
               Braun and five more: 296 lines, 0.5-13 s), its subtitles as transcripts (train/drascula.py).
               The hero's lines (`drascula.TRAINING_SPEAKERS`) are left to training, so no voice is in both.
+- queen       Debian `flight-of-the-amazon-queen`: two whole actors of Flight of the Amazon Queen's cast
+              (`queen.HELD_OUT_ACTORS`: Naomi, the Secretary, the Zombie Woman, Ian, the Pygmy Chief; 454
+              lines, 0.4-9 s), the game's dialogue text as transcripts (train/queen.py). The other actors'
+              lines are left to training, so no voice is in both.
 
 Output: DIR/wav/<source>/<id>.wav (16 kHz mono 16-bit), DIR/manifest.jsonl with one line per clip
 `{"id", "audio", "text", "text_raw", "duration", "source", "origin"}` (`text` Whisper-normalised as
@@ -56,7 +60,7 @@ from blsp_chat.audio import AudioError, load_audio
 from blsp_chat.constants import SAMPLE_RATE
 from blsp_chat.offline import cache_dir, sha256_of
 
-from . import drascula, metrics
+from . import drascula, metrics, queen
 from .io import read_jsonl_tolerant, write_jsonl_atomic
 from .prepare_data import english_normalizer
 
@@ -72,7 +76,8 @@ KTUBERLING_THEMES = ("egypt_", "moon_", "pizzeria_", "tv_")
 KTUBERLING_SPELLING = {"fallingstar": "falling star", "palmtree": "palm tree", "broccolli": "broccoli",
                        "sphynx": "sphinx"}
 APT_PACKAGE = {"librivox": "pocketsphinx-testdata", "cards": "pocketsphinx-testdata",
-               "ktuberling": "ktuberling-data", "tuxpaint": "tuxpaint-stamps-default", "drascula": "drascula"}
+               "ktuberling": "ktuberling-data", "tuxpaint": "tuxpaint-stamps-default", "drascula": "drascula",
+               "queen": queen.APT_PACKAGE}
 
 
 class SourceMissing(RuntimeError):
@@ -196,16 +201,24 @@ def drascula_recordings(game_dir: Path = drascula.DRASCULA_DIR) -> Iterator[Reco
             yield Recording("drascula", f"{line.speaker}{line.number}", line.path, line.subtitle, line.read)
 
 
+def queen_recordings(game_dir: Path = queen.QUEEN_DIR) -> Iterator[Recording]:
+    _require(game_dir / queen.QUEEN_FILE, "queen")
+    for line in queen.spoken_lines(game_dir):
+        if line.split == queen.DEV:
+            yield Recording("queen", line.clip, Path(f"{line.path}:{line.clip}.SB"), line.subtitle, line.read)
+
+
 SOURCES: dict[str, Callable[[], Iterator[Recording]]] = {
     "librivox": librivox_recordings, "cards": cards_recordings, "ktuberling": ktuberling_recordings,
     "tuxpaint": tuxpaint_recordings, "jfk": jfk_recordings, "drascula": drascula_recordings,
+    "queen": queen_recordings,
 }
 
 # How the score groups the sources: sentences read aloud; lines acted by a cast (accented, some shouted or
 # whispered); single words, which even Whisper gets right only half the time. Each group is reported apart
 # as well as all together.
 SOURCE_GROUPS = {"librivox": "sentences", "cards": "sentences", "jfk": "sentences", "drascula": "acted",
-                 "ktuberling": "words", "tuxpaint": "words"}
+                 "queen": "acted", "ktuberling": "words", "tuxpaint": "words"}
 
 
 def group_of(source: str) -> str:
