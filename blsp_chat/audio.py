@@ -6,14 +6,21 @@ for the person in the chat window: what is wrong and what to do about it.
 Decoding: soundfile (libsndfile: WAV, FLAC, OGG/Vorbis/Opus, MP3) first; containers it cannot open
 (M4A/MP4/AAC, WebM/Matroska from browsers) go to PyAV, an optional dependency (`pip install av`) whose
 wheel bundles FFmpeg. Resampling: soxr (librosa's own default resampler, installed with librosa).
+
+Work is bounded by duration before anything is decoded whole (a few kilobytes of FLAC can hold ten minutes of
+8-channel 96 kHz silence, gigabytes once decoded): a header that states the length is checked first, a
+stream that does not state it (a FLAC without its length, WebM) is decoded only until it passes the limit,
+and every block is mixed to mono as it is read, so memory grows with the kept duration, not the channels.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import math
 import os
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import soundfile as sf
@@ -46,10 +53,24 @@ _PYAV_ONLY_SUFFIXES = {".m4a": "M4A", ".mp4": "MP4", ".aac": "AAC", ".webm": "We
 _EBML_MAGIC = b"\x1a\x45\xdf\xa3"  # WebM / Matroska
 _MP4_BRAND_OFFSET = slice(4, 8)    # ISO-BMFF files (M4A, MP4) carry "ftyp" at bytes 4-8
 _HEAD_BYTES = 16
+# soundfile reads this many seconds at a time, each block mixed to mono before the next is read.
+DECODE_BLOCK_SECONDS = 10
+# libsndfile's frame count for a stream whose header does not state its length (SF_COUNT_MAX).
+UNKNOWN_FRAMES = 2**63 - 1
 
 
 class AudioError(ValueError):
     """Unusable audio. The message is shown to end users: it says what is wrong and what to do."""
+
+
+class AudioTooLongError(AudioError):
+    """Audio over the length limit, known from its header or from decoding up to the limit (`seconds` is then
+    how far decoding got)."""
+
+    def __init__(self, seconds: float, max_seconds: float):
+        super().__init__(f"The audio is {seconds:.1f} s long, over the limit of {max_seconds:g} s. "
+                         "Trim it or send a shorter clip.")
+        self.seconds, self.max_seconds = seconds, max_seconds
 
 
 def load_audio(source, *, max_seconds: float | None = DEFAULT_MAX_AUDIO_SECONDS) -> np.ndarray:
@@ -103,6 +124,17 @@ def split_into_windows(audio: np.ndarray, window_samples: int = N_SAMPLES) -> li
     if audio.ndim != 1:
         raise ValueError(f"expected audio of shape (samples,), got {audio.shape}")
     return [audio[start:start + window_samples] for start in range(0, len(audio), window_samples)]
+
+
+def decode_mono(source, *, max_seconds: float | None) -> tuple[int, np.ndarray]:
+    """A file, bytes or (rate, array) pair -> (its sample rate, (n,) float32 mono), decoded no further than
+    `max_seconds` (AudioTooLongError past it) and not resampled or otherwise checked: for callers that take
+    any rate, such as the live microphone's voice detector."""
+    _check_max_seconds(max_seconds)
+    sample_rate, samples = _read_source(source, max_seconds)
+    mono = _to_mono(_to_float(samples))
+    _check_duration(len(mono) / sample_rate, max_seconds)
+    return sample_rate, mono
 
 
 def audio_duration(audio) -> float:
@@ -204,9 +236,31 @@ def _unreadable(label: str, formats: str) -> AudioError:
 
 
 def _decode_soundfile(src, max_seconds):
+    """-> (sample_rate, (n, 1) mono float32), read block by block and refused from its header when too long."""
     with sf.SoundFile(src) as f:
-        _check_duration(f.frames / f.samplerate, max_seconds)  # from the header: before decoding it all
-        return f.samplerate, f.read(dtype="float32", always_2d=True)
+        if f.frames >= UNKNOWN_FRAMES:  # no stated length: PyAV decodes it, stopping at the limit
+            raise sf.SoundFileError("the stream does not state its length")
+        _check_channels(f.channels)
+        _check_duration(f.frames / f.samplerate, max_seconds)  # from the header: before decoding anything
+        blocks, n_frames, block = [], 0, DECODE_BLOCK_SECONDS * f.samplerate
+        while n_frames < f.frames:
+            data = f.read(frames=min(block, f.frames - n_frames), dtype="float32", always_2d=True)
+            if not len(data):
+                break
+            n_frames += len(data)
+            _check_duration(n_frames / f.samplerate, max_seconds)  # a header that understated the length
+            blocks.append(_mix_block(data))
+        return f.samplerate, _joined(blocks)
+
+
+def _mix_block(block: np.ndarray) -> np.ndarray:
+    """(n, channels) -> (n,) float32, the mean over channels (as _to_mono mixes whole arrays)."""
+    return block.mean(axis=1, dtype=np.float32) if block.shape[1] > 1 else block[:, 0]
+
+
+def _joined(blocks: list[np.ndarray]) -> np.ndarray:
+    """Mono blocks -> (n, 1) float32."""
+    return (np.concatenate(blocks) if blocks else np.zeros(0, np.float32))[:, None]
 
 
 def _import_pyav():
@@ -223,19 +277,35 @@ def _decode_pyav(av, src, label: str, max_seconds):
         if not container.streams.audio:
             raise AudioError(f"Could not read {label}: it has no audio track. Send a file with sound.")
         stream = container.streams.audio[0]
-        # Planar float keeps the channels apart: to_ndarray() gives (channels, n) per frame, mixed to
-        # mono and resampled below by the same code as every other source.
-        resampler = av.AudioResampler(format="fltp")
         chunks, n_samples, sample_rate = [], 0, stream.rate
-        for frame in container.decode(stream):
-            sample_rate, n_samples = frame.sample_rate, n_samples + frame.samples
-            chunks += [out.to_ndarray() for out in resampler.resample(frame)]
-            # Streamed formats (WebM) may not state their length: stop as soon as it is too long.
-            _check_duration(n_samples / sample_rate, max_seconds)
-        chunks += [out.to_ndarray() for out in resampler.resample(None)]
-    if not chunks:
-        return sample_rate or SAMPLE_RATE, np.zeros((0, 1), np.float32)
-    return sample_rate, np.concatenate(chunks, axis=1).T
+        # Closed inside `with`: a decoder left suspended past its container's close would read freed memory.
+        with contextlib.closing(_pyav_mono_chunks(av, container, stream)) as decoded:
+            for sample_rate, chunk in decoded:
+                chunks.append(chunk)
+                n_samples += len(chunk)
+                # Streamed formats (WebM, a FLAC without its length) may not state it: stop once it is too long.
+                _check_duration(n_samples / sample_rate, max_seconds)
+    return sample_rate or SAMPLE_RATE, _joined(chunks)
+
+
+def _pyav_mono_chunks(av, container, stream) -> Iterator[tuple[int, np.ndarray]]:
+    """(sample rate, (n,) float32 mono) per decoded frame, mixed at once so that a many-channel stream costs what
+    a mono one does. Packed float ("flt", channels interleaved): PyAV 18's to_ndarray() of planar audio with 8
+    channels crashes the process."""
+    resampler = av.AudioResampler(format="flt")
+    rate = stream.rate
+    for frame in container.decode(stream):
+        rate = frame.sample_rate
+        _check_channels(len(frame.layout.channels))
+        for out in resampler.resample(frame):
+            yield rate, _mix_block(_interleaved(out))
+    for out in resampler.resample(None):
+        yield rate, _mix_block(_interleaved(out))
+
+
+def _interleaved(frame) -> np.ndarray:
+    """A packed audio frame -> (n, channels)."""
+    return frame.to_ndarray().reshape(-1, len(frame.layout.channels))
 
 
 # --- signal -------------------------------------------------------------------------------------
@@ -262,9 +332,7 @@ def _to_mono(x: np.ndarray) -> np.ndarray:
         return np.zeros(0, np.float32)
     # Channels are the short axis; on a tie use Gradio's and soundfile's (samples, channels).
     channel_axis = 1 if x.shape[1] <= x.shape[0] else 0
-    if x.shape[channel_axis] > MAX_CHANNELS:
-        raise AudioError(f"Audio of shape {x.shape} has {x.shape[channel_axis]} channels (at most "
-                         f"{MAX_CHANNELS} supported): it looks like several clips; send one at a time.")
+    _check_channels(x.shape[channel_axis], f"Audio of shape {x.shape}")
     return x.mean(axis=channel_axis, dtype=np.float32)
 
 
@@ -298,6 +366,12 @@ def _check_max_seconds(max_seconds):
         raise ValueError(f"max_seconds must be positive or None, got {max_seconds}")
 
 
+def _check_channels(channels: int, what: str = "The audio"):
+    if channels > MAX_CHANNELS:
+        raise AudioError(f"{what} has {channels} channels (at most {MAX_CHANNELS} supported): it looks like "
+                         "several clips; send one at a time.")
+
+
 def _check_finite(x: np.ndarray):
     bad = int(np.count_nonzero(~np.isfinite(x)))
     if bad:
@@ -317,8 +391,7 @@ def _check_length(x: np.ndarray):
 def _check_duration(seconds: float, max_seconds):
     # Half a sample of slack: resampling may round the length up by one sample.
     if max_seconds is not None and seconds > max_seconds + 0.5 / SAMPLE_RATE:
-        raise AudioError(f"The audio is {seconds:.1f} s long, over the limit of {max_seconds:g} s. "
-                         "Trim it or send a shorter clip.")
+        raise AudioTooLongError(seconds, max_seconds)
 
 
 def _check_not_silent(x: np.ndarray):

@@ -32,9 +32,9 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .audio import DEFAULT_MAX_AUDIO_SECONDS, AudioError, load_audio
+from .audio import DEFAULT_MAX_AUDIO_SECONDS, AudioError, AudioTooLongError, load_audio
 from .config import GenerationOptions
-from .constants import REPEAT_INSTRUCTION, SAMPLE_RATE
+from .constants import REPEAT_INSTRUCTION
 from .generate import NothingHeardError
 from .prompt import render
 from .session import ChatSession, ContextOverflowError, ReplyChunk
@@ -378,17 +378,17 @@ def decode_base64(data: str, where: str) -> bytes:
 
 
 def decode_audio(data: bytes, where: str, limits: ServerLimits) -> np.ndarray:
-    """Encoded audio -> 16 kHz mono float32, checked (empty, silent, corrupt, too long)."""
+    """Encoded audio -> 16 kHz mono float32, checked (empty, silent, corrupt, too long). The limit goes to the
+    decoder: a small body can hold hours of many-channel audio, refused from its header (or as soon as decoding
+    passes the limit) rather than decoded whole."""
     try:
-        audio = load_audio(data, max_seconds=None)  # the body limit bounds the work; the length is checked below
+        return load_audio(data, max_seconds=limits.max_audio_seconds)
+    except AudioTooLongError as err:
+        raise bad_request(f"The audio is {err.seconds:.1f} s long, over this server's limit of "
+                          f"{limits.max_audio_seconds:g} s. Trim it or send a shorter clip.", where,
+                          code="audio_too_long") from err
     except AudioError as err:
         raise bad_request(str(err), where, code="invalid_audio") from err
-    seconds = len(audio) / SAMPLE_RATE
-    if seconds > limits.max_audio_seconds:
-        raise bad_request(f"The audio is {seconds:.1f} s long, over this server's limit of "
-                          f"{limits.max_audio_seconds:g} s. Trim it or send a shorter clip.", where,
-                          code="audio_too_long")
-    return audio
 
 
 # --- replies -------------------------------------------------------------------------------------------

@@ -33,7 +33,7 @@ import gradio as gr
 import numpy as np
 import soundfile as sf
 
-from .audio import AudioError, load_audio
+from .audio import AudioError, decode_mono, load_audio
 from .config import GenerationOptions
 from .constants import DEFAULT_TRANSLATION_TARGET, SAMPLE_RATE, TASK_PRESETS
 from .heard import heard_text
@@ -59,6 +59,9 @@ DEFAULT_CONCURRENCY = 16
 # so each chunk's overhead (an upload, a queue round) must stay below this, or audio is lost; barge-in hears
 # speech at most this late.
 STREAM_EVERY_S = 0.5
+# A live chunk is STREAM_EVERY_S of audio, a little more when the browser falls behind; a longer one is not
+# from the page's microphone and is dropped before it is decoded.
+LIVE_CHUNK_MAX_SECONDS = 20 * STREAM_EVERY_S
 PLAYBACK_POLL_S = 0.1      # how often a spoken reply's stream looks for its next sentence's audio
 GPU_SECONDS = 120          # ZeroGPU: the longest a reply (generated and spoken) may hold the GPU
 TURN_GAP_S = 0.3           # silence between hands-free turns heard while one reply ran, sent as one
@@ -464,7 +467,10 @@ class ChatHandlers:
         chat = self._chat(state)
         if not hands_free or chunk is None:
             return chat, gr.skip(), gr.skip()
-        samples, rate = sf.read(chunk, dtype="float32")  # a short wav the browser recorded
+        try:  # a short wav the browser recorded, or anything a client sends in its place: bounded
+            rate, samples = decode_mono(chunk, max_seconds=LIVE_CHUNK_MAX_SECONDS)
+        except AudioError:
+            return chat, gr.skip(), gr.skip()
         if chat.live is None:
             chat.live = LiveTurns(self.turn_options)
         trigger = reply_audio = gr.skip()
