@@ -22,14 +22,16 @@ import json
 import time
 import uuid
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Iterator, Literal, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Iterator, Literal, Protocol, Sequence
 
+import anyio
 import numpy as np
 import torch
 from fastapi import FastAPI, File, Form, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .audio import DEFAULT_MAX_AUDIO_SECONDS, AudioError, AudioTooLongError, load_audio
@@ -118,6 +120,7 @@ class ReplyStream(Protocol):
     def __iter__(self) -> Iterator[ReplyChunk]: ...
     def completion_tokens(self) -> int: ...
     def close(self) -> None: ...
+    def cancel(self) -> None: ...  # from any thread, without waiting: the client has gone
 
 
 class Engine(Protocol):
@@ -142,6 +145,9 @@ class SessionReply:
     def close(self) -> None:
         self._chunks.close()  # leaving the session's iterator cancels the reply
         self.session.cancel()  # and waits for its last step, so that the reply is in the history
+
+    def cancel(self) -> None:
+        self.session.cancel(timeout=0)  # the step in flight is the last; nobody waits for it
 
     def completion_tokens(self) -> int:
         turns = self.session.turns
@@ -480,6 +486,64 @@ def completion_events(reply: ReplyStream, stops: StopCutter, model_id: str, incl
         reply.close()
 
 
+# --- clients that leave ---------------------------------------------------------------------------------
+# A reply nobody will read must not go on costing the model: when the client's connection closes, the reply is
+# cancelled at once (not when its next chunk fails to send, nor when a generator is collected), so that it stops
+# within one decode step and its place in the batch goes to someone still there.
+async def client_gone(receive) -> None:
+    """Returns once the client has closed its connection (the request body has been read already)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+async def while_watching(receive, on_gone: Callable[[], None], work: Callable[[], Awaitable[Any]]) -> Any:
+    """`await work()`, calling `on_gone()` if the client leaves meanwhile. An error of `work` is raised as itself
+    (a task group would wrap it in an ExceptionGroup)."""
+    outcome: dict[str, Any] = {}
+
+    async def watch() -> None:
+        await client_gone(receive)
+        on_gone()
+
+    async with anyio.create_task_group() as group:
+        group.start_soon(watch)
+        try:
+            outcome["result"] = await work()
+        except Exception as err:
+            outcome["error"] = err
+        group.cancel_scope.cancel()
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome.get("result")
+
+
+async def until_done_or_gone(receive, reply: ReplyStream, work: Callable[[], dict]) -> dict:
+    """`work()` (reading the whole reply) on a worker thread; the reply is cancelled if the client leaves."""
+    return await while_watching(receive, reply.cancel, lambda: run_in_threadpool(work))
+
+
+class ReplyEvents(StreamingResponse):
+    """A reply's server-sent events, cancelled as soon as the client leaves (Starlette itself notices only at
+    the next chunk it fails to send, and leaves the generator to the garbage collector)."""
+
+    def __init__(self, reply: ReplyStream, events: Iterator[str]):
+        super().__init__(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        self.reply, self.events = reply, events
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            with anyio.CancelScope() as sending:
+                def gone() -> None:
+                    self.reply.cancel()
+                    sending.cancel()  # the event in flight arrives within a step; nothing more is sent
+
+                await while_watching(receive, gone, lambda: self.stream_response(send))
+        except OSError:  # the connection broke while sending
+            self.reply.cancel()
+        finally:
+            await run_in_threadpool(self.events.close)  # its own cleanup (the reply's close) off the event loop
+
+
 # --- the app -------------------------------------------------------------------------------------------
 class BodyLimit:
     """ASGI middleware: a request body over `max_bytes` is answered 413 before any route reads it."""
@@ -612,18 +676,21 @@ def create_app(engine: Engine, *, limits: ServerLimits = ServerLimits(), api_key
     def model_card() -> dict:
         return {"id": engine.model_id, "object": "model", "created": created, "owned_by": OWNER}
 
-    @app.post("/v1/chat/completions")
-    def chat_completions(request: ChatCompletionRequest):
+    def begin(request: ChatCompletionRequest) -> tuple[ReplyStream, StopCutter]:
+        """Check the request, decode its audio and start its reply (work for a worker thread)."""
         check_model(request.model)
         check_unsupported(request)
         options = generation_options(request, limits)
         stops = StopCutter(stop_sequences(request.stop))
-        reply = start(parse_messages(request.messages, limits), options, request.seed)
+        return start(parse_messages(request.messages, limits), options, request.seed), stops
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: ChatCompletionRequest, http: Request):
+        reply, stops = await run_in_threadpool(begin, request)
         if not request.stream:
-            return answer(reply, stops)
+            return await until_done_or_gone(http.receive, reply, lambda: answer(reply, stops))
         include_usage = bool((request.stream_options or {}).get("include_usage"))
-        return StreamingResponse(completion_events(reply, stops, engine.model_id, include_usage),
-                                 media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        return ReplyEvents(reply, completion_events(reply, stops, engine.model_id, include_usage))
 
     @app.post("/v1/audio/transcriptions")
     def transcriptions(file: UploadFile = File(...), model: str = Form(...), response_format: str = Form("json"),

@@ -9,12 +9,12 @@ import httpx
 import numpy as np
 import pytest
 import soundfile as sf
+from test_serve import LIMITS, MODEL, running
 
 from blsp_chat import audio as audio_module
 from blsp_chat.audio import AudioTooLongError, load_audio
 from blsp_chat.serve import InProcessEngine, create_app
 from blsp_chat.weights import LoadedBlsp
-from test_serve import LIMITS, MODEL, running
 from tiny import tiny_blsp, tiny_tokenizer
 
 MEGABYTE = 1 << 20
