@@ -13,9 +13,11 @@ clips paced into an autoplaying audio output (voice/paced.py); once it is spoken
 heard joins the conversation under its text, to be played again. Speech heard while a reply is generated or
 spoken stops it (barge-in), and the reply is kept as far as it was spoken.
 
-Files: each session's hands-free turns and spoken replies are wavs in the server's own temp folder; a wav
-goes when no message of its session shows it any more (Undo, Clear, Regenerate) or the session's state is
-dropped, and the folder goes when the server process ends.
+Files: each session's uploads, hands-free turns and spoken replies belong to the browser that sent or heard them
+(web_files: an owner cookie, checked in front of Gradio's file route and on every audio input), and are
+deleted when no message of the session shows them any more (Undo, Clear, Regenerate) or the session's state is
+dropped. The app's own wavs are written inside Gradio's upload folder, which Gradio serves without copying, so
+no cached copy outlives them; their folder goes when the server process ends.
 """
 from __future__ import annotations
 
@@ -32,6 +34,8 @@ from typing import TYPE_CHECKING, Iterator
 import gradio as gr
 import numpy as np
 import soundfile as sf
+from gradio.utils import get_upload_folder
+from starlette.middleware import Middleware
 
 from .audio import AudioError, decode_mono, load_audio
 from .config import GenerationOptions
@@ -44,6 +48,7 @@ from .voice.paced import PacedPlayer
 from .voice.speaker import SpokenReply, spoken_prefix
 from .voice.tts import VoiceOptions, try_load_voice
 from .voice.vad import SPEECH_START, TURN_END, TurnOptions
+from .web_files import FileOwners, OwnerGate, owner_from_cookies
 
 if TYPE_CHECKING:
     from .weights import LoadedBlsp
@@ -96,7 +101,9 @@ class UserChat:
     voice_notice_shown: bool = False
     # Each exchange's reply message: notices go above it, its audio (and a notice about its voice) under it.
     replies: list[dict] = field(default_factory=list, repr=False, compare=False)
-    files: set[Path] = field(default_factory=set, repr=False, compare=False)  # wavs this session wrote
+    files: set[Path] = field(default_factory=set, repr=False, compare=False)  # its uploads and wavs written for it
+    owner: str | None = None  # the browser's owner cookie (web_files), from its first request
+    owners: FileOwners | None = field(default=None, repr=False, compare=False)  # deletes files with their claims
 
     def add_exchange(self, user_messages: list[dict]) -> None:
         reply = {"role": "assistant", "content": ""}
@@ -146,14 +153,20 @@ class UserChat:
         each update of the page, so it must stay)."""
         shown = paths_shown(self.messages)
         for path in self.files - shown:
-            path.unlink(missing_ok=True)
+            self._delete(path)
         self.files &= shown
 
     def delete_files(self) -> None:
         """The session is gone: delete all its wavs."""
         for path in self.files:
-            path.unlink(missing_ok=True)
+            self._delete(path)
         self.files.clear()
+
+    def _delete(self, path: Path) -> None:
+        if self.owners is not None:
+            self.owners.release(path, self.owner)
+        else:
+            path.unlink(missing_ok=True)
 
 
 def paths_shown(messages: list[dict]) -> set[Path]:
@@ -281,17 +294,23 @@ class ChatHandlers:
         self.turn_options = turn_options
         self._voice: tuple | None = None  # (voice or None, notice or None), loaded on first use
         self._voice_lock = threading.Lock()
-        # Hands-free turns and spoken replies are written here for the chat's audio bubbles (inside the temp
-        # directory, which Gradio serves files from); the folder goes with the server (at exit, or when the
-        # handlers are collected).
-        self.turn_dir = Path(tempfile.mkdtemp(prefix="blsp-chat-turns-"))
+        # Hands-free turns and spoken replies are written here for the chat's audio bubbles: inside Gradio's
+        # upload folder, which it serves without making a copy that would outlive ours. The folder goes with
+        # the server (at exit, or when the handlers are collected).
+        uploads = Path(get_upload_folder())
+        uploads.mkdir(parents=True, exist_ok=True)
+        self.turn_dir = Path(tempfile.mkdtemp(prefix="blsp-chat-turns-", dir=uploads))
         self.remove_turn_dir = weakref.finalize(self, shutil.rmtree, self.turn_dir, ignore_errors=True)
+        self.files = FileOwners(roots=(uploads, self.turn_dir))
 
-    def _chat(self, state: UserChat | None) -> UserChat:
-        if state is not None:
-            return state
-        return UserChat(ChatSession.from_loaded(self.loaded, max_context_tokens=self.max_context_tokens,
-                                                cache_budget=self.cache_budget))
+    def _chat(self, state: UserChat | None, request: gr.Request | None = None) -> UserChat:
+        chat = state
+        if chat is None:
+            chat = UserChat(ChatSession.from_loaded(self.loaded, max_context_tokens=self.max_context_tokens,
+                                                    cache_budget=self.cache_budget), owners=self.files)
+        if chat.owner is None and request is not None:
+            chat.owner = owner_from_cookies(getattr(request, "cookies", None))
+        return chat
 
     def voice(self):
         """(voice, None), or (None, why not): loaded once, on the first spoken reply, for all sessions."""
@@ -304,9 +323,9 @@ class ChatHandlers:
     # Handlers take the settings sliders' values, then the session state, then "Speak replies" (last and
     # optional, so that a caller that never speaks keeps the shorter call).
     def send(self, text, audio_path, task, target, max_new_tokens, do_sample, temperature, top_p, repetition_penalty,
-             state: UserChat | None = None, speak: bool = False) -> Iterator[tuple]:
+             state: UserChat | None = None, speak: bool = False, request: gr.Request = None) -> Iterator[tuple]:
         settings = (max_new_tokens, do_sample, temperature, top_p, repetition_penalty)
-        chat, text = self._chat(state), (text or "").strip()
+        chat, text = self._chat(state, request), (text or "").strip()
         _stop_reply(chat)  # a new turn: the reply before it, still generated or spoken, stops
         if not text and not audio_path:
             yield (chat.messages + [_notice("Type a message or record/upload audio first.")], chat, text, audio_path,
@@ -315,11 +334,12 @@ class ChatHandlers:
         yield from self._turn(chat, text, audio_path, task, target, settings, speak, ("", None))
 
     def take_heard_turn(self, _trigger, task, target, max_new_tokens, do_sample, temperature, top_p,
-                        repetition_penalty, state: UserChat | None = None, speak: bool = False) -> Iterator[tuple]:
+                        repetition_penalty, state: UserChat | None = None, speak: bool = False,
+                        request: gr.Request = None) -> Iterator[tuple]:
         """Hands-free: send what the detector heard (the hidden trigger changed). Turns that ended while
         a reply ran are sent together, in order, as one."""
         settings = (max_new_tokens, do_sample, temperature, top_p, repetition_penalty)
-        chat = self._chat(state)
+        chat = self._chat(state, request)
         with chat.lock:
             turns, chat.heard_turns = chat.heard_turns, []
         if not turns:
@@ -328,11 +348,13 @@ class ChatHandlers:
         _stop_reply(chat)
         gap = np.zeros(int(TURN_GAP_S * SAMPLE_RATE), np.float32)
         audio = np.concatenate([piece for turn in turns for piece in (turn, gap)][:-1])
-        path = self._write_wav(audio, SAMPLE_RATE, "turn")
+        path = self._write_wav(audio, SAMPLE_RATE, "turn", chat.owner)
         yield from self._turn(chat, "", str(path), task, target, settings, speak, (), own_audio=True)
 
-    def _write_wav(self, audio: np.ndarray, rate: int, kind: str) -> Path:
+    def _write_wav(self, audio: np.ndarray, rate: int, kind: str, owner: str | None) -> Path:
+        """A wav for one session's page, claimed for `owner` (its browser) before anyone can be shown it."""
         path = self.turn_dir / f"{kind}-{uuid.uuid4().hex}.wav"
+        self.files.claim(path, owner)
         sf.write(path, audio, rate)
         return path
 
@@ -351,14 +373,16 @@ class ChatHandlers:
             return
         with chat.lock:
             chat.add_exchange(user)
-            if own_audio:
-                chat.files.add(Path(audio_path))
+            if own_audio or (audio_path and self.files.owns(audio_path, chat.owner)):
+                chat.files.add(Path(audio_path))  # written for this session, or this browser's upload
         yield from self._stream(chat, chunks, extra, speak)
 
     def _submit(self, chat: UserChat, text: str, audio_path, task, target) -> list[dict]:
         if not audio_path:
             chat.session.submit_text(text)
             return [{"role": "user", "content": text}]
+        if not self.files.may_use(audio_path, chat.owner):
+            raise AudioError("That audio file belongs to another session. Record or upload your own clip.")
         audio = load_audio(audio_path, max_seconds=self.max_audio_seconds)
         chat.session.submit_audio(audio, instruction=task_instruction(task, target or DEFAULT_TRANSLATION_TARGET),
                                   text=text)
@@ -443,7 +467,7 @@ class ChatHandlers:
             if reply.interrupted.is_set() and chat.replies[-1] is message:
                 self._trim_to_what_was_heard(chat, message, sentences)
             if len(audio):
-                path = self._write_wav(audio, rate, "reply")
+                path = self._write_wav(audio, rate, "reply", chat.owner)
                 chat.files.add(path)
                 chat.add_under_reply(message, {"role": "assistant", "content": {"path": str(path)}})
             if reply.spoken.error is not None:
@@ -505,9 +529,9 @@ class ChatHandlers:
 
     # --- editing -------------------------------------------------------------------------------------
     def regenerate(self, max_new_tokens, do_sample, temperature, top_p, repetition_penalty,
-                   state: UserChat | None = None, speak: bool = False) -> Iterator[tuple]:
+                   state: UserChat | None = None, speak: bool = False, request: gr.Request = None) -> Iterator[tuple]:
         settings = (max_new_tokens, do_sample, temperature, top_p, repetition_penalty)
-        chat = self._chat(state)
+        chat = self._chat(state, request)
         if not chat.turn_sizes or chat.session.busy:
             yield chat.messages, chat, gr.skip()
             return
@@ -554,7 +578,7 @@ def build_demo(loaded: LoadedBlsp, *, max_audio_seconds: float | None = 120.0, c
     end of turn."""
     budget = CacheBudget(max_cached_tokens) if max_cached_tokens is not None else None
     handlers = ChatHandlers(loaded, max_audio_seconds, max_context_tokens, budget, voice_options, turn_options)
-    with gr.Blocks(title=TITLE) as demo:
+    with GuardedBlocks(handlers.files, title=TITLE) as demo:
         gr.Markdown(f"# {TITLE}\nSpeak or type; spoken and typed turns share one conversation. "
                     f"Model: `{model_name(loaded)}`." + ("" if loaded.adapter_trained else "\n\n" + UNTRAINED_NOTICE))
         state = gr.State(None, delete_callback=forget_chat)
@@ -627,6 +651,21 @@ def build_demo(loaded: LoadedBlsp, *, max_audio_seconds: float | None = 120.0, c
 
         demo.unload(release_closed_page)
     return demo
+
+
+class GuardedBlocks(gr.Blocks):
+    """gr.Blocks whose server puts `web_files.OwnerGate` in front of Gradio's routes, however it is launched
+    (app.py, a Space, the tests)."""
+
+    def __init__(self, owners: FileOwners, **kwargs):
+        super().__init__(**kwargs)
+        self.file_owners = owners
+
+    def launch(self, *args, **kwargs):
+        app_kwargs = dict(kwargs.get("app_kwargs") or {})
+        app_kwargs["middleware"] = [*app_kwargs.get("middleware", []), Middleware(OwnerGate, owners=self.file_owners)]
+        kwargs["app_kwargs"] = app_kwargs
+        return super().launch(*args, **kwargs)
 
 
 def _session_state(demo: gr.Blocks, state: gr.State, request: gr.Request) -> UserChat | None:
