@@ -1,0 +1,117 @@
+#!/usr/bin/env bash
+# Issue 30's data and run, from an empty machine: every step is skipped when its output is complete, and the
+# training run resumes from its last checkpoint, so running this again after any interruption goes on.
+#
+#   bash train/recipes/hear_people.sh data         the dev set, the training people, synthetic voices, the mix
+#   bash train/recipes/hear_people.sh natural      the held-out natural voices (piper, kokoro: slow on a CPU)
+#   bash train/recipes/hear_people.sh train SEED   fill the encoder cache, then train (or resume) seed SEED
+#   bash train/recipes/hear_people.sh baselines    Whisper tiny.en's and base's own decoders on the same clips
+# (from the repository root, after `make test` has set up .venv)
+#
+# Record: train/results/base_context_adapter.md. Needs the Debian packages below (about 600 MB).
+set -euo pipefail
+STAGE=${1:?usage: hear_people.sh data|natural|train SEED}
+SEED=${2:-0}
+PY=${PY:-.venv/bin/python}
+export PYTHONPATH=.
+CONFIG=train/configs/adapter_base_context_ctc.json
+D=data/base_ctx
+
+data() {
+need_packages="pocketsphinx-testdata ktuberling-data tuxpaint-stamps-default drascula beneath-a-steel-sky
+  flight-of-the-amazon-queen warzone2100-data hedgewars-data wordnet-base fortunes-min espeak-ng flite festival
+  festvox-kallpc16k festvox-kdlpc16k festvox-us-slt-hts sox"
+missing=$(for p in $need_packages; do dpkg -s "$p" >/dev/null 2>&1 || echo "$p"; done)
+if [ -n "$missing" ]; then apt-get install -y -qq $missing; fi
+
+# 1. The real-speech dev set (never trained on): 895 clips of people.
+[ -s data/real_dev/manifest.jsonl ] || $PY -m train.real_speech --out-dir data/real_dev
+
+# 2. People for training: the game casts not in the dev set, labelled by their subtitles where the game has them
+#    (Drascula's hero, Amazon Queen's training actors) and by Whisper base's decoder elsewhere (Steel Sky, ...).
+[ -s data/pseudo_base/manifest.jsonl ] || $PY -m train.pseudo_label --out-dir data/pseudo_base \
+    --whisper offline:whisper-base --exclude-manifest data/real_dev/manifest.jsonl
+[ -s data/pseudo_queen/manifest.jsonl ] || $PY -m train.pseudo_label --out-dir data/pseudo_queen --sources queen \
+    --exclude-manifest data/real_dev/manifest.jsonl
+
+# 3. Synthetic voices for vocabulary: the first 6,000 sentences of offline_v2 (espeak-ng, flite, festival).
+[ -s data/offline_v2/sentences.txt ] || $PY -m train.text_sources --out data/offline_v2/sentences.txt --max 21000 --seed 0
+[ -s data/offline_v2/train.jsonl ] || $PY -m train.synthesize --text-file data/offline_v2/sentences.txt \
+    --out-dir data/offline_v2 --num 6000 --jobs 2 --seed 0 --dev-frac 0.05 --test-frac 0.05
+
+# 4. Held-out natural voices: 40 sentences of the full offline_v2 plan's test split (none is trained on).
+$PY - <<'PY'
+from pathlib import Path
+from train.synthesize import assign_sentence_splits, read_sentences, text_id_of
+sentences = read_sentences(Path("data/offline_v2/sentences.txt"))
+split = assign_sentence_splits([text_id_of(s) for s in sentences], 0.05, 0.05, 0)
+test = [s for s in sentences if split[text_id_of(s)] == "test"]
+held = [s for s in sentences if split[text_id_of(s)] != "train"]
+Path("data/natural_test").mkdir(parents=True, exist_ok=True)
+Path("data/natural_test/sentences.txt").write_text("\n".join([s for s in test if 5 <= len(s.split()) <= 20][::20][:40]) + "\n")
+Path("data/offline_v2/not_train_of_21000.txt").write_text("\n".join(held) + "\n")
+PY
+
+# 5. The training mix (repetition lines) and the people-only eval set the run's curve is read on.
+mkdir -p $D
+$PY - <<'PY'
+import json
+from pathlib import Path
+from train.prepare_data import english_normalizer
+normalize, _ = english_normalizer()
+held = {normalize(s) for s in Path("data/offline_v2/not_train_of_21000.txt").read_text().splitlines()}
+rows = [json.loads(line) for line in open("data/offline_v2/train.jsonl")]
+kept = [r for r in rows if r["text"] not in held]  # a sentence held out of the full plan stays held out
+with open("data/base_ctx/synth_train.jsonl", "w") as out:
+    for r in kept:
+        r["audio"] = str(Path("../offline_v2") / r["audio"])
+        out.write(json.dumps(r) + "\n")
+dev = [json.loads(line) for line in open("data/real_dev/manifest.jsonl")]
+pick = ([r for r in dev if r["source"] in ("librivox", "cards", "jfk")]
+        + [r for r in dev if r["source"] == "drascula"][::12][:25] + [r for r in dev if r["source"] == "queen"][::18][:25])
+with open("data/base_ctx/dev_people.jsonl", "w") as out:
+    for r in pick:
+        out.write(json.dumps(dict(r, audio=str(Path("../real_dev") / r["audio"]))) + "\n")
+print(f"synthetic training lines {len(kept)} of {len(rows)}; dev people {len(pick)}")
+PY
+for part in synth_train:../base_ctx/synth_train.jsonl base:../pseudo_base/manifest.jsonl queen:../pseudo_queen/manifest.jsonl; do
+  name=${part%%:*}; src=${part#*:}
+  [ -s $D/rep_$name.jsonl ] || (cd $D && $PY -m train.mix_data --asr $src --out rep_$name.jsonl --repetition-only)
+done
+[ -s $D/dev_people_rep.jsonl ] || (cd $D && $PY -m train.mix_data --asr dev_people.jsonl --out dev_people_rep.jsonl --repetition-only)
+cat $D/rep_synth_train.jsonl $D/rep_base.jsonl $D/rep_queen.jsonl > $D/train_mix.jsonl
+}
+
+natural() {
+for engine in piper kokoro; do
+  [ -s data/natural_test/$engine/manifest.jsonl ] || $PY -m train.synthesize --text-file data/natural_test/sentences.txt \
+      --out-dir data/natural_test/$engine --engines $engine --jobs 2 --dev-frac 0 --test-frac 0 --holdout-voices "" --seed 1
+done
+}
+
+# 6. Whisper base's frames for every clip, once (the encoder is frozen), then the run (it resumes by itself).
+train() {
+$PY -m train.precompute_encoder --config $CONFIG --manifest $D/train_mix.jsonl --manifest $D/dev_people_rep.jsonl
+$PY -m train.train_adapter --resume --config $CONFIG model.seed=$SEED loop.seed=$SEED loop.output_dir=runs/base_ctx_s$SEED
+}
+
+# 7. The baselines on the same clips: each Whisper's own decoder (base forced to English), and today's default
+#    adapter's readout. Then a checkpoint's figures: python -m train.evaluate ... --model runs/... (record).
+baselines() {
+for set in real_dev:data/real_dev/manifest.jsonl piper:data/natural_test/piper/manifest.jsonl \
+           kokoro:data/natural_test/kokoro/manifest.jsonl; do
+  name=${set%%:*}; manifest=${set#*:}
+  for whisper in whisper-tiny.en whisper-base; do
+    [ -s eval_hear/$whisper/asr.$name.summary.json ] || $PY -m train.evaluate --task asr --manifest $manifest --dataset $name \
+        --system whisper --whisper offline:$whisper --out eval_hear/$whisper
+  done
+done
+}
+
+case $STAGE in
+  data) data ;;
+  natural) natural ;;
+  train) train ;;
+  baselines) baselines ;;
+  *) echo "unknown stage $STAGE: data, natural, train or baselines" >&2; exit 2 ;;
+esac
