@@ -12,8 +12,8 @@
 set -euo pipefail
 STAGE=${1:?usage: hear_people.sh data|natural|train SEED}
 SEED=${2:-0}
-PY=${PY:-.venv/bin/python}
-export PYTHONPATH=.
+PY=${PY:-$PWD/.venv/bin/python}
+export PYTHONPATH=$PWD
 CONFIG=train/configs/adapter_base_context_ctc.json
 D=data/base_ctx
 
