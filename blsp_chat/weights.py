@@ -30,6 +30,12 @@ from .model import BlspModel, Persistence
 from .offline import WeightsError, cache_dir, default_llm_dir, default_whisper_dir, report, whisper_base_dir
 
 ADAPTER_WEIGHTS_NAME = "model.safetensors"
+# A fine-tuned checkpoint (train.finetune) keeps its LLM's LoRA beside the BLSP adapter in peft's own files,
+# and its fine-tuned Whisper encoder's weights (keys under ENCODER_PREFIX) in ADAPTER_WEIGHTS_NAME.
+LORA_CONFIG_NAME = "adapter_config.json"
+LORA_WEIGHTS_NAME = "adapter_model.safetensors"
+ENCODER_PREFIX = "whisper_model."
+LLM_PREFIX = "llama_model."
 OFFLINE_PREFIX = "offline:"
 MODELSCOPE_PREFIX = "modelscope:"
 MODELSCOPE_PACKAGE = "modelscope==1.40.2"  # optional: only `--model modelscope:ORG/NAME` needs it
@@ -113,21 +119,28 @@ class LoadedBlsp:
     adapter_trained: bool
 
 
-def save_adapter(model: BlspModel, directory: str | Path, dtype: torch.dtype | None = None) -> None:
+def save_adapter(model: BlspModel, directory: str | Path, dtype: torch.dtype | None = None, *,
+                 with_encoder: bool = False) -> None:
     """Adapter-only checkpoint: config.json naming the base models + the trainable weights (stored as
-    `dtype` when given: float16 halves a shipped adapter; loading casts them to the model's dtype)."""
+    `dtype` when given: float16 halves a shipped adapter; loading casts them to the model's dtype).
+    with_encoder: also the Whisper encoder's weights (fine-tuned by train.finetune)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     if not (model.config.whisper_name_or_path and model.config.llm_name_or_path):
         raise WeightsError("cannot save an adapter-only checkpoint: the config does not name its base models")
     model.config.save(directory)
-    tensors = {k: v.detach().to("cpu", dtype or v.dtype).contiguous() for k, v in model.adapter_state_dict().items()}
+    state = model.adapter_state_dict()
+    if with_encoder:
+        state.update({k: v for k, v in model.state_dict().items() if k.startswith(ENCODER_PREFIX)})
+    tensors = {k: v.detach().to("cpu", dtype or v.dtype).contiguous() for k, v in state.items()}
     save_file(tensors, str(directory / ADAPTER_WEIGHTS_NAME), metadata={"format": "pt"})
 
 
 def read_state_dict(directory: Path) -> dict[str, torch.Tensor]:
     """All tensors of a directory: safetensors or PyTorch .bin files, sharded or not."""
-    files = sorted(directory.glob("*.safetensors")) or sorted(directory.glob("pytorch_model*.bin"))
+    # peft's LoRA file of a fine-tuned LLM is read by load_llm, not here
+    files = (sorted(p for p in directory.glob("*.safetensors") if p.name != LORA_WEIGHTS_NAME)
+             or sorted(directory.glob("pytorch_model*.bin")))
     if not files:
         raise WeightsError(f"{directory} has no weight files (*.safetensors or pytorch_model*.bin)")
     state: dict[str, torch.Tensor] = {}
@@ -152,7 +165,7 @@ def load_blsp_dir(directory: Path, dtype: torch.dtype) -> LoadedBlsp:
     except (ValueError, json.JSONDecodeError) as err:
         raise WeightsError(f"{directory / CONFIG_NAME} is not a valid BLSP config: {err}") from err
     state = read_state_dict(directory)
-    if any(k.startswith("whisper_model.") for k in state):
+    if any(k.startswith(LLM_PREFIX) for k in state):  # adapter-only ones may hold a fine-tuned encoder, never the LLM
         return _load_full(directory, config, state, dtype)
     return _load_adapter_only(directory, config, state, dtype)
 
@@ -161,14 +174,34 @@ def _load_adapter_only(directory: Path, config: BlspConfig, state, dtype) -> Loa
     if not (config.whisper_name_or_path and config.llm_name_or_path):
         raise WeightsError(f"{directory} holds only adapter weights but its config names no base models")
     encoder, extractor = load_whisper_encoder(config.whisper_name_or_path, dtype)
-    llm, tokenizer = load_llm(config.llm_name_or_path, dtype)
+    llm, tokenizer = load_llm(llm_source(directory, config), dtype)
     model = BlspModel(config, whisper_encoder=encoder, llm=llm, feature_extractor=extractor)
     _load_adapter_weights(model, state, directory)
     return LoadedBlsp(model.to(dtype).eval(), tokenizer, str(directory), adapter_trained=True)
 
 
+def llm_source(directory: Path, config: BlspConfig) -> str:
+    """The LLM an adapter-only checkpoint reads: the base its config names or, where a fine-tuned LLM's LoRA
+    lies beside the adapter (train.finetune), that LoRA directory, which load_llm applies to its base and
+    merges, as it does the stage-1 LoRA. The LoRA must have been trained on the config's LLM."""
+    lora_config = directory / LORA_CONFIG_NAME
+    if not lora_config.is_file():
+        return config.llm_name_or_path
+    try:
+        base = json.loads(lora_config.read_text()).get("base_model_name_or_path")
+    except json.JSONDecodeError as err:
+        raise WeightsError(f"{lora_config} is not valid JSON: {err}") from err
+    if base != config.llm_name_or_path:
+        raise WeightsError(f"the LoRA in {directory} ({LORA_CONFIG_NAME}) was trained on the LLM {base!r}, but this "
+                           f"checkpoint's {CONFIG_NAME} names {config.llm_name_or_path!r}: copy the LoRA's files "
+                           "together with the config.json they were saved with, or fine-tune again on this LLM")
+    return str(directory)
+
+
 def _load_adapter_weights(model: BlspModel, state: dict[str, torch.Tensor], source: Path) -> None:
     expected = set(model.adapter_state_dict())
+    if any(k.startswith(ENCODER_PREFIX) for k in state):  # a fine-tuned encoder: all of it, or the file is wrong
+        expected |= {k for k in model.state_dict() if k.startswith(ENCODER_PREFIX)}
     missing, unexpected = expected - set(state), set(state) - expected
     if missing or unexpected:
         raise WeightsError(f"{source}: adapter weights do not fit the config "
