@@ -1,6 +1,6 @@
 """Typed configuration of a BLSP model and of generation.
 
-`BlspConfig` keeps the key names of the released checkpoint (`whisper_config`, `llama_config`,
+`BlspConfig` is a transformers config (`model_type: "blsp"`; model.py registers it with `AutoConfig`) that keeps the key names of the released checkpoint (`whisper_config`, `llama_config`,
 `conv_kernel_sizes`, `adapter_inner_dim`) so that its config.json loads unchanged; `llama_config`
 holds the config of any causal LM (its `model_type` says which), the name is kept for compatibility.
 """
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -19,10 +19,15 @@ ENCODER_PADDINGS: tuple[str, ...] = ("30s", "none")
 PROMPT_TEMPLATES: tuple[str, ...] = ("blsp", "chat")
 SPEECH_READOUTS: tuple[str, ...] = ("embeddings", "ctc")
 CONFIG_NAME = "config.json"
+MODEL_TYPE = "blsp"
+ARCHITECTURE = "BlspModel"
 
 
-@dataclass
-class BlspConfig:
+class BlspConfig(PretrainedConfig):
+    """A dataclass, as every transformers (v5) config is: fields below, `dataclasses.replace` to change one.
+    Keys a config.json holds beyond these become attributes and are saved again, as transformers does."""
+
+    model_type = MODEL_TYPE
     whisper_config: dict[str, Any]
     llama_config: dict[str, Any]
     conv_kernel_sizes: str = "5,5,5"
@@ -53,12 +58,21 @@ class BlspConfig:
     # Beams more than this (a log-probability, e.g. -3) below the best after an output are dropped in that
     # search (pyctcdecode's beam_prune_logp): each beam kept costs the LLM a read. None keeps ctc_beam_size.
     ctc_beam_prune_log_prob: float | None = None
-    # Where the frozen base models come from when a checkpoint holds only the adapter.
+    # Where the frozen base models come from when a checkpoint holds only the adapter: an `offline:` name, a
+    # hub id, a local directory, or a path starting "./" that is read inside the checkpoint's own directory
+    # (a base model, or a peft LoRA naming its base, shipped beside the adapter).
     whisper_name_or_path: str | None = None
     llm_name_or_path: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, **kwargs: Any) -> None:
+        kwargs.pop("model_type", None)  # a class attribute; the released config.json holds an empty one
+        super().__post_init__(**kwargs)
+        if not self.architectures:
+            self.architectures = [ARCHITECTURE]
+        self.check()
+
+    def check(self) -> None:
+        """Refuse values no model can be built or decoded with (run at creation; call it after editing fields)."""
         if self.encoder_padding not in ENCODER_PADDINGS:
             raise ValueError(f"encoder_padding must be one of {ENCODER_PADDINGS}, got {self.encoder_padding!r}")
         if self.prompt_template not in PROMPT_TEMPLATES:
@@ -97,23 +111,17 @@ class BlspConfig:
     def from_base_configs(cls, whisper: WhisperConfig, llm: PretrainedConfig, **kwargs: Any) -> "BlspConfig":
         return cls(whisper_config=whisper.to_dict(), llama_config=llm.to_dict(), **kwargs)
 
-    def to_dict(self) -> dict[str, Any]:
-        data = dataclasses.asdict(self)
-        data.update(data.pop("extra"))
-        return data
-
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "BlspConfig":
-        known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
-        if "whisper_config" not in data or "llama_config" not in data:
+    def from_dict(cls, config_dict: dict[str, Any], **kwargs: Any) -> "BlspConfig":
+        """transformers' reader (AutoConfig and from_pretrained come through here), refusing a dict that is
+        not a BLSP config by name rather than with a missing-field TypeError."""
+        if "whisper_config" not in config_dict or "llama_config" not in config_dict:
             raise ValueError("not a BLSP config: it needs both 'whisper_config' and 'llama_config'")
-        kwargs = {k: v for k, v in data.items() if k in known}
-        kwargs["extra"] = {k: v for k, v in data.items() if k not in known}
-        return cls(**kwargs)
+        return super().from_dict(dict(config_dict), **kwargs)
 
     def save(self, directory: str | Path) -> None:
-        path = Path(directory) / CONFIG_NAME
-        path.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+        """config.json as transformers writes it (keys that differ from transformers' defaults, sorted)."""
+        self.to_json_file(Path(directory) / CONFIG_NAME, use_diff=True)
 
     @classmethod
     def load(cls, directory: str | Path) -> "BlspConfig":

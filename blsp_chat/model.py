@@ -7,18 +7,20 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, ClassVar, ContextManager, Sequence
 
 import numpy as np
 import torch
+from huggingface_hub import ModelCard, ModelHubMixin
 from torch import nn
-from transformers import AutoModelForCausalLM, PreTrainedModel, WhisperFeatureExtractor
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, PreTrainedModel, WhisperFeatureExtractor
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
 from . import readout
 from .adapter import Bottleneck, ContextEncoder, Conv1dSubsampler, subsampled_lengths, zero_past
 from .audio import split_into_windows
-from .config import BlspConfig, GenerationOptions
+from .config import MODEL_TYPE, BlspConfig, GenerationOptions
 from .constants import HOP_LENGTH, N_FFT, N_SAMPLES, SAMPLE_RATE
 from .prefix_scorer import KvCachedPrefixScorer
 from .prompt import position_ids_from_mask
@@ -68,9 +70,15 @@ def merge_speech(inputs_embeds: torch.Tensor, speech_mask: torch.Tensor,
     return inputs_embeds.masked_scatter(speech_mask.unsqueeze(-1), flat.to(inputs_embeds.dtype))
 
 
-class BlspModel(nn.Module):
+class BlspModel(nn.Module, ModelHubMixin):
     """Parameter names match the released checkpoint: whisper_model.*, llama_model.*, subsampler.*,
-    adapter.*, speech_ln.*."""
+    adapter.*, speech_ln.*.
+
+    A Hugging Face model through huggingface_hub's ModelHubMixin: save_pretrained, from_pretrained and
+    push_to_hub, and `AutoModel.from_pretrained` after `import blsp_chat`. Not a transformers PreTrainedModel:
+    that one's init pass and tied-weight bookkeeping would run over the pretrained Whisper and LLM it wraps,
+    its save_pretrained writes every weight where BLSP saves only the adapter, and its push_to_hub replaces
+    the card that save_pretrained wrote."""
 
     def __init__(
         self,
@@ -315,19 +323,35 @@ class BlspModel(nn.Module):
             **hf_kwargs,
         )
 
-    # --- transformers-style persistence ------------------------------------------------------------
-    # weights.py owns every file and download and imports this module, so it plugs its two functions in
-    # here when it is imported (blsp_chat/__init__.py imports it): model.py never imports weights.py.
+    # --- Hugging Face persistence ------------------------------------------------------------------
+    # weights.py owns every file and download and imports this module, so it plugs its functions in here
+    # when it is imported (blsp_chat/__init__.py imports it): model.py never imports weights.py.
     persistence: ClassVar[Persistence | None] = None
+    config_class = BlspConfig  # what AutoModel.register checks
+    # What transformers' AutoModel.from_pretrained adds to its call: no remote code runs here, and a LoRA's
+    # files beside the adapter (adapter_kwargs) are applied by weights.py itself.
+    AUTO_MODEL_KWARGS: ClassVar[tuple[str, ...]] = ("_from_auto", "trust_remote_code", "adapter_kwargs")
 
-    def save_pretrained(self, directory, dtype: torch.dtype | None = None) -> None:
-        """Adapter-only checkpoint (`weights.save_adapter`)."""
-        self._persistence().save_adapter(self, directory, dtype)
+    def _save_pretrained(self, save_directory: Path) -> None:
+        """ModelHubMixin's hook behind save_pretrained and push_to_hub: the adapter-only checkpoint
+        (`weights.save_adapter`), with a model card from the config where the directory has none."""
+        self._persistence().save_adapter(self, save_directory)
+
+    def generate_model_card(self, *args: Any, **kwargs: Any) -> ModelCard:
+        return self._persistence().model_card(self.config)
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str | None = None, **kwargs: Any) -> "BlspModel":
-        """Any source `weights.load_pretrained` accepts (None: the offline default) -> the model."""
-        return cls._persistence().load_model(name_or_path, **kwargs)
+    def from_pretrained(cls, pretrained_model_name_or_path: str | Path | None = None, *,
+                        revision: str | None = None, config: BlspConfig | None = None, **kwargs: Any) -> "BlspModel":
+        """Any source `weights.load_pretrained` accepts (None: the offline default) -> the model.
+        revision: the hub branch, tag or commit of a hub id. config: use this config instead of the checkpoint's
+        (AutoModel passes the one it read, with any overrides it was given). Other keywords go to
+        load_pretrained: device, dtype, speech_search, and the hub's cache_dir, token, force_download,
+        local_files_only."""
+        for name in cls.AUTO_MODEL_KWARGS:
+            kwargs.pop(name, None)
+        source = None if pretrained_model_name_or_path is None else str(pretrained_model_name_or_path)
+        return cls._persistence().load_model(source, revision=revision, config=config, **kwargs)
 
     @classmethod
     def _persistence(cls) -> "Persistence":
@@ -338,7 +362,14 @@ class BlspModel(nn.Module):
 
 @dataclass(frozen=True)
 class Persistence:
-    """What BlspModel.save_pretrained / from_pretrained call (set by blsp_chat.weights)."""
+    """What BlspModel's save_pretrained / from_pretrained / model card call (set by blsp_chat.weights)."""
 
     save_adapter: Callable[..., None]
     load_model: Callable[..., BlspModel]
+    model_card: Callable[[BlspConfig], ModelCard]
+
+
+# `AutoConfig` / `AutoModel.from_pretrained(dir)` find BLSP checkpoints (config.json "model_type": "blsp") once
+# blsp_chat is imported, as transformers' own models are found.
+AutoConfig.register(MODEL_TYPE, BlspConfig, exist_ok=True)
+AutoModel.register(BlspConfig, BlspModel, exist_ok=True)

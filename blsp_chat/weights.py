@@ -1,7 +1,8 @@
 """Where weights come from, and every checkpoint file the model reads or writes.
 
 - A BLSP directory: adapter-only (config names the base models) or the released full layout.
-- A hub id (for users who have a hub): fetched with huggingface_hub, then read as a directory.
+- A hub id (for users who have a hub): fetched with huggingface_hub at a revision (branch, tag or commit; the
+  newest on main by default), then read as a directory.
 - `modelscope:ORG/NAME` (where BLSP's released 7B checkpoint lives): fetched into the cache with the optional
   `modelscope` package, then read as a directory.
 - The offline default: Whisper tiny.en and SmolLM2-135M-Instruct, `offline:` names that `offline.py`
@@ -12,8 +13,10 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
+from huggingface_hub import ModelCard
 from safetensors.torch import load_file, save_file
 from transformers import (
     AutoModelForCausalLM,
@@ -25,6 +28,7 @@ from transformers import (
 )
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
+from . import model_card
 from .config import CONFIG_NAME, BlspConfig
 from .model import BlspModel, Persistence
 from .offline import WeightsError, cache_dir, default_llm_dir, default_whisper_dir, report, whisper_base_dir
@@ -49,6 +53,14 @@ STAGE1_LORA_DIR = ASSETS_DIR / "stage1_lora"  # the stage-1 LoRA of the default 
 # The weight precisions a command line may name (app.py --dtype, a training config's dtype, export_adapter).
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 ADAPTER_SEED = 0
+# The hub ids of the models the offline names are built from (a card's base_model): tiny.en and base in
+# CTranslate2 format are conversions of OpenAI's checkpoints, the GGUF LLM of SmolLM2's.
+HUB_IDS = {
+    DEFAULT_WHISPER: "openai/whisper-tiny.en",
+    OFFLINE_PREFIX + "whisper-base": "openai/whisper-base",
+    OFFLINE_PREFIX + "smollm2-135m-instruct": "HuggingFaceTB/SmolLM2-135M-Instruct",
+    DEFAULT_LLM: "HuggingFaceTB/SmolLM2-135M-Instruct",  # its stage-1 LoRA is shipped here, not on the Hub
+}
 
 
 # --- base models by name ---------------------------------------------------------------------------
@@ -155,13 +167,14 @@ def read_state_dict(directory: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def load_blsp_dir(directory: Path, dtype: torch.dtype) -> LoadedBlsp:
+def load_blsp_dir(directory: Path, dtype: torch.dtype, config: BlspConfig | None = None) -> LoadedBlsp:
     """A checkpoint directory -> the model in eval mode (the context layers' dropout off), as transformers
-    loads models; training switches it on itself."""
+    loads models; training switches it on itself. `config` replaces the directory's own (as transformers'
+    from_pretrained(config=...) does)."""
     if not (directory / CONFIG_NAME).is_file():
         raise WeightsError(f"{directory} has no {CONFIG_NAME}; it is not a BLSP checkpoint")
     try:
-        config = BlspConfig.load(directory)
+        config = config or BlspConfig.load(directory)
     except (ValueError, json.JSONDecodeError) as err:
         raise WeightsError(f"{directory / CONFIG_NAME} is not a valid BLSP config: {err}") from err
     state = read_state_dict(directory)
@@ -248,12 +261,15 @@ def untrained_default(dtype: torch.dtype) -> LoadedBlsp:
 
 
 def load_pretrained(name_or_path: str | None = None, *, device: str | None = None,
-                    dtype: torch.dtype | None = None, speech_search: str | None = None) -> LoadedBlsp:
-    """Load a BLSP model: None for the offline default, a local directory, or a hub id. `speech_search`
-    overrides how its "ctc" readout finds the word pieces heard (`choose_speech_search`)."""
+                    dtype: torch.dtype | str | None = None, speech_search: str | None = None,
+                    revision: str | None = None, config: BlspConfig | None = None, **hub_kwargs: Any) -> LoadedBlsp:
+    """Load a BLSP model: None for the offline default, a local directory, a hub id or `modelscope:ORG/NAME`.
+    `speech_search` overrides how its "ctc" readout finds the word pieces heard (`choose_speech_search`).
+    `revision` (a branch, tag or commit) and `hub_kwargs` (cache_dir, token, force_download, local_files_only)
+    go to the download of a hub id; `config` replaces the checkpoint's own."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = dtype or (torch.bfloat16 if str(device).startswith("cuda") else torch.float32)
-    loaded = _load_any(name_or_path, dtype)
+    dtype = _dtype(dtype) or (torch.bfloat16 if str(device).startswith("cuda") else torch.float32)
+    loaded = _load_any(name_or_path, dtype, config, revision, hub_kwargs)
     choose_speech_search(loaded.model.config, speech_search)
     loaded.model.to(device)
     return loaded
@@ -281,28 +297,46 @@ def choose_speech_search(config: BlspConfig, search: str | None) -> None:
                            "fused search; export it with --ctc-lm-weight to give it one")
 
 
-def _load_any(name_or_path: str | None, dtype: torch.dtype) -> LoadedBlsp:
+def _dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    """A dtype or its name (as a command line or transformers' from_pretrained(dtype="float16") gives it)."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise WeightsError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    return DTYPES[dtype]
+
+
+def _load_any(name_or_path: str | None, dtype: torch.dtype, config: BlspConfig | None, revision: str | None,
+              hub_kwargs: dict[str, Any]) -> LoadedBlsp:
+    if revision is not None and (name_or_path in (None, "", "default") or Path(name_or_path).expanduser().exists()):
+        raise WeightsError(f"--revision names a version of a hub model, but {name_or_path or 'the default model'!r} "
+                           "is read from this machine")
     if name_or_path in (None, "", "default"):
         if (DEFAULT_ADAPTER_DIR / CONFIG_NAME).is_file():
-            return load_blsp_dir(DEFAULT_ADAPTER_DIR, dtype)
+            return load_blsp_dir(DEFAULT_ADAPTER_DIR, dtype, config)
         return untrained_default(dtype)
     if name_or_path.startswith(MODELSCOPE_PREFIX):
-        return load_blsp_dir(download_from_modelscope(modelscope_id(name_or_path)), dtype)
+        return load_blsp_dir(download_from_modelscope(modelscope_id(name_or_path), revision), dtype, config)
     path = Path(name_or_path).expanduser()
     if path.exists():
         if not path.is_dir():
             raise WeightsError(f"{path} is a file; pass the checkpoint's directory")
-        return load_blsp_dir(path, dtype)
-    return load_blsp_dir(_download_from_hub(name_or_path), dtype)
+        return load_blsp_dir(path, dtype, config)
+    return load_blsp_dir(download_from_hub(name_or_path, revision, **hub_kwargs), dtype, config)
 
 
-def _download_from_hub(repo_id: str) -> Path:
+def download_from_hub(repo_id: str, revision: str | None = None, **hub_kwargs: Any) -> Path:
+    """A hub snapshot (the whole repository at `revision`, the newest on main by default) in huggingface_hub's
+    cache. hub_kwargs: snapshot_download's cache_dir, token, force_download, local_files_only."""
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(snapshot_download(repo_id))
-    except Exception as err:  # offline machines, unknown ids and auth problems all land here
-        raise WeightsError(f"{repo_id!r} is not a local directory and could not be fetched from the hub: "
+        return Path(snapshot_download(repo_id, revision=revision, **hub_kwargs))
+    except TypeError:
+        raise  # a keyword snapshot_download does not take: the caller's mistake, said as Python says it
+    except Exception as err:  # offline machines, unknown ids, revisions and auth problems all land here
+        at = f" at revision {revision!r}" if revision else ""
+        raise WeightsError(f"{repo_id!r} is not a local directory and could not be fetched from the hub{at}: "
                            f"{err}") from err
 
 
@@ -316,8 +350,9 @@ def modelscope_id(name: str) -> str:
     return repo_id
 
 
-def download_from_modelscope(repo_id: str) -> Path:
-    """A ModelScope snapshot in the cache (`<cache>/modelscope`), fetched with the optional modelscope package."""
+def download_from_modelscope(repo_id: str, revision: str | None = None) -> Path:
+    """A ModelScope snapshot in the cache (`<cache>/modelscope`), fetched with the optional modelscope package
+    (at `revision` when given)."""
     try:
         from modelscope import snapshot_download
     except ImportError as err:
@@ -325,7 +360,8 @@ def download_from_modelscope(repo_id: str) -> Path:
                            f"which is not installed: pip install {MODELSCOPE_PACKAGE}") from err
     report(f"fetching {repo_id} with modelscope into {cache_dir() / 'modelscope'}")
     try:
-        return Path(snapshot_download(repo_id, cache_dir=str(cache_dir() / "modelscope")))
+        at = {"revision": revision} if revision else {}
+        return Path(snapshot_download(repo_id, cache_dir=str(cache_dir() / "modelscope"), **at))
     except Exception as err:  # network, unknown ids and auth problems all land here
         raise WeightsError(f"could not fetch {repo_id!r} with modelscope: {err}") from err
 
@@ -334,4 +370,32 @@ def load_model(name_or_path: str | None = None, **kwargs) -> BlspModel:
     return load_pretrained(name_or_path, **kwargs).model
 
 
-BlspModel.persistence = Persistence(save_adapter=save_adapter, load_model=load_model)
+# --- model cards ---------------------------------------------------------------------------------------
+def hub_id(name_or_path: str | None) -> str | None:
+    """The hub id a base model is known by: offline names map to the checkpoints they were converted from,
+    hub ids stay; local paths and `modelscope:` names have none."""
+    if not name_or_path:
+        return None
+    if name_or_path in HUB_IDS:
+        return HUB_IDS[name_or_path]
+    if name_or_path.startswith((OFFLINE_PREFIX, MODELSCOPE_PREFIX)) or Path(name_or_path).expanduser().exists():
+        return None
+    return name_or_path if name_or_path.count("/") == 1 and not name_or_path.startswith((".", "/")) else None
+
+
+def blsp_card_data(config: BlspConfig, datasets=(), **kwargs: Any):
+    """Hub metadata of a checkpoint with this config (model_card.blsp_card_data)."""
+    bases = [hub_id(config.whisper_name_or_path), hub_id(config.llm_name_or_path)]
+    return model_card.blsp_card_data([b for b in bases if b], datasets, **kwargs)
+
+
+def default_model_card(config: BlspConfig) -> ModelCard:
+    """The card save_pretrained / push_to_hub write where a checkpoint has none of its own."""
+    body = (f"# BLSP model\n\nAdapter-only BLSP checkpoint: a frozen Whisper encoder "
+            f"(`{config.whisper_name_or_path}`) -> trained modality adapter -> frozen LLM (`{config.llm_name_or_path}`).\n\n"
+            "```python\nimport blsp_chat\nfrom transformers import AutoModel\n\n"
+            "model = AutoModel.from_pretrained(\"<this repository>\")\n```\n")
+    return model_card.new_card(blsp_card_data(config), body)
+
+
+BlspModel.persistence = Persistence(save_adapter=save_adapter, load_model=load_model, model_card=default_model_card)
