@@ -1,7 +1,10 @@
-"""`python -m blsp_chat chat|generate|serve|download`: the model from a terminal, or served to programs."""
+"""`blsp-chat app|chat|generate|serve|download` (or `python -m blsp_chat ...`): the model from a terminal, in a
+browser, or served to programs. The core install runs chat, generate and download; app and serve need their
+extras (`pip install 'blsp-chat[app]'`, `[serve]`), and without them say so."""
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import shlex
 import signal
@@ -12,13 +15,13 @@ from typing import Callable, Iterator
 
 import soundfile as sf
 
-from . import manifest, offline, weights
-from . import serve as server  # fastapi: the serve command's defaults come from it when the parser is built
+from . import __version__, manifest, offline, weights
 from .audio import DEFAULT_MAX_AUDIO_SECONDS, AudioError, load_audio
 from .config import GenerationOptions
 from .constants import DEFAULT_TRANSLATION_TARGET, FALLBACK_TEMPERATURES, SAMPLE_RATE, TASK_PRESETS
 from .generate import generate_reply, speech_turn
 from .mic import MicrophoneUnavailable, Player, Recorder, microphone_problem  # sounddevice loads only when recording
+from .options import add_context_option, add_speech_search_option
 from .prompt import Turn, task_instruction
 from .session import ChatSession, ContextOverflowError
 from .voice.barge_in import BargeInWatch
@@ -39,7 +42,12 @@ Type a message and press Enter. Commands:
   /reset                  start a new conversation
   /help                   this text
   /quit                   leave (or Ctrl-D); Ctrl-C stops a reply in progress"""
+NO_VOICE = "none"  # serve --voice none: text only
 API_KEY_ENV_VAR = "BLSP_CHAT_API_KEY"  # the serve command's key, kept out of the process list
+# The modules whose absence means a command's extra is not installed.
+COMMAND_EXTRAS = {"app": ("gradio",), "serve": ("fastapi", "uvicorn")}
+COMMAND_HELP = {"app": "the voice chat page in a browser (what `python app.py` serves)",
+                "serve": "an OpenAI-compatible HTTP API (chat completions with audio, transcriptions)"}
 UNTRAINED_WARNING = ("warning: this model's adapter is untrained (assets/default_adapter is missing), "
                      "so it cannot understand speech; typed turns work.")
 
@@ -50,28 +58,6 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
                         help="BLSP directory, hub id or modelscope:ORG/NAME (default: the offline default model)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     add_speech_search_option(parser)
-
-
-def add_speech_search_option(parser: argparse.ArgumentParser) -> None:
-    """--speech-search, the same for every entry point that loads a model (app.py too)."""
-    parser.add_argument("--speech-search", choices=weights.SPEECH_SEARCHES, default=None,
-                        help="how the readout finds the words heard: fused (beam search with the LLM as language "
-                             "model) or greedy (each output's best label: a spoken turn's first token several "
-                             "times sooner on a CPU, for a few points of WER). Default: the model's own")
-
-
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive whole number, got {text}")
-    return value
-
-
-def add_context_option(parser: argparse.ArgumentParser) -> None:
-    """--max-context-tokens, the same for every entry point that builds ChatSessions (app.py too)."""
-    parser.add_argument("--max-context-tokens", type=positive_int, default=None,
-                        help="conversation + reply cap in tokens (default: the LLM's context); a conversation "
-                             "that outgrows it drops its oldest turns")
 
 
 def add_generation_options(parser: argparse.ArgumentParser) -> None:
@@ -90,9 +76,11 @@ def generation_options(args: argparse.Namespace) -> GenerationOptions:
                              fallback_temperatures=fallback)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m blsp_chat", description="BLSP speech LLM")
+def build_parser(prog: str = "blsp-chat") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description="BLSP speech LLM")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
+    add_with_extra(commands, "app", add_app_command)
 
     chat = commands.add_parser("chat",
                                help="a conversation in the terminal: type, record from the microphone, or send files")
@@ -127,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--fallback", action="store_true",
                      help="decode a looping reply again at rising temperature (0.2 ... 1.0), as openai/whisper does; "
                           "the small default model loops on some clips when asked to repeat them")
-    add_serve_command(commands)
+    add_with_extra(commands, "serve", add_serve_command)
     commands.add_parser("download", help="fetch and convert the offline default base models into the cache")
     return parser
 
@@ -138,9 +126,34 @@ def add_voice_option(parser: argparse.ArgumentParser) -> None:
                         help="the spoken replies' voice (auto: piper's natural voice, else espeak-ng)")
 
 
+def missing_modules(command: str) -> list[str]:
+    """The modules of `command`'s extra that are not installed."""
+    return [name for name in COMMAND_EXTRAS[command] if importlib.util.find_spec(name) is None]
+
+
+def add_with_extra(commands, command: str, add) -> None:
+    """`add(commands)` where the command's extra is installed; otherwise a stand-in without options (their
+    defaults may come from the very modules that are missing) that says what to install."""
+    missing = missing_modules(command)
+    if not missing:
+        add(commands)
+        return
+    stand_in = commands.add_parser(command, help=f"{COMMAND_HELP[command]} (needs: pip install 'blsp-chat[{command}]')",
+                                   add_help=False)
+    stand_in.set_defaults(missing_extra=missing)
+
+
+def add_app_command(commands) -> None:
+    from .app import DESCRIPTION, add_app_arguments
+
+    app = commands.add_parser("app", help=COMMAND_HELP["app"], description=DESCRIPTION)
+    add_app_arguments(app)
+
+
 def add_serve_command(commands) -> None:
-    serve = commands.add_parser("serve",
-                                help="an OpenAI-compatible HTTP API (chat completions with audio, transcriptions)")
+    from . import serve as server  # fastapi: the serve command's defaults come from it
+
+    serve = commands.add_parser("serve", help=COMMAND_HELP["serve"])
     add_model_options(serve)
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     serve.add_argument("--port", type=int, default=8000)
@@ -154,6 +167,9 @@ def add_serve_command(commands) -> None:
     serve.add_argument("--max-body-mb", type=float, default=server.DEFAULT_MAX_BODY_BYTES / server.MEBIBYTE,
                        help="largest request body")
     add_context_option(serve)
+    serve.add_argument("--voice", choices=(AUTO, *ENGINES, NO_VOICE), default=AUTO,
+                       help="the voice of spoken replies and /v1/audio/speech (auto: piper's natural voice, else "
+                            "espeak-ng, else text only; none: text only)")
 
 
 # --- generate --------------------------------------------------------------------------------------
@@ -545,14 +561,24 @@ def chat_voice(engine: str):
     return voice, player
 
 
+def run_app(args: argparse.Namespace) -> int:
+    from . import app
+
+    app.run(args)
+    return 0
+
+
 def run_serve(args: argparse.Namespace) -> int:
+    from . import serve as server
+
     limits = server.ServerLimits(max_body_bytes=int(args.max_body_mb * server.MEBIBYTE),
                                  max_audio_seconds=args.max_audio_seconds, max_tokens=args.max_tokens_limit)
     loaded = weights.load_pretrained(args.model, device=args.device, speech_search=args.speech_search)
     if not loaded.adapter_trained:
         print(UNTRAINED_WARNING, file=sys.stderr)
     engine = server.InProcessEngine(loaded, model_id=args.served_model_name, max_context_tokens=args.max_context_tokens)
-    server.serve(engine, host=args.host, port=args.port, api_key=args.api_key or None, limits=limits)
+    voice = None if args.voice == NO_VOICE else VoiceOptions(engine=args.voice)
+    server.serve(engine, host=args.host, port=args.port, api_key=args.api_key or None, limits=limits, voice=voice)
     return 0
 
 
@@ -562,10 +588,19 @@ def run_download(_: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv: list[str] | None = None, prog: str = "blsp-chat") -> int:
+    """The `blsp-chat` command (pyproject.toml's console script); `python -m blsp_chat` names itself as such."""
+    parser = build_parser(prog)
+    args, unknown = parser.parse_known_args(argv)  # a stand-in command's options are all unknown to it
+    if missing := getattr(args, "missing_extra", None):
+        print(f"error: `{prog} {args.command}` needs the {args.command} extra ({', '.join(missing)} not installed): "
+              f"pip install 'blsp-chat[{args.command}]'", file=sys.stderr)
+        return 2
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
 
-    handlers = {"chat": run_chat, "generate": run_generate, "serve": run_serve, "download": run_download}
+    handlers = {"app": run_app, "chat": run_chat, "generate": run_generate, "serve": run_serve,
+                "download": run_download}
     try:
         return handlers[args.command](args)
     except offline.WeightsError as err:

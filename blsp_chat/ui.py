@@ -42,6 +42,7 @@ from .config import GenerationOptions
 from .constants import DEFAULT_TRANSLATION_TARGET, SAMPLE_RATE, TASK_PRESETS
 from .heard import heard_text
 from .prompt import task_instruction
+from .resources import EXAMPLES_DIR
 from .session import CacheBudget, ChatSession, ContextOverflowError
 from .voice.live import LiveTurns
 from .voice.paced import PacedPlayer
@@ -53,7 +54,6 @@ from .web_files import FileOwners, OwnerGate, owner_from_cookies
 if TYPE_CHECKING:
     from .weights import LoadedBlsp
 
-EXAMPLES_DIR = Path(__file__).resolve().parent.parent / "assets" / "examples"
 TITLE = "BLSP chat: talk to a language model"
 # Replies generated at once. Their decode steps share one batched forward (batcher.StepBatcher) and
 # their prefills take turns at the model (lock.FairLock), so a short question starts answering after one

@@ -32,6 +32,7 @@ from . import model_card
 from .config import CONFIG_NAME, BlspConfig
 from .model import BlspModel, Persistence
 from .offline import WeightsError, cache_dir, default_llm_dir, default_whisper_dir, report, whisper_base_dir
+from .resources import DEFAULT_ADAPTER_DIR, STAGE1_LORA_DIR  # package data, installed or in a checkout
 
 ADAPTER_WEIGHTS_NAME = "model.safetensors"
 # A fine-tuned checkpoint (train.finetune) keeps its LLM's LoRA beside the BLSP adapter in peft's own files,
@@ -47,9 +48,6 @@ DEFAULT_WHISPER = OFFLINE_PREFIX + "whisper-tiny.en"
 # The offline default LLM: SmolLM2-135M-Instruct + the stage-1 LoRA of assets/stage1_lora (issue 8),
 # merged at load. `offline:smollm2-135m-instruct` stays resolvable as the plain base.
 DEFAULT_LLM = OFFLINE_PREFIX + "smollm2-135m-instruct-stage1"
-ASSETS_DIR = Path(__file__).resolve().parent.parent / "assets"
-DEFAULT_ADAPTER_DIR = ASSETS_DIR / "default_adapter"
-STAGE1_LORA_DIR = ASSETS_DIR / "stage1_lora"  # the stage-1 LoRA of the default LLM (train/sft_llm.py)
 # The weight precisions a command line may name (app.py --dtype, a training config's dtype, export_adapter).
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 ADAPTER_SEED = 0
@@ -64,6 +62,15 @@ HUB_IDS = {
 
 
 # --- base models by name ---------------------------------------------------------------------------
+def stage1_lora_dir() -> Path:
+    """The shipped stage-1 LoRA, or a clear error where it is missing (a package installed without its data):
+    a path that does not exist would otherwise reach from_pretrained as a malformed hub id."""
+    if not (STAGE1_LORA_DIR / "adapter_config.json").is_file():
+        raise WeightsError(f"the default LLM's stage-1 LoRA is missing from {STAGE1_LORA_DIR}: reinstall blsp-chat "
+                           "with its package data, or run from a checkout that has assets/stage1_lora")
+    return STAGE1_LORA_DIR
+
+
 def resolve_base(name_or_path: str) -> str:
     """`offline:` names -> their directory (cache, or the shipped stage-1 LoRA); local paths and hub ids
     pass through."""
@@ -71,7 +78,7 @@ def resolve_base(name_or_path: str) -> str:
         DEFAULT_WHISPER: default_whisper_dir,
         OFFLINE_PREFIX + "whisper-base": whisper_base_dir,  # multilingual, 6 layers, 512-d
         OFFLINE_PREFIX + "smollm2-135m-instruct": default_llm_dir,  # the plain base
-        DEFAULT_LLM: lambda: STAGE1_LORA_DIR,  # a peft LoRA whose adapter_config names the base above
+        DEFAULT_LLM: stage1_lora_dir,  # a peft LoRA whose adapter_config names the base above
     }
     if name_or_path.startswith(OFFLINE_PREFIX):
         if name_or_path not in offline:

@@ -1,8 +1,9 @@
-"""app.py options: safe defaults locally, the platform's host and port on Spaces."""
+"""The app's options (`python app.py`, `blsp-chat app`): safe defaults locally, the platform's host and port on
+Spaces."""
 import pytest
 
-import app
 import blsp_chat.weights
+from blsp_chat import app
 from blsp_chat.cli import build_parser
 
 
@@ -64,3 +65,23 @@ def test_a_malformed_auth_is_reported_before_the_model_loads(monkeypatch):
     monkeypatch.setattr(blsp_chat.weights, "load_pretrained", must_not_load)
     with pytest.raises(SystemExit, match="USER:PASS"):
         app.main(["--auth", "no-colon"])
+
+
+def test_blsp_chat_app_takes_the_options_of_app_py(monkeypatch):
+    for name in ("SPACE_ID", "GRADIO_SERVER_NAME", "GRADIO_SERVER_PORT", "PORT", "BLSP_CHAT_AUTH", "BLSP_CHAT_MODEL"):
+        monkeypatch.delenv(name, raising=False)
+    argv = ["--port", "7000", "--max-cached-tokens", "900", "--speech-search", "greedy", "--auth", "a:b"]
+    from_cli = vars(build_parser().parse_args(["app", *argv]))
+    assert from_cli.pop("command") == "app"
+    assert from_cli == vars(app.parse_args(argv))
+
+
+def test_blsp_chat_app_checks_auth_before_the_model_loads(monkeypatch):
+    from blsp_chat import cli
+
+    def must_not_load(*args, **kwargs):
+        raise AssertionError("the model was loaded before --auth was checked")
+
+    monkeypatch.setattr(blsp_chat.weights, "load_pretrained", must_not_load)
+    with pytest.raises(SystemExit, match="USER:PASS"):
+        cli.main(["app", "--auth", "no-colon"])

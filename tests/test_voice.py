@@ -871,7 +871,7 @@ def test_a_refused_hands_free_turn_leaves_no_wav(ctc_loaded, clips, tmp_path):
 def test_the_turn_folder_goes_when_the_server_process_ends(ending):
     """At a normal exit, and when stopped by SIGTERM (app.py makes that an exit, as a platform stops a Space)."""
     program = ("import sys, time\n"
-               "import app\n"
+               "from blsp_chat import app\n"
                "from blsp_chat.ui import ChatHandlers\n"
                "handlers = ChatHandlers(None, 60)\n"
                "(handlers.turn_dir / 'turn-x.wav').write_bytes(b'RIFF')\n"

@@ -1,0 +1,28 @@
+"""Command-line options shared by every entry point that loads a model: `blsp-chat`'s commands and the app."""
+from __future__ import annotations
+
+import argparse
+
+from . import weights
+
+
+def add_speech_search_option(parser: argparse.ArgumentParser) -> None:
+    """--speech-search, the same for every entry point that loads a model (the app too)."""
+    parser.add_argument("--speech-search", choices=weights.SPEECH_SEARCHES, default=None,
+                        help="how the readout finds the words heard: fused (beam search with the LLM as language "
+                             "model) or greedy (each output's best label: a spoken turn's first token several "
+                             "times sooner on a CPU, for a few points of WER). Default: the model's own")
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive whole number, got {text}")
+    return value
+
+
+def add_context_option(parser: argparse.ArgumentParser) -> None:
+    """--max-context-tokens, the same for every entry point that builds ChatSessions (the app too)."""
+    parser.add_argument("--max-context-tokens", type=positive_int, default=None,
+                        help="conversation + reply cap in tokens (default: the LLM's context); a conversation "
+                             "that outgrows it drops its oldest turns")
