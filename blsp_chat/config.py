@@ -1,8 +1,9 @@
 """Typed configuration of a BLSP model and of generation.
 
-`BlspConfig` is a transformers config (`model_type: "blsp"`; model.py registers it with `AutoConfig`) that keeps the key names of the released checkpoint (`whisper_config`, `llama_config`,
-`conv_kernel_sizes`, `adapter_inner_dim`) so that its config.json loads unchanged; `llama_config`
-holds the config of any causal LM (its `model_type` says which), the name is kept for compatibility.
+`BlspConfig` is a transformers config (`model_type: "blsp"`; model.py registers it with `AutoConfig`) that
+keeps the key names of the released checkpoint (`whisper_config`, `llama_config`, `conv_kernel_sizes`,
+`adapter_inner_dim`) so that its config.json loads unchanged; `llama_config` holds the config of any causal
+LM (its `model_type` says which), the name is kept for compatibility.
 """
 from __future__ import annotations
 

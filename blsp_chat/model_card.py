@@ -53,11 +53,27 @@ def card_body(text: str) -> str:
     raise ValueError("the card's front matter has no closing '---' line")
 
 
-def write_front_matter(path: str | Path, data: ModelCardData) -> None:
-    """Give the card at `path` this front matter, keeping its body (a new card gets a one-line title)."""
+def write_card(path: str | Path, body: str, data: ModelCardData) -> None:
+    """Write a card: `data` as front matter over `body`. Where `data` names no datasets, those the card at
+    `path` already lists stay: a writer that cannot know them (a LoRA trained from a local file) does not
+    erase what someone recorded."""
     path = Path(path)
-    text = path.read_text() if path.is_file() else f"# {path.parent.name}\n"
-    path.write_text(with_front_matter(text, data))
+    if not data.datasets:
+        data.datasets = (read_card_data(path.read_text()).datasets if path.is_file() else None) or []
+    path.write_text(with_front_matter(body, data))
+
+
+def write_front_matter(path: str | Path, data: ModelCardData) -> None:
+    """Give the card at `path` this front matter, keeping its text (a new card gets a one-line title)."""
+    path = Path(path)
+    write_card(path, path.read_text() if path.is_file() else f"# {path.parent.name}\n", data)
+
+
+def read_card_data(text: str) -> ModelCardData:
+    """The front matter of a card's text (empty metadata when it has none)."""
+    if card_body(text) is text:
+        return ModelCardData()
+    return ModelCard(text, ignore_metadata_errors=True).data
 
 
 def new_card(data: ModelCardData, body: str) -> ModelCard:

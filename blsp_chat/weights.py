@@ -398,8 +398,8 @@ def blsp_card_data(config: BlspConfig, datasets=(), **kwargs: Any):
 
 def default_model_card(config: BlspConfig) -> ModelCard:
     """The card save_pretrained / push_to_hub write where a checkpoint has none of its own."""
-    body = (f"# BLSP model\n\nAdapter-only BLSP checkpoint: a frozen Whisper encoder "
-            f"(`{config.whisper_name_or_path}`) -> trained modality adapter -> frozen LLM (`{config.llm_name_or_path}`).\n\n"
+    body = (f"# BLSP model\n\nAdapter-only BLSP checkpoint: a frozen Whisper encoder (`{config.whisper_name_or_path}`) "
+            f"-> trained modality adapter -> frozen LLM (`{config.llm_name_or_path}`).\n\n"
             "```python\nimport blsp_chat\nfrom transformers import AutoModel\n\n"
             "model = AutoModel.from_pretrained(\"<this repository>\")\n```\n")
     return model_card.new_card(blsp_card_data(config), body)

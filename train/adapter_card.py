@@ -1,17 +1,31 @@
 """The model card (README.md) of a stage-2 run, written from the loop's record: what was trained on what,
-how (optimiser, losses, readout), the data, the held-out evaluation and the loss curve."""
+how (optimiser, losses, readout), the data, the held-out evaluation and the loss curve, under the Hub's YAML
+front matter (blsp_chat.model_card).
+
+Run as a command, it (re)writes the front matter of checkpoints' cards in place, keeping their text: a BLSP
+checkpoint's (config.json) from its base models, an LLM LoRA's (adapter_config.json) from its base.
+
+    python -m train.adapter_card assets/default_adapter --dataset beneath-a-steel-sky ...
+    python -m train.adapter_card assets/stage1_lora --dataset wordnet
+"""
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
+from huggingface_hub import ModelCardData
+
+from blsp_chat import model_card
+from blsp_chat.config import CONFIG_NAME, BlspConfig
+from blsp_chat.weights import LORA_CONFIG_NAME, blsp_card_data, hub_id
 from train.adapter_config import AdapterTrainConfig, LossSection, ModelSection
 from train.io import read_jsonl
 from train.loop import TrainResult
 from train.speech_data import EncoderCache
 
-CARD_NAME = "README.md"
+CARD_NAME = model_card.CARD_NAME
 
 
 def write_model_card(out: Path, config: AdapterTrainConfig, data_summary: dict[str, Any], result: TrainResult,
@@ -25,7 +39,8 @@ def write_model_card(out: Path, config: AdapterTrainConfig, data_summary: dict[s
         "",
         f"Adapter-only checkpoint for **{config.model.whisper}** (speech encoder) + **{config.model.llm}** (LLM), "
         f"trained by {training_description(config)}: Whisper and the LLM are frozen, only the subsampler, bottleneck "
-        "and LayerNorm train. Load with `BlspModel.from_pretrained(\"<this directory>\")`.",
+        "and LayerNorm train. Load with `import blsp_chat` and `transformers.AutoModel.from_pretrained(\"<this "
+        "directory>\")` (or `BlspModel.from_pretrained`).",
         "",
         f"The LLM reads it through {readout_description(config.model)}.",
         "",
@@ -65,7 +80,18 @@ def write_model_card(out: Path, config: AdapterTrainConfig, data_summary: dict[s
         lines.append("No held-out evaluation was run.")
     lines += ["", "## Loss curve", "", "![loss curve](loss_curve.png)", "",
               "Full record: `train_config.json`, `metrics.jsonl`, `eval.jsonl`, `data_summary.json`.", ""]
-    (out / CARD_NAME).write_text("\n".join(lines))
+    data = card_data(config.model, manifest_sources(config.data.train_manifest))
+    (out / CARD_NAME).write_text(model_card.with_front_matter("\n".join(lines), data))
+
+
+def card_data(model: ModelSection, datasets: Sequence[str]) -> ModelCardData:
+    bases = [hub_id(model.whisper), hub_id(model.llm)]
+    return model_card.blsp_card_data([b for b in bases if b], datasets)
+
+
+def manifest_sources(manifest: str | Path) -> list[str]:
+    """The corpora a manifest's clips come from (their `source` fields), in order of first appearance."""
+    return list(dict.fromkeys(str(r["source"]) for r in read_jsonl(manifest) if r.get("source")))
 
 
 def training_description(config: AdapterTrainConfig) -> str:
@@ -97,3 +123,38 @@ def loss_description(loss: LossSection) -> str:
 
 def _cell(value: Any) -> str:
     return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+# --- front matter of existing cards -------------------------------------------------------------------------
+def checkpoint_card_data(directory: Path, datasets: Sequence[str] = (),
+                         license: str = model_card.LICENSE) -> ModelCardData:
+    """The Hub metadata of a BLSP checkpoint or an LLM LoRA directory, from its own config."""
+    if (directory / CONFIG_NAME).is_file():
+        return blsp_card_data(BlspConfig.load(directory), datasets, license=license)
+    if (directory / LORA_CONFIG_NAME).is_file():
+        base = json.loads((directory / LORA_CONFIG_NAME).read_text()).get("base_model_name_or_path")
+        return model_card.lora_card_data(hub_id(base), datasets, license=license)
+    raise FileNotFoundError(f"{directory} holds neither a BLSP {CONFIG_NAME} nor a LoRA's {LORA_CONFIG_NAME}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m train.adapter_card",
+                                     description="(Re)write the Hub front matter of checkpoints' README.md cards.")
+    parser.add_argument("directories", nargs="+", type=Path, help="BLSP checkpoints or LLM LoRA directories")
+    parser.add_argument("--dataset", action="append", default=[],
+                        help="a corpus the weights were trained on (repeat; default: those the card lists)")
+    parser.add_argument("--license", default=model_card.LICENSE, help="the weights' licence (a Hub licence id)")
+    args = parser.parse_args(argv)
+    for directory in args.directories:
+        try:
+            data = checkpoint_card_data(directory, args.dataset, args.license)
+        except (FileNotFoundError, ValueError, json.JSONDecodeError) as err:
+            parser.error(f"{directory}: {err}")
+        model_card.write_front_matter(directory / CARD_NAME, data)
+        bases = [data.base_model] if isinstance(data.base_model, str) else data.base_model or ["no hub base model"]
+        print(f"{directory / CARD_NAME}: front matter for {', '.join(bases)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

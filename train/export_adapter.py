@@ -4,7 +4,9 @@ record, into a folder such as assets/default_adapter (the folder `python app.py`
     python -m train.export_adapter runs/adapter_tiny_offline assets/default_adapter --dtype float16
 
 The weights are stored as --dtype (float16 halves them: 11.5 MB for the tiny default); loading casts them
-back to the dtype the model runs in. Checkpoints, optimizer state and logs of the run stay behind.
+back to the dtype the model runs in. Checkpoints, optimizer state and logs of the run stay behind; a fine-tuned
+run's encoder weights and its LLM LoRA (peft's files) go along. The model card keeps the Hub front matter
+the run wrote, or gets one from the config (blsp_chat.model_card).
 `--speech-readout ctc` serves an adapter trained with the CTC loss through the CTC-compressed readout
 (blsp_chat.readout.ctc_readout), whatever readout the run itself was evaluated with; `--ctc-lm-weight`
 decodes it by beam search with the LLM fused in as a language model (blsp_chat.ctc_decode).
@@ -12,18 +14,28 @@ decodes it by beam search with the LLM fused in as a language model (blsp_chat.c
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import shutil
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 
+from blsp_chat import model_card
 from blsp_chat.config import SPEECH_READOUTS
-from blsp_chat.weights import DTYPES, load_blsp_dir, save_adapter
+from blsp_chat.weights import (
+    DTYPES,
+    ENCODER_PREFIX,
+    LORA_CONFIG_NAME,
+    LORA_WEIGHTS_NAME,
+    default_model_card,
+    load_blsp_dir,
+    read_state_dict,
+    save_adapter,
+)
 from train.losses import ctc_blank_id
 
-RECORD_FILES = ("README.md", "loss_curve.png", "train_config.json", "data_summary.json", "eval.jsonl")
+RECORD_FILES = (model_card.CARD_NAME, "loss_curve.png", "train_config.json", "data_summary.json", "eval.jsonl")
+LORA_FILES = (LORA_CONFIG_NAME, LORA_WEIGHTS_NAME)  # a fine-tuned LLM's LoRA, applied on load (weights.llm_source)
 
 
 def export(run_dir: Path, out: Path, dtype: torch.dtype, speech_readout: str | None = None, ctc_blank: str = " ",
@@ -34,16 +46,28 @@ def export(run_dir: Path, out: Path, dtype: torch.dtype, speech_readout: str | N
     loaded = load_blsp_dir(run_dir, torch.float32)
     if speech_readout:
         blank_id = ctc_blank_id(loaded.tokenizer, ctc_blank) if speech_readout == "ctc" else None
-        loaded.model.config = dataclasses.replace(loaded.model.config, speech_readout=speech_readout,
-                                                  ctc_blank_id=blank_id,
-                                                  **readout_settings)
-    save_adapter(loaded.model, out, dtype=dtype)
+        set_fields(loaded.model.config, speech_readout=speech_readout, ctc_blank_id=blank_id, **readout_settings)
+    fine_tuned_encoder = any(k.startswith(ENCODER_PREFIX) for k in read_state_dict(run_dir))
+    save_adapter(loaded.model, out, dtype=dtype, with_encoder=fine_tuned_encoder)
     copied = []
-    for name in RECORD_FILES:
+    for name in RECORD_FILES + LORA_FILES:
         if (run_dir / name).is_file():
             shutil.copy2(run_dir / name, out / name)
             copied.append(name)
+    card = out / model_card.CARD_NAME
+    if not card.is_file():
+        default_model_card(loaded.model.config).save(card)
+    elif not model_card.read_card_data(card.read_text()).to_dict():
+        model_card.write_front_matter(card, default_model_card(loaded.model.config).data)
     return copied
+
+
+def set_fields(config, **changes: Any) -> None:
+    """Change a BlspConfig in place and check it again (in place, so that keys it carries beyond its fields
+    stay: dataclasses.replace would drop them)."""
+    for name, value in changes.items():
+        setattr(config, name, value)
+    config.check()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -36,9 +36,10 @@ from typing import Iterable, Sequence
 
 import torch
 
+from blsp_chat import model_card
 from blsp_chat.constants import IGNORE_INDEX, INTENT_INSTRUCTION, REPEAT_INSTRUCTION, SNIPS_LIGHT_INTENTS
 from blsp_chat.prompt import Turn, cut_at_stop, eos_token_ids, left_padded_batch, pad_token_id, render, template_for
-from blsp_chat.weights import load_llm
+from blsp_chat.weights import hub_id, load_llm
 from train.build_sft_data import intent_commands, load_sources, pick_label, read_alpaca, split_of, transcript_style
 from train.io import read_jsonl
 from train.loop import (
@@ -444,7 +445,8 @@ def write_card(out: Path, updates: dict) -> dict:
     card = json.loads(path.read_text()) if path.is_file() else {}
     card.update(updates)
     path.write_text(json.dumps(card, indent=2) + "\n")
-    (out / CARD_MD).write_text(card_markdown(card))
+    base = hub_id(card.get("config", {}).get("llm"))
+    model_card.write_card(out / CARD_MD, card_markdown(card), model_card.lora_card_data(base))  # Hub front matter
     return card
 
 
