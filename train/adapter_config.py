@@ -1,6 +1,8 @@
 """The stage-2 training config (`python -m train.train_adapter --config ...`): its sections `model`, `data`,
 `loss`, `eval` and `loop` (`train.loop.LoopConfig`) as typed dataclasses, read from JSON or YAML with
-`section.key=value` overrides on top. Bad keys and impossible settings fail when the config is read."""
+`section.key=value` overrides on top. Bad keys, values of the wrong type (`loop.learning_rate=fast`, checked
+against each field's annotation by `train.config_types`) and impossible settings fail when the config is read,
+naming the key."""
 from __future__ import annotations
 
 import dataclasses
@@ -12,6 +14,7 @@ from typing import Any, Sequence
 import yaml
 
 from blsp_chat.config import SPEECH_READOUTS
+from train.config_types import ConfigTypeError, check_field_types, field_annotation, parse_override_value
 from train.loop import LoopConfig
 from train.speech_data import PAPER_REPETITION_RATIO, FrameMasking
 
@@ -36,6 +39,9 @@ class ModelSection:
     speech_readout: str = "embeddings"
     ctc_readout_temperature: float = 0.1
 
+    def __post_init__(self) -> None:
+        check_field_types(self, "model")
+
 
 @dataclass
 class DataSection:
@@ -53,9 +59,36 @@ class DataSection:
     mask_time_fraction: float = 0.0
     mask_time_span: int = 10
     mask_channel_fraction: float = 0.0
+    # A Hugging Face dataset instead of train_manifest (train.hf_datasets): saved with save_to_disk
+    # (`dataset_dir`) or found by datasets.load_dataset (`dataset_name`, `dataset_config`). Its rows become
+    # manifest lines under dataset_audio_dir (default OUTPUT_DIR/dataset): audio_column's clips as 16 kHz
+    # wavs, text_column, and instruction/response columns when named, else repeat lines (response = text).
+    dataset_name: str | None = None
+    dataset_dir: str | None = None
+    dataset_config: str | None = None
+    dataset_split: str = "train"
+    dataset_eval_split: str | None = None   # else eval_manifest, else eval_fraction of the training rows
+    audio_column: str = "audio"
+    text_column: str = "text"
+    instruction_column: str | None = None
+    response_column: str | None = None
+    dataset_audio_dir: str | None = None
 
     def __post_init__(self) -> None:
+        check_field_types(self, "data")
+        sources = [n for n in ("train_manifest", "dataset_name", "dataset_dir") if getattr(self, n)]
+        if len(sources) > 1:
+            raise ValueError(f"data: {' and '.join(sources)} are both set; the training data comes from one of them")
+        if self.dataset_eval_split and self.eval_manifest:
+            raise ValueError("data: dataset_eval_split and eval_manifest are both set; the held-out data comes "
+                             "from one of them")
+        if self.dataset_eval_split and not self.uses_dataset:
+            raise ValueError("data.dataset_eval_split needs data.dataset_name or data.dataset_dir")
         self.frame_masking()  # refuse impossible mask settings when the config is read, not at step 1
+
+    @property
+    def uses_dataset(self) -> bool:
+        return bool(self.dataset_name or self.dataset_dir)
 
     def frame_masking(self) -> FrameMasking:
         return FrameMasking(self.mask_time_fraction, self.mask_time_span, self.mask_channel_fraction)
@@ -77,6 +110,7 @@ class LossSection:
     commit_weight: float = 0.0
 
     def __post_init__(self) -> None:
+        check_field_types(self, "loss")
         if self.commit_weight and not self.ctc_weight:
             raise ValueError("loss.commit_weight needs loss.ctc_weight: it pulls vectors onto the words CTC chose")
         if not (self.ce_weight or self.kd_weight or self.ctc_weight):
@@ -92,6 +126,9 @@ class EvalSection:
     repeat_wer_examples: int = 0    # greedy repeat-instruction WER on this many held-out clips at each eval
     max_new_tokens: int = 64
 
+    def __post_init__(self) -> None:
+        check_field_types(self, "eval")
+
 
 @dataclass
 class AdapterTrainConfig:
@@ -102,6 +139,9 @@ class AdapterTrainConfig:
     eval: EvalSection = field(default_factory=EvalSection)
 
     def __post_init__(self) -> None:
+        for name, section in SECTIONS.items():
+            if not isinstance(getattr(self, name), section):
+                raise ConfigTypeError(f"config section {name!r} must be a {section.__name__}")
         if self.model.speech_readout not in SPEECH_READOUTS:  # at config load, not after the model is built
             raise ValueError(f"model.speech_readout must be one of {SPEECH_READOUTS}, "
                              f"got {self.model.speech_readout!r}")
@@ -112,13 +152,19 @@ class AdapterTrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "AdapterTrainConfig":
-        sections = {"model": ModelSection, "data": DataSection, "loss": LossSection, "eval": EvalSection}
-        unknown = sorted(set(data) - set(sections) - {"loop", "description"})
+        if not isinstance(data, dict):
+            raise ConfigTypeError(f"a training config is an object of sections, got {type(data).__name__}")
+        unknown = sorted(set(data) - set(SECTIONS) - {"description"})
         if unknown:
-            raise ValueError(f"unknown config sections {unknown}; known: loop, {', '.join(sections)}")
-        kwargs: dict[str, Any] = {"loop": LoopConfig.from_dict(data.get("loop", {}))}
-        for name, section in sections.items():
+            raise ValueError(f"unknown config sections {unknown}; known: {', '.join(SECTIONS)}")
+        kwargs: dict[str, Any] = {}
+        for name, section in SECTIONS.items():
             values = data.get(name, {})
+            if not isinstance(values, dict):
+                raise ConfigTypeError(f"config section {name!r} must be an object of keys, got {values!r}")
+            if section is LoopConfig:
+                kwargs[name] = LoopConfig.from_dict(values)
+                continue
             bad = sorted(set(values) - {f.name for f in dataclasses.fields(section)})
             if bad:
                 raise ValueError(f"unknown keys in config section {name!r}: {bad}")
@@ -142,14 +188,20 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> AdapterTrain
     return AdapterTrainConfig.from_dict(data)
 
 
-def apply_override(data: dict[str, Any], override: str) -> None:
-    """`section.key=value`; value parsed as JSON (numbers, true, null, lists), else kept as a string."""
+SECTIONS: dict[str, type] = {"loop": LoopConfig, "model": ModelSection, "data": DataSection, "loss": LossSection,
+                             "eval": EvalSection}
+
+
+def apply_override(data: dict[str, Any], override: str, sections: dict[str, type] = SECTIONS) -> None:
+    """`section.key=value`; the value is parsed as JSON (numbers, true, null, lists) unless the field takes a
+    string and JSON does not fit it (`model.conv_kernel_sizes=5` stays "5"); the config's types are checked
+    when it is built."""
     if "=" not in override or "." not in override.split("=", 1)[0]:
         raise ValueError(f"override {override!r} is not section.key=value")
     dotted, raw = override.split("=", 1)
     section, key = dotted.split(".", 1)
-    try:
-        value = json.loads(raw)
-    except json.JSONDecodeError:
-        value = raw
-    data.setdefault(section, {})[key] = value
+    annotation = field_annotation(sections[section], key) if section in sections else Any
+    target = data.setdefault(section, {})
+    if not isinstance(target, dict):
+        raise ConfigTypeError(f"override {override!r}: config section {section!r} is not an object")
+    target[key] = parse_override_value(raw, annotation)

@@ -18,6 +18,9 @@ Run directory (`LoopConfig.output_dir`):
     metrics.jsonl       every `log_every` optimizer steps: step, epoch, loss, lr, grad_norm, samples_per_s, ...
     eval.jsonl          every `eval_every` steps and at the end: held-out loss (and the caller's eval_fn scores)
     loss_curve.png      training (and eval) loss against step (matplotlib)
+    tracking/           accelerate's trackers (`LoopConfig.report_to`, e.g. ["tensorboard"]: `tensorboard
+                        --logdir runs/`); the same metrics and eval records, per step; a resumed run purges
+                        the killed run's records after the checkpoint, as metrics.jsonl does
     checkpoints/step-N  trainable weights, optimizer, scheduler, grad scaler, data position, RNG states
                         (the newest `keep_last` are kept); `resume=True` continues from the newest one
 
@@ -28,10 +31,19 @@ saved epoch and the batches already consumed are skipped without being loaded (a
 torch (CPU and CUDA) RNG states of every process are restored; the step counter continues. On a
 deterministic device the resumed run's loss sequence equals the uninterrupted run's bit for bit.
 
-Several GPUs or nodes: `accelerate launch --config_file train/configs/accelerate_ddp.yaml ...`. Each
-process takes its slice of every global batch (batch samplers are built per rank by `batch_sampler_fn`).
-Under DDP (and one process) a checkpoint holds the trainable weights only; under FSDP and DeepSpeed it
-is `accelerator.save_state` (which shards optimizer state) plus the loop's own state.
+Progress: a tqdm bar (steps, loss, lr) on the main process when stderr is a terminal and
+`LoopConfig.progress_bar` is true; log lines are written above it.
+
+Several processes (GPUs, nodes, or CPU processes with gloo): `accelerate launch --config_file
+train/configs/accelerate_ddp.yaml ...`, or `accelerate launch --multi_gpu --num_processes 2 ...` on a
+machine without GPUs (the loop then asks accelerate for CPU processes: MULTI_CPU, gloo). Each process
+takes its slice of every global batch (batch samplers are built per rank by `batch_sampler_fn`), so the
+ranks' data is disjoint and DDP averages their gradients: N processes at batch B step as one at N x B.
+Evaluation gives every held-out example to exactly one rank and sums over ranks. Callbacks that stop the
+run on one rank stop every rank. Only the main process writes (record, plot, checkpoints); a checkpoint
+records the process count and resumes only under the same one. Under DDP (and one process) a checkpoint
+holds the trainable weights only; under FSDP and DeepSpeed it is `accelerator.save_state` (which shards
+optimizer state) plus the loop's own state.
 """
 from __future__ import annotations
 
@@ -51,12 +63,16 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.data_loader import skip_first_batches
-from accelerate.state import AcceleratorState, GradientState
+from accelerate.state import AcceleratorState, GradientState, PartialState
+from accelerate.tracking import get_available_trackers
+from accelerate.utils import LoggerType, ProjectConfiguration
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from torch import nn
 from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
 
+from train.config_types import check_field_types
 from train.io import append_line, read_jsonl
 
 LOOP_STATE_NAME = "loop_state.json"
@@ -72,6 +88,10 @@ PLOT_NAME = "loss_curve.png"
 CHECKPOINTS_DIR = "checkpoints"
 CHECKPOINT_PREFIX = "step-"
 COMPLETE_MARKER = ".complete"
+TRACKING_DIR = "tracking"
+# Where each tracker's package comes from: tensorboard is in blsp-chat's `train` extra, the others are not.
+TRACKER_PACKAGES = {"tensorboard": "tensorboard (in the train extra: pip install 'blsp-chat[train]')",
+                    "comet_ml": "comet-ml"}
 
 Schedule = Literal["linear", "cosine", "constant"]
 MixedPrecision = Literal["no", "bf16", "fp16"]
@@ -102,9 +122,13 @@ class LoopConfig:
     seed: int = 0
     num_workers: int = 0
     plot: bool = True
+    # accelerate's trackers, e.g. ["tensorboard"] (or "wandb", "mlflow", ..., "all"); logs go to tracking/.
+    report_to: tuple[str, ...] = ()
+    progress_bar: bool = True          # a tqdm bar on the main process, when stderr is a terminal
 
     def __post_init__(self) -> None:
-        self.adam_betas = tuple(self.adam_betas)
+        check_field_types(self, "loop")
+        check_trackers(self.report_to)
         checks = [
             (self.learning_rate > 0, "learning_rate must be positive"),
             (self.lr_schedule in ("linear", "cosine", "constant"), "lr_schedule must be linear, cosine or constant"),
@@ -132,7 +156,40 @@ class LoopConfig:
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
         data["adam_betas"] = list(self.adam_betas)
+        data["report_to"] = list(self.report_to)
         return data
+
+
+def check_trackers(names: Sequence[str]) -> None:
+    """Each name is one of accelerate's trackers and its package is installed (accelerate itself would
+    drop a missing one without a word, and the run would record nothing)."""
+    known = LoggerType.list()
+    available = {str(t) for t in get_available_trackers()}
+    for name in names:
+        if name not in known:
+            raise ValueError(f"loop.report_to: unknown tracker {name!r}; accelerate knows {known}")
+        if name != "all" and name not in available:
+            package = TRACKER_PACKAGES.get(name, name)
+            raise ImportError(f"loop.report_to names {name!r}, whose package is not installed: pip install {package}")
+
+
+def add_loop_arguments(parser) -> None:
+    """The loop's command-line options, shared by the training commands (`loop_overrides` reads them)."""
+    parser.add_argument("--report-to", nargs="+", metavar="TRACKER", default=None,
+                        help="accelerate trackers to log to, e.g. tensorboard (logs in OUTPUT_DIR/tracking/); "
+                             "same as loop.report_to=[...]")
+    parser.add_argument("--no-progress", action="store_true",
+                        help="no progress bar (it is shown only on a terminal anyway); same as loop.progress_bar=false")
+
+
+def loop_overrides(args) -> list[str]:
+    """`section.key=value` overrides for the options `add_loop_arguments` added."""
+    overrides = []
+    if args.report_to is not None:
+        overrides.append(f"loop.report_to={json.dumps(args.report_to)}")
+    if args.no_progress:
+        overrides.append("loop.progress_bar=false")
+    return overrides
 
 
 # --- batch samplers ----------------------------------------------------------------------------------
@@ -176,6 +233,25 @@ class ShuffledBatchSampler:
         return full + (1 if rest and not self.drop_last else 0)
 
 
+class ShardedEvalSampler:
+    """Held-out batches: rank r takes examples r, r + R, r + 2R, ... in batches of batch_size, so every
+    example is evaluated exactly once across the ranks (no padding, no drop). Ranks may get one batch
+    more than others; the loop evens the forward passes out. With one process: 0..N-1 in order."""
+
+    def __init__(self, num_examples: int, batch_size: int, *, num_replicas: int = 1, rank: int = 0):
+        self.indices = list(range(rank, num_examples, num_replicas))
+        self.batch_size = batch_size
+
+    def set_epoch(self, epoch: int) -> None:
+        pass
+
+    def __iter__(self) -> Iterator[list[int]]:
+        yield from chunk(self.indices, self.batch_size)
+
+    def __len__(self) -> int:
+        return -(-len(self.indices) // self.batch_size)
+
+
 def chunk(items: Sequence[int], size: int) -> list[list[int]]:
     return [list(items[i:i + size]) for i in range(0, len(items), size)]
 
@@ -203,6 +279,7 @@ class LoopState:
     batches_in_epoch: int = 0
     samples_seen: int = 0
     total_steps: int = 0
+    num_processes: int = 1  # the data position above is per process: resume only with as many
     losses: list[float] = field(default_factory=list)  # one mean loss per optimizer step
 
 
@@ -278,14 +355,38 @@ def make_optimizer(model: nn.Module, config: LoopConfig) -> torch.optim.Optimize
                              betas=config.adam_betas, eps=config.adam_eps)
 
 
+def launched_processes() -> int:
+    """How many processes the launcher (accelerate launch, torchrun) started; 1 outside a launch."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def cpu_processes() -> bool:
+    """Several processes on a machine without an accelerator: accelerate only forms the gloo group on the
+    CPU when asked to (`cpu=True`); otherwise each process would train alone on all the data."""
+    return launched_processes() > 1 and not torch.accelerator.is_available()
+
+
+def distributed_state() -> PartialState:
+    """accelerate's process state, created as `make_accelerator` creates it (code that needs the rank
+    before the loop starts, e.g. to write data on the main process only, must not create it otherwise)."""
+    return PartialState(cpu=cpu_processes())
+
+
 def make_accelerator(config: LoopConfig):
     """An Accelerator for this config. Outside a multi-process launch, state left by an earlier run in
     the same Python process (tests, notebooks) is reset so that mixed precision may change."""
-    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+    if launched_processes() == 1:
         AcceleratorState._reset_state(reset_partial_state=True)
         GradientState._reset_state()
-    return Accelerator(mixed_precision=config.mixed_precision,
-                       gradient_accumulation_steps=config.gradient_accumulation_steps)
+    output_dir = Path(config.output_dir)
+    accelerator = Accelerator(
+        mixed_precision=config.mixed_precision, gradient_accumulation_steps=config.gradient_accumulation_steps,
+        cpu=cpu_processes(), log_with=list(config.report_to) or None,
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / TRACKING_DIR)))
+    if launched_processes() > 1 and accelerator.num_processes == 1:
+        raise RuntimeError(f"launched as {launched_processes()} processes, but accelerate formed a group of "
+                           f"{accelerator.num_processes}: each would train alone on all the data")
+    return accelerator
 
 
 def to_device(batch: Any, device: torch.device) -> Any:
@@ -392,8 +493,8 @@ class _Loop:
             raise ValueError("the training data gives no batch: fewer examples than one global batch?")
         self.eval_sampler = None
         if eval_dataset is not None and len(eval_dataset):
-            make_eval = eval_batch_sampler_fn or (lambda replicas, rank: ShuffledBatchSampler(
-                len(eval_dataset), config.per_device_batch_size, shuffle=False, num_replicas=replicas, rank=rank))
+            make_eval = eval_batch_sampler_fn or (lambda replicas, rank: ShardedEvalSampler(
+                len(eval_dataset), config.per_device_batch_size, num_replicas=replicas, rank=rank))
             self.eval_sampler = make_eval(acc.num_processes, acc.process_index)
         self.total_steps = config.max_steps or max(
             1, int(config.num_epochs * len(self.sampler)) // config.gradient_accumulation_steps)
@@ -405,13 +506,14 @@ class _Loop:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer.optimizer,
                                                            lr_lambda(config, self.total_steps))
         self.trainable = [(n, p) for n, p in acc.unwrap_model(self.model).named_parameters() if p.requires_grad]
-        self.state = LoopState(total_steps=self.total_steps)
+        self.state = LoopState(total_steps=self.total_steps, num_processes=acc.num_processes)
         self.eval_history: list[dict[str, Any]] = []
 
     # --- logging ---
     def log(self, message: str) -> None:
         if getattr(self, "accelerator", None) is None or self.accelerator.is_main_process:
-            print(f"[train] {message}", file=sys.stderr, flush=True)
+            tqdm.write(f"[train] {message}", file=sys.stderr)  # above the progress bar, when there is one
+            sys.stderr.flush()
 
     def _append_jsonl(self, name: str, record: dict[str, Any]) -> None:
         if self.is_main:
@@ -421,11 +523,14 @@ class _Loop:
     # --- run ---
     def run(self, resume: bool) -> TrainResult:
         self._prepare_output(resume)
+        self._start_trackers()
         started, samples_at_start = time.perf_counter(), self.state.samples_seen
         try:
             self._train()
         finally:
             self._write_plot()
+            for tracker in self.accelerator.trackers:  # not end_training(): the caller may still need the group
+                tracker.finish()
         elapsed = time.perf_counter() - started
         self.accelerator.wait_for_everyone()
         return TrainResult(
@@ -445,6 +550,7 @@ class _Loop:
             self.log(f"resumed from {latest[0]} at step {self.state.step}, epoch {self.state.epoch}, "
                      f"batch {self.state.batches_in_epoch}")
             self.eval_history = [r for r in read_jsonl(self.output_dir / EVAL_NAME) if r["step"] <= self.state.step]
+            self.accelerator.wait_for_everyone()  # every rank has read eval.jsonl before it is rewritten
             if self.is_main:  # drop records written after the checkpoint by the killed run
                 for name in (METRICS_NAME, EVAL_NAME):
                     kept = [r for r in read_jsonl(self.output_dir / name) if r["step"] <= self.state.step]
@@ -464,6 +570,21 @@ class _Loop:
             (self.output_dir / CONFIG_NAME).write_text(json.dumps(record, indent=2, default=str) + "\n")
         self.accelerator.wait_for_everyone()
 
+    def _start_trackers(self) -> None:
+        """accelerate's trackers (main process only), with the loop config and the caller's run_info as
+        hyperparameters. A resumed run purges what the killed run logged after its checkpoint."""
+        if not self.config.report_to:
+            return
+        hparams = flat_hparams({"loop": self.config.to_dict(), "total_steps": self.total_steps,
+                                "num_processes": self.accelerator.num_processes, **self.run_info})
+        init_kwargs = {"tensorboard": {"purge_step": self.state.step + 1}} if self.state.step else {}
+        self.accelerator.init_trackers(self.output_dir.name or "run", config=hparams, init_kwargs=init_kwargs)
+
+    def _track(self, prefix: str, record: dict[str, Any]) -> None:
+        values = {f"{prefix}/{k}": v for k, v in record.items()
+                  if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}
+        self.accelerator.log(values, step=self.state.step)
+
     def _batches(self) -> Iterator[tuple[int, Any]]:
         """(epoch, batch) from the saved data position on, forever (the caller stops). The batches this
         epoch already consumed are skipped in the batch sampler, so they are never loaded."""
@@ -478,13 +599,22 @@ class _Loop:
             self.state.batches_in_epoch = 0
 
     def _train(self) -> None:
-        config, acc, state = self.config, self.accelerator, self.state
+        config, state = self.config, self.state
         if state.step >= self.total_steps:
             self.log(f"already at step {state.step} of {self.total_steps}; nothing to train")
             return
         self.log(f"training {self.total_steps} steps ({len(self.sampler)} batches per epoch per process, "
                  f"accumulating {config.gradient_accumulation_steps})")
         self.model.train()
+        bar = progress_bar(self.total_steps, state.step, enabled=self.is_main and config.progress_bar)
+        try:
+            self._train_steps(bar)
+        finally:
+            bar.close()
+        self._final_eval_and_checkpoint()
+
+    def _train_steps(self, bar) -> None:
+        acc, state = self.accelerator, self.state
         window = _Window()
         window.start()
         for _, batch in self._batches():
@@ -500,11 +630,12 @@ class _Loop:
             state.losses.append(step_loss)
             state.samples_seen += window.step_samples
             record = {"lr": lr, **window.close_step(step_loss, grad_norm)}
+            bar.update(1)
+            bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", refresh=False)
             stop = self._after_step(record)
             window.start()  # after eval and checkpointing, before the next batch loads: loading counts
             if stop or state.step >= self.total_steps:
                 break
-        self._final_eval_and_checkpoint()
 
     def _micro_step(self, batch: Any) -> dict[str, float]:
         acc = self.accelerator
@@ -533,11 +664,18 @@ class _Loop:
         tensor = torch.tensor([value], device=self.accelerator.device, dtype=torch.float64)
         return float(self.accelerator.reduce(tensor, reduction="mean"))
 
+    def _reduce_max(self, value: int) -> int:
+        if self.accelerator.num_processes == 1:
+            return value
+        tensor = torch.tensor([value], device=self.accelerator.device, dtype=torch.int64)
+        return int(self.accelerator.reduce(tensor, reduction="max"))
+
     def _after_step(self, record: dict[str, Any]) -> bool:
         config, state = self.config, self.state
         metrics = {"step": state.step, "epoch": state.epoch, **record}
         if state.step % config.log_every == 0 or state.step == self.total_steps:
             self._append_jsonl(METRICS_NAME, metrics)
+            self._track("train", metrics)
             self.log(f"step {state.step}/{self.total_steps} loss {metrics['loss']:.4f} lr {metrics['lr']:.2e} "
                      f"grad_norm {metrics['grad_norm']:.3f} {metrics['samples_per_s']:.1f} samples/s")
         stop = False
@@ -546,7 +684,7 @@ class _Loop:
                 callback(state, metrics)
             except StopTraining:
                 stop = True
-        if stop:
+        if self._reduce_max(int(stop)):  # a callback that stops one rank stops them all, at the same step
             return True
         if config.eval_every and state.step % config.eval_every == 0 and state.step < self.total_steps:
             self._evaluate()
@@ -566,7 +704,7 @@ class _Loop:
         scores: dict[str, Any] = {}
         if self.eval_sampler is not None:
             self.model.eval()
-            sums, count = {}, 0
+            sums, count, batches = {}, 0, 0
             loader = DataLoader(self.eval_dataset, batch_sampler=self.eval_sampler, collate_fn=self.collate_fn,
                                 generator=_private_generator(self.config.seed, self.state.step))
             for batch in loader:
@@ -576,6 +714,8 @@ class _Loop:
                 for key, value in {"loss": float(loss), **{k: float(v) for k, v in metrics.items()}}.items():
                     sums[key] = sums.get(key, 0.0) + value * n
                 count += n
+                batches += 1
+            self._even_out_eval_forwards(batches)
             self.model.train()
             keys = sorted(sums)
             totals = torch.tensor([sums[k] for k in keys] + [count], device=acc.device, dtype=torch.float64)
@@ -591,7 +731,20 @@ class _Loop:
         record = {"step": self.state.step, "epoch": self.state.epoch, **scores}
         self.eval_history.append(record)
         self._append_jsonl(EVAL_NAME, record)
+        self._track("eval", record)
         self.log("eval " + " ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))
+
+    def _even_out_eval_forwards(self, done: int) -> None:
+        """A rank with fewer held-out batches runs extra forward passes (results discarded) until it has
+        run as many as the busiest rank: a wrapped model (FSDP's gathers, DDP's buffer broadcasts) may
+        communicate in forward, and every rank must take part in every such exchange."""
+        extra = self._reduce_max(done) - done
+        if not extra:
+            return
+        batch = to_device(self.collate_fn([self.eval_dataset[0]]), self.accelerator.device)
+        for _ in range(extra):
+            with self.accelerator.autocast():
+                self.loss_fn(self.model, batch)
 
     # --- checkpoints ---
     def _uses_accelerate_state(self) -> bool:
@@ -633,6 +786,9 @@ class _Loop:
     def _load_checkpoint(self, directory: Path) -> None:
         acc = self.accelerator
         saved = LoopState(**json.loads((directory / LOOP_STATE_NAME).read_text()))
+        if saved.num_processes != acc.num_processes:
+            raise ValueError(f"{directory} was written by {saved.num_processes} processes, this run has "
+                             f"{acc.num_processes}: each one's data position is its own, so resume with as many")
         if saved.total_steps != self.total_steps:
             raise ValueError(f"{directory} was written by a run of {saved.total_steps} steps, this one has "
                              f"{self.total_steps}: resume with the same data and schedule settings")
@@ -666,6 +822,28 @@ class _Loop:
         eval_points = [(r["step"], r["eval_loss"]) for r in read_jsonl(self.output_dir / EVAL_NAME) if "eval_loss" in r]
         if train_points:
             plot_loss_curve(self.output_dir / PLOT_NAME, train_points, eval_points)
+
+
+def progress_bar(total: int, initial: int, *, enabled: bool):
+    """A tqdm bar over optimizer steps on stderr; tqdm leaves it out when stderr is not a terminal
+    (log files, CI), and it is left out entirely when not `enabled` (other ranks, progress_bar=false)."""
+    return tqdm(total=total, initial=initial, unit="step", desc="train", file=sys.stderr, dynamic_ncols=True,
+                disable=None if enabled else True)
+
+
+def flat_hparams(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested config -> {"loop/learning_rate": 0.001, ...} with the scalar types trackers take (lists and
+    None as text)."""
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flat_hparams(value, f"{name}/"))
+        elif isinstance(value, (bool, int, float, str)):
+            flat[name] = value
+        else:
+            flat[name] = json.dumps(value, default=str)
+    return flat
 
 
 def _private_generator(seed: int, salt: int) -> torch.Generator:

@@ -10,9 +10,11 @@ Several GPUs or nodes (same command line behind `accelerate launch`):
     accelerate launch --config_file train/configs/accelerate_fsdp.yaml -m train.train_adapter ...
     accelerate launch --config_file train/configs/accelerate_deepspeed_zero2.yaml -m train.train_adapter ...
   Set `num_processes` (and `num_machines`, `machine_rank`, `main_process_ip` for nodes) in the yaml or
-  on the accelerate command line. The global batch is per_device_batch_size x processes x
-  gradient_accumulation_steps: adapter_7b_paper.json reaches the paper's 768 as 8 x 8 GPUs x 12; on
-  another GPU count change `loop.gradient_accumulation_steps` to keep 768.
+  on the accelerate command line. Without GPUs, CPU processes (gloo):
+    accelerate launch --multi_gpu --num_processes 2 -m train.train_adapter --config ...
+  The global batch is per_device_batch_size x processes x gradient_accumulation_steps: adapter_7b_paper.json
+  reaches the paper's 768 as 8 x 8 GPUs x 12; on another GPU count change `loop.gradient_accumulation_steps`
+  to keep 768.
 
 The code: `train.adapter_config` (the config), `train.losses` (the losses and `AdapterObjective`),
 `train.adapter_card` (the model card); this module builds the model and data, and runs `train.loop`.
@@ -20,7 +22,10 @@ The code: `train.adapter_config` (the config), `train.losses` (the losses and `A
 Config (JSON or YAML) sections: `model` (base models, adapter shape, dtype), `data` (manifests,
 repetition mixing, encoder cache), `loss` (cross-entropy and distillation weights), `eval` (held-out
 split, greedy repeat WER) and `loop` (`train.loop.LoopConfig`). Overrides `section.key=value` (value as
-JSON, else a string) are applied on top and recorded.
+JSON, else a string) are applied on top and recorded; every value is checked against its field's type.
+A Hugging Face dataset may replace `data.train_manifest`: `--dataset-dir DIR` (save_to_disk) or
+`--dataset-name NAME` (datasets.load_dataset), see `train.hf_datasets`. `--report-to tensorboard` logs to
+accelerate's trackers; a progress bar shows on a terminal (`--no-progress` hides it).
 
 Loss: cross-entropy on the response + EOS (labels from `blsp_chat.prompt.render`), plus optionally
 `kd_weight` x KL(LLM given the transcript || LLM given the speech) over the response positions (BLSP-KD,
@@ -68,7 +73,8 @@ from blsp_chat.weights import (
 )
 from train.adapter_card import write_model_card
 from train.adapter_config import AdapterTrainConfig, DataSection, EvalSection, ModelSection, load_config
-from train.loop import TrainResult, train
+from train.hf_datasets import manifest_for_split
+from train.loop import TrainResult, add_loop_arguments, loop_overrides, train
 from train.losses import WRAPPER_PREFIX, AdapterObjective, ctc_blank_id, objective_loss
 from train.metrics import EnglishNormalizer, corpus_wer, load_spelling_mapping
 from train.speech_data import (
@@ -83,6 +89,7 @@ from train.speech_data import (
 )
 
 DATA_SUMMARY_NAME = "data_summary.json"
+DATASET_DIR = "dataset"  # a Hugging Face dataset's manifests and clips, under loop.output_dir by default
 
 
 # --- model -------------------------------------------------------------------------------------------
@@ -116,12 +123,27 @@ def held_out(example: SpeechExample, fraction: float) -> bool:
     return int.from_bytes(digest[:4], "big") / 2**32 < fraction
 
 
-def load_splits(data: DataSection, seed: int) -> tuple[list[SpeechExample], list[SpeechExample]]:
-    if not data.train_manifest:
-        raise ValueError("data.train_manifest is not set: point it at the speech manifest (JSON lines)")
-    examples = read_manifest(data.train_manifest, limit=data.max_train_examples)
-    if data.eval_manifest:
-        train_examples, eval_examples = examples, read_manifest(data.eval_manifest)
+def data_manifests(config: AdapterTrainConfig) -> tuple[str, str | None]:
+    """(training manifest, held-out manifest or None): the config's, or written from its Hugging Face dataset."""
+    data = config.data
+    if not data.uses_dataset:
+        return data.train_manifest, data.eval_manifest
+    out = Path(data.dataset_audio_dir or Path(config.loop.output_dir) / DATASET_DIR)
+    train_manifest = manifest_for_split(data, data.dataset_split, out)
+    eval_manifest = manifest_for_split(data, data.dataset_eval_split, out) if data.dataset_eval_split else None
+    return str(train_manifest), (str(eval_manifest) if eval_manifest else None)
+
+
+def load_splits(data: DataSection, seed: int, manifests: tuple[str, str | None] | None = None,
+                ) -> tuple[list[SpeechExample], list[SpeechExample]]:
+    """Training and held-out examples; `manifests` (from data_manifests) replaces the config's."""
+    train_manifest, eval_manifest = manifests or (data.train_manifest, data.eval_manifest)
+    if not train_manifest:
+        raise ValueError("data.train_manifest is not set: point it at the speech manifest (JSON lines), or give a "
+                         "Hugging Face dataset (--dataset-dir / --dataset-name)")
+    examples = read_manifest(train_manifest, limit=data.max_train_examples)
+    if eval_manifest:
+        train_examples, eval_examples = examples, read_manifest(eval_manifest)
     else:
         train_examples = [e for e in examples if not held_out(e, data.eval_fraction)]
         eval_examples = [e for e in examples if held_out(e, data.eval_fraction)]
@@ -206,7 +228,8 @@ def run(config: AdapterTrainConfig, *, resume: bool = False, loaded=None, callba
     loaded = loaded or build_model(config.model)
     blsp, tokenizer = loaded.model, loaded.tokenizer
     template = template_for(blsp.config.prompt_template, tokenizer)
-    train_examples, eval_examples = load_splits(config.data, config.loop.seed)
+    manifests = data_manifests(config)
+    train_examples, eval_examples = load_splits(config.data, config.loop.seed, manifests)
     cache = EncoderCache.for_model(config.data.encoder_cache_dir, blsp) if config.data.encoder_cache_dir else None
     kd = config.loss.kd_weight > 0
 
@@ -220,7 +243,10 @@ def run(config: AdapterTrainConfig, *, resume: bool = False, loaded=None, callba
 
     train_set, eval_set = dataset(train_examples), dataset(eval_examples)
     data_summary = {"train": summarize(train_examples), "eval": summarize(eval_examples),
-                    "train_manifest": config.data.train_manifest, "eval_manifest": config.data.eval_manifest}
+                    "train_manifest": manifests[0], "eval_manifest": manifests[1]}
+    if config.data.uses_dataset:
+        data_summary["dataset"] = {k: getattr(config.data, k) for k in (
+            "dataset_name", "dataset_dir", "dataset_config", "dataset_split", "dataset_eval_split")}
     batch_size, seed, factor = config.loop.per_device_batch_size, config.loop.seed, config.data.mega_batch_factor
     objective = AdapterObjective(blsp, config.loss, cache, ctc_blank_id=blank_id, masking=config.data.frame_masking())
     eval_fn = None
@@ -243,15 +269,41 @@ def run(config: AdapterTrainConfig, *, resume: bool = False, loaded=None, callba
     return result
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m train.train_adapter", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", required=True, help="JSON or YAML training config (see train/configs/)")
     parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in loop.output_dir")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--dataset-dir", help="train on a Hugging Face dataset saved with save_to_disk (replaces "
+                                              "data.train_manifest; columns: data.audio_column, data.text_column, ...)")
+    source.add_argument("--dataset-name", help="train on a dataset datasets.load_dataset finds by this name or path")
+    parser.add_argument("--dataset-config", help="the dataset's configuration (load_dataset's second argument)")
+    parser.add_argument("--dataset-split", help="its training split (default: train)")
+    parser.add_argument("--dataset-eval-split", help="its held-out split (replaces data.eval_manifest)")
+    add_loop_arguments(parser)
     parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. loop.max_steps=20")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def cli_overrides(args: argparse.Namespace) -> list[str]:
+    """The options as `section.key=value` overrides, before the positional ones (which win)."""
+    overrides = loop_overrides(args)
+    if args.dataset_dir or args.dataset_name:  # the dataset replaces the config's training manifest
+        key = "dataset_dir" if args.dataset_dir else "dataset_name"
+        overrides += [f"data.{key}={json.dumps(args.dataset_dir or args.dataset_name)}", 'data.train_manifest=""']
+    for option, key in (("dataset_config", "dataset_config"), ("dataset_split", "dataset_split")):
+        if getattr(args, option):
+            overrides.append(f"data.{key}={json.dumps(getattr(args, option))}")
+    if args.dataset_eval_split:
+        overrides += [f"data.dataset_eval_split={json.dumps(args.dataset_eval_split)}", "data.eval_manifest=null"]
+    return overrides + list(args.overrides)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
     try:
-        config = load_config(args.config, args.overrides)
-    except (ValueError, TypeError, OSError) as err:
+        config = load_config(args.config, cli_overrides(args))
+    except (ValueError, TypeError, OSError, ImportError) as err:  # ImportError: a tracker's package missing
         print(f"error: {err}", file=sys.stderr)
         return 2
     result = run(config, resume=args.resume)
