@@ -8,7 +8,7 @@ import signal
 import sys
 
 from . import weights
-from .options import add_context_option, add_speech_search_option, positive_int
+from .options import add_context_option, add_revision_option, add_speech_search_option, positive_int
 from .weights import DTYPES
 
 # About 1.5 GB of KV cache for the CPU default (~46 KB a position); a 7B model in float16 needs ~0.5 MB a
@@ -22,6 +22,7 @@ def add_app_arguments(parser: argparse.ArgumentParser) -> None:
     on_space = bool(os.environ.get("SPACE_ID"))  # Spaces set SPACE_ID and expect 0.0.0.0:7860
     parser.add_argument("--model", default=os.environ.get("BLSP_CHAT_MODEL"),
                         help="BLSP directory or hub id (default: offline default)")
+    add_revision_option(parser, default=os.environ.get("BLSP_CHAT_REVISION"))
     parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                         help="default: bfloat16 on GPU, float32 on CPU")
@@ -73,8 +74,8 @@ def run(args: argparse.Namespace) -> None:
     from .ui import DEFAULT_CONCURRENCY, build_demo
 
     auth = parse_auth(args.auth)  # before the model loads, so that a typo is reported at once
-    loaded = weights.load_pretrained(args.model, device=args.device, dtype=DTYPES.get(args.dtype),
-                                     speech_search=args.speech_search)
+    loaded = weights.load_pretrained(args.model, revision=args.revision, device=args.device,
+                                     dtype=DTYPES.get(args.dtype), speech_search=args.speech_search)
     concurrency = args.concurrency or DEFAULT_CONCURRENCY
     demo = build_demo(loaded, max_audio_seconds=args.max_audio_seconds, concurrency=concurrency,
                       max_context_tokens=args.max_context_tokens, max_cached_tokens=args.max_cached_tokens)

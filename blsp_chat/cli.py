@@ -21,7 +21,7 @@ from .config import GenerationOptions
 from .constants import DEFAULT_TRANSLATION_TARGET, FALLBACK_TEMPERATURES, SAMPLE_RATE, TASK_PRESETS
 from .generate import generate_reply, speech_turn
 from .mic import MicrophoneUnavailable, Player, Recorder, microphone_problem  # sounddevice loads only when recording
-from .options import add_context_option, add_speech_search_option
+from .options import add_context_option, add_revision_option, add_speech_search_option
 from .prompt import Turn, task_instruction
 from .session import ChatSession, ContextOverflowError
 from .voice.barge_in import BargeInWatch
@@ -56,6 +56,7 @@ UNTRAINED_WARNING = ("warning: this model's adapter is untrained (assets/default
 def add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None,
                         help="BLSP directory, hub id or modelscope:ORG/NAME (default: the offline default model)")
+    add_revision_option(parser)
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     add_speech_search_option(parser)
 
@@ -186,7 +187,8 @@ def run_generate(args: argparse.Namespace) -> int:
     except AudioError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    loaded = weights.load_pretrained(args.model, device=args.device, speech_search=args.speech_search)
+    loaded = weights.load_pretrained(args.model, revision=args.revision, device=args.device,
+                                     speech_search=args.speech_search)
     if audio is not None and not loaded.adapter_trained:
         print(UNTRAINED_WARNING, file=sys.stderr)
     if audio is None:
@@ -234,7 +236,8 @@ def run_manifest(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    loaded = weights.load_pretrained(args.model, device=args.device, speech_search=args.speech_search)
+    loaded = weights.load_pretrained(args.model, revision=args.revision, device=args.device,
+                                     speech_search=args.speech_search)
     if not loaded.adapter_trained:
         print(UNTRAINED_WARNING, file=sys.stderr)
     summary = manifest.run_manifest(loaded, args.manifest, args.out, batch_size=args.batch_size,
@@ -538,7 +541,8 @@ def run_chat(args: argparse.Namespace) -> int:
     # then never raises KeyboardInterrupt: take the signal back for this interactive program.
     signal.signal(signal.SIGINT, signal.default_int_handler)
     options = generation_options(args)
-    loaded = weights.load_pretrained(args.model, device=args.device, speech_search=args.speech_search)
+    loaded = weights.load_pretrained(args.model, revision=args.revision, device=args.device,
+                                     speech_search=args.speech_search)
     device = int(args.mic_device) if args.mic_device and args.mic_device.isdigit() else args.mic_device
     voice, player = chat_voice(args.voice) if args.speak else (None, None)
     return TerminalChat(loaded, options, args.instruction, device, max_context_tokens=args.max_context_tokens,
@@ -573,7 +577,8 @@ def run_serve(args: argparse.Namespace) -> int:
 
     limits = server.ServerLimits(max_body_bytes=int(args.max_body_mb * server.MEBIBYTE),
                                  max_audio_seconds=args.max_audio_seconds, max_tokens=args.max_tokens_limit)
-    loaded = weights.load_pretrained(args.model, device=args.device, speech_search=args.speech_search)
+    loaded = weights.load_pretrained(args.model, revision=args.revision, device=args.device,
+                                     speech_search=args.speech_search)
     if not loaded.adapter_trained:
         print(UNTRAINED_WARNING, file=sys.stderr)
     engine = server.InProcessEngine(loaded, model_id=args.served_model_name, max_context_tokens=args.max_context_tokens)

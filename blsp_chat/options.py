@@ -14,6 +14,13 @@ def add_speech_search_option(parser: argparse.ArgumentParser) -> None:
                              "times sooner on a CPU, for a few points of WER). Default: the model's own")
 
 
+def add_revision_option(parser: argparse.ArgumentParser, default: str | None = None) -> None:
+    """--revision, the same for every entry point that loads a model (the app too)."""
+    parser.add_argument("--revision", default=default,
+                        help="with --model HUB_ID (or modelscope:ORG/NAME): the branch, tag or commit to load "
+                             "(default: the newest on main)")
+
+
 def positive_int(text: str) -> int:
     value = int(text)
     if value < 1:

@@ -258,19 +258,21 @@ def test_generate_takes_whispers_temperature_fallback_on_request():
 def test_serve_command_hands_its_flags_to_the_server(monkeypatch, tiny_loaded):
     seen = {}
     monkeypatch.setattr(weights, "load_pretrained",
-                        lambda name, device=None, speech_search=None:
-                        seen.update(model=name, device=device, speech_search=speech_search) or tiny_loaded)
+                        lambda name, revision=None, device=None, speech_search=None:
+                        seen.update(model=name, revision=revision, device=device, speech_search=speech_search)
+                        or tiny_loaded)
     monkeypatch.setattr(serve, "serve", lambda engine, **kwargs: seen.update(engine=engine, **kwargs))
     monkeypatch.setenv(cli.API_KEY_ENV_VAR, "from-the-environment")
     assert cli.main(["serve", "--model", "modelscope:iic/blsp_lslm_7b", "--device", "cpu", "--port", "9001",
                      "--served-model-name", "blsp-7b", "--max-audio-seconds", "30", "--max-tokens-limit", "100",
-                     "--max-body-mb", "2", "--max-context-tokens", "300", "--speech-search", "greedy"]) == 0
-    assert (seen["model"], seen["device"], seen["host"], seen["port"],
-            seen["speech_search"]) == ("modelscope:iic/blsp_lslm_7b", "cpu", "127.0.0.1", 9001, "greedy")
+                     "--max-body-mb", "2", "--max-context-tokens", "300", "--speech-search", "greedy",
+                     "--revision", "v1.1"]) == 0
+    assert (seen["model"], seen["revision"], seen["device"], seen["host"], seen["port"], seen["speech_search"]) == (
+        "modelscope:iic/blsp_lslm_7b", "v1.1", "cpu", "127.0.0.1", 9001, "greedy")
     assert seen["api_key"] == "from-the-environment"
     assert seen["limits"] == ServerLimits(max_body_bytes=2 * MEBIBYTE, max_audio_seconds=30, max_tokens=100)
     engine = seen["engine"]
     assert (engine.model_id, engine.max_context_tokens, engine.loaded) == ("blsp-7b", 300, tiny_loaded)
     assert cli.main(["serve", "--api-key", "given"]) == 0
-    assert seen["api_key"] == "given" and seen["model"] is None and seen["limits"] == ServerLimits()
+    assert seen["api_key"] == "given" and seen["model"] is seen["revision"] is None and seen["limits"] == ServerLimits()
     assert seen["speech_search"] is None  # the checkpoint's own search

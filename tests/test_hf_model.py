@@ -149,6 +149,36 @@ def test_revision_and_hub_options_reach_the_hub_download(fake_snapshot_download,
         weights.load_pretrained("someone/tiny-blsp", revision="no-such-branch", device="cpu")
 
 
+def test_cli_revision_reaches_the_hub_download(fake_snapshot_download, capsys):
+    from blsp_chat import cli
+
+    assert cli.main(["generate", "--model", "someone/tiny-blsp", "--revision", "v2", "--device", "cpu",
+                     "--text", "hello", "--max-new-tokens", "2"]) == 0
+    assert [call[:2] for call in fake_snapshot_download] == [("someone/tiny-blsp", "v2")]
+    assert cli.main(["generate", "--model", "someone/tiny-blsp", "--revision", "no-such-branch", "--text", "hi"]) == 1
+    assert "could not be fetched from the hub at revision 'no-such-branch'" in capsys.readouterr().err
+
+
+class PageBuilt(Exception):
+    """Raised in place of building the app's page: the model has loaded by then."""
+
+
+def test_app_revision_reaches_the_hub_download(fake_snapshot_download, monkeypatch):
+    from blsp_chat import app, ui
+
+    def build_demo(loaded, **kwargs):
+        raise PageBuilt(loaded.source)
+
+    monkeypatch.setattr(ui, "build_demo", build_demo)
+    monkeypatch.setenv("BLSP_CHAT_REVISION", "from-the-environment")
+    with pytest.raises(PageBuilt):
+        app.main(["--model", "someone/tiny-blsp", "--device", "cpu"])
+    with pytest.raises(PageBuilt):
+        app.main(["--model", "someone/tiny-blsp", "--device", "cpu", "--revision", "v3"])
+    assert [call[:2] for call in fake_snapshot_download] == [("someone/tiny-blsp", "from-the-environment"),
+                                                             ("someone/tiny-blsp", "v3")]
+
+
 def test_revision_of_a_local_model_is_refused(tmp_path):
     _, _, directory = saved_tiny(tmp_path)
     with pytest.raises(WeightsError, match="--revision names a version of a hub model"):
