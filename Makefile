@@ -5,7 +5,7 @@ PYTHON ?= python3
 PY := $(VENV)/bin/python
 # Real speech for the tests (a TTS voice, sox, LibriVox recordings with transcripts, spoken words, a game's voice
 # acting) and a browser.
-APT_TEST_PACKAGES := espeak-ng sox libsox-fmt-all pocketsphinx-testdata ktuberling-data chromium flight-of-the-amazon-queen
+APT_TEST_PACKAGES := espeak-ng sox libsox-fmt-all pocketsphinx-testdata ktuberling-data chromium flight-of-the-amazon-queen apertium apertium-eng-spa
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: test system-deps run
