@@ -15,10 +15,10 @@ PACKAGED_ASSETS = "assets"  # the folder's name inside the installed package
 CHECKOUT_ROOT = Path(__file__).resolve().parent.parent
 
 
-def assets_dir() -> Path:
-    """The shipped assets: package data when installed, else the checkout's top-level folder. A directory on disk,
-    as from_pretrained and Gradio need one (wheels install unzipped)."""
-    packaged = resources.files(__package__).joinpath(PACKAGED_ASSETS)
+def assets_dir(package: str = __package__) -> Path:
+    """The shipped assets: `package`'s data when installed, else the checkout's top-level folder. A directory on
+    disk, as from_pretrained and Gradio need one (wheels install unzipped)."""
+    packaged = resources.files(package).joinpath(PACKAGED_ASSETS)
     if isinstance(packaged, Path) and packaged.is_dir():
         return packaged
     return CHECKOUT_ROOT / "assets"
