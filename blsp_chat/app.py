@@ -8,7 +8,7 @@ import signal
 import sys
 
 from . import weights
-from .options import add_context_option, add_revision_option, add_speech_search_option, positive_int
+from .options import add_context_option, add_model_option, add_speech_search_option, positive_int
 from .weights import DTYPES
 
 # About 1.5 GB of KV cache for the CPU default (~46 KB a position); a 7B model in float16 needs ~0.5 MB a
@@ -20,9 +20,7 @@ DESCRIPTION = "BLSP voice chat: a web page to talk to the model, by voice or by 
 def add_app_arguments(parser: argparse.ArgumentParser) -> None:
     """The app's options: for `python app.py` and for the `app` command of `blsp-chat` alike."""
     on_space = bool(os.environ.get("SPACE_ID"))  # Spaces set SPACE_ID and expect 0.0.0.0:7860
-    parser.add_argument("--model", default=os.environ.get("BLSP_CHAT_MODEL"),
-                        help="BLSP directory or hub id (default: offline default)")
-    add_revision_option(parser, default=os.environ.get("BLSP_CHAT_REVISION"))
+    add_model_option(parser)
     parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                         help="default: bfloat16 on GPU, float32 on CPU")

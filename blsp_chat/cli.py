@@ -21,7 +21,7 @@ from .config import GenerationOptions
 from .constants import DEFAULT_TRANSLATION_TARGET, FALLBACK_TEMPERATURES, SAMPLE_RATE, TASK_PRESETS
 from .generate import generate_reply, speech_turn
 from .mic import MicrophoneUnavailable, Player, Recorder, microphone_problem  # sounddevice loads only when recording
-from .options import add_context_option, add_revision_option, add_speech_search_option
+from .options import add_context_option, add_model_option, add_speech_search_option
 from .prompt import Turn, task_instruction
 from .session import ChatSession, ContextOverflowError
 from .voice.barge_in import BargeInWatch
@@ -54,9 +54,7 @@ UNTRAINED_WARNING = ("warning: this model's adapter is untrained (assets/default
 
 # --- arguments -------------------------------------------------------------------------------------
 def add_model_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default=None,
-                        help="BLSP directory, hub id or modelscope:ORG/NAME (default: the offline default model)")
-    add_revision_option(parser)
+    add_model_option(parser)
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     add_speech_search_option(parser)
 

@@ -2,8 +2,22 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 from . import weights
+
+# Read by the app and by every command that loads a model, where --model / --revision are not given (a Space's
+# settings, a service's environment).
+MODEL_ENV_VAR = "BLSP_CHAT_MODEL"
+REVISION_ENV_VAR = "BLSP_CHAT_REVISION"
+
+
+def add_model_option(parser: argparse.ArgumentParser) -> None:
+    """--model and --revision, the same for every entry point that loads a model (the app too)."""
+    parser.add_argument("--model", default=os.environ.get(MODEL_ENV_VAR),
+                        help=f"BLSP directory, hub id or modelscope:ORG/NAME (or ${MODEL_ENV_VAR}; default: the "
+                             "offline default model)")
+    add_revision_option(parser, default=os.environ.get(REVISION_ENV_VAR))
 
 
 def add_speech_search_option(parser: argparse.ArgumentParser) -> None:
@@ -18,7 +32,7 @@ def add_revision_option(parser: argparse.ArgumentParser, default: str | None = N
     """--revision, the same for every entry point that loads a model (the app too)."""
     parser.add_argument("--revision", default=default,
                         help="with --model HUB_ID (or modelscope:ORG/NAME): the branch, tag or commit to load "
-                             "(default: the newest on main)")
+                             f"(or ${REVISION_ENV_VAR}; default: the newest on main)")
 
 
 def positive_int(text: str) -> int:

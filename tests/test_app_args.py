@@ -68,7 +68,8 @@ def test_a_malformed_auth_is_reported_before_the_model_loads(monkeypatch):
 
 
 def test_blsp_chat_app_takes_the_options_of_app_py(monkeypatch):
-    for name in ("SPACE_ID", "GRADIO_SERVER_NAME", "GRADIO_SERVER_PORT", "PORT", "BLSP_CHAT_AUTH", "BLSP_CHAT_MODEL"):
+    for name in ("SPACE_ID", "GRADIO_SERVER_NAME", "GRADIO_SERVER_PORT", "PORT", "BLSP_CHAT_AUTH", "BLSP_CHAT_MODEL",
+                 "BLSP_CHAT_REVISION"):
         monkeypatch.delenv(name, raising=False)
     argv = ["--port", "7000", "--max-cached-tokens", "900", "--speech-search", "greedy", "--auth", "a:b"]
     from_cli = vars(build_parser().parse_args(["app", *argv]))
@@ -85,3 +86,12 @@ def test_blsp_chat_app_checks_auth_before_the_model_loads(monkeypatch):
     monkeypatch.setattr(blsp_chat.weights, "load_pretrained", must_not_load)
     with pytest.raises(SystemExit, match="USER:PASS"):
         cli.main(["app", "--auth", "no-colon"])
+
+
+def test_the_app_and_every_command_read_the_model_and_revision_from_the_environment(monkeypatch):
+    monkeypatch.setenv("BLSP_CHAT_MODEL", "org/blsp")
+    monkeypatch.setenv("BLSP_CHAT_REVISION", "v2")
+    commands = [["app"], ["chat"], ["generate", "--text", "hi"], ["serve"]]
+    for parsed in [app.parse_args([]), *(build_parser().parse_args(command) for command in commands)]:
+        assert (parsed.model, parsed.revision) == ("org/blsp", "v2")
+    assert build_parser().parse_args(["chat", "--model", "here", "--revision", "main"]).model == "here"
