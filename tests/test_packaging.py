@@ -192,6 +192,36 @@ def test_the_import_scan_sees_every_kind_of_import():
     assert list(import_statements(tree)) == ["a", "c", "f", "g", "i"]
 
 
+# --- the README's table of environment variables ----------------------------------------------------------
+def environment_variables_read(*folders: str) -> set[str]:
+    """Names given to os.environ.get, os.getenv and os.environ[...]: literals, or module constants (their
+    assignments are collected from every scanned file, as constants.py's are imported elsewhere)."""
+    paths = [p for f in folders for p in ([REPO / f] if f.endswith(".py") else sorted((REPO / f).rglob("*.py")))]
+    trees = [ast.parse(path.read_text()) for path in paths]
+    constants = {target.id: node.value.value for tree in trees for node in ast.walk(tree)
+                 if isinstance(node, ast.Assign) and isinstance(node.value, ast.Constant)
+                 for target in node.targets if isinstance(target, ast.Name)}
+    names = set()
+    for node in (node for tree in trees for node in ast.walk(tree)):
+        if isinstance(node, ast.Call) and ast.unparse(node.func) in ("os.environ.get", "os.getenv") and node.args:
+            key = node.args[0]
+        elif isinstance(node, ast.Subscript) and ast.unparse(node.value) == "os.environ":
+            key = node.slice
+        else:
+            continue
+        names.add(key.value if isinstance(key, ast.Constant) else constants[ast.unparse(key)])
+    return names
+
+
+def test_the_readme_tables_every_environment_variable_the_entry_points_read():
+    read = environment_variables_read("blsp_chat", "app.py", "train")
+    assert {"BLSP_CHAT_MODEL", "BLSP_CHAT_CACHE", "BLSP_CHAT_API_KEY", "SPACE_ID"} <= read  # the scan sees them
+    section = (REPO / "README.md").read_text().split("### Environment variables", 1)[1].split("\n#", 1)[0]
+    tabled = {name for row in section.splitlines() if row.startswith("| `")
+              for name in re.findall(r"`([A-Z][A-Z0-9_]+)`", row.split(" | ")[0])}
+    assert read == tabled
+
+
 # --- the wheel -----------------------------------------------------------------------------------------
 def test_the_wheel_holds_every_package_of_blsp_chat_and_its_assets_but_not_train():
     setuptools = pyproject()["tool"]["setuptools"]
