@@ -18,7 +18,7 @@ from blsp_chat.constants import IGNORE_INDEX, REPEAT_INSTRUCTION, SAMPLE_RATE
 from blsp_chat.ctc_decode import collapse_ctc
 from blsp_chat.prompt import Turn, render
 from blsp_chat.weights import LoadedBlsp
-from tiny import tiny_blsp, tiny_tokenizer, tone
+from tiny import blank_hearing_blsp, tiny_blsp, tiny_tokenizer, tone
 from train import precompute_encoder
 from train.adapter_config import (
     AdapterTrainConfig,
@@ -49,7 +49,7 @@ from train.speech_data import (
     speech_embeddings,
     with_repetition,
 )
-from train.train_adapter import readout_wer_fn, run
+from train.train_adapter import readout_wer_fn, repeat_wer_fn, run
 
 SENTENCES = ["hello there", "the quick brown fox", "what is the capital of france", "paris is a city",
              "the lazy dog sleeps", "jumps over the dog"]
@@ -203,6 +203,15 @@ def test_ctc_readout_wer_reads_speech_vectors_as_words(corpus, monkeypatch):
     monkeypatch.setattr(model, "adapt_windows", lambda encoded: [spelled[next(texts)]])
     evaluate = readout_wer_fn(tokenizer, examples, EvalSection(repeat_wer_examples=2), blank)
     assert evaluate(SimpleNamespace(blsp=model), None) == {"readout_wer": 0.0}
+
+
+def test_repeat_wer_scores_a_clip_heard_as_nothing_as_all_deletions(corpus):
+    """A young CTC adapter reads every clip as blanks: the eval scores that instead of ending the run."""
+    loaded = LoadedBlsp(blank_hearing_blsp(), tiny_tokenizer(), "tiny", adapter_trained=False)
+    examples = read_manifest(corpus)[:2]
+    evaluate = repeat_wer_fn(loaded, examples, EvalSection(repeat_wer_examples=2, max_new_tokens=4))
+    assert evaluate(SimpleNamespace(blsp=loaded.model), None) == {
+        "repeat_wer": 1.0, "repeat_wer_examples": 2, "repeat_wer_unheard": 2}
 
 
 def test_ctc_blank_must_be_one_token():

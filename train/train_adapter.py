@@ -58,7 +58,7 @@ from blsp_chat.audio import load_audio
 from blsp_chat.config import BlspConfig, GenerationOptions
 from blsp_chat.constants import REPEAT_INSTRUCTION
 from blsp_chat.ctc_decode import collapse_ctc
-from blsp_chat.generate import generate_reply
+from blsp_chat.generate import NothingHeardError, generate_reply
 from blsp_chat.model import TRAINABLE_PREFIXES, BlspModel
 from blsp_chat.prompt import Turn, pad_token_id, template_for
 from blsp_chat.readout import embedding_distance_logits
@@ -156,7 +156,9 @@ def load_splits(data: DataSection, seed: int, manifests: tuple[str, str | None] 
 # --- evaluation: greedy repeat WER ------------------------------------------------------------------------
 def repeat_wer_fn(loaded, examples: Sequence[SpeechExample], section: EvalSection):
     """eval_fn for the loop: greedy decoding with the repeat instruction, through the serving code, scored
-    as train.evaluate scores ASR (corpus WER after Whisper's English normaliser)."""
+    as train.evaluate scores ASR (corpus WER after Whisper's English normaliser). A clip whose readout hears
+    no words (a young CTC adapter's all-blank outputs) repeats nothing: every reference word is a deletion,
+    and the count is recorded, where serving would refuse the turn."""
     normalizer = wer_normalizer(loaded.model)
     clips = [e for e in examples if e.text][: section.repeat_wer_examples]
     options = GenerationOptions(max_new_tokens=section.max_new_tokens)
@@ -164,16 +166,20 @@ def repeat_wer_fn(loaded, examples: Sequence[SpeechExample], section: EvalSectio
     def evaluate(model, accelerator) -> dict[str, float]:
         if not clips:
             return {}
-        hypotheses, references = [], []
+        hypotheses, references, unheard = [], [], 0
         for example in clips:
             audio = load_audio(example.audio, max_seconds=None)
             turn = Turn("human", instruction=REPEAT_INSTRUCTION,
                         speech_tokens=model.blsp.speech_token_count(len(audio)))
             view = dataclasses.replace(loaded, model=model.blsp)
-            hypotheses.append(generate_reply(view, [turn], [audio], options))
+            try:
+                hypotheses.append(generate_reply(view, [turn], [audio], options))
+            except NothingHeardError:
+                hypotheses.append("")
+                unheard += 1
             references.append(example.text)
         wer = corpus_wer(references, hypotheses, normalizer).wer
-        return {"repeat_wer": float(wer), "repeat_wer_examples": len(clips)}
+        return {"repeat_wer": float(wer), "repeat_wer_examples": len(clips), "repeat_wer_unheard": unheard}
 
     return evaluate
 
