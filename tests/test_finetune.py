@@ -119,10 +119,11 @@ def test_bad_configs_are_refused_when_read(data, message):
         FinetuneConfig.from_dict({"loop": {"output_dir": "x"}, **data})
 
 
-def test_shipped_config_parses_with_the_papers_lora_and_takes_overrides():
-    config = load_config(CONFIGS / "finetune_st_offline.json", ["loop.max_steps=3", "model.train_encoder=false"])
+@pytest.mark.parametrize("name", ["finetune_st_offline.json", "finetune_st_offline_lora.json"])
+def test_shipped_configs_parse_with_the_papers_lora_and_take_overrides(name):
+    config = load_config(CONFIGS / name, ["loop.max_steps=3", "model.train_encoder=false"])
     assert (config.lora.r, config.lora.alpha, config.lora.target_modules) == (16, 16, ATTENTION)
-    assert config.loop.max_steps == 3 and not config.model.train_encoder and config.model.train_adapter
+    assert config.loop.max_steps == 3 and not config.model.train_encoder
 
 
 # --- training, saving, loading -----------------------------------------------------------------------

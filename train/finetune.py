@@ -17,7 +17,11 @@ model whose adapter was trained by CTC ("ctc" readout, the offline default) is r
 greedy CTC readout (`readout.ctc_readout`: one vector per word piece heard, a softmax over the nearest
 word embeddings, so the adapter and encoder get gradients), and each prompt is laid out after its clip
 is read, as serving does; the checkpoint keeps its own readout settings for serving (the LM-fused search
-has no gradient and runs the LLM per beam, so it does not train here).
+has no gradient and runs the LLM per beam, so it does not train here). Measured on the offline default
+(train/results/speech_translation.md): training its encoder and adapter that way collapses the readout to
+one word piece per clip within 10 steps (the cross-entropy pulls every output towards one word and the
+greedy segmentation has nothing to keep them apart), so for a CTC-readout model train the LoRA alone
+(train/configs/finetune_st_offline_lora.json); the paper's setting is for the paper's readout.
 
 Output directory (`loop.output_dir`): the loop's record (train_config.json, metrics.jsonl, eval.jsonl,
 loss_curve.png, checkpoints/) and the model, loadable wherever a BLSP checkpoint loads (`python app.py
