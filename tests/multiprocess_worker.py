@@ -4,6 +4,7 @@ PYTHONPATH.
 
     python tests/multiprocess_worker.py toy OUT [--batch 4] [--resume] [--kill-at STEP]
     python tests/multiprocess_worker.py adapter OUT CORPUS_MANIFEST [--stop-at STEP]
+    python tests/multiprocess_worker.py finetune OUT ST_MANIFEST
 
 toy: train.loop on a linear model over 32 numbered examples. Each rank appends, after every optimizer step,
 the ids of the examples it trained on to OUT/ids.rank{R}.jsonl (written and flushed before the next step),
@@ -11,6 +12,7 @@ and rank 0 saves the trainable weights of every step to OUT/weights.step{S}.pt. 
 with SIGKILL right after step S, as a crash or an OOM killer would.
 adapter: train.train_adapter.run on a tiny BLSP model (tests/tiny.py) over the manifest; --stop-at S raises
 StopTraining after step S on the last rank only (every rank must stop there, or the others wait forever).
+finetune: train.finetune.run (LoRA, encoder and adapter training) on test_finetune's tiny model.
 """
 from __future__ import annotations
 
@@ -124,9 +126,21 @@ def run_adapter(args) -> None:
         json.dumps({"losses": result.losses, "steps": result.state.step}))
 
 
+def run_finetune(args) -> None:
+    from test_finetune import config_for, tiny_loaded
+
+    from train.finetune import prepare_model, run
+
+    rank = int(os.environ.get("RANK", "0"))
+    config = config_for(Path(args.manifest), Path(args.out) / "run", per_device_batch_size=2, max_steps=3,
+                        save_every=2)
+    result = run(config, loaded=prepare_model(tiny_loaded(Path(args.out) / f"base.rank{rank}"), config))
+    (Path(args.out) / f"finetune_result.rank{rank}.json").write_text(json.dumps({"losses": result.losses}))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("kind", choices=["toy", "adapter"])
+    parser.add_argument("kind", choices=["toy", "adapter", "finetune"])
     parser.add_argument("out")
     parser.add_argument("manifest", nargs="?")
     parser.add_argument("--batch", type=int, default=4)
@@ -134,7 +148,7 @@ def main() -> None:
     parser.add_argument("--kill-at", type=int)
     parser.add_argument("--stop-at", type=int)
     args = parser.parse_args()
-    run_toy(args) if args.kind == "toy" else run_adapter(args)
+    {"toy": run_toy, "adapter": run_adapter, "finetune": run_finetune}[args.kind](args)
 
 
 if __name__ == "__main__":

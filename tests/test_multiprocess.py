@@ -1,6 +1,7 @@
 """train/loop.py with two real processes: `accelerate launch --multi_gpu --num_processes 2` on the CPU (gloo),
 running tests/multiprocess_worker.py. The ranks split the data, DDP averages their gradients, one checkpoint
-is written per save, a killed run resumes where it stopped, and train_adapter runs the same way."""
+is written per save, a killed run resumes where it stopped, and train_adapter and train.finetune run the same
+way."""
 import json
 import os
 import shutil
@@ -16,6 +17,7 @@ import pytest
 import soundfile as sf
 import torch
 
+from blsp_chat.constants import TRANSLATE_INSTRUCTION
 from tiny import tone
 from train.loop import CHECKPOINTS_DIR, LoopConfig, ShardedEvalSampler, ShuffledBatchSampler, train
 from train.speech_data import BucketBatchSampler
@@ -158,6 +160,29 @@ def test_train_adapter_runs_on_two_processes_and_one_rank_stopping_stops_both(co
     assert json.loads((run / "train_config.json").read_text())["num_processes"] == 2
     evals = [json.loads(line) for line in (run / "eval.jsonl").read_text().splitlines()]
     assert evals[-1]["step"] == 3 and evals[-1]["eval_examples"] == 8  # every held-out clip, once
+
+
+def test_finetune_runs_on_two_processes(tmp_path):
+    corpus = tmp_path / "st"
+    corpus.mkdir()
+    lines = []
+    for i, (text, spanish) in enumerate([("hello there", "hola"), ("the quick fox", "el zorro"), ("one", "uno"),
+                                         ("two", "dos"), ("the lazy dog", "el perro"), ("paris", "paris"),
+                                         ("three", "tres"), ("four", "cuatro")]):
+        sf.write(corpus / f"clip{i}.wav", tone(0.5 + 0.1 * i, 180 + 30 * i, i), 16000)
+        lines.append(json.dumps({"audio": f"clip{i}.wav", "text": text, "response": spanish,
+                                 "instruction": TRANSLATE_INSTRUCTION.format(target="Spanish")}))
+    (corpus / "train.jsonl").write_text("\n".join(lines) + "\n")
+    done = launch("finetune", str(tmp_path), str(corpus / "train.jsonl"))
+    assert done.returncode == 0, done.stderr[-4000:]
+    results = [json.loads((tmp_path / f"finetune_result.rank{rank}.json").read_text()) for rank in (0, 1)]
+    assert results[0] == results[1] and len(results[0]["losses"]) == 3 and all(np.isfinite(results[0]["losses"]))
+    run = tmp_path / "run"
+    for name in ("config.json", "model.safetensors", "adapter_config.json", "adapter_model.safetensors"):
+        assert (run / name).is_file()  # the BLSP adapter and encoder, and peft's LoRA beside them
+    assert sorted(p.name for p in (run / CHECKPOINTS_DIR).iterdir()) == ["step-2", "step-3"]
+    evals = [json.loads(line) for line in (run / "eval.jsonl").read_text().splitlines()]
+    assert evals[-1]["eval_examples"] == 8
 
 
 # --- the samplers, in this process -----------------------------------------------------------------------
