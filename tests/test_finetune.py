@@ -141,7 +141,9 @@ def test_finetuned_checkpoint_loads_through_the_apps_loader_with_its_lora_and_eq
     saved = load_file(str(out / "model.safetensors"))
     assert any(k.startswith("whisper_model.") for k in saved) and "speech_ln.weight" in saved
     assert not any(k.startswith("llama_model.") for k in saved)
-    assert "loss_curve.png" in (out / "README.md").read_text() and (out / "loss_curve.png").is_file()
+    card = (out / "README.md").read_text()
+    assert "loss_curve.png" in card and "LLM positions each clip was read into" in card
+    assert (out / "loss_curve.png").is_file()
 
     reloaded = load_pretrained(str(out), device="cpu")  # what app.py, generate/chat/serve and train.evaluate call
     audio = tone(1.2, 300)

@@ -53,7 +53,8 @@ from blsp_chat.prompt import Turn, pad_token_id, render, template_for
 from blsp_chat.readout import ctc_readout
 from blsp_chat.weights import DTYPES, ENCODER_PREFIX, LLM_PREFIX, LoadedBlsp, load_pretrained, save_adapter
 from train.adapter_config import apply_override
-from train.loop import LoopConfig, TrainResult, train
+from train.io import read_jsonl
+from train.loop import METRICS_NAME, LoopConfig, TrainResult, train
 from train.losses import cross_entropy, response_span
 from train.speech_data import (
     BucketBatchSampler,
@@ -344,6 +345,9 @@ def write_card(out: Path, config: FinetuneConfig, source: str, summary: dict, re
     first = sum(losses[:10]) / len(losses[:10]) if losses else float("nan")
     last = sum(losses[-10:]) / len(losses[-10:]) if losses else float("nan")
     eval_line = f"{last_eval['eval_loss']:.3f}" if "eval_loss" in last_eval else "not measured"
+    heard = [r["speech_positions"] for r in read_jsonl(out / METRICS_NAME) if "speech_positions" in r]
+    heard_line = (f"{heard[0]:.1f} at the first logged step, {heard[-1]:.1f} at the last (a collapse to ~1 means the "
+                  "readout stopped hearing words)") if heard else "not logged"
     out.joinpath(CARD_NAME).write_text(f"""# BLSP fine-tuned for speech translation (`python -m train.finetune`)
 
 Fine-tuned from **{source}** (paper section 5.2: the pretrained BLSP model learns the downstream task from
@@ -356,6 +360,7 @@ speech directly). Trained: {'; '.join(p for p in parts if p)} ({result.trainable
   ({config.loop.lr_schedule}, {config.loop.warmup_steps} warmup steps); {seconds / 60:.1f} min in this invocation.
 - Loss (cross-entropy on the response + EOS): {first:.3f} over the first 10 steps, {last:.3f} over the last 10;
   held-out {eval_line}. Curve: loss_curve.png, metrics.jsonl, eval.jsonl.
+- LLM positions each clip was read into (mean over a batch): {heard_line}.
 
 Load it wherever a BLSP checkpoint loads; the LoRA (adapter_config.json + adapter_model.safetensors, peft's
 layout, base `{config_llm(out)}`) is applied to the LLM and merged:
