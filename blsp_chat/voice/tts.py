@@ -17,7 +17,7 @@ import re
 import shutil
 import subprocess
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -105,8 +105,10 @@ class PiperEngine:
     def sample_rate(self) -> int:
         return self.voice.config.sample_rate
 
-    def synthesize(self, text: str) -> np.ndarray:
-        pieces = [chunk.audio_float_array for chunk in self.voice.synthesize(text, syn_config=self.synthesis)]
+    def synthesize(self, text: str, speed: float = 1.0) -> np.ndarray:
+        synthesis = self.synthesis if speed == 1.0 else replace(
+            self.synthesis, length_scale=self.synthesis.length_scale / speed)
+        pieces = [chunk.audio_float_array for chunk in self.voice.synthesize(text, syn_config=synthesis)]
         return np.concatenate(pieces) if pieces else np.zeros(0, np.float32)
 
 
@@ -117,21 +119,22 @@ class EspeakEngine:
     def __init__(self, options: VoiceOptions):
         if not shutil.which("espeak-ng"):
             raise VoiceUnavailable("espeak-ng is not installed (Debian/Ubuntu: `apt-get install espeak-ng`)")
-        self.command = ["espeak-ng", "-v", options.espeak_voice, "-s", str(options.espeak_wpm), "--stdout"]
+        self.voice_name, self.wpm = options.espeak_voice, options.espeak_wpm
         self.description = f"espeak-ng {options.espeak_voice}"
         _, self.sample_rate = self._run("a")  # one word: checks the voice exists and learns its rate
 
-    def _run(self, text: str) -> tuple[np.ndarray, int]:
+    def _run(self, text: str, speed: float = 1.0) -> tuple[np.ndarray, int]:
         import soundfile as sf
 
-        result = subprocess.run(self.command, input=text.encode(), capture_output=True, timeout=ESPEAK_TIMEOUT_S)
+        command = ["espeak-ng", "-v", self.voice_name, "-s", str(round(self.wpm * speed)), "--stdout"]
+        result = subprocess.run(command, input=text.encode(), capture_output=True, timeout=ESPEAK_TIMEOUT_S)
         if result.returncode != 0 or not result.stdout:
             raise VoiceUnavailable(f"espeak-ng failed ({result.returncode}): {result.stderr.decode()[:300].strip()}")
         audio, rate = sf.read(io.BytesIO(result.stdout), dtype="float32")
         return audio.reshape(-1), rate
 
-    def synthesize(self, text: str) -> np.ndarray:
-        return self._run(text)[0]
+    def synthesize(self, text: str, speed: float = 1.0) -> np.ndarray:
+        return self._run(text, speed)[0]
 
 
 # --- the voice ---------------------------------------------------------------------------------------
@@ -151,13 +154,17 @@ class Voice:
     def description(self) -> str:
         return self.engine.description
 
-    def synthesize(self, text: str) -> np.ndarray:
-        """(n,) float32 at self.sample_rate; empty when the text has nothing to say."""
+    def synthesize(self, text: str, speed: float = 1.0) -> np.ndarray:
+        """(n,) float32 at self.sample_rate; empty when the text has nothing to say. `speed` > 1 speaks faster
+        (piper: a shorter length_scale; espeak-ng: more words per minute), never by resampling, so the pitch
+        stays the voice's own."""
+        if not speed > 0:
+            raise ValueError(f"speed must be positive, got {speed}")
         text = speakable(text)
         if not any(ch.isalnum() for ch in text):
             return np.zeros(0, np.float32)
         with self._lock:
-            return self.engine.synthesize(text).astype(np.float32, copy=False)
+            return self.engine.synthesize(text, speed).astype(np.float32, copy=False)
 
     def synthesize_16k(self, text: str) -> np.ndarray:
         return resample(self.synthesize(text), self.sample_rate, SAMPLE_RATE)
