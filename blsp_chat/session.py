@@ -23,6 +23,7 @@ all sessions decoding at that moment as one batched forward pass.
 """
 from __future__ import annotations
 
+import atexit
 import functools
 import itertools
 import queue
@@ -166,7 +167,7 @@ class _Entry:
         return self.turn if self.read_as is None else self.read_as
 
 
-@dataclass
+@dataclass(eq=False)  # compared and hashed by identity: the set of running replies holds jobs
 class _Job:
     options: GenerationOptions
     prompt: RenderedPrompt
@@ -180,6 +181,26 @@ class _Job:
 
 _DONE = object()
 _uids = itertools.count(1)
+# The replies whose threads may still run, so that the interpreter's exit stops them first (a job leaves with
+# its session and thread).
+_replies: "weakref.WeakSet[_Job]" = weakref.WeakSet()
+_replies_lock = threading.Lock()
+
+
+@atexit.register
+def _stop_replies_at_exit() -> None:
+    """Cancel the replies still running when the interpreter exits, and wait for each to finish its step.
+    A reply's thread is a daemon, so that a reply nobody stopped cannot keep the process alive; but Python ends
+    a daemon thread that is still inside a torch op at exit by unwinding it through C++ frames that may not
+    unwind, and the process aborts ("terminate called without an active exception"), e.g. after a caller
+    left a stream early and exited. atexit runs while daemon threads still run, after the other threads ended."""
+    with _replies_lock:
+        jobs = list(_replies)
+    for job in jobs:
+        job.cancel.set()
+    for job in jobs:
+        if job.thread is not None:
+            job.thread.join(CANCEL_JOIN_SECONDS)
 
 
 class ChatSession:
@@ -369,6 +390,8 @@ class ChatSession:
                        dropped, queue.Queue(), threading.Event())
             self._job = job
             job.thread = threading.Thread(target=self._generate, args=(job,), name="blsp-reply", daemon=True)
+            with _replies_lock:
+                _replies.add(job)
             job.thread.start()
         return self._drain(job)
 
