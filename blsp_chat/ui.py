@@ -29,7 +29,7 @@ import uuid
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import gradio as gr
 import numpy as np
@@ -231,12 +231,17 @@ def forget_chat(chat: UserChat | None) -> None:
         chat.delete_files()
 
 
-def _stop_reply(chat: UserChat) -> None:
-    """Stop the reply's voice and its generation (Stop, Undo, Clear, a new turn, a closed page)."""
+def _stop_reply(chat: UserChat, wait: bool = True) -> None:
+    """Stop the reply's voice and its generation (Stop, Undo, Clear, a new turn, a closed page). `wait`: until
+    the step in flight has finished; without it only the flags are set (on Gradio's event loop, which must not
+    block), and the reply stops at its next step all the same."""
     reply = chat.reply
     if reply is not None:
         reply.stop_speaking()
-    chat.session.cancel()
+    if wait:
+        chat.session.cancel()
+    else:
+        chat.session.cancel(timeout=0)
 
 
 def _options(max_new_tokens, do_sample, temperature, top_p, repetition_penalty) -> GenerationOptions:
@@ -302,6 +307,9 @@ class ChatHandlers:
         self.turn_dir = Path(tempfile.mkdtemp(prefix="blsp-chat-turns-", dir=uploads))
         self.remove_turn_dir = weakref.finalize(self, shutil.rmtree, self.turn_dir, ignore_errors=True)
         self.files = FileOwners(roots=(uploads, self.turn_dir))
+        # Each browser session's chat by Gradio's session hash, from the session's first turn on (its gr.State
+        # holds it only from the turn's first update), so that a client that leaves stops its reply at once.
+        self._chats: "weakref.WeakValueDictionary[str, UserChat]" = weakref.WeakValueDictionary()
 
     def _chat(self, state: UserChat | None, request: gr.Request | None = None) -> UserChat:
         chat = state
@@ -310,7 +318,17 @@ class ChatHandlers:
                                                     cache_budget=self.cache_budget), owners=self.files)
         if chat.owner is None and request is not None:
             chat.owner = owner_from_cookies(getattr(request, "cookies", None))
+        if request is not None and request.session_hash:
+            self._chats[request.session_hash] = chat
         return chat
+
+    def client_gone(self, session_hash: str) -> None:
+        """Gradio lost the event stream of `session_hash` (the page closed, a client hung up) and dropped the
+        session's events: its reply stops now, within one decode step, instead of when its next chunk finds
+        nobody to send it to. Runs on Gradio's event loop, so it only sets the stop flags."""
+        chat = self._chats.get(session_hash)
+        if chat is not None:
+            _stop_reply(chat, wait=False)
 
     def voice(self):
         """(voice, None), or (None, why not): loaded once, on the first spoken reply, for all sessions."""
@@ -578,7 +596,7 @@ def build_demo(loaded: LoadedBlsp, *, max_audio_seconds: float | None = 120.0, c
     end of turn."""
     budget = CacheBudget(max_cached_tokens) if max_cached_tokens is not None else None
     handlers = ChatHandlers(loaded, max_audio_seconds, max_context_tokens, budget, voice_options, turn_options)
-    with GuardedBlocks(handlers.files, title=TITLE) as demo:
+    with GuardedBlocks(handlers.files, handlers.client_gone, title=TITLE) as demo:
         gr.Markdown(f"# {TITLE}\nSpeak or type; spoken and typed turns share one conversation. "
                     f"Model: `{model_name(loaded)}`." + ("" if loaded.adapter_trained else "\n\n" + UNTRAINED_NOTICE))
         state = gr.State(None, delete_callback=forget_chat)
@@ -654,18 +672,47 @@ def build_demo(loaded: LoadedBlsp, *, max_audio_seconds: float | None = 120.0, c
 
 
 class GuardedBlocks(gr.Blocks):
-    """gr.Blocks whose server puts `web_files.OwnerGate` in front of Gradio's routes, however it is launched
-    (app.py, a Space, the tests)."""
+    """gr.Blocks whose server puts `web_files.OwnerGate` in front of Gradio's routes and tells `on_client_gone`
+    (a session hash) the moment a session's event stream closes, however it is launched (app.py, a Space, the
+    tests)."""
 
-    def __init__(self, owners: FileOwners, **kwargs):
+    def __init__(self, owners: FileOwners, on_client_gone: Callable[[str], None] | None = None, **kwargs):
         super().__init__(**kwargs)
         self.file_owners = owners
+        self.on_client_gone = on_client_gone
 
     def launch(self, *args, **kwargs):
         app_kwargs = dict(kwargs.get("app_kwargs") or {})
         app_kwargs["middleware"] = [*app_kwargs.get("middleware", []), Middleware(OwnerGate, owners=self.file_owners)]
         kwargs["app_kwargs"] = app_kwargs
+        if self.on_client_gone is not None:
+            _report_departures(self._queue, self.on_client_gone)  # the queue the server will use (queue() makes anew)
         return super().launch(*args, **kwargs)
+
+
+def _report_departures(queue, on_client_gone: Callable[[str], None]) -> None:
+    """Call `on_client_gone(session_hash)` whenever Gradio finds a session's event stream closed.
+
+    Gradio 6.31 notices at once that the stream of a session's events closed (the page's `/queue/data`, an API
+    client's `/call/<name>/<event>`: Starlette listens for the disconnect while it streams) and calls its queue's
+    `clean_events(session_hash=...)`, which drops the session's waiting events and marks its running ones dead.
+    A running generator learns of that only when its next output finds nobody to send it to, which a reply
+    reaches a few decode steps later, or at its end when its steps show no new text. So the call is wrapped to
+    report it first. The queue is Gradio's internal (gradio is pinned): tests/test_app_client_gone.py fails if a
+    version stops calling it."""
+    clean_events = queue.clean_events
+    if getattr(clean_events, "reports_departures", False):  # launched again on the same queue
+        return
+
+    async def clean_events_reporting(*, session_hash: str | None = None, event_id: str | None = None) -> None:
+        try:
+            if session_hash is not None:
+                on_client_gone(session_hash)
+        finally:
+            await clean_events(session_hash=session_hash, event_id=event_id)
+
+    clean_events_reporting.reports_departures = True
+    queue.clean_events = clean_events_reporting
 
 
 def _session_state(demo: gr.Blocks, state: gr.State, request: gr.Request) -> UserChat | None:
