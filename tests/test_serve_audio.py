@@ -254,6 +254,17 @@ def test_speech_speed_is_honoured_by_the_voice(client):
     assert slow > 1.5 * normal and normal > 1.5 * fast, (slow, normal, fast)
 
 
+def test_espeak_honours_speed_too():
+    """The other engine a server may speak with: speed is its words per minute."""
+    try:
+        voice = tts.load_voice(tts.VoiceOptions(engine="espeak-ng"))
+    except tts.VoiceUnavailable as err:
+        pytest.skip(str(err))
+    assert len(voice.synthesize(SENTENCE, 2.0)) < 0.7 * len(voice.synthesize(SENTENCE))
+    with pytest.raises(ValueError, match="speed must be positive"):
+        voice.synthesize(SENTENCE, 0.0)
+
+
 # --- transcriptions ----------------------------------------------------------------------------------------------
 CLIP_SECONDS = 1.5
 
