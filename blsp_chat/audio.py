@@ -5,7 +5,7 @@ for the person in the chat window: what is wrong and what to do about it.
 
 Decoding: soundfile (libsndfile: WAV, FLAC, OGG/Vorbis/Opus, MP3) first; containers it cannot open
 (M4A/MP4/AAC, WebM/Matroska from browsers) go to PyAV, an optional dependency (`pip install av`) whose
-wheel bundles FFmpeg. Resampling: soxr (librosa's own default resampler, installed with librosa).
+wheel bundles FFmpeg. Resampling: soxr (a declared dependency; librosa.resample's default too).
 
 Work is bounded by duration before anything is decoded whole (a few kilobytes of FLAC can hold ten minutes of
 8-channel 96 kHz silence, gigabytes once decoded): a header that states the length is checked first, a
