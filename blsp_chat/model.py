@@ -102,6 +102,11 @@ class BlspModel(nn.Module, ModelHubMixin):
             feature_size=whisper_config.num_mel_bins, sampling_rate=SAMPLE_RATE
         )
         self.freeze_base_models()
+        # What a fine-tuned checkpoint (train.finetune) held beyond the adapter, set by the loader so that
+        # save_pretrained writes it again: its encoder's weights, and the directory of the LLM LoRA that
+        # loading merged into the LLM (merged weights cannot be split back into a LoRA).
+        self.encoder_fine_tuned = False
+        self.llm_lora_dir: Path | None = None
 
     @staticmethod
     def _context_encoder(config: BlspConfig, llm_dim: int) -> ContextEncoder | None:
@@ -334,8 +339,8 @@ class BlspModel(nn.Module, ModelHubMixin):
 
     def _save_pretrained(self, save_directory: Path) -> None:
         """ModelHubMixin's hook behind save_pretrained and push_to_hub: the adapter-only checkpoint
-        (`weights.save_adapter`), with a model card from the config where the directory has none."""
-        self._persistence().save_adapter(self, save_directory)
+        (`weights.save_checkpoint`), with a model card from the config where the directory has none."""
+        self._persistence().save_checkpoint(self, save_directory)
 
     def generate_model_card(self, *args: Any, **kwargs: Any) -> ModelCard:
         return self._persistence().model_card(self.config)
@@ -364,7 +369,7 @@ class BlspModel(nn.Module, ModelHubMixin):
 class Persistence:
     """What BlspModel's save_pretrained / from_pretrained / model card call (set by blsp_chat.weights)."""
 
-    save_adapter: Callable[..., None]
+    save_checkpoint: Callable[..., None]
     load_model: Callable[..., BlspModel]
     model_card: Callable[[BlspConfig], ModelCard]
 

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -155,6 +156,19 @@ def save_adapter(model: BlspModel, directory: str | Path, dtype: torch.dtype | N
     save_file(tensors, str(directory / ADAPTER_WEIGHTS_NAME), metadata={"format": "pt"})
 
 
+def save_checkpoint(model: BlspModel, directory: str | Path) -> None:
+    """save_pretrained's layout, everything the model was loaded with: the adapter, the encoder where a
+    fine-tuned checkpoint brought its own, and that checkpoint's LLM LoRA files (copied from where they were
+    read: the LLM holds them merged)."""
+    directory = Path(directory)
+    save_adapter(model, directory, with_encoder=model.encoder_fine_tuned)
+    lora_dir = model.llm_lora_dir
+    if lora_dir is None or (directory.exists() and directory.resolve() == lora_dir.resolve()):
+        return
+    for name in (LORA_CONFIG_NAME, LORA_WEIGHTS_NAME):
+        shutil.copyfile(lora_dir / name, directory / name)
+
+
 def read_state_dict(directory: Path) -> dict[str, torch.Tensor]:
     """All tensors of a directory: safetensors or PyTorch .bin files, sharded or not."""
     # peft's LoRA file of a fine-tuned LLM is read by load_llm, not here
@@ -197,6 +211,8 @@ def _load_adapter_only(directory: Path, config: BlspConfig, state, dtype) -> Loa
     llm, tokenizer = load_llm(llm_source(directory, config), dtype)
     model = BlspModel(config, whisper_encoder=encoder, llm=llm, feature_extractor=extractor)
     _load_adapter_weights(model, state, directory)
+    model.encoder_fine_tuned = any(k.startswith(ENCODER_PREFIX) for k in state)
+    model.llm_lora_dir = directory if (directory / LORA_CONFIG_NAME).is_file() else None
     return LoadedBlsp(model.to(dtype).eval(), tokenizer, str(directory), adapter_trained=True)
 
 
@@ -405,4 +421,5 @@ def default_model_card(config: BlspConfig) -> ModelCard:
     return model_card.new_card(blsp_card_data(config), body)
 
 
-BlspModel.persistence = Persistence(save_adapter=save_adapter, load_model=load_model, model_card=default_model_card)
+BlspModel.persistence = Persistence(save_checkpoint=save_checkpoint, load_model=load_model,
+                                    model_card=default_model_card)

@@ -157,6 +157,22 @@ def test_finetuned_checkpoint_loads_through_the_apps_loader_with_its_lora_and_eq
     assert not torch.allclose(spoken_logits(without_lora, loaded.tokenizer, audio), expected, atol=1e-3)
 
 
+def test_save_pretrained_of_a_loaded_finetuned_model_keeps_its_lora_and_encoder(corpus, tmp_path):
+    out = tmp_path / "finetuned"
+    loaded = tiny_loaded(tmp_path)
+    run(config_for(corpus, out), loaded=prepare_model(loaded, config_for(corpus, out)))
+    reloaded = load_pretrained(str(out), device="cpu")
+    reloaded.model.save_pretrained(tmp_path / "again")
+    assert (tmp_path / "again" / "adapter_config.json").is_file()
+    assert any(k.startswith("whisper_model.") for k in load_file(str(tmp_path / "again" / "model.safetensors")))
+    again = load_pretrained(str(tmp_path / "again"), device="cpu")
+    audio = tone(1.2, 300)
+    torch.testing.assert_close(spoken_logits(again.model, again.tokenizer, audio),
+                               spoken_logits(reloaded.model, reloaded.tokenizer, audio), atol=1e-5, rtol=1e-5)
+    reloaded.model.save_pretrained(out)  # over its own files: nothing to copy, nothing lost
+    assert load_pretrained(str(out), device="cpu").model.llm_lora_dir == out
+
+
 def test_finetuned_checkpoint_answers_through_the_generate_command(corpus, tmp_path, capsys):
     loaded = tiny_loaded(tmp_path)
     out = tmp_path / "finetuned"
