@@ -12,6 +12,7 @@ import pytest
 import soundfile as sf
 import torch
 from safetensors.torch import load_file
+from test_weights import _write_base_models
 
 from blsp_chat.audio import load_audio
 from blsp_chat.constants import IGNORE_INDEX, REPEAT_INSTRUCTION, SAMPLE_RATE
@@ -19,7 +20,7 @@ from blsp_chat.ctc_decode import collapse_ctc
 from blsp_chat.prompt import Turn, render
 from blsp_chat.weights import LoadedBlsp
 from tiny import blank_hearing_blsp, tiny_blsp, tiny_tokenizer, tone
-from train import precompute_encoder
+from train import export_adapter, precompute_encoder, train_adapter
 from train.adapter_config import (
     AdapterTrainConfig,
     DataSection,
@@ -141,6 +142,34 @@ def test_resume_after_a_kill_reproduces_the_loss_sequence(corpus, tmp_path):
     resumed = run(cut, loaded=loaded_tiny(), resume=True)
     assert len(full.losses) == 12  # 9 examples (6 + 3 repeats) / 3 per batch x 4 epochs
     assert resumed.losses == full.losses
+
+
+def test_a_checkpoint_exports_as_the_model_the_run_would_have_saved_at_that_step(corpus, tmp_path, monkeypatch, capsys):
+    config = train_config(corpus, tmp_path / "run", per_device_batch_size=3, num_epochs=2, save_every=2, keep_last=10)
+    config.loss = LossSection(ce_weight=0.0, ctc_weight=1.0)
+    config.eval = EvalSection(repeat_wer_examples=0)
+    config.model.speech_readout = "ctc"
+
+    def with_base_models_on_disk(section=None):  # build_model's offline bases, as tiny ones the loader finds
+        loaded = loaded_tiny(sharp=True)
+        _write_base_models(loaded.model, loaded.tokenizer, tmp_path / "bases")
+        return loaded
+
+    run(config, loaded=with_base_models_on_disk())
+    monkeypatch.setattr(train_adapter, "build_model", with_base_models_on_disk)
+    run_dir = tmp_path / "run"
+    last = tmp_path / "last"
+    assert export_adapter.main([str(run_dir), str(last), "--checkpoint", "latest", "--dtype", "float32"]) == 0
+    final = load_file(str(run_dir / "model.safetensors"))
+    exported = load_file(str(last / "model.safetensors"))
+    assert exported.keys() == final.keys() and all(torch.equal(exported[k], final[k]) for k in final)
+    assert json.loads((last / "config.json").read_text()) == json.loads((run_dir / "config.json").read_text())
+    assert (last / "eval.jsonl").is_file()  # the run's record goes along
+    assert export_adapter.main([str(run_dir), str(tmp_path / "early"), "--checkpoint", "step-2"]) == 0
+    early = load_file(str(tmp_path / "early" / "model.safetensors"))
+    assert not all(torch.equal(early[k].float(), final[k]) for k in final)
+    assert export_adapter.main([str(run_dir), str(tmp_path / "none"), "--checkpoint", "99"]) == 2
+    assert "keeps no checkpoint 'step-99'; kept: step-2, step-4" in capsys.readouterr().err
 
 
 # --- losses ------------------------------------------------------------------------------------------

@@ -2,6 +2,10 @@
 record, into a folder such as assets/default_adapter (the folder `python app.py` loads by default).
 
     python -m train.export_adapter runs/adapter_tiny_offline assets/default_adapter --dtype float16
+    python -m train.export_adapter runs/base_ctx_s0 eval_models/base_ctx_s0_step3000 --checkpoint step-3000
+
+`--checkpoint latest|step-N` takes a kept checkpoint of the run instead of its final adapter, also while the
+run is still going: how a curve's points are evaluated beyond the run's own held-out score.
 
 The weights are stored as --dtype (float16 halves them: 11.5 MB for the tiny default); loading casts them
 back to the dtype the model runs in. Checkpoints, optimizer state and logs of the run stay behind; a fine-tuned
@@ -15,6 +19,8 @@ from __future__ import annotations
 
 import argparse
 import shutil
+import sys
+import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -33,21 +39,32 @@ from blsp_chat.weights import (
     save_adapter,
 )
 from train.losses import ctc_blank_id
+from train.train_adapter import find_checkpoint, save_checkpoint_model
 
 RECORD_FILES = (model_card.CARD_NAME, "loss_curve.png", "train_config.json", "data_summary.json", "eval.jsonl")
 LORA_FILES = (LORA_CONFIG_NAME, LORA_WEIGHTS_NAME)  # a fine-tuned LLM's LoRA, applied on load (weights.llm_source)
 
 
 def export(run_dir: Path, out: Path, dtype: torch.dtype, speech_readout: str | None = None, ctc_blank: str = " ",
-           **readout_settings: Any) -> list[str]:
+           checkpoint: str | None = None, **readout_settings: Any) -> list[str]:
     """Write the checkpoint and copy the record files the run has; returns the copied file names.
     `speech_readout` (with the CTC blank's text and `readout_settings`, BlspConfig's ctc_* fields) replaces
-    the run's readout."""
-    loaded = load_blsp_dir(run_dir, torch.float32)
+    the run's readout. `checkpoint` ("latest", "step-N"): that kept checkpoint's adapter instead of the final one."""
+    if checkpoint:
+        with tempfile.TemporaryDirectory() as scratch:
+            save_checkpoint_model(run_dir, find_checkpoint(run_dir, checkpoint), Path(scratch))
+            return write_export(Path(scratch), run_dir, out, dtype, speech_readout, ctc_blank, **readout_settings)
+    return write_export(run_dir, run_dir, out, dtype, speech_readout, ctc_blank, **readout_settings)
+
+
+def write_export(model_dir: Path, run_dir: Path, out: Path, dtype: torch.dtype, speech_readout: str | None,
+                 ctc_blank: str, **readout_settings: Any) -> list[str]:
+    """The model of model_dir written to out, with the record files of run_dir."""
+    loaded = load_blsp_dir(model_dir, torch.float32)
     if speech_readout:
         blank_id = ctc_blank_id(loaded.tokenizer, ctc_blank) if speech_readout == "ctc" else None
         set_fields(loaded.model.config, speech_readout=speech_readout, ctc_blank_id=blank_id, **readout_settings)
-    fine_tuned_encoder = any(k.startswith(ENCODER_PREFIX) for k in read_state_dict(run_dir))
+    fine_tuned_encoder = any(k.startswith(ENCODER_PREFIX) for k in read_state_dict(model_dir))
     save_adapter(loaded.model, out, dtype=dtype, with_encoder=fine_tuned_encoder)
     copied = []
     for name in RECORD_FILES + LORA_FILES:
@@ -75,6 +92,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("run_dir", type=Path, help="a train_adapter output directory")
     parser.add_argument("out", type=Path, help="where to write the shipped adapter")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float16")
+    parser.add_argument("--checkpoint", help="latest or step-N: that kept checkpoint (the run may still be going) "
+                                             "instead of the run's final adapter")
     parser.add_argument("--speech-readout", choices=SPEECH_READOUTS,
                         help="serve with this readout (default: the run's)")
     parser.add_argument("--ctc-blank", default=" ", help="text of the CTC blank token (--speech-readout ctc)")
@@ -88,11 +107,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--ctc-beam-prune-log-prob", type=float, default=None,
                         help="in that search, drop beams this far (a log-probability, e.g. -3) below the best")
     args = parser.parse_args(argv)
-    copied = export(args.run_dir, args.out, DTYPES[args.dtype], args.speech_readout, args.ctc_blank,
-                    ctc_readout_temperature=args.ctc_readout_temperature, ctc_lm_weight=args.ctc_lm_weight,
-                    ctc_token_bonus=args.ctc_token_bonus, ctc_beam_size=args.ctc_beam_size,
-                    ctc_label_min_log_prob=args.ctc_label_min_log_prob,
-                    ctc_beam_prune_log_prob=args.ctc_beam_prune_log_prob)
+    try:
+        copied = export(args.run_dir, args.out, DTYPES[args.dtype], args.speech_readout, args.ctc_blank,
+                        args.checkpoint, ctc_readout_temperature=args.ctc_readout_temperature,
+                        ctc_lm_weight=args.ctc_lm_weight, ctc_token_bonus=args.ctc_token_bonus,
+                        ctc_beam_size=args.ctc_beam_size, ctc_label_min_log_prob=args.ctc_label_min_log_prob,
+                        ctc_beam_prune_log_prob=args.ctc_beam_prune_log_prob)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     readout = args.speech_readout or "the run's"
     print(f"wrote {args.out} ({args.dtype} weights, {readout} readout; record: {', '.join(copied) or 'none'})")
     return 0

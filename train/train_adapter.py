@@ -74,7 +74,16 @@ from blsp_chat.weights import (
 from train.adapter_card import write_model_card
 from train.adapter_config import AdapterTrainConfig, DataSection, EvalSection, ModelSection, load_config
 from train.hf_datasets import manifest_for_split
-from train.loop import TrainResult, add_loop_arguments, loop_overrides, train
+from train.loop import (
+    CHECKPOINT_PREFIX,
+    TRAINABLE_NAME,
+    TrainResult,
+    add_loop_arguments,
+    checkpoint_dirs,
+    loop_overrides,
+    train,
+)
+from train.loop import CONFIG_NAME as LOOP_CONFIG_NAME
 from train.losses import WRAPPER_PREFIX, AdapterObjective, ctc_blank_id, objective_loss
 from train.metrics import EnglishNormalizer, corpus_wer, load_spelling_mapping
 from train.speech_data import (
@@ -228,6 +237,16 @@ def wer_normalizer(blsp: BlspModel) -> EnglishNormalizer:
 
 
 # --- run ---------------------------------------------------------------------------------------------
+def set_readout(loaded, config: AdapterTrainConfig) -> int | None:
+    """The readout the run evaluates and serves with, in the model's config (saved with the adapter);
+    returns the CTC blank's token id when the run trains a CTC readout."""
+    blsp = loaded.model
+    blank_id = ctc_blank_id(loaded.tokenizer, config.loss.ctc_blank) if config.loss.ctc_weight else None
+    blsp.config = dataclasses.replace(blsp.config, speech_readout=config.model.speech_readout, ctc_blank_id=blank_id,
+                                      ctc_readout_temperature=config.model.ctc_readout_temperature)
+    return blank_id
+
+
 def run(config: AdapterTrainConfig, *, resume: bool = False, loaded=None, callbacks=()) -> TrainResult:
     """Train; `loaded` (a LoadedBlsp) skips building the model from `config.model` (tests)."""
     started = time.time()
@@ -239,9 +258,7 @@ def run(config: AdapterTrainConfig, *, resume: bool = False, loaded=None, callba
     cache = EncoderCache.for_model(config.data.encoder_cache_dir, blsp) if config.data.encoder_cache_dir else None
     kd = config.loss.kd_weight > 0
 
-    blank_id = ctc_blank_id(tokenizer, config.loss.ctc_blank) if config.loss.ctc_weight else None
-    blsp.config = dataclasses.replace(blsp.config, speech_readout=config.model.speech_readout, ctc_blank_id=blank_id,
-                                      ctc_readout_temperature=config.model.ctc_readout_temperature)
+    blank_id = set_readout(loaded, config)
 
     def dataset(examples):
         return SpeechDataset(examples, tokenizer, blsp.speech_token_count, template=template, cache=cache,
@@ -273,6 +290,41 @@ def run(config: AdapterTrainConfig, *, resume: bool = False, loaded=None, callba
         (out / DATA_SUMMARY_NAME).write_text(json.dumps(data_summary, indent=2) + "\n")
         write_model_card(out, config, data_summary, result, time.time() - started, cache)
     return result
+
+
+def find_checkpoint(run_dir: Path, which: str) -> Path:
+    """A run's kept checkpoint: "latest", "step-N" or "N"."""
+    kept = checkpoint_dirs(run_dir)
+    if not kept:
+        raise FileNotFoundError(f"{run_dir} has no complete checkpoint (checkpoints/step-N)")
+    if which == "latest":
+        return kept[-1]
+    name = which if which.startswith(CHECKPOINT_PREFIX) else f"{CHECKPOINT_PREFIX}{which}"
+    for directory in kept:
+        if directory.name == name:
+            return directory
+    raise FileNotFoundError(f"{run_dir} keeps no checkpoint {name!r}; kept: {', '.join(d.name for d in kept)}")
+
+
+def save_checkpoint_model(run_dir: Path, checkpoint: Path, out: Path) -> None:
+    """A checkpoint of a run, finished or still going, as an adapter-only model directory that every loader
+    takes: the run's model config and readout (train_config.json) with the checkpoint's adapter weights."""
+    weights = checkpoint / TRAINABLE_NAME
+    if not weights.is_file():
+        raise FileNotFoundError(f"{checkpoint} has no {TRAINABLE_NAME} (a sharded FSDP/DeepSpeed checkpoint: "
+                                "let the run finish, or resume it on one process, to get the adapter)")
+    config = AdapterTrainConfig.from_dict(json.loads((run_dir / LOOP_CONFIG_NAME).read_text())["adapter_config"])
+    loaded = build_model(config.model)  # init_adapter, where the run had one, gives the architecture it trained
+    set_readout(loaded, config)
+    state = torch.load(weights, map_location="cpu", weights_only=True)
+    adapter = {name.removeprefix(WRAPPER_PREFIX): tensor for name, tensor in state.items()}
+    missing, unexpected = set(loaded.model.adapter_state_dict()) - set(adapter), set(adapter) - set(
+        loaded.model.adapter_state_dict())
+    if missing or unexpected:
+        raise ValueError(f"{weights} does not fit the run's model (missing {sorted(missing)[:3]}, "
+                         f"unexpected {sorted(unexpected)[:3]})")
+    loaded.model.load_state_dict(adapter, strict=False)
+    save_adapter(loaded.model, out)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
