@@ -5,12 +5,13 @@
 #   bash train/recipes/hear_people.sh data         the dev set, the training people, synthetic voices, the mix
 #   bash train/recipes/hear_people.sh natural      the held-out natural voices (piper, kokoro: slow on a CPU)
 #   bash train/recipes/hear_people.sh train SEED   fill the encoder cache, then train (or resume) seed SEED
-#   bash train/recipes/hear_people.sh baselines    Whisper tiny.en's and base's own decoders on the same clips
+#   bash train/recipes/hear_people.sh baselines    Whisper tiny.en's and base's own decoders, today's default
+#   bash train/recipes/hear_people.sh score SEED [latest|step-N]   a run's checkpoint on the same clips
 # (from the repository root, after `make test` has set up .venv)
 #
 # Record: train/results/base_context_adapter.md. Needs the Debian packages below (about 600 MB).
 set -euo pipefail
-STAGE=${1:?usage: hear_people.sh data|natural|train SEED}
+STAGE=${1:?usage: hear_people.sh data|natural|train SEED|baselines|score SEED [step-N]}
 SEED=${2:-0}
 PY=${PY:-$PWD/.venv/bin/python}
 export PYTHONPATH=$PWD
@@ -95,17 +96,35 @@ $PY -m train.precompute_encoder --config $CONFIG --manifest $D/train_mix.jsonl -
 $PY -m train.train_adapter --resume --config $CONFIG model.seed=$SEED loop.seed=$SEED loop.output_dir=runs/base_ctx_s$SEED
 }
 
-# 7. The baselines on the same clips: each Whisper's own decoder (base forced to English), and today's default
-#    adapter's readout. Then a checkpoint's figures: python -m train.evaluate ... --model runs/... (record).
-baselines() {
-for set in real_dev:data/real_dev/manifest.jsonl piper:data/natural_test/piper/manifest.jsonl \
-           kokoro:data/natural_test/kokoro/manifest.jsonl; do
+# 7. The baselines on the same clips as the candidate: the 61 dev people (read sentences, acted lines) and the
+#    held-out natural voices. Each Whisper's own decoder (base forced to English) and today's default adapter.
+SETS="dev_people:$D/dev_people.jsonl piper:data/natural_test/piper/manifest.jsonl kokoro:data/natural_test/kokoro/manifest.jsonl"
+evaluate_on_sets() {  # evaluate_on_sets OUT_DIR ARGS...: one system on every set, skipping sets already scored
+out=$1; shift
+for set in $SETS; do
   name=${set%%:*}; manifest=${set#*:}
-  for whisper in whisper-tiny.en whisper-base; do
-    [ -s eval_hear/$whisper/asr.$name.summary.json ] || $PY -m train.evaluate --task asr --manifest $manifest --dataset $name \
-        --system whisper --whisper offline:$whisper --out eval_hear/$whisper
-  done
+  [ -s $out/asr.$name.summary.json ] || $PY -m train.evaluate --task asr --manifest $manifest --dataset $name \
+      --out $out "$@"
 done
+}
+baselines() {
+for whisper in whisper-tiny.en whisper-base; do
+  evaluate_on_sets eval_hear/$whisper --system whisper --whisper offline:$whisper
+done
+evaluate_on_sets eval_hear/default_v5 --system blsp
+}
+
+# 8. A checkpoint of a run, finished or still going, on the same sets, then the table by group beside the
+#    baselines: hear_people.sh score SEED [latest|step-N]
+score() {
+step=$($PY -c "import sys; from pathlib import Path; from train.train_adapter import find_checkpoint
+print(find_checkpoint(Path(sys.argv[1]), sys.argv[2]).name)" runs/base_ctx_s$SEED "${3:-latest}")
+model=eval_models/base_ctx_s$SEED-$step
+[ -s $model/model.safetensors ] || $PY -m train.export_adapter runs/base_ctx_s$SEED $model --checkpoint $step
+evaluate_on_sets eval_hear/base_ctx_s$SEED-$step --system blsp --model $model
+$PY -m train.real_speech score $D/dev_people.jsonl eval_hear/whisper-tiny.en eval_hear/whisper-base \
+    eval_hear/default_v5 eval_hear/base_ctx_s$SEED-$step
+grep -H '"wer"' eval_hear/*/asr.piper.summary.json eval_hear/*/asr.kokoro.summary.json || true
 }
 
 case $STAGE in
@@ -113,5 +132,6 @@ case $STAGE in
   natural) natural ;;
   train) train ;;
   baselines) baselines ;;
-  *) echo "unknown stage $STAGE: data, natural, train or baselines" >&2; exit 2 ;;
+  score) score "$@" ;;
+  *) echo "unknown stage $STAGE: data, natural, train, baselines or score" >&2; exit 2 ;;
 esac
