@@ -30,10 +30,9 @@ if [ -n "$missing" ]; then apt-get install -y -qq $missing; fi
 
 # 2. People for training: the game casts not in the dev set, labelled by their subtitles where the game has them
 #    (Drascula's hero, Amazon Queen's training actors) and by Whisper base's decoder elsewhere (Steel Sky, ...).
+#    Amazon Queen is one of pseudo_label's sources: it is in pseudo_base, once.
 [ -s data/pseudo_base/manifest.jsonl ] || $PY -m train.pseudo_label --out-dir data/pseudo_base \
     --whisper offline:whisper-base --exclude-manifest data/real_dev/manifest.jsonl
-[ -s data/pseudo_queen/manifest.jsonl ] || $PY -m train.pseudo_label --out-dir data/pseudo_queen --sources queen \
-    --exclude-manifest data/real_dev/manifest.jsonl
 
 # 3. Synthetic voices for vocabulary: the first 6,000 sentences of offline_v2 (espeak-ng, flite, festival).
 [ -s data/offline_v2/sentences.txt ] || $PY -m train.text_sources --out data/offline_v2/sentences.txt --max 21000 --seed 0
@@ -75,12 +74,12 @@ with open("data/base_ctx/dev_people.jsonl", "w") as out:
         out.write(json.dumps(dict(r, audio=str(Path("../real_dev") / r["audio"]))) + "\n")
 print(f"synthetic training lines {len(kept)} of {len(rows)}; dev people {len(pick)}")
 PY
-for part in synth_train:../base_ctx/synth_train.jsonl base:../pseudo_base/manifest.jsonl queen:../pseudo_queen/manifest.jsonl; do
+for part in synth_train:../base_ctx/synth_train.jsonl base:../pseudo_base/manifest.jsonl; do
   name=${part%%:*}; src=${part#*:}
   [ -s $D/rep_$name.jsonl ] || (cd $D && $PY -m train.mix_data --asr $src --out rep_$name.jsonl --repetition-only)
 done
 [ -s $D/dev_people_rep.jsonl ] || (cd $D && $PY -m train.mix_data --asr dev_people.jsonl --out dev_people_rep.jsonl --repetition-only)
-cat $D/rep_synth_train.jsonl $D/rep_base.jsonl $D/rep_queen.jsonl > $D/train_mix.jsonl
+cat $D/rep_synth_train.jsonl $D/rep_base.jsonl > $D/train_mix.jsonl
 }
 
 natural() {
