@@ -7,16 +7,20 @@
 #   bash train/recipes/hear_people.sh train SEED   fill the encoder cache, then train (or resume) seed SEED
 #   bash train/recipes/hear_people.sh baselines    Whisper tiny.en's and base's own decoders, today's default
 #   bash train/recipes/hear_people.sh score SEED [latest|step-N]   a run's checkpoint on the same clips
+#   bash train/recipes/hear_people.sh stash SEED   copy the run (its newest checkpoint) to ~/.cache/blsp_chat/runs,
+#                                                   where `train SEED` on a fresh checkout resumes it from
 # (from the repository root, after `make test` has set up .venv)
 #
 # Record: train/results/base_context_adapter.md. Needs the Debian packages below (about 600 MB).
 set -euo pipefail
-STAGE=${1:?usage: hear_people.sh data|natural|train SEED|baselines|score SEED [step-N]}
+STAGE=${1:?usage: hear_people.sh data|natural|train SEED|baselines|score SEED [step-N]|stash SEED}
 SEED=${2:-0}
 PY=${PY:-$PWD/.venv/bin/python}
 export PYTHONPATH=$PWD
 CONFIG=train/configs/adapter_base_context_ctc.json
 D=data/base_ctx
+RUN=runs/base_ctx_s$SEED
+STASH=$HOME/.cache/blsp_chat/runs/base_ctx_s$SEED  # outside the checkout: a cache that outlives it
 
 data() {
 need_packages="pocketsphinx-testdata ktuberling-data tuxpaint-stamps-default drascula beneath-a-steel-sky
@@ -92,7 +96,22 @@ done
 # 6. Whisper base's frames for every clip, once (the encoder is frozen), then the run (it resumes by itself).
 train() {
 $PY -m train.precompute_encoder --config $CONFIG --manifest $D/train_mix.jsonl --manifest $D/dev_people_rep.jsonl
-$PY -m train.train_adapter --resume --config $CONFIG model.seed=$SEED loop.seed=$SEED loop.output_dir=runs/base_ctx_s$SEED
+if [ ! -d $RUN ] && [ -d $STASH ]; then mkdir -p runs && cp -r $STASH $RUN && echo "resuming from the stash $STASH"; fi
+$PY -m train.train_adapter --resume --config $CONFIG model.seed=$SEED loop.seed=$SEED loop.output_dir=$RUN
+}
+
+checkpoint_of() {  # checkpoint_of latest|step-N: the name of a complete checkpoint of the run
+$PY -c "import sys; from pathlib import Path; from train.train_adapter import find_checkpoint
+print(find_checkpoint(Path(sys.argv[1]), sys.argv[2]).name)" $RUN "$1"
+}
+
+# The run without its older checkpoints (about 200 MB), copied whole so the stash is never half-written.
+stash() {
+newest=$RUN/checkpoints/$(checkpoint_of latest)
+rm -rf $STASH.new && mkdir -p $STASH.new/checkpoints
+find $RUN -maxdepth 1 -type f -exec cp {} $STASH.new/ \;
+cp -r $newest $STASH.new/checkpoints/
+rm -rf $STASH && mv $STASH.new $STASH && echo "stashed $newest in $STASH"
 }
 
 # 7. The baselines on the same clips as the candidate: the 61 dev people (read sentences, acted lines) and the
@@ -116,10 +135,9 @@ evaluate_on_sets eval_hear/default_v5 --system blsp
 # 8. A checkpoint of a run, finished or still going, on the same sets, then the table by group beside the
 #    baselines: hear_people.sh score SEED [latest|step-N]
 score() {
-step=$($PY -c "import sys; from pathlib import Path; from train.train_adapter import find_checkpoint
-print(find_checkpoint(Path(sys.argv[1]), sys.argv[2]).name)" runs/base_ctx_s$SEED "${3:-latest}")
+step=$(checkpoint_of "${3:-latest}")
 model=eval_models/base_ctx_s$SEED-$step
-[ -s $model/model.safetensors ] || $PY -m train.export_adapter runs/base_ctx_s$SEED $model --checkpoint $step
+[ -s $model/model.safetensors ] || $PY -m train.export_adapter $RUN $model --checkpoint $step
 evaluate_on_sets eval_hear/base_ctx_s$SEED-$step --system blsp --model $model
 $PY -m train.real_speech score $D/dev_people.jsonl eval_hear/whisper-tiny.en eval_hear/whisper-base \
     eval_hear/default_v5 eval_hear/base_ctx_s$SEED-$step
@@ -132,5 +150,6 @@ case $STAGE in
   train) train ;;
   baselines) baselines ;;
   score) score "$@" ;;
-  *) echo "unknown stage $STAGE: data, natural, train, baselines or score" >&2; exit 2 ;;
+  stash) stash ;;
+  *) echo "unknown stage $STAGE: data, natural, train, baselines, score or stash" >&2; exit 2 ;;
 esac
