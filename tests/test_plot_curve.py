@@ -2,8 +2,9 @@
 import json
 
 import pytest
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 
-from train.plot_curve import main, parse_baseline, read_curve
+from train.plot_curve import draw, main, parse_baseline, read_curve
 
 
 def write_eval(run, records):
@@ -28,6 +29,17 @@ def test_the_command_draws_a_png_and_prints_the_table(tmp_path, capsys):
     table = capsys.readouterr().out.splitlines()
     assert table[0] == "| step | s0 repeat_wer | s1 repeat_wer |"
     assert table[2:] == ["| 500 | 50.0 | 45.0 |", "| 1000 |  | 30.0 |"]
+
+
+def test_each_baseline_is_named_inside_the_plot_when_the_curve_starts_past_step_0():
+    figure = draw({"run": [(500, 0.5), (2500, 0.35)]}, [("Whisper base", 0.184), ("v5 default", 0.48)])
+    renderer = FigureCanvasAgg(figure).get_renderer()
+    axes = figure.axes[0]
+    box = axes.get_window_extent(renderer)
+    names = {text.get_text(): text.get_window_extent(renderer) for text in axes.texts}
+    assert set(names) == {"Whisper base", "v5 default"}
+    for extent in names.values():
+        assert box.x0 <= extent.x0 and extent.x1 <= box.x1 and box.y0 <= extent.y0 and extent.y1 <= box.y1
 
 
 def test_bad_input_is_named(tmp_path):

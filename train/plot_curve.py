@@ -45,6 +45,12 @@ def parse_baseline(text: str) -> tuple[str, float]:
 
 
 def plot(path: Path, curves: dict[str, list[tuple[int, float]]], baselines: Sequence[tuple[str, float]]) -> None:
+    figure = draw(curves, baselines)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path)
+
+
+def draw(curves: dict[str, list[tuple[int, float]]], baselines: Sequence[tuple[str, float]]) -> Figure:
     figure = Figure(figsize=PLOT_SIZE_INCHES, dpi=PLOT_DPI, layout="tight")
     axes = figure.subplots()
     for label, points in curves.items():
@@ -52,15 +58,16 @@ def plot(path: Path, curves: dict[str, list[tuple[int, float]]], baselines: Sequ
         axes.plot(steps, [100 * v for v in values], marker="o", label=label)
     for name, value in baselines:
         axes.axhline(100 * value, linestyle="--", color="grey", linewidth=1)
-        axes.annotate(name, (0, 100 * value), textcoords="offset points", xytext=(4, 3), fontsize=8)
+        # x in axes fraction: the first step of a curve is rarely 0, and a label at x=0 would fall off the plot
+        axes.annotate(name, (0, 100 * value), xycoords=("axes fraction", "data"), textcoords="offset points",
+                      xytext=(4, 3), fontsize=8)
     axes.set_xlabel("step")
     axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes.set_ylabel("WER (%)")
     axes.set_ylim(bottom=0)
     axes.grid(alpha=0.3)
     axes.legend()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path)
+    return figure
 
 
 def markdown_table(curves: dict[str, list[tuple[int, float]]]) -> str:
