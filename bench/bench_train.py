@@ -9,6 +9,13 @@ overrides (`section.key=value`), e.g. `loop.per_device_batch_size=32 loop.mixed_
 A one-step warm-up run comes first. The adapter keeps training across the runs, which does not change
 the cost of a step. Throughput is the loop's own (samples over the run's wall time, its closing evaluation
 and checkpoint included), so short runs understate it a little and alike.
+
+    PYTHONPATH=. python bench/bench_train.py --config train/configs/adapter_base_context_ctc.json --steps 20 \
+        --workers 0,1
+
+`--workers N,M,...` instead compares DataLoader worker counts on the config's own, already filled encoder
+cache (`data.encoder_cache_dir`, e.g. by train/precompute_encoder.py): one warm-cache run per count, each
+against the first. With workers, reading cached frames and rendering prompts overlap the step's compute.
 """
 from __future__ import annotations
 
@@ -34,29 +41,49 @@ def timed_run(config, loaded, *, cache_dir: str | None, out_dir: Path, steps: in
     return run(config, loaded=loaded).samples_per_s
 
 
+def cache_rates(config, loaded, root: Path, steps: int) -> dict[str, float]:
+    cache = str(root / "encoder_cache")
+    timed_run(config, loaded, cache_dir=None, out_dir=root / "warmup", steps=1)  # first-call costs out of the way
+    return {
+        "no cache": timed_run(config, loaded, cache_dir=None, out_dir=root / "a", steps=steps),
+        "cold cache": timed_run(config, loaded, cache_dir=cache, out_dir=root / "b", steps=steps),
+        "warm cache": timed_run(config, loaded, cache_dir=cache, out_dir=root / "c", steps=steps),
+    }
+
+
+def worker_rates(config, loaded, root: Path, steps: int, workers: str) -> dict[str, float]:
+    cache = config.data.encoder_cache_dir
+    if not cache:
+        raise SystemExit("--workers reads the config's filled encoder cache: set data.encoder_cache_dir")
+    counts = list(dict.fromkeys(int(count) for count in workers.split(",")))  # each count once
+    timed_run(config, loaded, cache_dir=cache, out_dir=root / "warmup", steps=1)
+    rates = {}
+    for count in counts:
+        config.loop.num_workers = count
+        rates[f"{count} workers"] = timed_run(config, loaded, cache_dir=cache, out_dir=root / f"w{count}", steps=steps)
+    return rates
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", required=True)
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--workers", help="comma-separated DataLoader worker counts to compare on the filled "
+                        "encoder cache of the config, e.g. 0,1")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
     config = load_config(args.config, args.overrides)
     loaded = build_model(config.model)
     with tempfile.TemporaryDirectory(prefix="bench_train_") as scratch:
-        root = Path(scratch)
-        cache = str(root / "encoder_cache")
-        timed_run(config, loaded, cache_dir=None, out_dir=root / "warmup", steps=1)  # first-call costs out of the way
-        rates = {
-            "no cache": timed_run(config, loaded, cache_dir=None, out_dir=root / "a", steps=args.steps),
-            "cold cache": timed_run(config, loaded, cache_dir=cache, out_dir=root / "b", steps=args.steps),
-            "warm cache": timed_run(config, loaded, cache_dir=cache, out_dir=root / "c", steps=args.steps),
-        }
+        rates = (worker_rates(config, loaded, Path(scratch), args.steps, args.workers) if args.workers
+                 else cache_rates(config, loaded, Path(scratch), args.steps))
+    baseline = next(iter(rates))
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({torch.get_num_threads()} threads)"
     print(f"device: {device}; {platform.python_version()}; torch {torch.__version__}; "
           f"batch {config.loop.per_device_batch_size}; precision {config.loop.mixed_precision}; "
           f"{args.steps} steps per run")
     for name, rate in rates.items():
-        print(f"{name:>10}: {rate:8.2f} samples/s  ({rate / rates['no cache']:.2f}x no cache)")
+        print(f"{name:>10}: {rate:8.2f} samples/s  ({rate / rates[baseline]:.2f}x {baseline})")
     print(json.dumps({k.replace(" ", "_"): round(v, 3) for k, v in rates.items()}))
     return 0
 

@@ -9,18 +9,22 @@
 #   bash train/recipes/hear_people.sh score SEED [latest|step-N]   a run's checkpoint on the same clips
 #   bash train/recipes/hear_people.sh stash SEED   copy the run (its newest checkpoint) to ~/.cache/blsp_chat/runs,
 #                                                   where `train SEED` on a fresh checkout resumes it from
+#   bash train/recipes/hear_people.sh augment      two microphone-like copies of every training person (the aug mix)
+#   MIX=aug bash train/recipes/hear_people.sh train|score|stash SEED ...   the same stages on the aug mix's run
 # (from the repository root, after `make test` has set up .venv)
 #
 # Record: train/results/base_context_adapter.md. Needs the Debian packages below (about 600 MB).
 set -euo pipefail
-STAGE=${1:?usage: hear_people.sh data|natural|train SEED|baselines|score SEED [step-N]|stash SEED}
+STAGE=${1:?usage: [MIX=aug] hear_people.sh data|natural|augment|train SEED|baselines|score SEED [latest|step-N]|stash SEED}
 SEED=${2:-0}
 PY=${PY:-$PWD/.venv/bin/python}
 export PYTHONPATH=$PWD
-CONFIG=train/configs/adapter_base_context_ctc.json
+MIX=${MIX:-}  # empty: the first mix (13,112 lines); aug: the same plus two augmented copies of every person
+NAME=base_ctx${MIX:+_$MIX}
+CONFIG=train/configs/adapter_base_context${MIX:+_$MIX}_ctc.json
 D=data/base_ctx
-RUN=runs/base_ctx_s$SEED
-STASH=$HOME/.cache/blsp_chat/runs/base_ctx_s$SEED  # outside the checkout: a cache that outlives it
+RUN=runs/${NAME}_s$SEED
+STASH=$HOME/.cache/blsp_chat/runs/${NAME}_s$SEED  # outside the checkout: a cache that outlives it
 
 data() {
 need_packages="pocketsphinx-testdata ktuberling-data tuxpaint-stamps-default drascula beneath-a-steel-sky
@@ -93,9 +97,21 @@ for engine in piper kokoro; do
 done
 }
 
+# 5b. The aug mix: every training person twice more, each copy through a seeded chain of microphone-like effects
+#     (speed, tempo, pitch, vocal-tract length, room, noise, gain, telephone band, codec: train/augment.py's
+#     defaults), so the adapter hears more talkers and rooms than the games recorded. The dev set is not touched.
+augment() {
+[ -s $D/train_mix.jsonl ] || { echo "run the data stage first" >&2; exit 2; }
+[ -s data/people_aug/done ] || { $PY -m train.augment --manifest data/pseudo_base/manifest.jsonl \
+    --out-dir data/people_aug --copies 2 --seed 0 --jobs ${JOBS:-2} && touch data/people_aug/done; }
+[ -s $D/rep_people_aug.jsonl ] || (cd $D && $PY -m train.mix_data --asr ../people_aug/manifest.jsonl \
+    --out rep_people_aug.jsonl --repetition-only)
+cat $D/train_mix.jsonl $D/rep_people_aug.jsonl > $D/train_mix_aug.jsonl
+}
+
 # 6. Whisper base's frames for every clip, once (the encoder is frozen), then the run (it resumes by itself).
 train() {
-$PY -m train.precompute_encoder --config $CONFIG --manifest $D/train_mix.jsonl --manifest $D/dev_people_rep.jsonl
+$PY -m train.precompute_encoder --config $CONFIG --manifest $D/train_mix${MIX:+_$MIX}.jsonl --manifest $D/dev_people_rep.jsonl
 if [ ! -d $RUN ] && [ -d $STASH ]; then mkdir -p runs && cp -r $STASH $RUN && echo "resuming from the stash $STASH"; fi
 $PY -m train.train_adapter --resume --config $CONFIG model.seed=$SEED loop.seed=$SEED loop.output_dir=$RUN
 }
@@ -136,20 +152,21 @@ evaluate_on_sets eval_hear/default_v5 --system blsp
 #    baselines: hear_people.sh score SEED [latest|step-N]
 score() {
 step=$(checkpoint_of "${3:-latest}")
-model=eval_models/base_ctx_s$SEED-$step
+model=eval_models/${NAME}_s$SEED-$step
 [ -s $model/model.safetensors ] || $PY -m train.export_adapter $RUN $model --checkpoint $step
-evaluate_on_sets eval_hear/base_ctx_s$SEED-$step --system blsp --model $model
+evaluate_on_sets eval_hear/${NAME}_s$SEED-$step --system blsp --model $model
 $PY -m train.real_speech score $D/dev_people.jsonl eval_hear/whisper-tiny.en eval_hear/whisper-base \
-    eval_hear/default_v5 eval_hear/base_ctx_s$SEED-$step
+    eval_hear/default_v5 eval_hear/${NAME}_s$SEED-$step
 grep -H '"wer"' eval_hear/*/asr.piper.summary.json eval_hear/*/asr.kokoro.summary.json || true
 }
 
 case $STAGE in
   data) data ;;
   natural) natural ;;
+  augment) augment ;;
   train) train ;;
   baselines) baselines ;;
   score) score "$@" ;;
   stash) stash ;;
-  *) echo "unknown stage $STAGE: data, natural, train, baselines, score or stash" >&2; exit 2 ;;
+  *) echo "unknown stage $STAGE: data, natural, augment, train, baselines, score or stash" >&2; exit 2 ;;
 esac
