@@ -170,6 +170,19 @@ def test_a_checkpoint_exports_as_the_model_the_run_would_have_saved_at_that_step
     assert not all(torch.equal(early[k].float(), final[k]) for k in final)
     assert export_adapter.main([str(run_dir), str(tmp_path / "none"), "--checkpoint", "99"]) == 2
     assert "keeps no checkpoint 'step-99'; kept: step-2, step-4" in capsys.readouterr().err
+    # The search settings given apply to the run's own CTC readout (they were once dropped without a word).
+    fused = tmp_path / "fused"
+    assert export_adapter.main([str(run_dir), str(fused), "--checkpoint", "step-2", "--ctc-lm-weight", "0.2",
+                                "--ctc-token-bonus", "0.3", "--ctc-beam-prune-log-prob", "-3"]) == 0
+    served = json.loads((fused / "config.json").read_text())
+    run_config = json.loads((run_dir / "config.json").read_text())
+    assert (served["ctc_lm_weight"], served["ctc_token_bonus"], served["ctc_beam_prune_log_prob"]) == (0.2, 0.3, -3.0)
+    assert served["ctc_beam_size"] == run_config["ctc_beam_size"]  # the settings not given stay the run's
+    assert served["ctc_readout_temperature"] == run_config["ctc_readout_temperature"]
+    embeddings_run = Path(shutil.copytree(run_dir, tmp_path / "embeddings_run"))
+    (embeddings_run / "config.json").write_text(json.dumps(dict(run_config, speech_readout="embeddings")))
+    assert export_adapter.main([str(embeddings_run), str(tmp_path / "refused"), "--ctc-lm-weight", "0.2"]) == 2
+    assert "serves the 'embeddings' readout: add --speech-readout ctc" in capsys.readouterr().err
 
 
 # --- losses ------------------------------------------------------------------------------------------

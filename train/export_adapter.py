@@ -59,11 +59,18 @@ def export(run_dir: Path, out: Path, dtype: torch.dtype, speech_readout: str | N
 
 def write_export(model_dir: Path, run_dir: Path, out: Path, dtype: torch.dtype, speech_readout: str | None,
                  ctc_blank: str, **readout_settings: Any) -> list[str]:
-    """The model of model_dir written to out, with the record files of run_dir."""
+    """The model of model_dir written to out, with the record files of run_dir. Readout settings left None keep
+    the run's own; the rest apply to the new readout, or to the run's own when no new one is named."""
     loaded = load_blsp_dir(model_dir, torch.float32)
+    settings = {name: value for name, value in readout_settings.items() if value is not None}
     if speech_readout:
         blank_id = ctc_blank_id(loaded.tokenizer, ctc_blank) if speech_readout == "ctc" else None
-        set_fields(loaded.model.config, speech_readout=speech_readout, ctc_blank_id=blank_id, **readout_settings)
+        set_fields(loaded.model.config, speech_readout=speech_readout, ctc_blank_id=blank_id, **settings)
+    elif settings:
+        if loaded.model.config.speech_readout != "ctc":
+            raise ValueError(f"{', '.join(sorted(settings))} set the CTC readout's search, but this run serves the "
+                             f"{loaded.model.config.speech_readout!r} readout: add --speech-readout ctc")
+        set_fields(loaded.model.config, **settings)
     fine_tuned_encoder = any(k.startswith(ENCODER_PREFIX) for k in read_state_dict(model_dir))
     save_adapter(loaded.model, out, dtype=dtype, with_encoder=fine_tuned_encoder)
     copied = []
@@ -97,11 +104,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--speech-readout", choices=SPEECH_READOUTS,
                         help="serve with this readout (default: the run's)")
     parser.add_argument("--ctc-blank", default=" ", help="text of the CTC blank token (--speech-readout ctc)")
-    parser.add_argument("--ctc-readout-temperature", type=float, default=0.1)
-    parser.add_argument("--ctc-lm-weight", type=float, default=0.0,
+    # The ctc_* settings default to the run's own (None): given, they change the served CTC readout.
+    parser.add_argument("--ctc-readout-temperature", type=float)
+    parser.add_argument("--ctc-lm-weight", type=float,
                         help="above 0: decode the ctc readout by beam search with the LLM as LM at this weight")
-    parser.add_argument("--ctc-token-bonus", type=float, default=0.0, help="per word piece, in that search")
-    parser.add_argument("--ctc-beam-size", type=int, default=4)
+    parser.add_argument("--ctc-token-bonus", type=float, help="per word piece, in that search")
+    parser.add_argument("--ctc-beam-size", type=int)
     parser.add_argument("--ctc-label-min-log-prob", type=float, default=None,
                         help="in that search, do not try labels less likely than this log-probability (e.g. -3)")
     parser.add_argument("--ctc-beam-prune-log-prob", type=float, default=None,
