@@ -102,7 +102,7 @@ done
 #     defaults), so the adapter hears more talkers and rooms than the games recorded. The dev set is not touched.
 augment() {
 [ -s $D/train_mix.jsonl ] || { echo "run the data stage first" >&2; exit 2; }
-[ -s data/people_aug/done ] || { $PY -m train.augment --manifest data/pseudo_base/manifest.jsonl \
+[ -f data/people_aug/done ] || { $PY -m train.augment --manifest data/pseudo_base/manifest.jsonl \
     --out-dir data/people_aug --copies 2 --seed 0 --jobs ${JOBS:-2} && touch data/people_aug/done; }
 [ -s $D/rep_people_aug.jsonl ] || (cd $D && $PY -m train.mix_data --asr ../people_aug/manifest.jsonl \
     --out rep_people_aug.jsonl --repetition-only)
