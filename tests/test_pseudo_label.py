@@ -179,6 +179,32 @@ def test_shipped_words_are_taken_as_they_are_and_whisper_hears_only_the_rest(tmp
     assert "transcript cannot be cut" in refused["game/long"] and refused["game/fast"].endswith("words/s")
 
 
+def test_remembered_labels_spare_decoding_heard_audio_and_survive_a_torn_last_line(tmp_path):
+    """A second build (a new machine with the committed file, or a build killed midway) asks Whisper only for
+    audio it has not labelled, and gets the same records; another transcriber's labels are not taken."""
+    said, other = real_clip("0880"), real_clip("0870")
+    asked = []
+
+    def whisper(audios):
+        asked.extend(len(a) for a in audios)
+        return [f"Heard {len(a)} samples." for a in audios]
+
+    sources = {"wav": lambda: iter([recording("wav", "said", said), recording("wav", "other", other)])}
+    cache = tmp_path / "labels" / "whisper-base.jsonl"
+    first = pseudo_label.build(tmp_path / "a", sources, pseudo_label.RememberedLabels(whisper, cache, "whisper-base"))
+    assert len(asked) == 2 and len(cache.read_text().splitlines()) == 2
+    with open(cache, "a") as handle:
+        handle.write('{"digest": "tor')  # the partial line of a killed writer
+    again = pseudo_label.RememberedLabels(whisper, cache, "whisper-base")
+    second = pseudo_label.build(tmp_path / "b", sources, again)
+    assert len(asked) == 2 and again.decoded == 0
+    assert [(r["id"], r["text_raw"]) for r in second] == [(r["id"], r["text_raw"]) for r in first]
+    pseudo_label.RememberedLabels(whisper, cache, "whisper-tiny.en")([said])
+    assert len(asked) == 3  # another Whisper's labels are its own
+    lines = [json.loads(line) for line in cache.read_text().splitlines()]
+    assert [r["transcriber"] for r in lines] == ["whisper-base", "whisper-base", "whisper-tiny.en"]
+
+
 @pytest.mark.integration
 def test_whisper_labels_a_real_recording_close_to_what_was_said(default_whisper_dir, librivox_clip, tmp_path):
     path, truth = librivox_clip

@@ -3,6 +3,7 @@
     python -m train.pseudo_label --out-dir data/pseudo_real \
         [--sources warzone,hedgewars,moonshine,whisper_cpp,steelsky,drascula,queen]
         [--exclude-manifest data/real_dev/manifest.jsonl] [--whisper DIR] [--max-segment-seconds 20]
+        [--label-cache train/labels/whisper-base.jsonl]
 
 Synthetic voices teach the adapter synthetic voices (train/results/natural_voices_leg.md); these are people.
 Sources, none of them in the real-speech dev set (train/real_speech.py):
@@ -64,7 +65,7 @@ from blsp_chat.weights import resolve_base
 from . import drascula, queen, steel_sky
 from .eval_run import WhisperTranscriber
 from .generate_continuations import is_looping
-from .io import read_jsonl_tolerant, write_jsonl_atomic
+from .io import append_lines, read_jsonl_tolerant, repair_tail, write_jsonl_atomic
 from .prepare_data import english_normalizer
 from .real_speech import SourceMissing, clips_by_source, fetch_package_file, print_summary
 
@@ -231,6 +232,37 @@ def transcript_problem(text: str, seconds: float, spelled: str | None = None,
     return None
 
 
+class RememberedLabels:
+    """A transcriber that remembers: each label Whisper gives is appended to a JSON-lines file under the
+    decoded audio's digest, and audio heard before takes its label from there. Decoding a game's cast is
+    hours on a CPU; a build that was interrupted goes on where it stopped, and a committed file
+    (train/labels/) rebuilds the same labels on a new machine in minutes. Labels of another transcriber
+    in the file are not taken."""
+
+    def __init__(self, transcribe: Callable[[Sequence[np.ndarray]], list[str]], path: Path, transcriber: str):
+        self.transcribe, self.path, self.transcriber = transcribe, Path(path), transcriber
+        self.known = {r["digest"]: r["text"] for r in read_jsonl_tolerant(self.path)
+                      if r.get("transcriber") == transcriber}
+        self.decoded = 0  # clips Whisper was asked for
+
+    def __call__(self, audios: Sequence[np.ndarray]) -> list[str]:
+        digests = [audio_digest(audio) for audio in audios]
+        unheard = [i for i, digest in enumerate(digests) if digest not in self.known]
+        if unheard:
+            heard = self.transcribe([audios[i] for i in unheard])
+            new = {digests[i]: text for i, text in zip(unheard, heard)}
+            self._remember(new)
+            self.decoded += len(unheard)
+        return [self.known[digest] for digest in digests]
+
+    def _remember(self, labels: dict[str, str]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        repair_tail(self.path)
+        with open(self.path, "a", encoding="utf-8") as handle:
+            append_lines(handle, [{"digest": d, "transcriber": self.transcriber, "text": t} for d, t in labels.items()])
+        self.known.update(labels)
+
+
 # --- the build ------------------------------------------------------------------------------------
 @dataclass
 class Clip:
@@ -326,6 +358,9 @@ def main(argv: list[str] | None = None) -> int:
                                           "such as offline:whisper-base (default: the offline tiny.en)")
     parser.add_argument("--max-segment-seconds", type=float, default=20.0)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--label-cache", type=Path,
+                        help="JSON lines of labels Whisper gave before, by audio digest: taken instead of decoding "
+                             "again, and every new label appended (an interrupted build resumes from it)")
     args = parser.parse_args(argv)
     names = [n for n in args.sources.split(",") if n]
     unknown = sorted(set(names) - set(SOURCES))
@@ -336,6 +371,8 @@ def main(argv: list[str] | None = None) -> int:
     # English words average well under two tokens: a transcript longer than this is refused for its rate anyway.
     whisper = resolve_base(args.whisper) if args.whisper else str(default_whisper_dir())
     transcribe = WhisperTranscriber(whisper, device=args.device, max_tokens_per_second=2 * MAX_WORDS_PER_SECOND)
+    if args.label_cache:
+        transcribe = RememberedLabels(transcribe, args.label_cache, Path(whisper).name)
     try:
         records = build(args.out_dir, {name: SOURCES[name] for name in names}, transcribe,
                         exclude=excluded_digests(args.exclude_manifest), max_segment_seconds=args.max_segment_seconds,
@@ -345,6 +382,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     summary = print_summary(args.out_dir, records)
     print(f"refused: {summary['refused_by_reason']}")
+    if args.label_cache:
+        print(f"Whisper decoded {transcribe.decoded} clips; the rest took their labels from {args.label_cache}")
     return 0
 
 

@@ -39,8 +39,10 @@ if [ -n "$missing" ]; then apt-get install -y -qq $missing; fi
 # 2. People for training: the game casts not in the dev set, labelled by their subtitles where the game has them
 #    (Drascula's hero, Amazon Queen's training actors) and by Whisper base's decoder elsewhere (Steel Sky, ...).
 #    Amazon Queen is one of pseudo_label's sources: it is in pseudo_base, once.
+#    Whisper's labels are kept in train/labels/whisper-base.jsonl (committed): a new machine decodes only new audio.
 [ -s data/pseudo_base/manifest.jsonl ] || $PY -m train.pseudo_label --out-dir data/pseudo_base \
-    --whisper offline:whisper-base --exclude-manifest data/real_dev/manifest.jsonl
+    --whisper offline:whisper-base --exclude-manifest data/real_dev/manifest.jsonl \
+    --label-cache train/labels/whisper-base.jsonl
 
 # 3. Synthetic voices for vocabulary: the first 6,000 sentences of offline_v2 (espeak-ng, flite, festival).
 [ -s data/offline_v2/sentences.txt ] || $PY -m train.text_sources --out data/offline_v2/sentences.txt --max 21000 --seed 0
