@@ -463,6 +463,40 @@ def test_precomputed_cache_matches_training_and_an_interrupted_fill_resumes(corp
     assert torch.allclose(item["encoded"][0], direct, atol=1e-5)
 
 
+def test_a_cache_held_in_memory_reads_each_clip_once_and_keeps_to_its_budget(corpus, tmp_path):
+    """With `data.encoder_cache_memory_gb`, a clip's frames come from memory after the first read (the next
+    epoch reads no file) and give the same tensors; clips past the budget are read from disk as before."""
+    model = loaded_tiny().model
+    on_disk = EncoderCache.for_model(tmp_path / "cache", model)
+    fill(model, on_disk, missing_clips([str(corpus)], on_disk), batch_size=4, max_seconds=30)
+    examples = read_manifest(corpus)[:3]
+    first = [on_disk.get(on_disk.key(e.audio)) for e in examples]
+    one_clip = sum(h.numel() * h.element_size() for h in first[0]["hidden"])
+    held = EncoderCache.for_model(tmp_path / "cache", model, memory_bytes=one_clip)
+    keys = [held.key(e.audio) for e in examples]
+    read = [held.get(k) for k in keys]
+    assert held.held_bytes == one_clip  # the first clip fits; the others are over budget
+    for key in keys:
+        held._file(key).unlink()  # a later epoch: no file left to read
+    assert torch.equal(held.get(keys[0])["hidden"][0], read[0]["hidden"][0])
+    assert torch.equal(read[0]["hidden"][0], first[0]["hidden"][0])
+    assert held.get(keys[1]) is None and held.get(keys[2]) is None  # over budget: read from disk, now gone
+    with pytest.raises(ValueError, match="encoder_cache_memory_gb"):
+        load_config(CONFIGS / "adapter_tiny_offline.json", ["data.encoder_cache_memory_gb=-1"])
+
+
+def test_each_example_is_tokenized_once_however_many_epochs(corpus, monkeypatch):
+    loaded = loaded_tiny()
+    data = SpeechDataset(read_manifest(corpus)[:2], loaded.tokenizer, loaded.model.speech_token_count, ctc_blank_id=3)
+    first = [data[0], data[1]]
+    rendered = []
+    monkeypatch.setattr(data, "render_speech", lambda *args: rendered.append(args) or {})
+    again = [data[1], data[0], data[1]]
+    assert rendered == []  # the second epoch renders nothing
+    for before, after in zip([first[1], first[0], first[1]], again):
+        assert after["input_ids"] == before["input_ids"] and after["transcript_ids"] == before["transcript_ids"]
+
+
 def test_precompute_cli_fills_the_cache_without_the_runs_starting_adapter(corpus, tmp_path, monkeypatch, capsys):
     sections = []
 

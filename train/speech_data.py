@@ -127,19 +127,25 @@ def summarize(examples: Sequence[SpeechExample]) -> dict[str, Any]:
 
 # --- encoder cache -----------------------------------------------------------------------------------
 class EncoderCache:
-    """Whisper encoder outputs per clip on disk: {"hidden": [(T_w, d) per 30 s window], "num_samples": n}."""
+    """Whisper encoder outputs per clip on disk: {"hidden": [(T_w, d) per 30 s window], "num_samples": n}.
 
-    def __init__(self, directory: str | Path, *, encoder_padding: str, encoder_id: str):
+    `memory_bytes` > 0 also keeps entries in memory once read, up to that many bytes of frames: a run on a
+    CPU reads its whole mix every epoch, and `torch.load` of a clip (about 12 ms) is then a quarter of a
+    step (bench/README.md). Entries past the budget are read from disk each time."""
+
+    def __init__(self, directory: str | Path, *, encoder_padding: str, encoder_id: str, memory_bytes: int = 0):
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self.encoder_padding, self.encoder_id = encoder_padding, encoder_id
         self.hits = self.misses = 0
+        self.memory_bytes, self.held_bytes = memory_bytes, 0
+        self._held: dict[str, dict[str, Any]] = {}
 
     @classmethod
-    def for_model(cls, directory: str | Path, model) -> "EncoderCache":
+    def for_model(cls, directory: str | Path, model, memory_bytes: int = 0) -> "EncoderCache":
         config = model.config
         identity = f"{config.whisper_name_or_path}|{json.dumps(config.whisper_config, sort_keys=True, default=str)}"
-        return cls(directory, encoder_padding=config.encoder_padding, encoder_id=identity)
+        return cls(directory, encoder_padding=config.encoder_padding, encoder_id=identity, memory_bytes=memory_bytes)
 
     def key(self, path: str | Path) -> str:
         stat = os.stat(path)
@@ -153,12 +159,24 @@ class EncoderCache:
         return self._file(key).is_file()
 
     def get(self, key: str) -> dict[str, Any] | None:
+        """The entry, or None. Callers must not change its tensors in place: a held entry is shared."""
+        if key in self._held:
+            self.hits += 1
+            return self._held[key]
         file = self._file(key)
         if not file.is_file():
             self.misses += 1
             return None
         self.hits += 1
-        return torch.load(file, map_location="cpu", weights_only=True)
+        entry = torch.load(file, map_location="cpu", weights_only=True)
+        self._hold(key, entry)
+        return entry
+
+    def _hold(self, key: str, entry: dict[str, Any]) -> None:
+        size = sum(h.numel() * h.element_size() for h in entry["hidden"])
+        if self.held_bytes + size <= self.memory_bytes:
+            self._held[key] = entry
+            self.held_bytes += size
 
     def put(self, key: str, hidden: Sequence[torch.Tensor], num_samples: int) -> None:
         file = self._file(key)
@@ -235,6 +253,9 @@ class SpeechDataset(torch.utils.data.Dataset):
         self.examples, self.tokenizer, self.speech_token_count = list(examples), tokenizer, speech_token_count
         self.template, self.cache, self.with_teacher, self.max_seconds = template, cache, with_teacher, max_seconds
         self.ctc_blank_id = ctc_blank_id
+        # Rendered token ids by (index, num_samples): the same every epoch, and tokenizing them is about a
+        # tenth of a CTC-only step on a CPU (bench/README.md). A few kB an example.
+        self._tokens: dict[tuple[int, int], dict[str, Any]] = {}
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -256,15 +277,23 @@ class SpeechDataset(torch.utils.data.Dataset):
             num_samples = len(audio)
         else:
             num_samples = entry["num_samples"]
-        item = {"audio": audio, "encoded": None if entry is None else entry["hidden"], "cache_key": key,
+        return {"audio": audio, "encoded": None if entry is None else entry["hidden"], "cache_key": key,
                 "num_samples": num_samples, "kind": example.kind, "text": example.text,
                 "response": example.response, "instruction": example.instruction,
-                **self.render_speech(example, num_samples)}
-        if self.with_teacher:
-            item["teacher"] = self.render_text(example)
-        if self.ctc_blank_id is not None:
-            item["transcript_ids"] = self.transcript_ids(example)
-        return item
+                **self.tokens(index, num_samples)}
+
+    def tokens(self, index: int, num_samples: int) -> dict[str, Any]:
+        """The example's prompt (and teacher and CTC targets where used), rendered once."""
+        tokens = self._tokens.get((index, num_samples))
+        if tokens is None:
+            example = self.examples[index]
+            tokens = self.render_speech(example, num_samples)
+            if self.with_teacher:
+                tokens["teacher"] = self.render_text(example)
+            if self.ctc_blank_id is not None:
+                tokens["transcript_ids"] = self.transcript_ids(example)
+            self._tokens[(index, num_samples)] = tokens
+        return tokens
 
     def transcript_ids(self, example: SpeechExample) -> list[int]:
         """CTC targets: the transcript's tokens as they follow other words (leading space), the blank left out."""

@@ -247,6 +247,12 @@ def set_readout(loaded, config: AdapterTrainConfig) -> int | None:
     return blank_id
 
 
+def encoder_cache(data: DataSection, blsp) -> EncoderCache | None:
+    if not data.encoder_cache_dir:
+        return None
+    return EncoderCache.for_model(data.encoder_cache_dir, blsp, memory_bytes=int(data.encoder_cache_memory_gb * 2**30))
+
+
 def run(config: AdapterTrainConfig, *, resume: bool = False, loaded=None, callbacks=()) -> TrainResult:
     """Train; `loaded` (a LoadedBlsp) skips building the model from `config.model` (tests)."""
     started = time.time()
@@ -255,7 +261,7 @@ def run(config: AdapterTrainConfig, *, resume: bool = False, loaded=None, callba
     template = template_for(blsp.config.prompt_template, tokenizer)
     manifests = data_manifests(config)
     train_examples, eval_examples = load_splits(config.data, config.loop.seed, manifests)
-    cache = EncoderCache.for_model(config.data.encoder_cache_dir, blsp) if config.data.encoder_cache_dir else None
+    cache = encoder_cache(config.data, blsp)
     kd = config.loss.kd_weight > 0
 
     blank_id = set_readout(loaded, config)
