@@ -24,7 +24,7 @@ NAME=base_ctx${MIX:+_$MIX}
 CONFIG=train/configs/adapter_base_context${MIX:+_$MIX}_ctc.json
 D=data/base_ctx
 RUN=runs/${NAME}_s$SEED
-STASH=$HOME/.cache/blsp_chat/runs/${NAME}_s$SEED  # outside the checkout: a cache that outlives it
+STASH=$HOME/.cache/blsp_chat/runs/${NAME}_s$SEED  # outlives the checkout, not a new machine
 
 data() {
 need_packages="pocketsphinx-testdata ktuberling-data tuxpaint-stamps-default drascula beneath-a-steel-sky
