@@ -16,6 +16,8 @@ and checkpoint included), so short runs understate it a little and alike.
 `--workers N,M,...` instead compares DataLoader worker counts on the config's own, already filled encoder
 cache (`data.encoder_cache_dir`, e.g. by train/precompute_encoder.py): one warm-cache run per count, each
 against the first. With workers, reading cached frames and rendering prompts overlap the step's compute.
+`--memory-gb 0,10` likewise compares budgets of `data.encoder_cache_memory_gb` (frames held in memory after
+their first read): give it a small mix (`data.train_manifest=...`) or enough steps that clips are read again.
 """
 from __future__ import annotations
 
@@ -51,17 +53,31 @@ def cache_rates(config, loaded, root: Path, steps: int) -> dict[str, float]:
     }
 
 
-def worker_rates(config, loaded, root: Path, steps: int, workers: str) -> dict[str, float]:
+def setting_rates(config, loaded, root: Path, steps: int, flag: str, values: list, apply, label) -> dict[str, float]:
+    """One warm-cache run per distinct value of a setting, on the config's own filled encoder cache."""
     cache = config.data.encoder_cache_dir
     if not cache:
-        raise SystemExit("--workers reads the config's filled encoder cache: set data.encoder_cache_dir")
-    counts = list(dict.fromkeys(int(count) for count in workers.split(",")))  # each count once
+        raise SystemExit(f"{flag} reads the config's filled encoder cache: set data.encoder_cache_dir")
     timed_run(config, loaded, cache_dir=cache, out_dir=root / "warmup", steps=1)
     rates = {}
-    for count in counts:
-        config.loop.num_workers = count
-        rates[f"{count} workers"] = timed_run(config, loaded, cache_dir=cache, out_dir=root / f"w{count}", steps=steps)
+    for number, value in enumerate(dict.fromkeys(values)):  # each value once
+        apply(config, value)
+        rates[label(value)] = timed_run(config, loaded, cache_dir=cache, out_dir=root / f"v{number}", steps=steps)
     return rates
+
+
+def worker_rates(config, loaded, root: Path, steps: int, workers: str) -> dict[str, float]:
+    def apply(config, count):
+        config.loop.num_workers = count
+    return setting_rates(config, loaded, root, steps, "--workers", [int(c) for c in workers.split(",")], apply,
+                         lambda count: f"{count} workers")
+
+
+def memory_rates(config, loaded, root: Path, steps: int, budgets: str) -> dict[str, float]:
+    def apply(config, gb):
+        config.data.encoder_cache_memory_gb = gb
+    return setting_rates(config, loaded, root, steps, "--memory-gb", [float(b) for b in budgets.split(",")], apply,
+                         lambda gb: f"{gb:g} GB held")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -70,13 +86,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--workers", help="comma-separated DataLoader worker counts to compare on the filled "
                         "encoder cache of the config, e.g. 0,1")
+    parser.add_argument("--memory-gb", help="comma-separated budgets of data.encoder_cache_memory_gb to compare on "
+                        "the filled encoder cache of the config, e.g. 0,10 (run enough steps for a second epoch)")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
     config = load_config(args.config, args.overrides)
     loaded = build_model(config.model)
     with tempfile.TemporaryDirectory(prefix="bench_train_") as scratch:
-        rates = (worker_rates(config, loaded, Path(scratch), args.steps, args.workers) if args.workers
-                 else cache_rates(config, loaded, Path(scratch), args.steps))
+        if args.workers:
+            rates = worker_rates(config, loaded, Path(scratch), args.steps, args.workers)
+        elif args.memory_gb:
+            rates = memory_rates(config, loaded, Path(scratch), args.steps, args.memory_gb)
+        else:
+            rates = cache_rates(config, loaded, Path(scratch), args.steps)
     baseline = next(iter(rates))
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({torch.get_num_threads()} threads)"
     print(f"device: {device}; {platform.python_version()}; torch {torch.__version__}; "

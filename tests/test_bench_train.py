@@ -1,5 +1,6 @@
-"""bench/bench_train.py's worker comparison on the tiny in-memory model: one warm-cache run per distinct
-worker count, read from the config's own filled cache, and a clear refusal when the config has no cache."""
+"""bench/bench_train.py's worker and memory comparisons on the tiny in-memory model: one warm-cache run per
+distinct worker count or budget, read from the config's own filled cache, and a clear refusal when the config
+has no cache."""
 import json
 import os
 import shutil
@@ -7,7 +8,7 @@ import shutil
 import pytest
 from test_train_adapter import corpus, loaded_tiny, train_config  # noqa: F401 (corpus is a fixture)
 
-from bench.bench_train import worker_rates
+from bench.bench_train import memory_rates, worker_rates
 from train.precompute_encoder import fill, missing_clips
 from train.speech_data import EncoderCache, audio_duration
 
@@ -37,7 +38,10 @@ def test_each_worker_count_runs_once_on_the_filled_cache(corpus, tmp_path):  # n
 
     assert list(rates) == ["0 workers", "1 workers"] and all(rate > 0 for rate in rates.values())
     assert config.loop.num_workers == 1  # the last distinct count was the last run
-    assert (tmp_path / "runs" / "w1" / "checkpoints").is_dir()
+    assert (tmp_path / "runs" / "v1" / "checkpoints").is_dir()
+
+    held = memory_rates(config, loaded, tmp_path / "held", steps=2, budgets="0,0.5")
+    assert list(held) == ["0 GB held", "0.5 GB held"] and config.data.encoder_cache_memory_gb == 0.5
 
 
 def test_worker_comparison_needs_the_configs_cache(corpus, tmp_path):  # noqa: F811
@@ -45,3 +49,5 @@ def test_worker_comparison_needs_the_configs_cache(corpus, tmp_path):  # noqa: F
     config.data.encoder_cache_dir = None
     with pytest.raises(SystemExit, match="encoder_cache_dir"):
         worker_rates(config, loaded_tiny(), tmp_path, steps=1, workers="0,1")
+    with pytest.raises(SystemExit, match="--memory-gb reads"):
+        memory_rates(config, loaded_tiny(), tmp_path, steps=1, budgets="0,1")
