@@ -67,16 +67,14 @@ def setting_rates(config, loaded, root: Path, steps: int, flag: str, values: lis
 
 
 def worker_rates(config, loaded, root: Path, steps: int, workers: str) -> dict[str, float]:
-    def apply(config, count):
-        config.loop.num_workers = count
-    return setting_rates(config, loaded, root, steps, "--workers", [int(c) for c in workers.split(",")], apply,
+    return setting_rates(config, loaded, root, steps, "--workers", [int(c) for c in workers.split(",")],
+                         lambda config, count: setattr(config.loop, "num_workers", count),
                          lambda count: f"{count} workers")
 
 
 def memory_rates(config, loaded, root: Path, steps: int, budgets: str) -> dict[str, float]:
-    def apply(config, gb):
-        config.data.encoder_cache_memory_gb = gb
-    return setting_rates(config, loaded, root, steps, "--memory-gb", [float(b) for b in budgets.split(",")], apply,
+    return setting_rates(config, loaded, root, steps, "--memory-gb", [float(b) for b in budgets.split(",")],
+                         lambda config, gb: setattr(config.data, "encoder_cache_memory_gb", gb),
                          lambda gb: f"{gb:g} GB held")
 
 

@@ -370,13 +370,14 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--max-segment-seconds must be between 1 and 30 (Whisper hears 30 s at once)")
     # English words average well under two tokens: a transcript longer than this is refused for its rate anyway.
     whisper = resolve_base(args.whisper) if args.whisper else str(default_whisper_dir())
+    transcriber = Path(whisper).name
     transcribe = WhisperTranscriber(whisper, device=args.device, max_tokens_per_second=2 * MAX_WORDS_PER_SECOND)
     if args.label_cache:
-        transcribe = RememberedLabels(transcribe, args.label_cache, Path(whisper).name)
+        transcribe = RememberedLabels(transcribe, args.label_cache, transcriber)
     try:
         records = build(args.out_dir, {name: SOURCES[name] for name in names}, transcribe,
                         exclude=excluded_digests(args.exclude_manifest), max_segment_seconds=args.max_segment_seconds,
-                        transcriber=Path(whisper).name)
+                        transcriber=transcriber)
     except SourceMissing as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
