@@ -15,6 +15,8 @@ from typing import Any, Literal
 
 from transformers import AutoConfig, PretrainedConfig, WhisperConfig
 
+from .characters import check_alphabet
+
 EncoderPadding = Literal["30s", "none"]
 ENCODER_PADDINGS: tuple[str, ...] = ("30s", "none")
 PROMPT_TEMPLATES: tuple[str, ...] = ("blsp", "chat")
@@ -47,6 +49,9 @@ class BlspConfig(PretrainedConfig):
     # one position per word piece heard, so a clip's position count depends on what was said.
     speech_readout: str = "embeddings"
     ctc_blank_id: int | None = None       # the LLM token CTC used as its blank ("ctc" readout only)
+    # Set: the adapter has a head that spells characters of this alphabet (characters.py; blank = class 0),
+    # and the "ctc" readout tokenizes the text it heard for the LLM. None: CTC over the LLM's word pieces.
+    ctc_alphabet: str | None = None
     ctc_readout_temperature: float = 0.1  # softness of the readout's posteriors; near 0: the nearest word
     # Above 0, the "ctc" readout decodes by prefix beam search with the frozen LLM fused in as a language
     # model at this weight (ctc_decode.py), and hands the LLM the embeddings of the word pieces it found.
@@ -80,8 +85,10 @@ class BlspConfig(PretrainedConfig):
             raise ValueError(f"prompt_template must be one of {PROMPT_TEMPLATES}, got {self.prompt_template!r}")
         if self.speech_readout not in SPEECH_READOUTS:
             raise ValueError(f"speech_readout must be one of {SPEECH_READOUTS}, got {self.speech_readout!r}")
-        if self.speech_readout == "ctc" and self.ctc_blank_id is None:
+        if self.speech_readout == "ctc" and self.ctc_blank_id is None and self.ctc_alphabet is None:
             raise ValueError("speech_readout 'ctc' needs ctc_blank_id: the token id the CTC loss used as its blank")
+        if self.ctc_alphabet is not None:
+            self._check_character_readout()
         if not self.ctc_readout_temperature > 0:
             raise ValueError(f"ctc_readout_temperature must be positive, got {self.ctc_readout_temperature}")
         if self.ctc_lm_weight < 0 or self.ctc_beam_size < 1:
@@ -97,6 +104,15 @@ class BlspConfig(PretrainedConfig):
                              f"{self.adapter_context_ffn_dim}")
         if not self.kernel_sizes:
             raise ValueError("conv_kernel_sizes must name at least one kernel size, e.g. '5,5,5'")
+
+    def _check_character_readout(self) -> None:
+        check_alphabet(self.ctc_alphabet)
+        if self.speech_readout != "ctc":
+            raise ValueError("ctc_alphabet gives the adapter a character head, which only speech_readout 'ctc' "
+                             f"reads; got speech_readout {self.speech_readout!r}")
+        if self.ctc_lm_weight:
+            raise ValueError("the LLM-fused search reads word pieces; a character head is read greedily "
+                             "(set ctc_lm_weight to 0)")
 
     @property
     def kernel_sizes(self) -> list[int]:

@@ -25,7 +25,7 @@ from .constants import HOP_LENGTH, N_FFT, N_SAMPLES, SAMPLE_RATE
 from .prefix_scorer import KvCachedPrefixScorer
 from .prompt import position_ids_from_mask
 
-TRAINABLE_PREFIXES = ("subsampler.", "context.", "adapter.", "speech_ln.")
+TRAINABLE_PREFIXES = ("subsampler.", "context.", "adapter.", "speech_ln.", "ctc_head.")
 SPEECH_LN_EPS = 1e-5
 
 
@@ -97,6 +97,12 @@ class BlspModel(nn.Module, ModelHubMixin):
         self.context = self._context_encoder(config, llm_dim)
         self.adapter = Bottleneck(llm_dim, config.adapter_inner_dim)
         self.speech_ln = nn.LayerNorm(llm_dim, eps=SPEECH_LN_EPS)
+        # A character-CTC adapter's head (config.ctc_alphabet): the blank and each character, from the
+        # adapter's outputs. None for every other adapter, whose checkpoints hold no such weights.
+        self.ctc_head = nn.Linear(llm_dim, len(config.ctc_alphabet) + 1) if config.ctc_alphabet else None
+        # The LLM's tokenizer, which the character readout spells the text it heard into word pieces with.
+        # Set by whoever pairs the model with its tokenizer (weights.LoadedBlsp).
+        self.text_tokenizer = None
         self.match_speech_scale_to_embeddings()
         self.feature_extractor = feature_extractor or WhisperFeatureExtractor(
             feature_size=whisper_config.num_mel_bins, sampling_rate=SAMPLE_RATE
@@ -265,7 +271,16 @@ class BlspModel(nn.Module, ModelHubMixin):
         """One clip's adapter outputs (L, d_llm) -> the vectors the LLM reads (`readout.read_out`; the
         LM-fused readout runs the LLM here, as a KV-cached scorer whose every forward is inside `guard()`)."""
         table = self.llama_model.get_input_embeddings().weight
+        if self.ctc_head is not None:
+            return readout.character_readout(self.ctc_head(speech), table, self.config.ctc_alphabet, self._word_pieces)
         return readout.read_out(speech, table, self.config, lambda: KvCachedPrefixScorer(self.llama_model, guard=guard))
+
+    def _word_pieces(self, text: str) -> list[int]:
+        """Heard text -> the LLM's word pieces for it, as they follow other words (leading space)."""
+        if self.text_tokenizer is None:
+            raise RuntimeError("this model's character readout needs the LLM's tokenizer: load it with "
+                               "blsp_chat.weights (LoadedBlsp pairs them) or set model.text_tokenizer")
+        return self.text_tokenizer(" " + text, add_special_tokens=False).input_ids
 
     # --- language model ----------------------------------------------------------------------------
     def embed_inputs(self, input_ids: torch.Tensor, speech_mask: torch.Tensor | None,

@@ -3,6 +3,8 @@
 - "embeddings" (the paper's): the adapter outputs themselves.
 - "ctc" (as in LegoSLM): a CTC-trained adapter's outputs are classified by their distance to the LLM's word
   embeddings, and each word piece heard becomes one vector in the span of those embeddings (`ctc_readout`).
+- "ctc" with a character head (BlspConfig.ctc_alphabet): the text the head spells, as the LLM's word pieces
+  (`character_readout`).
 - "ctc" with an LM weight: the word pieces are found by prefix beam search (`ctc_decode.py`) with the LLM as
   its language model, passed in as a scorer (`prefix_scorer.KvCachedPrefixScorer`), and read as their
   embeddings (`lm_fused_readout`). That runs the LLM, once per forward of the scorer, each inside the
@@ -18,6 +20,7 @@ from typing import Callable, Sequence
 import torch
 from transformers import PreTrainedModel
 
+from .characters import greedy_characters
 from .config import BlspConfig
 from .ctc_decode import LmScorer, prefix_beam_search
 from .prefix_scorer import scoring_start_id
@@ -38,6 +41,15 @@ def read_out(speech: torch.Tensor, table: torch.Tensor, config: BlspConfig,
     if config.ctc_lm_weight > 0:
         return lm_fused_readout(speech, table, new_scorer(), config)
     return ctc_readout(speech, table, config.ctc_blank_id, config.ctc_readout_temperature)
+
+
+def character_readout(logits: torch.Tensor, table: torch.Tensor, alphabet: str,
+                      word_pieces: Callable[[str], list[int]]) -> torch.Tensor:
+    """A character head's (L, N+1) scores for one clip -> the embeddings of the word pieces of the text it
+    spelled (greedy CTC): (L', d), L' <= L since every piece holds at least one character. Nothing heard: (0, d)."""
+    text = greedy_characters(logits, alphabet)
+    ids = word_pieces(text) if text else []
+    return table[torch.tensor(ids, dtype=torch.long, device=table.device)]
 
 
 def embedding_distance_logits(speech: torch.Tensor, embeddings: torch.Tensor) -> torch.Tensor:

@@ -138,6 +138,9 @@ class LoadedBlsp:
     source: str
     adapter_trained: bool
 
+    def __post_init__(self) -> None:
+        self.model.text_tokenizer = self.tokenizer  # a character readout spells what it heard with it
+
 
 def save_adapter(model: BlspModel, directory: str | Path, dtype: torch.dtype | None = None, *,
                  with_encoder: bool = False) -> None:
@@ -315,6 +318,9 @@ def choose_speech_search(config: BlspConfig, search: str | None) -> None:
                            "it has no word pieces to search for")
     if search == "greedy":
         config.ctc_lm_weight = 0.0
+    elif config.ctc_alphabet is not None:
+        raise WeightsError("this model's adapter spells characters, which its readout reads greedily: it has no "
+                           "fused search over word pieces")
     elif config.ctc_lm_weight <= 0:
         raise WeightsError("this checkpoint sets no LM weight for its readout (ctc_lm_weight 0), so it has no "
                            "fused search; export it with --ctc-lm-weight to give it one")

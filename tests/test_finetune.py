@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 from transformers import WhisperModel
 
 from blsp_chat import cli
+from blsp_chat.characters import ENGLISH_ALPHABET
 from blsp_chat.constants import SAMPLE_RATE, TRANSLATE_INSTRUCTION
 from blsp_chat.offline import WeightsError
 from blsp_chat.prompt import Turn, render
@@ -105,6 +106,12 @@ def test_lora_naming_modules_the_llm_lacks_is_refused_with_its_real_names(corpus
     config.lora = LoraSection(target_modules=("q_proj", "query_key_value"))
     with pytest.raises(ValueError, match=r"query_key_value.*does not have.*q_proj"):
         prepare_model(tiny_loaded(tmp_path), config)
+
+
+def test_a_character_model_is_refused_because_its_text_passes_no_gradient(corpus, tmp_path):
+    loaded = tiny_loaded(tmp_path, speech_readout="ctc", ctc_alphabet=ENGLISH_ALPHABET)
+    with pytest.raises(ValueError, match="spells characters.*no gradient"):
+        prepare_model(loaded, config_for(corpus, tmp_path / "out"))
 
 
 @pytest.mark.parametrize("data, message", [

@@ -17,6 +17,7 @@ from test_weights import _write_base_models
 from blsp_chat.audio import load_audio
 from blsp_chat.constants import IGNORE_INDEX, REPEAT_INSTRUCTION, SAMPLE_RATE
 from blsp_chat.ctc_decode import collapse_ctc
+from blsp_chat.characters import ENGLISH_ALPHABET, spell
 from blsp_chat.prompt import Turn, render
 from blsp_chat.weights import LoadedBlsp
 from tiny import blank_hearing_blsp, tiny_blsp, tiny_tokenizer, tone
@@ -49,6 +50,7 @@ from train.speech_data import (
     read_manifest,
     speech_embeddings,
     with_repetition,
+    word_piece_targets,
 )
 from train.train_adapter import readout_wer_fn, repeat_wer_fn, run
 
@@ -291,6 +293,55 @@ def test_ctc_prealignment_trains_the_adapter_without_running_the_llm(corpus, tmp
     assert (saved["speech_readout"], saved["ctc_blank_id"]) == ("ctc", ctc_blank_id(loaded.tokenizer, " "))
 
 
+def test_character_ctc_trains_the_head_without_the_llm_and_serves_what_it_spells(corpus, tmp_path, monkeypatch):
+    # one stride-2 layer: 25 outputs a second, room for every character of espeak's fast speech
+    model = tiny_blsp("none", speech_readout="ctc", ctc_alphabet=ENGLISH_ALPHABET, conv_kernel_sizes="5", seed=3)
+    loaded = LoadedBlsp(model, tiny_tokenizer(), "tiny", adapter_trained=False)
+    head_before = model.ctc_head.weight.clone()
+
+    def no_llm(*args, **kwargs):
+        raise AssertionError("character CTC must not run the LLM")
+
+    config = train_config(corpus, tmp_path, per_device_batch_size=16, num_epochs=15, learning_rate=3e-2)
+    config.loss = LossSection(ce_weight=0.0, ctc_weight=1.0)
+    config.eval = EvalSection(repeat_wer_examples=2, max_new_tokens=2)
+    config.model = ModelSection(encoder_padding="none", speech_readout="ctc", ctc_alphabet=ENGLISH_ALPHABET,
+                                conv_kernel_sizes="5")
+    monkeypatch.setattr(loaded.model.llama_model, "forward", no_llm)
+    monkeypatch.setattr(train_adapter, "repeat_wer_fn", lambda *args: None)  # the one eval that runs the LLM
+    result = run(config, loaded=loaded)
+    assert result.losses[-1] < 0.8 * result.losses[0], result.losses
+    assert not torch.equal(head_before, result.model.blsp.ctc_head.weight)
+    evals = [json.loads(line) for line in (tmp_path / "eval.jsonl").read_text().splitlines()]
+    assert "eval_ctc" in evals[-1] and 0.0 <= evals[-1]["readout_wer"]
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert (saved["speech_readout"], saved["ctc_alphabet"], saved.get("ctc_blank_id")) == ("ctc", ENGLISH_ALPHABET, None)
+    assert "ctc_head.weight" in load_file(str(tmp_path / "model.safetensors"))
+    assert "CTC over characters alone" in (tmp_path / "README.md").read_text()
+
+
+def test_character_targets_are_the_spelled_transcript(corpus):
+    loaded = loaded_tiny()
+    data = SpeechDataset(read_manifest(corpus)[:1], loaded.tokenizer, loaded.model.speech_token_count,
+                         ctc_targets=lambda text: spell(text, ENGLISH_ALPHABET))
+    assert data[0]["transcript_ids"] == spell(SENTENCES[0], ENGLISH_ALPHABET)
+
+
+def test_a_run_naming_an_alphabet_its_adapter_lacks_is_refused(corpus, tmp_path):
+    config = train_config(corpus, tmp_path)
+    config.loss = LossSection(ce_weight=0.0, ctc_weight=1.0)
+    config.model = ModelSection(encoder_padding="none", speech_readout="ctc", ctc_alphabet=ENGLISH_ALPHABET)
+    with pytest.raises(ValueError, match="spells None"):
+        run(config, loaded=loaded_tiny())
+    data = config.to_dict()
+    data["loss"]["commit_weight"] = 0.1
+    with pytest.raises(ValueError, match="commit_weight pulls"):
+        AdapterTrainConfig.from_dict(data)
+    data["loss"]["commit_weight"], data["model"]["speech_readout"] = 0.0, "embeddings"
+    with pytest.raises(ValueError, match="only model.speech_readout 'ctc' reads"):
+        AdapterTrainConfig.from_dict(data)
+
+
 def test_ctc_readout_is_refused_for_losses_that_run_the_llm(corpus, tmp_path):
     config = train_config(corpus, tmp_path)
     data = config.to_dict() | {"model": {"speech_readout": "ctc"}}
@@ -487,7 +538,8 @@ def test_a_cache_held_in_memory_reads_each_clip_once_and_keeps_to_its_budget(cor
 
 def test_each_example_is_tokenized_once_however_many_epochs(corpus, monkeypatch):
     loaded = loaded_tiny()
-    data = SpeechDataset(read_manifest(corpus)[:2], loaded.tokenizer, loaded.model.speech_token_count, ctc_blank_id=3)
+    data = SpeechDataset(read_manifest(corpus)[:2], loaded.tokenizer, loaded.model.speech_token_count,
+                         ctc_targets=word_piece_targets(loaded.tokenizer, 3))
     first = [data[0], data[1]]
     rendered = []
     monkeypatch.setattr(data, "render_speech", lambda *args: rendered.append(args) or {})
@@ -517,6 +569,14 @@ def test_precompute_cli_fills_the_cache_without_the_runs_starting_adapter(corpus
 
 
 # --- configuration -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("adapter_*.json")), ids=lambda p: p.name)
+def test_every_adapter_config_in_the_repository_loads(path):
+    config = load_config(path, [])
+    assert config.loop.output_dir and config.data.train_manifest
+    if config.model.ctc_alphabet is not None:  # a character run: one stride-2 layer leaves room for each letter
+        assert config.model.conv_kernel_sizes.count(",") == 0 and config.model.speech_readout == "ctc"
+
+
 @pytest.mark.parametrize("name",
                          ["adapter_tiny_offline.json", "adapter_tiny_offline_ctc.json", "adapter_7b_paper.json"])
 def test_shipped_configs_parse_and_take_overrides(name):

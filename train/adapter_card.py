@@ -38,8 +38,8 @@ def write_model_card(out: Path, config: AdapterTrainConfig, data_summary: dict[s
         "# BLSP modality adapter",
         "",
         f"Adapter-only checkpoint for **{config.model.whisper}** (speech encoder) + **{config.model.llm}** (LLM), "
-        f"trained by {training_description(config)}: Whisper and the LLM are frozen, only the subsampler, bottleneck "
-        "and LayerNorm train. Load with `import blsp_chat` and `transformers.AutoModel.from_pretrained(\"<this "
+        f"trained by {training_description(config)}: Whisper and the LLM are frozen, only the adapter (subsampler, "
+        "any context layers, bottleneck, LayerNorm and any character head) trains. Load with `import blsp_chat` and `transformers.AutoModel.from_pretrained(\"<this "
         "directory>\")` (or `BlspModel.from_pretrained`).",
         "",
         f"The LLM reads it through {readout_description(config.model)}.",
@@ -97,10 +97,16 @@ def manifest_sources(manifest: str | Path) -> list[str]:
 def training_description(config: AdapterTrainConfig) -> str:
     if config.loss.needs_llm:
         return "behaviour alignment (BLSP)" + (" with CTC pre-alignment terms" if config.loss.ctc_weight else "")
+    if config.model.ctc_alphabet is not None:
+        return ("CTC over characters alone (a head on its outputs spells the transcript, "
+                f"{len(config.model.ctc_alphabet)} characters and the blank; no LLM pass)")
     return "CTC pre-alignment alone (its outputs spell the transcript in the LLM's word embeddings; no LLM pass)"
 
 
 def readout_description(model: ModelSection) -> str:
+    if model.ctc_alphabet is not None:
+        return ("the character readout (`speech_readout: ctc` with `ctc_alphabet`): the text its head spells, "
+                "greedily decoded, as the LLM's own word pieces")
     if model.speech_readout == "ctc":
         return ("the CTC-compressed readout (`speech_readout: ctc`): blank outputs dropped, runs merged, one "
                 f"posterior-weighted word embedding per word heard (temperature {model.ctc_readout_temperature})")

@@ -13,6 +13,7 @@ from typing import Any, Sequence
 
 import yaml
 
+from blsp_chat.characters import check_alphabet
 from blsp_chat.config import SPEECH_READOUTS
 from train.config_types import ConfigTypeError, check_field_types, field_annotation, parse_override_value
 from train.loop import LoopConfig
@@ -38,6 +39,9 @@ class ModelSection:
     # of a CTC-trained adapter through the CTC-compressed readout, its blank being loss.ctc_blank.
     speech_readout: str = "embeddings"
     ctc_readout_temperature: float = 0.1
+    # CTC over characters (BlspConfig.ctc_alphabet; e.g. blsp_chat.characters.ENGLISH_ALPHABET) instead of
+    # the LLM's word pieces: the adapter gains a character head, and loss.ctc_blank is not used.
+    ctc_alphabet: str | None = None
 
     def __post_init__(self) -> None:
         check_field_types(self, "model")
@@ -154,6 +158,16 @@ class AdapterTrainConfig:
             raise ValueError("model.speech_readout 'ctc' serves outputs trained by the CTC loss alone: set "
                              "loss.ctc_weight and leave loss.ce_weight and loss.kd_weight at 0 (those losses "
                              "lay speech out one position per output, which the readout does not)")
+        if self.model.ctc_alphabet is not None:
+            self._check_character_ctc()
+
+    def _check_character_ctc(self) -> None:
+        check_alphabet(self.model.ctc_alphabet)
+        if self.model.speech_readout != "ctc":
+            raise ValueError("model.ctc_alphabet trains a character head, which only model.speech_readout 'ctc' reads")
+        if self.loss.commit_weight:
+            raise ValueError("loss.commit_weight pulls outputs onto word embeddings; a character head has none "
+                             "to pull towards (set it to 0)")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "AdapterTrainConfig":

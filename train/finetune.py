@@ -203,6 +203,10 @@ def set_trainable(blsp: BlspModel, config: FinetuneConfig) -> None:
 
 def prepare_model(loaded: LoadedBlsp, config: FinetuneConfig) -> LoadedBlsp:
     """The pretrained model with the config's LoRA, and exactly the config's parts trainable."""
+    if loaded.model.ctc_head is not None:
+        raise ValueError("this model's adapter spells characters, and the text it spells passes no gradient "
+                         "back to the adapter or encoder: fine-tuning reads speech through a CTC readout over "
+                         "word pieces or the paper's embeddings readout")
     if config.lora.enabled:
         apply_lora(loaded.model, config.lora, config.model.seed)
     set_trainable(loaded.model, config)

@@ -1,5 +1,6 @@
 """The losses of stage 2 (the modality adapter): cross-entropy on the response, distillation from the LLM
-reading the transcript, CTC pre-alignment against the LLM's word embeddings with its commitment term, and
+reading the transcript, CTC pre-alignment against the LLM's word embeddings with its commitment term (or
+against the characters a character head spells), and
 `AdapterObjective`, the module that combines them as the config weighs them."""
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from blsp_chat.characters import BLANK
 from blsp_chat.constants import IGNORE_INDEX
 from blsp_chat.model import BlspModel
 from blsp_chat.readout import embedding_distance_logits
@@ -54,20 +56,34 @@ def distillation_kl(student_logits: torch.Tensor, student_labels: torch.Tensor, 
 def embedding_ctc(speech_embeds: Sequence[torch.Tensor], targets: Sequence[Sequence[int]], embeddings: torch.Tensor,
                   blank_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """CTC between each clip's adapter outputs (L_i, d) and its transcript's token ids, the classes being the
-    LLM's vocabulary with `blank_id` as the blank. Mean over clips of the loss per target token; clips with
-    more tokens than speech positions contribute zero (zero_infinity) instead of inf.
+    LLM's vocabulary with `blank_id` as the blank (`padded_ctc`).
     Also returns the commitment: the mean squared distance of each real vector to its nearest embedding."""
     lengths = torch.tensor([e.shape[0] for e in speech_embeds])
     padded = nn.utils.rnn.pad_sequence(list(speech_embeds), batch_first=True)
     logits = embedding_distance_logits(padded, embeddings)
-    log_probs = nn.functional.log_softmax(logits, dim=-1)
-    flat = torch.tensor([t for row in targets for t in row], dtype=torch.long)
-    target_lengths = torch.tensor([len(row) for row in targets])
-    ctc = nn.functional.ctc_loss(log_probs.transpose(0, 1), flat, lengths, target_lengths, blank=blank_id,
-                                 reduction="mean", zero_infinity=True)
+    ctc = padded_ctc(logits, lengths, targets, blank_id)
     real = torch.arange(padded.shape[1])[None, :] < lengths[:, None]
     nearest = (padded.float() ** 2).sum(-1) - logits.max(-1).values   # ||x - e||^2 of the closest e
     return ctc, nearest[real.to(nearest.device)].mean()
+
+
+def character_ctc(speech_embeds: Sequence[torch.Tensor], targets: Sequence[Sequence[int]],
+                  head: nn.Module) -> torch.Tensor:
+    """CTC between each clip's adapter outputs (L_i, d), classified by the character head, and its
+    transcript's character classes (`characters.spell`; blank = class 0)."""
+    lengths = torch.tensor([e.shape[0] for e in speech_embeds])
+    padded = nn.utils.rnn.pad_sequence(list(speech_embeds), batch_first=True)
+    return padded_ctc(head(padded).float(), lengths, targets, BLANK)
+
+
+def padded_ctc(logits: torch.Tensor, lengths: torch.Tensor, targets: Sequence[Sequence[int]], blank: int) -> torch.Tensor:
+    """CTC of (B, L, C) padded logits against each row's targets: the mean over clips of the loss per target
+    unit; clips with more targets than outputs contribute zero (zero_infinity) instead of inf."""
+    log_probs = nn.functional.log_softmax(logits, dim=-1)
+    flat = torch.tensor([t for row in targets for t in row], dtype=torch.long)
+    target_lengths = torch.tensor([len(row) for row in targets])
+    return nn.functional.ctc_loss(log_probs.transpose(0, 1), flat, lengths, target_lengths, blank=blank,
+                                  reduction="mean", zero_infinity=True)
 
 
 class AdapterObjective(nn.Module):
@@ -79,7 +95,7 @@ class AdapterObjective(nn.Module):
         super().__init__()
         self.blsp, self.loss, self.cache, self.ctc_blank_id = blsp, loss, cache, ctc_blank_id
         self.masking = masking
-        if loss.ctc_weight and ctc_blank_id is None:
+        if loss.ctc_weight and ctc_blank_id is None and blsp.ctc_head is None:
             raise ValueError("loss.ctc_weight is set but no CTC blank token id was given")
 
     def train(self, mode: bool = True) -> "AdapterObjective":
@@ -92,11 +108,20 @@ class AdapterObjective(nn.Module):
         embeds = speech_embeddings(self.blsp, batch, self.cache, augment)
         loss, metrics = self._llm_losses(batch, embeds) if self.loss.needs_llm else (0.0, {})
         if self.loss.ctc_weight:
-            table = self.blsp.llama_model.get_input_embeddings().weight
-            ctc, commit = embedding_ctc(embeds, batch["transcript_ids"], table, self.ctc_blank_id)
-            loss = loss + self.loss.ctc_weight * ctc + self.loss.commit_weight * commit
-            metrics.update(ctc=float(ctc.detach()), commit=float(commit.detach()))
+            loss = loss + self._ctc_losses(batch, embeds, metrics)
         return loss, metrics
+
+    def _ctc_losses(self, batch: dict[str, Any], embeds: list[torch.Tensor], metrics: dict[str, float]) -> torch.Tensor:
+        """The weighted CTC (over characters when the adapter has a character head, else over word pieces,
+        with the commitment term); records them in `metrics`."""
+        if self.blsp.ctc_head is not None:
+            ctc = character_ctc(embeds, batch["transcript_ids"], self.blsp.ctc_head)
+            metrics["ctc"] = float(ctc.detach())
+            return self.loss.ctc_weight * ctc
+        table = self.blsp.llama_model.get_input_embeddings().weight
+        ctc, commit = embedding_ctc(embeds, batch["transcript_ids"], table, self.ctc_blank_id)
+        metrics.update(ctc=float(ctc.detach()), commit=float(commit.detach()))
+        return self.loss.ctc_weight * ctc + self.loss.commit_weight * commit
 
     def _llm_losses(self, batch: dict[str, Any], embeds: list[torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
         keep = response_span(batch["labels"])

@@ -238,21 +238,30 @@ class FrameMasking:
         return window * keep.to(window.device, window.dtype)
 
 
+def word_piece_targets(tokenizer, blank_id: int) -> Callable[[str], list[int]]:
+    """CTC targets over the LLM's vocabulary: a transcript's tokens as they follow other words (leading
+    space), the blank left out."""
+    def targets(text: str) -> list[int]:
+        return [i for i in tokenizer(" " + text.strip(), add_special_tokens=False).input_ids if i != blank_id]
+    return targets
+
+
 # --- dataset and collator ----------------------------------------------------------------------------
 class SpeechDataset(torch.utils.data.Dataset):
     """Examples -> rendered token ids + audio (or the cached encoder output).
 
     speech_token_count: `BlspModel.speech_token_count`. with_teacher: also render the transcript view
-    for the distillation loss. max_seconds: longer clips are rejected by load_audio. ctc_blank_id: also
-    give the transcript's token ids, the targets of the CTC pre-alignment loss.
+    for the distillation loss. max_seconds: longer clips are rejected by load_audio. ctc_targets: also
+    give each transcript's CTC targets, as this gives them (`word_piece_targets`, `characters.spell`).
     """
 
     def __init__(self, examples: Sequence[SpeechExample], tokenizer, speech_token_count: Callable[[int], int], *,
                  template: PromptTemplate = BLSP_TEMPLATE, cache: EncoderCache | None = None,
-                 with_teacher: bool = False, max_seconds: float | None = None, ctc_blank_id: int | None = None):
+                 with_teacher: bool = False, max_seconds: float | None = None,
+                 ctc_targets: Callable[[str], list[int]] | None = None):
         self.examples, self.tokenizer, self.speech_token_count = list(examples), tokenizer, speech_token_count
         self.template, self.cache, self.with_teacher, self.max_seconds = template, cache, with_teacher, max_seconds
-        self.ctc_blank_id = ctc_blank_id
+        self.ctc_targets = ctc_targets
         # Rendered token ids by (index, num_samples): the same every epoch, and tokenizing them is about a
         # tenth of a CTC-only step on a CPU (bench/README.md). A few kB an example.
         self._tokens: dict[tuple[int, int], dict[str, Any]] = {}
@@ -290,15 +299,10 @@ class SpeechDataset(torch.utils.data.Dataset):
             tokens = self.render_speech(example, num_samples)
             if self.with_teacher:
                 tokens["teacher"] = self.render_text(example)
-            if self.ctc_blank_id is not None:
-                tokens["transcript_ids"] = self.transcript_ids(example)
+            if self.ctc_targets is not None:
+                tokens["transcript_ids"] = self.ctc_targets(example.text)
             self._tokens[(index, num_samples)] = tokens
         return tokens
-
-    def transcript_ids(self, example: SpeechExample) -> list[int]:
-        """CTC targets: the transcript's tokens as they follow other words (leading space), the blank left out."""
-        ids = self.tokenizer(" " + example.text.strip(), add_special_tokens=False).input_ids
-        return [i for i in ids if i != self.ctc_blank_id]
 
     def render_speech(self, example: SpeechExample, num_samples: int) -> dict[str, list]:
         turns = [Turn("human", instruction=example.instruction, speech_tokens=self.speech_token_count(num_samples)),

@@ -44,17 +44,19 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import hashlib
 import json
 import sys
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from accelerate.state import PartialState
 
 from blsp_chat.audio import load_audio
+from blsp_chat.characters import greedy_characters, spell
 from blsp_chat.config import BlspConfig, GenerationOptions
 from blsp_chat.constants import REPEAT_INSTRUCTION
 from blsp_chat.ctc_decode import collapse_ctc
@@ -95,6 +97,7 @@ from train.speech_data import (
     read_manifest,
     summarize,
     with_repetition,
+    word_piece_targets,
 )
 
 DATA_SUMMARY_NAME = "data_summary.json"
@@ -114,10 +117,18 @@ def build_model(section: ModelSection):
         adapter_inner_dim=section.adapter_inner_dim, encoder_padding=section.encoder_padding,
         adapter_context_layers=section.adapter_context_layers, adapter_context_heads=section.adapter_context_heads,
         adapter_context_ffn_dim=section.adapter_context_ffn_dim, prompt_template=section.prompt_template,
-        whisper_name_or_path=section.whisper, llm_name_or_path=section.llm)
+        whisper_name_or_path=section.whisper, llm_name_or_path=section.llm, **character_head(section))
     torch.manual_seed(section.seed)
     model = BlspModel(config, whisper_encoder=encoder, llm=llm, feature_extractor=extractor).to(dtype)
     return LoadedBlsp(model, tokenizer, "training", adapter_trained=False)
+
+
+def character_head(section: ModelSection) -> dict[str, Any]:
+    """The config fields that give a fresh adapter its character head (none for word-piece CTC): the head
+    is built with the model, so its readout is named with it."""
+    if section.ctc_alphabet is None:
+        return {}
+    return {"ctc_alphabet": section.ctc_alphabet, "speech_readout": "ctc"}
 
 
 def is_adapter_parameter(name: str) -> bool:
@@ -193,26 +204,30 @@ def repeat_wer_fn(loaded, examples: Sequence[SpeechExample], section: EvalSectio
     return evaluate
 
 
-def readout_wer_fn(tokenizer, examples: Sequence[SpeechExample], section: EvalSection, blank_id: int):
-    """eval_fn for CTC runs: read each held-out clip's adapter outputs as their nearest word embeddings
-    (greedy CTC) and score that text against the transcript: what the LLM is given, before it says anything."""
+def readout_wer_fn(tokenizer, examples: Sequence[SpeechExample], section: EvalSection, blank_id: int | None):
+    """eval_fn for CTC runs: read each held-out clip's adapter outputs greedily (the characters a character
+    head spells, else the nearest word embeddings) and score that text against the transcript: what the LLM
+    is given, before it says anything."""
     normalizer = EnglishNormalizer()
     clips = [e for e in examples if e.text][: section.repeat_wer_examples]
 
     def evaluate(model, accelerator) -> dict[str, float]:
         if not clips:
             return {}
-        table = model.blsp.llama_model.get_input_embeddings().weight
-        hypotheses = []
         with torch.no_grad():
-            for example in clips:
-                encoded = model.blsp.encode_windows([load_audio(example.audio, max_seconds=None)])
-                speech = model.blsp.adapt_windows(encoded)[0]  # the raw outputs, before any readout
-                ids = embedding_distance_logits(speech, table).argmax(-1).tolist()
-                hypotheses.append(tokenizer.decode(collapse_ctc(ids, blank_id)))
+            hypotheses = [greedy_ctc_text(model.blsp, tokenizer, blank_id, e.audio) for e in clips]
         return {"readout_wer": float(corpus_wer([e.text for e in clips], hypotheses, normalizer).wer)}
 
     return evaluate
+
+
+def greedy_ctc_text(blsp: BlspModel, tokenizer, blank_id: int | None, audio_path: str) -> str:
+    """The text a CTC adapter's raw outputs (before any readout) spell for one clip, by greedy decoding."""
+    speech = blsp.adapt_windows(blsp.encode_windows([load_audio(audio_path, max_seconds=None)]))[0]
+    if blsp.ctc_head is not None:
+        return greedy_characters(blsp.ctc_head(speech), blsp.config.ctc_alphabet)
+    table = blsp.llama_model.get_input_embeddings().weight
+    return tokenizer.decode(collapse_ctc(embedding_distance_logits(speech, table).argmax(-1).tolist(), blank_id))
 
 
 def combined(*eval_fns):
@@ -239,12 +254,23 @@ def wer_normalizer(blsp: BlspModel) -> EnglishNormalizer:
 # --- run ---------------------------------------------------------------------------------------------
 def set_readout(loaded, config: AdapterTrainConfig) -> int | None:
     """The readout the run evaluates and serves with, in the model's config (saved with the adapter);
-    returns the CTC blank's token id when the run trains a CTC readout."""
+    returns the CTC blank's token id when the run trains CTC over word pieces."""
     blsp = loaded.model
-    blank_id = ctc_blank_id(loaded.tokenizer, config.loss.ctc_blank) if config.loss.ctc_weight else None
+    if blsp.config.ctc_alphabet != config.model.ctc_alphabet:
+        raise ValueError(f"model.ctc_alphabet is {config.model.ctc_alphabet!r} but the adapter being trained "
+                         f"spells {blsp.config.ctc_alphabet!r} (None: no character head)")
+    word_pieces = config.loss.ctc_weight and config.model.ctc_alphabet is None
+    blank_id = ctc_blank_id(loaded.tokenizer, config.loss.ctc_blank) if word_pieces else None
     blsp.config = dataclasses.replace(blsp.config, speech_readout=config.model.speech_readout, ctc_blank_id=blank_id,
                                       ctc_readout_temperature=config.model.ctc_readout_temperature)
     return blank_id
+
+
+def ctc_targets(config: AdapterTrainConfig, tokenizer, blank_id: int | None) -> Callable[[str], list[int]] | None:
+    """What the run's CTC aligns each transcript with: its characters, or the LLM's word pieces; None without CTC."""
+    if config.model.ctc_alphabet is not None:
+        return functools.partial(spell, alphabet=config.model.ctc_alphabet)
+    return word_piece_targets(tokenizer, blank_id) if blank_id is not None else None
 
 
 def encoder_cache(data: DataSection, blsp) -> EncoderCache | None:
@@ -268,7 +294,8 @@ def run(config: AdapterTrainConfig, *, resume: bool = False, loaded=None, callba
 
     def dataset(examples):
         return SpeechDataset(examples, tokenizer, blsp.speech_token_count, template=template, cache=cache,
-                             with_teacher=kd, max_seconds=config.data.max_seconds, ctc_blank_id=blank_id)
+                             with_teacher=kd, max_seconds=config.data.max_seconds,
+                             ctc_targets=ctc_targets(config, tokenizer, blank_id))
 
     train_set, eval_set = dataset(train_examples), dataset(eval_examples)
     data_summary = {"train": summarize(train_examples), "eval": summarize(eval_examples),
@@ -280,7 +307,7 @@ def run(config: AdapterTrainConfig, *, resume: bool = False, loaded=None, callba
     objective = AdapterObjective(blsp, config.loss, cache, ctc_blank_id=blank_id, masking=config.data.frame_masking())
     eval_fn = None
     if config.eval.repeat_wer_examples:
-        readout_fn = readout_wer_fn(tokenizer, eval_examples, config.eval, blank_id) if blank_id is not None else None
+        readout_fn = readout_wer_fn(tokenizer, eval_examples, config.eval, blank_id) if config.loss.ctc_weight else None
         eval_fn = combined(repeat_wer_fn(loaded, eval_examples, config.eval), readout_fn)
     result = train(
         objective, objective_loss, train_set, SpeechCollator(pad_token_id(tokenizer)), config.loop,

@@ -11,17 +11,20 @@
 #                                                   where `train SEED` on a fresh checkout resumes it from
 #   bash train/recipes/hear_people.sh augment      two microphone-like copies of every training person (the aug mix)
 #   MIX=aug bash train/recipes/hear_people.sh train|score|stash SEED ...   the same stages on the aug mix's run
+#   MIX=aug UNITS=chars bash train/recipes/hear_people.sh train|score|stash SEED ...   CTC over characters instead
+#                                                   of word pieces (adapter_base_context_aug_chars_ctc.json)
 # (from the repository root, after `make test` has set up .venv)
 #
 # Record: train/results/base_context_adapter.md. Needs the Debian packages below (about 600 MB).
 set -euo pipefail
-STAGE=${1:?usage: [MIX=aug] hear_people.sh data|natural|augment|train SEED|baselines|score SEED [latest|step-N]|stash SEED}
+STAGE=${1:?usage: [MIX=aug] [UNITS=chars] hear_people.sh data|natural|augment|train SEED|baselines|score SEED [latest|step-N]|stash SEED}
 SEED=${2:-0}
 PY=${PY:-$PWD/.venv/bin/python}
 export PYTHONPATH=$PWD
 MIX=${MIX:-}  # empty: the first mix (13,112 lines); aug: the same plus two augmented copies of every person
-NAME=base_ctx${MIX:+_$MIX}
-CONFIG=train/configs/adapter_base_context${MIX:+_$MIX}_ctc.json
+UNITS=${UNITS:-}  # empty: CTC over the LLM's word pieces; chars: over characters (blsp_chat/characters.py)
+NAME=base_ctx${MIX:+_$MIX}${UNITS:+_$UNITS}
+CONFIG=train/configs/adapter_base_context${MIX:+_$MIX}${UNITS:+_$UNITS}_ctc.json
 D=data/base_ctx
 RUN=runs/${NAME}_s$SEED
 STASH=$HOME/.cache/blsp_chat/runs/${NAME}_s$SEED  # outlives the checkout, not a new machine

@@ -1,0 +1,134 @@
+"""CTC over characters: spelling transcripts into targets, greedy decoding, the adapter's character head
+(its weights, save/load, refusals) and the readout that hands the LLM the word pieces of the text heard."""
+import json
+
+import pytest
+import torch
+from test_weights import _write_base_models
+
+from blsp_chat import weights
+from blsp_chat.characters import BLANK, ENGLISH_ALPHABET, check_alphabet, greedy_characters, spell
+from blsp_chat.config import BlspConfig
+from blsp_chat.heard import heard_text
+from blsp_chat.weights import LoadedBlsp, choose_speech_search, load_pretrained, save_adapter
+from tiny import tiny_blsp, tiny_tokenizer, tone
+
+CHARACTERS = dict(speech_readout="ctc", ctc_alphabet=ENGLISH_ALPHABET)
+
+
+def spelled(text: str) -> str:
+    return "".join(ENGLISH_ALPHABET[i - 1] for i in spell(text, ENGLISH_ALPHABET))
+
+
+def scores_spelling(text: str, repeat: int = 2) -> torch.Tensor:
+    """(L, N+1) scores a head would give while hearing `text`: each character held `repeat` outputs, a blank
+    after each (so doubled letters survive the merge)."""
+    rows = []
+    for c in text:
+        rows += [ENGLISH_ALPHABET.index(c) + 1] * repeat + [BLANK]
+    return torch.nn.functional.one_hot(torch.tensor(rows), len(ENGLISH_ALPHABET) + 1).float()
+
+
+def test_transcripts_are_spelled_in_lower_case_without_punctuation():
+    assert spelled("Well-known, Dashwood\u2019s 2 CATS!") == "well known dashwood's 2 cats"
+    assert spelled("  Caf\u00e9 na\u00efve\u2014r\u00e9sum\u00e9 ") == "cafe naive resume"
+    assert spelled("Hello... (there)\n\tfriend") == "hello there friend"
+    assert spelled("\u00bf\u00a1?!") == ""
+    assert spell("ab", "ba ") == [2, 1]  # classes follow the alphabet's order, from 1 (0 is the blank)
+
+
+def test_greedy_decoding_merges_runs_keeps_doubled_letters_and_drops_blanks():
+    assert greedy_characters(scores_spelling("look at  that"), ENGLISH_ALPHABET) == "look at that"
+    merged = torch.nn.functional.one_hot(torch.tensor([3, 3, 0, 3, 1, 1, 2, 0, 0]), 39).float()
+    assert greedy_characters(merged, ENGLISH_ALPHABET) == "bb a"  # a run is one letter; a blank parts two
+    assert greedy_characters(scores_spelling("   "), ENGLISH_ALPHABET) == ""
+    assert greedy_characters(torch.zeros(0, 39), ENGLISH_ALPHABET) == ""
+
+
+@pytest.mark.parametrize("alphabet, match", [("abc", "needs the space"), (" abca", r"repeated: \['a'\]")])
+def test_alphabets_without_a_space_or_with_repeats_are_refused(alphabet, match):
+    with pytest.raises(ValueError, match=match):
+        check_alphabet(alphabet)
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(ctc_alphabet=ENGLISH_ALPHABET), "only speech_readout 'ctc' reads"),
+    (dict(CHARACTERS, ctc_lm_weight=0.5), "read greedily"),
+    (dict(speech_readout="ctc", ctc_alphabet="ab"), "needs the space"),
+])
+def test_impossible_character_settings_are_refused(bad, match):
+    model = tiny_blsp()
+    with pytest.raises(ValueError, match=match):
+        BlspConfig.from_base_configs(model.config.whisper(), model.config.llm(), **bad)
+
+
+def test_the_character_head_is_an_adapter_weight_and_only_character_models_have_one():
+    model = tiny_blsp("none", **CHARACTERS)
+    names = model.adapter_state_dict()
+    assert names["ctc_head.weight"].shape == (len(ENGLISH_ALPHABET) + 1, 24)
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == set(names)
+    assert tiny_blsp().ctc_head is None and not any(k.startswith("ctc_head") for k in tiny_blsp().adapter_state_dict())
+
+
+def test_the_readout_hands_the_llm_the_word_pieces_of_the_text_spelled(monkeypatch):
+    model = tiny_blsp("none", **CHARACTERS)
+    tokenizer = tiny_tokenizer()
+    LoadedBlsp(model, tokenizer, "tiny", adapter_trained=True)  # pairs the model with its tokenizer
+    table = model.llama_model.get_input_embeddings().weight
+    monkeypatch.setattr(model.ctc_head, "forward", lambda speech: scores_spelling("hello there"))
+    read = model.read_out(torch.zeros(33, 24))
+    pieces = tokenizer(" hello there", add_special_tokens=False).input_ids
+    torch.testing.assert_close(read, table[pieces])
+    assert heard_text(model, tokenizer, read) == "hello there"  # what the app shows as heard
+    monkeypatch.setattr(model.ctc_head, "forward", lambda speech: scores_spelling("  "))
+    assert model.read_out(torch.zeros(6, 24)).shape == (0, 24)  # heard nothing: no position at all
+
+
+def test_a_model_never_paired_with_its_tokenizer_says_what_is_missing(monkeypatch):
+    model = tiny_blsp("none", **CHARACTERS)
+    monkeypatch.setattr(model.ctc_head, "forward", lambda speech: scores_spelling("hi"))
+    with pytest.raises(RuntimeError, match="needs the LLM's tokenizer"):
+        model.read_out(torch.zeros(6, 24))
+
+
+def test_real_clips_never_take_more_positions_than_the_prompt_allows():
+    model = tiny_blsp("none", **CHARACTERS)
+    LoadedBlsp(model, tiny_tokenizer(), "tiny", adapter_trained=True)
+    with torch.no_grad():
+        model.ctc_head.bias[BLANK] = -10.0  # a head that spells something at every output
+    for seconds in (0.3, 1.7):
+        (speech,) = model.encode_speech([tone(seconds)])
+        assert 0 < speech.shape[0] <= model.speech_token_count(int(seconds * 16000))
+
+
+def test_adapter_only_round_trip_keeps_the_head_and_what_it_hears(tmp_path):
+    model, tokenizer = tiny_blsp("none", **CHARACTERS), tiny_tokenizer()
+    LoadedBlsp(model, tokenizer, "tiny", adapter_trained=True)
+    with torch.no_grad():
+        model.ctc_head.bias[BLANK] = -10.0
+    _write_base_models(model, tokenizer, tmp_path)
+    save_adapter(model, tmp_path / "adapter")
+    assert json.loads((tmp_path / "adapter" / "config.json").read_text())["ctc_alphabet"] == ENGLISH_ALPHABET
+    loaded = load_pretrained(str(tmp_path / "adapter"), device="cpu")
+    torch.testing.assert_close(loaded.model.ctc_head.weight, model.ctc_head.weight, atol=0, rtol=0)
+    audio = tone(1.5)
+    torch.testing.assert_close(loaded.model.encode_speech([audio])[0], model.encode_speech([audio])[0], atol=0, rtol=0)
+
+
+def test_head_weights_without_the_alphabet_are_refused(tmp_path):
+    model, tokenizer = tiny_blsp("none", **CHARACTERS), tiny_tokenizer()
+    _write_base_models(model, tokenizer, tmp_path)
+    save_adapter(model, tmp_path / "adapter")
+    config = json.loads((tmp_path / "adapter" / "config.json").read_text())
+    del config["ctc_alphabet"]
+    config["ctc_blank_id"] = 5
+    (tmp_path / "adapter" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(weights.WeightsError, match="unexpected .*ctc_head"):
+        load_pretrained(str(tmp_path / "adapter"), device="cpu")
+
+
+def test_a_character_model_has_only_the_greedy_search():
+    config = tiny_blsp("none", **CHARACTERS).config
+    choose_speech_search(config, "greedy")
+    with pytest.raises(weights.WeightsError, match="spells characters"):
+        choose_speech_search(config, "fused")
