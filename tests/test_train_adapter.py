@@ -33,11 +33,13 @@ from train.adapter_config import (
 from train.loop import LoopConfig
 from train.losses import (
     AdapterObjective,
+    character_ctc,
     cross_entropy,
     ctc_blank_id,
     distillation_kl,
     embedding_ctc,
     response_span,
+    unalignable_fraction,
 )
 from train.precompute_encoder import fill, missing_clips
 from train.speech_data import (
@@ -228,6 +230,16 @@ def test_ctc_is_low_when_speech_vectors_spell_the_transcript_and_high_when_they_
     assert embedding_ctc([spoken[:2]], [words], table, blank)[0] == 0
 
 
+def test_clips_too_short_for_their_targets_are_counted_not_hidden():
+    """CTC scores a clip it cannot align as zero; the metric says how many there were."""
+    assert unalignable_fraction([5, 5, 5, 3], [[1, 2, 3], [1, 1, 2, 2], [1, 1, 1], [1, 2, 3, 4]]) == 0.5
+    head = torch.nn.Linear(4, 6)
+    fits, short = torch.randn(6, 4), torch.randn(2, 4)
+    assert character_ctc([fits, short], [[1, 2, 3], [1, 2, 3]], head) > 0  # the short clip adds nothing ...
+    torch.testing.assert_close(character_ctc([fits, short], [[1, 2, 3], [1, 2, 3]], head),
+                               character_ctc([fits], [[1, 2, 3]], head) / 2)  # ... but still counts in the mean
+
+
 def test_ctc_readout_merges_repeats_and_drops_blanks():
     assert collapse_ctc([5, 5, 0, 5, 7, 7, 0, 0, 9], blank_id=0) == [5, 5, 7, 9]
     assert collapse_ctc([0, 0], blank_id=0) == []
@@ -314,6 +326,7 @@ def test_character_ctc_trains_the_head_without_the_llm_and_serves_what_it_spells
     assert not torch.equal(head_before, result.model.blsp.ctc_head.weight)
     evals = [json.loads(line) for line in (tmp_path / "eval.jsonl").read_text().splitlines()]
     assert "eval_ctc" in evals[-1] and 0.0 <= evals[-1]["readout_wer"]
+    assert evals[-1]["eval_ctc_unalignable"] == 0.0  # 25 outputs a second leave room for espeak's letters
     saved = json.loads((tmp_path / "config.json").read_text())
     assert (saved["speech_readout"], saved["ctc_alphabet"], saved.get("ctc_blank_id")) == ("ctc", ENGLISH_ALPHABET, None)
     assert "ctc_head.weight" in load_file(str(tmp_path / "model.safetensors"))

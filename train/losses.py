@@ -86,6 +86,13 @@ def padded_ctc(logits: torch.Tensor, lengths: torch.Tensor, targets: Sequence[Se
                                   reduction="mean", zero_infinity=True)
 
 
+def unalignable_fraction(lengths: Sequence[int], targets: Sequence[Sequence[int]]) -> float:
+    """The fraction of clips CTC cannot align, which the loss silently scores as zero: a path needs an
+    output per target and a blank between each pair of equal neighbours ("ll" in "hello")."""
+    needed = [len(row) + sum(a == b for a, b in zip(row, row[1:])) for row in targets]
+    return sum(n > int(length) for n, length in zip(needed, lengths)) / max(len(needed), 1)
+
+
 class AdapterObjective(nn.Module):
     """forward(batch) -> (loss, metrics). Holds the BlspModel as `blsp`, so accelerate can wrap the whole
     objective (DDP hooks then see every adapter gradient) and the encoder cache stays outside model.py."""
@@ -114,6 +121,7 @@ class AdapterObjective(nn.Module):
     def _ctc_losses(self, batch: dict[str, Any], embeds: list[torch.Tensor], metrics: dict[str, float]) -> torch.Tensor:
         """The weighted CTC (over characters when the adapter has a character head, else over word pieces,
         with the commitment term); records them in `metrics`."""
+        metrics["ctc_unalignable"] = unalignable_fraction([e.shape[0] for e in embeds], batch["transcript_ids"])
         if self.blsp.ctc_head is not None:
             ctc = character_ctc(embeds, batch["transcript_ids"], self.blsp.ctc_head)
             metrics["ctc"] = float(ctc.detach())
