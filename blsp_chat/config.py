@@ -50,7 +50,8 @@ class BlspConfig(PretrainedConfig):
     speech_readout: str = "embeddings"
     ctc_blank_id: int | None = None       # the LLM token CTC used as its blank ("ctc" readout only)
     # Set: the adapter has a head that spells characters of this alphabet (characters.py; blank = class 0),
-    # and the "ctc" readout tokenizes the text it heard for the LLM. None: CTC over the LLM's word pieces.
+    # and the "ctc" readout tokenizes the text it heard for the LLM (the search settings below then apply
+    # to characters, the LLM scoring each word as it ends). None: CTC over the LLM's word pieces.
     ctc_alphabet: str | None = None
     ctc_readout_temperature: float = 0.1  # softness of the readout's posteriors; near 0: the nearest word
     # Above 0, the "ctc" readout decodes by prefix beam search with the frozen LLM fused in as a language
@@ -110,9 +111,6 @@ class BlspConfig(PretrainedConfig):
         if self.speech_readout != "ctc":
             raise ValueError("ctc_alphabet gives the adapter a character head, which only speech_readout 'ctc' "
                              f"reads; got speech_readout {self.speech_readout!r}")
-        if self.ctc_lm_weight:
-            raise ValueError("the LLM-fused search reads word pieces; a character head is read greedily "
-                             "(set ctc_lm_weight to 0)")
 
     @property
     def kernel_sizes(self) -> list[int]:

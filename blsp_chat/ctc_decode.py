@@ -28,6 +28,9 @@ NEG_INF = -math.inf
 # Outputs whose blank probability exceeds this only extend beams by the blank: most outputs of a clip are
 # blank, and skipping them saves the LM calls they would cost without changing any beam's ranking measurably.
 BLANK_SKIP_PROBABILITY = 0.999
+# Characters per output the character search tries: a character head is sure of most outputs, and each
+# space tried ends a word, which costs the LM a read of that word's pieces.
+CHARACTER_BEAM_LABELS = 4
 # How many of the next outputs' best labels an LM that reads ahead is told about: a few seconds of speech,
 # a handful of word pieces.
 LOOKAHEAD_OUTPUTS = 24
@@ -113,5 +116,77 @@ def cached_lm(score_batch: LmScorer) -> LmScorer:
         if missing:
             cache.update(zip(missing, score_batch(missing)))
         return [cache[p] for p in prefixes]
+
+    return score
+
+
+def character_beam_search(log_probs: torch.Tensor, alphabet: str, word_pieces: Callable[[str], list[int]],
+                          lm: LmScorer | None, *, lm_weight: float = 0.0, token_bonus: float = 0.0,
+                          beam_size: int = 4, label_min_log_prob: float = NEG_INF,
+                          beam_prune_log_prob: float = NEG_INF) -> str:
+    """The best text for a character head's (L, N+1) log-probabilities (blank = class 0, class i the
+    alphabet's character i - 1), by CTC prefix beam search over each output's CHARACTER_BEAM_LABELS best
+    classes, with the LM fused in at word boundaries.
+
+    A word is scored when it is complete (a space follows it, or the clip ends): `lm_weight` times the LM's
+    log-probability of its word pieces (`word_pieces(" " + word)`) after those of the words before it, plus
+    `token_bonus` per piece, as `prefix_beam_search` scores word pieces. A space where no word precedes it
+    changes no text, as greedy decoding collapses it. The prunings are `prefix_beam_search`'s.
+    """
+    space = alphabet.index(" ") + 1
+    score_word = _word_scorer(word_pieces, cached_lm(lm) if lm is not None and lm_weight > 0 else None,
+                              lm_weight, token_bonus)
+    beams: dict[str, tuple[float, float]] = {"": (0.0, NEG_INF)}
+    blank_skip = math.log(BLANK_SKIP_PROBABILITY)
+    for row in log_probs.tolist():
+        ranked = sorted(range(len(row)), key=row.__getitem__, reverse=True)[:CHARACTER_BEAM_LABELS]
+        if ranked[0] == 0 and row[0] > blank_skip:
+            candidates = [0]
+        else:
+            candidates = [c for n, c in enumerate(ranked) if n == 0 or row[c] >= label_min_log_prob]
+        step = _Beams()
+        for text, (p_blank, p_label) in beams.items():
+            total = _logsumexp(p_blank, p_label)
+            for label in candidates:
+                log_p = row[label]
+                if label == 0 or (label == space and (not text or text[-1] == " ")):
+                    step.add(text, blank=total + log_p)  # the blank, or a space that adds nothing
+                    continue
+                character = alphabet[label - 1]
+                extend = score_word(text) if label == space else 0.0
+                if text and text[-1] == character:
+                    step.add(text, label=p_label + log_p)                              # held
+                    step.add(text + character, label=p_blank + log_p + extend)         # again, after a blank
+                else:
+                    step.add(text + character, label=total + log_p + extend)
+        beams = step.best(beam_size, beam_prune_log_prob)
+    finished = {text: _logsumexp(*scores) + (score_word(text) if text and text[-1] != " " else 0.0)
+                for text, scores in beams.items()}
+    return max(finished, key=finished.__getitem__).strip()
+
+
+def _word_scorer(word_pieces: Callable[[str], list[int]], lm: LmScorer | None, lm_weight: float,
+                 token_bonus: float) -> Callable[[str], float]:
+    """text whose last word just ended -> that word's fused score: lm_weight x the LM's log-probability of its
+    pieces after the pieces of the words before it, plus token_bonus per piece. Memoised per word sequence."""
+    pieces_of: dict[str, list[int]] = {}
+    scores: dict[tuple[str, ...], float] = {}
+
+    def pieces(word: str) -> list[int]:
+        if word not in pieces_of:
+            pieces_of[word] = word_pieces(" " + word)
+        return pieces_of[word]
+
+    def score(text: str) -> float:
+        words = tuple(text.split())
+        if words not in scores:
+            new = pieces(words[-1])
+            fused = 0.0
+            if lm is not None:
+                context = tuple(p for w in words[:-1] for p in pieces(w))
+                rows = lm([context + tuple(new[:i]) for i in range(len(new))])
+                fused = lm_weight * sum(float(row[p]) for row, p in zip(rows, new))
+            scores[words] = fused + token_bonus * len(new)
+        return scores[words]
 
     return score

@@ -6,6 +6,7 @@ Speech enters the LLM only at placeholder positions (`speech_mask`), filled in o
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, ClassVar, ContextManager, Sequence
@@ -271,9 +272,10 @@ class BlspModel(nn.Module, ModelHubMixin):
         """One clip's adapter outputs (L, d_llm) -> the vectors the LLM reads (`readout.read_out`; the
         LM-fused readout runs the LLM here, as a KV-cached scorer whose every forward is inside `guard()`)."""
         table = self.llama_model.get_input_embeddings().weight
+        new_scorer = functools.partial(KvCachedPrefixScorer, self.llama_model, guard=guard)
         if self.ctc_head is not None:
-            return readout.character_readout(self.ctc_head(speech), table, self.config.ctc_alphabet, self._word_pieces)
-        return readout.read_out(speech, table, self.config, lambda: KvCachedPrefixScorer(self.llama_model, guard=guard))
+            return readout.character_readout(self.ctc_head(speech), table, self.config, self._word_pieces, new_scorer)
+        return readout.read_out(speech, table, self.config, new_scorer)
 
     def _word_pieces(self, text: str) -> list[int]:
         """Heard text -> the LLM's word pieces for it, as they follow other words (leading space)."""

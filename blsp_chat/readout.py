@@ -3,7 +3,8 @@
 - "embeddings" (the paper's): the adapter outputs themselves.
 - "ctc" (as in LegoSLM): a CTC-trained adapter's outputs are classified by their distance to the LLM's word
   embeddings, and each word piece heard becomes one vector in the span of those embeddings (`ctc_readout`).
-- "ctc" with a character head (BlspConfig.ctc_alphabet): the text the head spells, as the LLM's word pieces
+- "ctc" with a character head (BlspConfig.ctc_alphabet): the text the head spells (greedily, or with an LM
+  weight by the character search with the LLM fused in at word boundaries), as the LLM's word pieces
   (`character_readout`).
 - "ctc" with an LM weight: the word pieces are found by prefix beam search (`ctc_decode.py`) with the LLM as
   its language model, passed in as a scorer (`prefix_scorer.KvCachedPrefixScorer`), and read as their
@@ -22,7 +23,7 @@ from transformers import PreTrainedModel
 
 from .characters import greedy_characters
 from .config import BlspConfig
-from .ctc_decode import LmScorer, prefix_beam_search
+from .ctc_decode import LmScorer, character_beam_search, prefix_beam_search
 from .prefix_scorer import scoring_start_id
 from .prompt import position_ids_from_mask
 
@@ -43,13 +44,26 @@ def read_out(speech: torch.Tensor, table: torch.Tensor, config: BlspConfig,
     return ctc_readout(speech, table, config.ctc_blank_id, config.ctc_readout_temperature)
 
 
-def character_readout(logits: torch.Tensor, table: torch.Tensor, alphabet: str,
-                      word_pieces: Callable[[str], list[int]]) -> torch.Tensor:
+def character_readout(logits: torch.Tensor, table: torch.Tensor, config: BlspConfig,
+                      word_pieces: Callable[[str], list[int]], new_scorer: Callable[[], LmScorer]) -> torch.Tensor:
     """A character head's (L, N+1) scores for one clip -> the embeddings of the word pieces of the text it
-    spelled (greedy CTC): (L', d), L' <= L since every piece holds at least one character. Nothing heard: (0, d)."""
-    text = greedy_characters(logits, alphabet)
+    spelled: (L', d), L' <= L since every piece holds at least one character. Nothing heard: (0, d).
+    Greedy CTC, or with an LM weight the character search with `new_scorer()` (the LLM) fused in."""
+    text = heard_characters(logits, config, word_pieces, new_scorer)
     ids = word_pieces(text) if text else []
     return table[torch.tensor(ids, dtype=torch.long, device=table.device)]
+
+
+def heard_characters(logits: torch.Tensor, config: BlspConfig, word_pieces: Callable[[str], list[int]],
+                     new_scorer: Callable[[], LmScorer]) -> str:
+    """The text a character head's (L, N+1) scores spell, by the search the config names."""
+    if config.ctc_lm_weight <= 0:
+        return greedy_characters(logits, config.ctc_alphabet)
+    return character_beam_search(
+        logits.float().log_softmax(-1), config.ctc_alphabet, word_pieces, new_scorer(),
+        lm_weight=config.ctc_lm_weight, token_bonus=config.ctc_token_bonus, beam_size=config.ctc_beam_size,
+        label_min_log_prob=_no_floor_if_none(config.ctc_label_min_log_prob),
+        beam_prune_log_prob=_no_floor_if_none(config.ctc_beam_prune_log_prob))
 
 
 def embedding_distance_logits(speech: torch.Tensor, embeddings: torch.Tensor) -> torch.Tensor:

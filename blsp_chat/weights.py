@@ -318,9 +318,6 @@ def choose_speech_search(config: BlspConfig, search: str | None) -> None:
                            "it has no word pieces to search for")
     if search == "greedy":
         config.ctc_lm_weight = 0.0
-    elif config.ctc_alphabet is not None:
-        raise WeightsError("this model's adapter spells characters, which its readout reads greedily: it has no "
-                           "fused search over word pieces")
     elif config.ctc_lm_weight <= 0:
         raise WeightsError("this checkpoint sets no LM weight for its readout (ctc_lm_weight 0), so it has no "
                            "fused search; export it with --ctc-lm-weight to give it one")

@@ -9,6 +9,7 @@ from test_weights import _write_base_models
 from blsp_chat import weights
 from blsp_chat.characters import BLANK, ENGLISH_ALPHABET, check_alphabet, greedy_characters, spell
 from blsp_chat.config import BlspConfig
+from blsp_chat.ctc_decode import character_beam_search
 from blsp_chat.heard import heard_text
 from blsp_chat.weights import LoadedBlsp, choose_speech_search, load_pretrained, save_adapter
 from tiny import tiny_blsp, tiny_tokenizer, tone
@@ -53,7 +54,6 @@ def test_alphabets_without_a_space_or_with_repeats_are_refused(alphabet, match):
 
 @pytest.mark.parametrize("bad, match", [
     (dict(ctc_alphabet=ENGLISH_ALPHABET), "only speech_readout 'ctc' reads"),
-    (dict(CHARACTERS, ctc_lm_weight=0.5), "read greedily"),
     (dict(speech_readout="ctc", ctc_alphabet="ab"), "needs the space"),
 ])
 def test_impossible_character_settings_are_refused(bad, match):
@@ -127,8 +127,94 @@ def test_head_weights_without_the_alphabet_are_refused(tmp_path):
         load_pretrained(str(tmp_path / "adapter"), device="cpu")
 
 
-def test_a_character_model_has_only_the_greedy_search():
-    config = tiny_blsp("none", **CHARACTERS).config
+def test_a_character_model_searches_as_its_checkpoint_says():
+    config = tiny_blsp("none", **CHARACTERS, ctc_lm_weight=0.4).config
+    choose_speech_search(config, "fused")
+    assert config.ctc_lm_weight == 0.4
     choose_speech_search(config, "greedy")
-    with pytest.raises(weights.WeightsError, match="spells characters"):
+    assert config.ctc_lm_weight == 0.0
+    with pytest.raises(weights.WeightsError, match="no fused search"):
         choose_speech_search(config, "fused")
+
+
+# --- the character search with the LLM fused in -----------------------------------------------------------
+ALPHABET = " acehnot"
+PIECES = {" the": [10], " cat": [11, 12], " cot": [13], " on": [14], " to": [15], " too": [16]}
+
+
+def word_pieces(text: str) -> list[int]:
+    return [p for word in text.split() for p in PIECES.get(" " + word, [99])]
+
+
+def heard(*outputs: str | dict[str, float]) -> torch.Tensor:
+    """(L, N+1) log-probabilities: one output per item, a character heard surely or a {character: p} choice
+    (the rest of the mass spread over the other classes), each followed by a sure blank."""
+    rows = []
+    for output in outputs:
+        choice = {output: 0.99} if isinstance(output, str) else output
+        row = torch.full((len(ALPHABET) + 1,), (1 - sum(choice.values())) / len(ALPHABET))
+        for c, p in choice.items():
+            row[ALPHABET.index(c) + 1] = p
+        blank = torch.full((len(ALPHABET) + 1,), 0.001 / len(ALPHABET))
+        blank[BLANK] = 0.999
+        rows += [row, blank]
+    return torch.stack(rows).log()
+
+
+def favouring(*pieces: int, unlikely: float = -8.0):
+    """An LM scorer for which `pieces` are likely and every other piece unlikely, after any prefix; it
+    records the prefixes it was asked about."""
+    calls = []
+
+    def lm(prefixes):
+        calls.extend(prefixes)
+        row = torch.full((100,), unlikely)
+        row[list(pieces)] = -0.5
+        return [row] * len(prefixes)
+
+    return lm, calls
+
+
+THE_COT = heard(*"the c", {"o": 0.55, "a": 0.4}, "t")  # "cot" by a little
+
+
+def test_the_search_without_an_lm_finds_what_greedy_decoding_finds():
+    assert character_beam_search(THE_COT, ALPHABET, word_pieces, None, beam_size=8) == \
+        greedy_characters(THE_COT, ALPHABET) == "the cot"
+    doubled = heard(*"too", " ", " ", *"on")  # a doubled letter, and a doubled space that adds nothing
+    assert character_beam_search(doubled, ALPHABET, word_pieces, None) == "too on"
+
+
+def test_the_llm_turns_a_word_it_finds_unlikely_into_one_that_sounds_alike():
+    lm, calls = favouring(10, 11, 12)
+    assert character_beam_search(THE_COT, ALPHABET, word_pieces, lm, lm_weight=1.0, beam_size=8) == "the cat"
+    lm, calls = favouring(10, 13)
+    assert character_beam_search(THE_COT, ALPHABET, word_pieces, lm, lm_weight=1.0, beam_size=8) == "the cot"
+
+
+def test_each_word_is_scored_piece_by_piece_after_the_words_before_it():
+    lm, calls = favouring(10, 11, 12)
+    character_beam_search(heard(*"the cat"), ALPHABET, word_pieces, lm, lm_weight=1.0, beam_size=1)
+    assert calls == [(), (10,), (10, 11)]  # " the" from the start; " cat"'s two pieces after it, once each
+
+
+def test_the_piece_bonus_offsets_the_lms_preference_for_fewer_pieces():
+    the_cat = heard(*"the c", {"a": 0.55, "o": 0.4}, "t")  # "cat" (two pieces) by a little over "cot" (one)
+    flat, _ = favouring(unlikely=-2.0)  # every piece as likely as any other: each costs the same
+    assert character_beam_search(the_cat, ALPHABET, word_pieces, flat, lm_weight=1.0, beam_size=8) == "the cot"
+    assert character_beam_search(the_cat, ALPHABET, word_pieces, flat, lm_weight=1.0, token_bonus=2.0,
+                                 beam_size=8) == "the cat"
+
+
+def test_a_fused_character_model_reads_through_the_llm_and_keeps_what_it_clearly_heard(monkeypatch):
+    model = tiny_blsp("none", **CHARACTERS, ctc_lm_weight=0.3, ctc_token_bonus=0.5)
+    tokenizer = tiny_tokenizer()
+    LoadedBlsp(model, tokenizer, "tiny", adapter_trained=True)
+    monkeypatch.setattr(model.ctc_head, "forward", lambda speech: scores_spelling("hello there").log())
+    forwards = []
+    llm_forward = model.llama_model.forward
+    monkeypatch.setattr(model.llama_model, "forward", lambda *a, **k: forwards.append(1) or llm_forward(*a, **k))
+    read = model.read_out(torch.zeros(33, 24))
+    table = model.llama_model.get_input_embeddings().weight
+    torch.testing.assert_close(read, table[tokenizer(" hello there", add_special_tokens=False).input_ids])
+    assert forwards  # the LLM scored the words
