@@ -39,8 +39,8 @@ def write_model_card(out: Path, config: AdapterTrainConfig, data_summary: dict[s
         "",
         f"Adapter-only checkpoint for **{config.model.whisper}** (speech encoder) + **{config.model.llm}** (LLM), "
         f"trained by {training_description(config)}: Whisper and the LLM are frozen, only the adapter (subsampler, "
-        "any context layers, bottleneck, LayerNorm and any character head) trains. Load with `import blsp_chat` and `transformers.AutoModel.from_pretrained(\"<this "
-        "directory>\")` (or `BlspModel.from_pretrained`).",
+        "any context layers, bottleneck, LayerNorm and any character head) trains. Load with `import blsp_chat` "
+        "and `transformers.AutoModel.from_pretrained(\"<this directory>\")` (or `BlspModel.from_pretrained`).",
         "",
         f"The LLM reads it through {readout_description(config.model)}.",
         "",
