@@ -60,7 +60,8 @@ class BlspConfig(PretrainedConfig):
     ctc_token_bonus: float = 0.0          # added per word piece in that search (offsets the LM's short bias)
     ctc_beam_size: int = 4
     # Labels of an output less likely than this (log-probability) are not tried in that search (pyctcdecode's
-    # token_min_logp): the LLM then reads fewer sound-alike beams. None tries each output's 8 best labels.
+    # token_min_logp): the LLM then reads fewer sound-alike beams. None tries each output's 8 best labels
+    # (a character head's: its 4 best above 1%, ctc_decode.CHARACTER_MIN_LOG_PROB).
     ctc_label_min_log_prob: float | None = None
     # Beams more than this (a log-probability, e.g. -3) below the best after an output are dropped in that
     # search (pyctcdecode's beam_prune_logp): each beam kept costs the LLM a read. None keeps ctc_beam_size.

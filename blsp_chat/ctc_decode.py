@@ -31,6 +31,14 @@ BLANK_SKIP_PROBABILITY = 0.999
 # Characters per output the character search tries: a character head is sure of most outputs, and each
 # space tried ends a word, which costs the LM a read of that word's pieces.
 CHARACTER_BEAM_LABELS = 4
+# ... and only those at least this likely (1%): a space tried at every output would have the LM read a
+# word ending at every character.
+CHARACTER_MIN_LOG_PROB = math.log(0.01)
+# What the LM is expected to charge per character (natural log) until the word it belongs to ends and the
+# LM's own score replaces the estimate. Without it, a beam that never ends a word never pays the LM and
+# outranks every beam that does: the search ran all words together (train/results/base_context_adapter.md).
+# SmolLM2-135M charges 1.39 nats a character on the dev people's transcripts, spaces included.
+CHARACTER_LM_ESTIMATE = -1.4
 # How many of the next outputs' best labels an LM that reads ahead is told about: a few seconds of speech,
 # a handful of word pieces.
 LOOKAHEAD_OUTPUTS = 24
@@ -122,7 +130,7 @@ def cached_lm(score_batch: LmScorer) -> LmScorer:
 
 def character_beam_search(log_probs: torch.Tensor, alphabet: str, word_pieces: Callable[[str], list[int]],
                           lm: LmScorer | None, *, lm_weight: float = 0.0, token_bonus: float = 0.0,
-                          beam_size: int = 4, label_min_log_prob: float = NEG_INF,
+                          beam_size: int = 4, label_min_log_prob: float = CHARACTER_MIN_LOG_PROB,
                           beam_prune_log_prob: float = NEG_INF) -> str:
     """The best text for a character head's (L, N+1) log-probabilities (blank = class 0, class i the
     alphabet's character i - 1), by CTC prefix beam search over each output's CHARACTER_BEAM_LABELS best
@@ -130,12 +138,18 @@ def character_beam_search(log_probs: torch.Tensor, alphabet: str, word_pieces: C
 
     A word is scored when it is complete (a space follows it, or the clip ends): `lm_weight` times the LM's
     log-probability of its word pieces (`word_pieces(" " + word)`) after those of the words before it, plus
-    `token_bonus` per piece, as `prefix_beam_search` scores word pieces. A space where no word precedes it
-    changes no text, as greedy decoding collapses it. The prunings are `prefix_beam_search`'s.
+    `token_bonus` per piece, as `prefix_beam_search` scores word pieces. Until then each of its characters
+    carries `lm_weight` x CHARACTER_LM_ESTIMATE, which the word's score replaces. A space where no word
+    precedes it changes no text, as greedy decoding collapses it. The prunings are `prefix_beam_search`'s.
     """
     space = alphabet.index(" ") + 1
-    score_word = _word_scorer(word_pieces, cached_lm(lm) if lm is not None and lm_weight > 0 else None,
-                              lm_weight, token_bonus)
+    fused = lm is not None and lm_weight > 0
+    estimate = lm_weight * CHARACTER_LM_ESTIMATE if fused else 0.0
+    word_score = _word_scorer(word_pieces, cached_lm(lm) if fused else None, lm_weight, token_bonus)
+
+    def score_word(text: str) -> float:  # the word that just ended: its score, less the estimate it carried
+        return word_score(text) - estimate * len(text.split()[-1])
+
     beams: dict[str, tuple[float, float]] = {"": (0.0, NEG_INF)}
     blank_skip = math.log(BLANK_SKIP_PROBABILITY)
     for row in log_probs.tolist():
@@ -153,7 +167,7 @@ def character_beam_search(log_probs: torch.Tensor, alphabet: str, word_pieces: C
                     step.add(text, blank=total + log_p)  # the blank, or a space that adds nothing
                     continue
                 character = alphabet[label - 1]
-                extend = score_word(text) if label == space else 0.0
+                extend = score_word(text) if label == space else estimate
                 if text and text[-1] == character:
                     step.add(text, label=p_label + log_p)                              # held
                     step.add(text + character, label=p_blank + log_p + extend)         # again, after a blank

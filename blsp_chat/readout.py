@@ -23,7 +23,7 @@ from transformers import PreTrainedModel
 
 from .characters import greedy_characters
 from .config import BlspConfig
-from .ctc_decode import LmScorer, character_beam_search, prefix_beam_search
+from .ctc_decode import CHARACTER_MIN_LOG_PROB, LmScorer, character_beam_search, prefix_beam_search
 from .prefix_scorer import scoring_start_id
 from .prompt import position_ids_from_mask
 
@@ -62,7 +62,8 @@ def heard_characters(logits: torch.Tensor, config: BlspConfig, word_pieces: Call
     return character_beam_search(
         logits.float().log_softmax(-1), config.ctc_alphabet, word_pieces, new_scorer(),
         lm_weight=config.ctc_lm_weight, token_bonus=config.ctc_token_bonus, beam_size=config.ctc_beam_size,
-        label_min_log_prob=_no_floor_if_none(config.ctc_label_min_log_prob),
+        label_min_log_prob=(CHARACTER_MIN_LOG_PROB if config.ctc_label_min_log_prob is None
+                            else config.ctc_label_min_log_prob),
         beam_prune_log_prob=_no_floor_if_none(config.ctc_beam_prune_log_prob))
 
 

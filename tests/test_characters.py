@@ -143,7 +143,8 @@ PIECES = {" the": [10], " cat": [11, 12], " cot": [13], " on": [14], " to": [15]
 
 
 def word_pieces(text: str) -> list[int]:
-    return [p for word in text.split() for p in PIECES.get(" " + word, [99])]
+    """A word the table does not know is spelled piece by piece, as a BPE spells an unknown string."""
+    return [p for word in text.split() for p in PIECES.get(" " + word, [99] * len(word))]
 
 
 def heard(*outputs: str | dict[str, float]) -> torch.Tensor:
@@ -218,3 +219,12 @@ def test_a_fused_character_model_reads_through_the_llm_and_keeps_what_it_clearly
     table = model.llama_model.get_input_embeddings().weight
     torch.testing.assert_close(read, table[tokenizer(" hello there", add_special_tokens=False).input_ids])
     assert forwards  # the LLM scored the words
+
+
+def test_a_word_not_yet_ended_carries_the_lms_expected_cost_so_words_are_not_run_together():
+    """Every piece costs the LM 3 nats and the head is only 60% sure of each space: a beam that leaves the
+    spaces out would pay the LM only at the clip's end, and without the estimate it wins ("thecatonthecot")."""
+    lm, _ = favouring(unlikely=-3.0)
+    spoken = "the cat on the cot"
+    outputs = [{" ": 0.6} if c == " " else c for c in spoken]
+    assert character_beam_search(heard(*outputs), ALPHABET, word_pieces, lm, lm_weight=1.0) == spoken
