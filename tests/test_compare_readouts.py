@@ -1,0 +1,54 @@
+"""train.compare_readouts: a CTC model's greedy and fused readouts on the same clips, scored and timed."""
+import json
+
+import pytest
+import soundfile as sf
+import torch
+from test_weights import _write_base_models
+
+from blsp_chat.characters import BLANK, ENGLISH_ALPHABET
+from blsp_chat.constants import SAMPLE_RATE
+from blsp_chat.weights import save_adapter
+from tiny import tiny_blsp, tiny_tokenizer, tone
+from train import compare_readouts
+
+
+def saved_model(tmp_path, **config):
+    model, tokenizer = tiny_blsp("none", **config), tiny_tokenizer()
+    if model.ctc_head is not None:
+        with torch.no_grad():
+            model.ctc_head.bias[BLANK] = -10.0  # a head that spells something at every output
+    _write_base_models(model, tokenizer, tmp_path)
+    save_adapter(model, tmp_path / "model")
+    return tmp_path / "model"
+
+
+def manifest(tmp_path):
+    lines = []
+    for i, text in enumerate(["hello there", "the quick brown fox"]):
+        sf.write(tmp_path / f"clip{i}.wav", tone(0.8 + 0.4 * i, 220 + 60 * i, i), SAMPLE_RATE)
+        lines.append(json.dumps({"audio": f"clip{i}.wav", "text": text, "response": text}))
+    (tmp_path / "m.jsonl").write_text("\n".join(lines) + "\n")
+    return tmp_path / "m.jsonl"
+
+
+def test_both_readouts_are_scored_on_every_clip_with_only_the_search_changed(tmp_path, capsys, monkeypatch):
+    model_dir = saved_model(tmp_path, speech_readout="ctc", ctc_alphabet=ENGLISH_ALPHABET)
+    searches = []
+    heard_by = compare_readouts.heard_by
+    monkeypatch.setattr(compare_readouts, "heard_by",
+                        lambda loaded, audios, **search: searches.append(search) or heard_by(loaded, audios, **search))
+    compare_readouts.main(["--model", str(model_dir), "--manifest", str(manifest(tmp_path)), "--lm-weight", "0.3"])
+    out = capsys.readouterr().out
+    assert out.count("REF ") == 2 and out.count("  greedy ") == 2 and out.count("  fused  ") == 2
+    assert "2 clips: greedy WER" in out and "at LM weight 0.3, bonus 0.0" in out
+    assert searches == [{"ctc_lm_weight": 0.0}, {"ctc_lm_weight": 0.3, "ctc_token_bonus": 0.0}]
+
+
+def test_a_model_without_words_or_without_an_lm_weight_is_refused(tmp_path):
+    clips = manifest(tmp_path)
+    with pytest.raises(SystemExit, match="paper's readout"):
+        compare_readouts.main(["--model", str(saved_model(tmp_path / "a")), "--manifest", str(clips)])
+    characters = saved_model(tmp_path / "b", speech_readout="ctc", ctc_alphabet=ENGLISH_ALPHABET)
+    with pytest.raises(SystemExit, match="give --lm-weight"):
+        compare_readouts.main(["--model", str(characters), "--manifest", str(clips)])
