@@ -76,7 +76,8 @@ def character_ctc(speech_embeds: Sequence[torch.Tensor], targets: Sequence[Seque
     return padded_ctc(head(padded).float(), lengths, targets, BLANK)
 
 
-def padded_ctc(logits: torch.Tensor, lengths: torch.Tensor, targets: Sequence[Sequence[int]], blank: int) -> torch.Tensor:
+def padded_ctc(logits: torch.Tensor, lengths: torch.Tensor, targets: Sequence[Sequence[int]],
+               blank: int) -> torch.Tensor:
     """CTC of (B, L, C) padded logits against each row's targets: the mean over clips of the loss per target
     unit; clips with more targets than outputs contribute zero (zero_infinity) instead of inf."""
     log_probs = nn.functional.log_softmax(logits, dim=-1)
