@@ -12,6 +12,8 @@ import unicodedata
 
 import torch
 
+from .ctc_decode import collapse_ctc
+
 BLANK = 0  # the CTC blank is class 0; the alphabet's characters are classes 1..N in order
 # Lower-case letters, the apostrophe of contractions and digits: what an English transcript keeps once
 # case and punctuation are gone. The space separates words (it is a class, not the blank).
@@ -43,6 +45,5 @@ def spell(text: str, alphabet: str) -> list[int]:
 def greedy_characters(logits: torch.Tensor, alphabet: str) -> str:
     """(L, N+1) per-output scores -> the text heard: the best class per output, runs merged, blanks dropped,
     spaces collapsed and trimmed. "" when only blanks (or spaces) were heard."""
-    best = logits.argmax(-1).tolist()
-    kept = [c for i, c in enumerate(best) if c != BLANK and (i == 0 or c != best[i - 1])]
+    kept = collapse_ctc(logits.argmax(-1).tolist(), BLANK)
     return " ".join("".join(alphabet[c - 1] for c in kept).split())
