@@ -40,6 +40,10 @@ class BlspConfig(PretrainedConfig):
     adapter_context_layers: int = 0
     adapter_context_heads: int = 8
     adapter_context_ffn_dim: int = 1152
+    # The top layers of the Whisper encoder (and its final LayerNorm) that train with the adapter and are saved
+    # in its checkpoint; the layers below stay frozen. 0 is the released BLSP: the whole encoder frozen.
+    # Needs encoder_padding "none": the tuned layers run on the real frames of each window, masked.
+    encoder_tuned_layers: int = 0
     # "30s" pads every window to 30 s as the release does; "none" encodes only the real frames.
     # Training and decoding must agree, so inference follows what the adapter was trained with.
     encoder_padding: EncoderPadding = "30s"
@@ -106,6 +110,16 @@ class BlspConfig(PretrainedConfig):
                              f"{self.adapter_context_ffn_dim}")
         if not self.kernel_sizes:
             raise ValueError("conv_kernel_sizes must name at least one kernel size, e.g. '5,5,5'")
+        self._check_tuned_encoder_layers()
+
+    def _check_tuned_encoder_layers(self) -> None:
+        depth = self.whisper_config.get("encoder_layers")
+        if self.encoder_tuned_layers < 0 or (depth is not None and self.encoder_tuned_layers > depth):
+            raise ValueError(f"encoder_tuned_layers must be between 0 and the encoder's {depth} layers, "
+                             f"got {self.encoder_tuned_layers}")
+        if self.encoder_tuned_layers and self.encoder_padding != "none":
+            raise ValueError("encoder_tuned_layers needs encoder_padding 'none': the tuned layers run on each "
+                             "window's real frames, which a 30 s padded encoder pass does not keep apart")
 
     def _check_character_readout(self) -> None:
         check_alphabet(self.ctc_alphabet)

@@ -27,6 +27,7 @@ from .prefix_scorer import KvCachedPrefixScorer
 from .prompt import position_ids_from_mask
 
 TRAINABLE_PREFIXES = ("subsampler.", "context.", "adapter.", "speech_ln.", "ctc_head.")
+ENCODER_PREFIX = "whisper_model."
 SPEECH_LN_EPS = 1e-5
 
 
@@ -127,16 +128,36 @@ class BlspModel(nn.Module, ModelHubMixin):
                               config.adapter_context_ffn_dim)
 
     # --- parameters ------------------------------------------------------------------------------
+    @property
+    def trainable_prefixes(self) -> tuple[str, ...]:
+        """Names of the weights that train and that an adapter checkpoint holds: the adapter's, and the
+        encoder's tuned top layers and final LayerNorm (config.encoder_tuned_layers) where there are any."""
+        if not self.config.encoder_tuned_layers:
+            return TRAINABLE_PREFIXES
+        tuned = [f"{ENCODER_PREFIX}layers.{i}." for i in range(self.frozen_encoder_layers, self.encoder_depth)]
+        return TRAINABLE_PREFIXES + tuple(tuned) + (f"{ENCODER_PREFIX}layer_norm.",)
+
+    @property
+    def encoder_depth(self) -> int:
+        return len(self.whisper_model.layers)
+
+    @property
+    def frozen_encoder_layers(self) -> int:
+        """How many of the encoder's layers stay frozen: their output is what `encode_windows` gives and
+        a training cache holds."""
+        return self.encoder_depth - self.config.encoder_tuned_layers
+
     def freeze_base_models(self) -> None:
-        """Only the adapter trains; Whisper and the LLM are frozen and kept in eval mode."""
+        """Only the adapter (and any tuned encoder layers) trains; Whisper and the LLM are frozen and kept
+        in eval mode."""
         for name, param in self.named_parameters():
-            param.requires_grad = name.startswith(TRAINABLE_PREFIXES)
+            param.requires_grad = name.startswith(self.trainable_prefixes)
         self.whisper_model.eval()
         self.llama_model.eval()
 
     def train(self, mode: bool = True) -> "BlspModel":
         super().train(mode)
-        self.whisper_model.eval()  # frozen parts never use dropout
+        self.whisper_model.eval()  # Whisper's own dropout stays off, in its frozen and its tuned layers
         self.llama_model.eval()
         return self
 
@@ -152,7 +173,7 @@ class BlspModel(nn.Module, ModelHubMixin):
         self.speech_ln.weight.fill_(float(embedding_std))
 
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
-        return {k: v for k, v in self.state_dict().items() if k.startswith(TRAINABLE_PREFIXES)}
+        return {k: v for k, v in self.state_dict().items() if k.startswith(self.trainable_prefixes)}
 
     def num_trainable_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
@@ -193,7 +214,8 @@ class BlspModel(nn.Module, ModelHubMixin):
         return SpeechBatch(out.input_features[..., : int(frame_lengths.max())], frame_lengths)
 
     def encode_frames(self, batch: SpeechBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        """Whisper encoder: (B, n_mels, F) -> (B, T, d_whisper) sliced to the longest real length, lengths (B,)."""
+        """Whisper encoder's frozen layers: (B, n_mels, F) -> (B, T, d_whisper) sliced to the longest real
+        length, lengths (B,). With tuned top layers, their input: `adapt` runs them."""
         features = batch.features.to(self.device, self.encoder_dtype)
         frame_lengths = batch.frame_lengths.to(self.device)
         lengths = encoder_lengths(frame_lengths)
@@ -212,22 +234,36 @@ class BlspModel(nn.Module, ModelHubMixin):
         x = nn.functional.gelu(enc.conv1(zero_past(features, frame_lengths)))
         x = nn.functional.gelu(enc.conv2(zero_past(x, frame_lengths))).transpose(1, 2)
         x = x + enc.embed_positions.weight[: x.shape[1]]
-        keep = torch.arange(x.shape[1], device=x.device)[None, :] < lengths[:, None]
+        x = self._run_encoder_layers(x, lengths, enc.layers[: self.frozen_encoder_layers])
+        return x if self.config.encoder_tuned_layers else enc.layer_norm(x)
+
+    def _run_encoder_layers(self, x: torch.Tensor, lengths: torch.Tensor, layers: Sequence[nn.Module]) -> torch.Tensor:
+        """Whisper encoder layers over (B, T, d) frames, the padding past each row's length masked out."""
+        keep = torch.arange(x.shape[1], device=x.device)[None, :] < lengths.to(x.device)[:, None]
         mask = torch.zeros(keep.shape, dtype=x.dtype, device=x.device).masked_fill(~keep, torch.finfo(x.dtype).min)
         mask = mask[:, None, None, :]
-        for layer in enc.layers:
+        for layer in layers:
             x = layer(x, mask)
+        return x
+
+    def encode_tuned_layers(self, hidden: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """The encoder's tuned top layers and final LayerNorm over the frozen layers' frames; no-op without."""
+        if not self.config.encoder_tuned_layers:
+            return hidden
+        enc = self.whisper_model
+        x = self._run_encoder_layers(hidden.to(self.encoder_dtype), lengths, enc.layers[self.frozen_encoder_layers:])
         return enc.layer_norm(x)
 
     def adapt(self, hidden: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, T, d_whisper) -> (B, T', d_llm) in the LLM's embedding space, lengths (B,)."""
+        """(B, T, d_whisper) frozen encoder frames -> (B, T', d_llm) in the LLM's embedding space, lengths (B,)."""
+        hidden = self.encode_tuned_layers(hidden, lengths)
         x, out_lengths = self.subsampler(hidden.to(self.speech_ln.weight.dtype), lengths)
         if self.context is not None:
             x = self.context(x, out_lengths)
         return self.speech_ln(self.adapter(x)), out_lengths
 
     def encode_windows(self, audios: Sequence[np.ndarray]) -> list[list[torch.Tensor]]:
-        """Frozen encoder only: per clip, one (T_w, d_whisper) tensor of real frames per <=30 s window.
+        """Frozen encoder layers only: per clip, one (T_w, d_whisper) tensor of real frames per <=30 s window.
         (Training caches these, so later epochs skip the encoder.)"""
         windows, owners = [], []
         for index, audio in enumerate(audios):

@@ -31,7 +31,7 @@ from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
 from . import model_card
 from .config import CONFIG_NAME, BlspConfig
-from .model import BlspModel, Persistence
+from .model import ENCODER_PREFIX, BlspModel, Persistence
 from .offline import WeightsError, cache_dir, default_llm_dir, default_whisper_dir, report, whisper_base_dir
 from .resources import DEFAULT_ADAPTER_DIR, STAGE1_LORA_DIR  # package data, installed or in a checkout
 
@@ -40,7 +40,6 @@ ADAPTER_WEIGHTS_NAME = "model.safetensors"
 # and its fine-tuned Whisper encoder's weights (keys under ENCODER_PREFIX) in ADAPTER_WEIGHTS_NAME.
 LORA_CONFIG_NAME = "adapter_config.json"
 LORA_WEIGHTS_NAME = "adapter_model.safetensors"
-ENCODER_PREFIX = "whisper_model."
 LLM_PREFIX = "llama_model."
 OFFLINE_PREFIX = "offline:"
 MODELSCOPE_PREFIX = "modelscope:"
@@ -214,7 +213,7 @@ def _load_adapter_only(directory: Path, config: BlspConfig, state, dtype) -> Loa
     llm, tokenizer = load_llm(llm_source(directory, config), dtype)
     model = BlspModel(config, whisper_encoder=encoder, llm=llm, feature_extractor=extractor)
     _load_adapter_weights(model, state, directory)
-    model.encoder_fine_tuned = any(k.startswith(ENCODER_PREFIX) for k in state)
+    model.encoder_fine_tuned = holds_whole_encoder(model, state)
     model.llm_lora_dir = directory if (directory / LORA_CONFIG_NAME).is_file() else None
     return LoadedBlsp(model.to(dtype).eval(), tokenizer, str(directory), adapter_trained=True)
 
@@ -237,9 +236,16 @@ def llm_source(directory: Path, config: BlspConfig) -> str:
     return str(directory)
 
 
+def holds_whole_encoder(model: BlspModel, state: dict[str, torch.Tensor]) -> bool:
+    """Whether a checkpoint brings a fine-tuned encoder (train.finetune), not only the adapter and the
+    encoder's tuned top layers (config.encoder_tuned_layers), which the adapter's own weights include."""
+    adapter = set(model.adapter_state_dict())
+    return any(k.startswith(ENCODER_PREFIX) and k not in adapter for k in state)
+
+
 def _load_adapter_weights(model: BlspModel, state: dict[str, torch.Tensor], source: Path) -> None:
     expected = set(model.adapter_state_dict())
-    if any(k.startswith(ENCODER_PREFIX) for k in state):  # a fine-tuned encoder: all of it, or the file is wrong
+    if holds_whole_encoder(model, state):  # a fine-tuned encoder: all of it, or the file is wrong
         expected |= {k for k in model.state_dict() if k.startswith(ENCODER_PREFIX)}
     missing, unexpected = expected - set(state), set(state) - expected
     if missing or unexpected:

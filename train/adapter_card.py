@@ -38,8 +38,7 @@ def write_model_card(out: Path, config: AdapterTrainConfig, data_summary: dict[s
         "# BLSP modality adapter",
         "",
         f"Adapter-only checkpoint for **{config.model.whisper}** (speech encoder) + **{config.model.llm}** (LLM), "
-        f"trained by {training_description(config)}: Whisper and the LLM are frozen, only the adapter (subsampler, "
-        "any context layers, bottleneck, LayerNorm and any character head) trains. Load with `import blsp_chat` "
+        f"trained by {training_description(config)}: {trained_parts(config.model)} Load with `import blsp_chat` "
         "and `transformers.AutoModel.from_pretrained(\"<this directory>\")` (or `BlspModel.from_pretrained`).",
         "",
         f"The LLM reads it through {readout_description(config.model)}.",
@@ -101,6 +100,15 @@ def training_description(config: AdapterTrainConfig) -> str:
         return ("CTC over characters alone (a head on its outputs spells the transcript, "
                 f"{len(config.model.ctc_alphabet)} characters and the blank; no LLM pass)")
     return "CTC pre-alignment alone (its outputs spell the transcript in the LLM's word embeddings; no LLM pass)"
+
+
+def trained_parts(model: ModelSection) -> str:
+    adapter = "the adapter (subsampler, any context layers, bottleneck, LayerNorm and any character head)"
+    if not model.encoder_tuned_layers:
+        return f"Whisper and the LLM are frozen, only {adapter} trains."
+    return (f"the LLM and Whisper's lower layers are frozen; {adapter} trains, and so do Whisper's top "
+            f"{model.encoder_tuned_layers} layers and final LayerNorm, at {model.encoder_learning_rate_scale} x "
+            "the learning rate, saved with the adapter.")
 
 
 def readout_description(model: ModelSection) -> str:

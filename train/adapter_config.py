@@ -42,9 +42,20 @@ class ModelSection:
     # CTC over characters (BlspConfig.ctc_alphabet; e.g. blsp_chat.characters.ENGLISH_ALPHABET) instead of
     # the LLM's word pieces: the adapter gains a character head, and loss.ctc_blank is not used.
     ctc_alphabet: str | None = None
+    # The Whisper encoder's top layers that train with the adapter (BlspConfig.encoder_tuned_layers; needs
+    # encoder_padding "none"), at the loop's learning rate times this scale: pretrained layers move less
+    # than a fresh adapter's. The encoder cache then holds the frozen layers' frames.
+    encoder_tuned_layers: int = 0
+    encoder_learning_rate_scale: float = 0.1
 
     def __post_init__(self) -> None:
         check_field_types(self, "model")
+        if self.encoder_tuned_layers < 0 or not self.encoder_learning_rate_scale > 0:
+            raise ValueError(f"model.encoder_tuned_layers must be >= 0 and model.encoder_learning_rate_scale above "
+                             f"0, got {self.encoder_tuned_layers} and {self.encoder_learning_rate_scale}")
+        if self.encoder_tuned_layers and self.encoder_padding != "none":
+            raise ValueError("model.encoder_tuned_layers needs model.encoder_padding 'none': the tuned layers run "
+                             "on each window's real frames")
 
 
 @dataclass

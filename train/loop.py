@@ -347,12 +347,22 @@ def lr_lambda(config: LoopConfig, total_steps: int) -> Callable[[int], float]:
     return factor
 
 
-def make_optimizer(model: nn.Module, config: LoopConfig) -> torch.optim.Optimizer:
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=config.learning_rate,
-                             betas=config.adam_betas, eps=config.adam_eps)
+def make_optimizer(model: nn.Module, config: LoopConfig,
+                   learning_rate_scale: Callable[[str], float] | None = None) -> torch.optim.Optimizer:
+    """AdamW over the trainable parameters, in groups by weight decay (matrices only) and learning rate
+    (config.learning_rate times `learning_rate_scale(name)`, 1 when not given)."""
+    # Matrices first, then the rest, in parameter order: the two groups every run had before scales
+    # existed, so their optimizer checkpoints resume into the same groups.
+    scale_of = learning_rate_scale or (lambda name: 1.0)
+    groups: dict[tuple[bool, float], list[nn.Parameter]] = {}
+    for is_matrix in (True, False):
+        for name, param in model.named_parameters():
+            if param.requires_grad and (param.ndim >= 2) == is_matrix:
+                groups.setdefault((is_matrix, scale_of(name)), []).append(param)
+    return torch.optim.AdamW([{"params": params, "weight_decay": config.weight_decay if is_matrix else 0.0,
+                               "lr": config.learning_rate * scale}
+                              for (is_matrix, scale), params in groups.items()],
+                             lr=config.learning_rate, betas=config.adam_betas, eps=config.adam_eps)
 
 
 def launched_processes() -> int:
@@ -461,21 +471,25 @@ def train(
     accelerator=None,
     run_info: dict[str, Any] | None = None,
     callbacks: Sequence[Callback] = (),
+    learning_rate_scale: Callable[[str], float] | None = None,
 ) -> TrainResult:
     """Train the parameters `expected_trainable` names and return the result (see the module doc).
 
     batch_sampler_fn(num_replicas, rank) -> this process's batch sampler; default: shuffled batches of
     `per_device_batch_size`. eval_fn(unwrapped_model, accelerator) -> extra scores, run at each eval on
     every process (reduce inside if it shards work). callbacks(state, metrics) run after every optimizer
-    step on every process; raise StopTraining to end early with a checkpoint.
+    step on every process; raise StopTraining to end early with a checkpoint. learning_rate_scale(name) ->
+    the factor on config.learning_rate (and its schedule) for that parameter; default 1 for all.
     """
     return _Loop(model, loss_fn, train_dataset, collate_fn, config, expected_trainable, batch_sampler_fn,
-                 eval_dataset, eval_batch_sampler_fn, eval_fn, accelerator, run_info, callbacks).run(resume)
+                 eval_dataset, eval_batch_sampler_fn, eval_fn, accelerator, run_info, callbacks,
+                 learning_rate_scale).run(resume)
 
 
 class _Loop:
     def __init__(self, model, loss_fn, train_dataset, collate_fn, config, expected_trainable, batch_sampler_fn,
-                 eval_dataset, eval_batch_sampler_fn, eval_fn, accelerator, run_info, callbacks):
+                 eval_dataset, eval_batch_sampler_fn, eval_fn, accelerator, run_info, callbacks,
+                 learning_rate_scale=None):
         self.config, self.loss_fn, self.collate_fn = config, loss_fn, collate_fn
         self.train_dataset, self.eval_dataset, self.eval_fn = train_dataset, eval_dataset, eval_fn
         self.callbacks, self.run_info = list(callbacks), dict(run_info or {})
@@ -500,7 +514,7 @@ class _Loop:
             1, int(config.num_epochs * len(self.sampler)) // config.gradient_accumulation_steps)
         if acc.distributed_type.value == "DEEPSPEED":  # no dataloader is prepared, so name the micro batch
             acc.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = config.per_device_batch_size
-        optimizer = make_optimizer(model, config)
+        optimizer = make_optimizer(model, config, learning_rate_scale)
         self.model, self.optimizer = acc.prepare(model, optimizer)
         # Stepped once per optimizer step by us (a prepared scheduler steps num_processes times).
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer.optimizer,

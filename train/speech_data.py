@@ -145,6 +145,8 @@ class EncoderCache:
     def for_model(cls, directory: str | Path, model, memory_bytes: int = 0) -> "EncoderCache":
         config = model.config
         identity = f"{config.whisper_name_or_path}|{json.dumps(config.whisper_config, sort_keys=True, default=str)}"
+        if config.encoder_tuned_layers:  # the frozen layers' frames, not the whole encoder's
+            identity += f"|frozen_layers={model.frozen_encoder_layers}"
         return cls(directory, encoder_padding=config.encoder_padding, encoder_id=identity, memory_bytes=memory_bytes)
 
     def key(self, path: str | Path) -> str:

@@ -61,7 +61,7 @@ from blsp_chat.config import BlspConfig, GenerationOptions
 from blsp_chat.constants import REPEAT_INSTRUCTION
 from blsp_chat.ctc_decode import collapse_ctc
 from blsp_chat.generate import NothingHeardError, generate_reply
-from blsp_chat.model import TRAINABLE_PREFIXES, BlspModel
+from blsp_chat.model import ENCODER_PREFIX, BlspModel
 from blsp_chat.prompt import Turn, pad_token_id, template_for
 from blsp_chat.readout import embedding_distance_logits
 from blsp_chat.weights import (
@@ -117,7 +117,8 @@ def build_model(section: ModelSection):
         adapter_inner_dim=section.adapter_inner_dim, encoder_padding=section.encoder_padding,
         adapter_context_layers=section.adapter_context_layers, adapter_context_heads=section.adapter_context_heads,
         adapter_context_ffn_dim=section.adapter_context_ffn_dim, prompt_template=section.prompt_template,
-        whisper_name_or_path=section.whisper, llm_name_or_path=section.llm, **character_head(section))
+        encoder_tuned_layers=section.encoder_tuned_layers, whisper_name_or_path=section.whisper,
+        llm_name_or_path=section.llm, **character_head(section))
     torch.manual_seed(section.seed)
     model = BlspModel(config, whisper_encoder=encoder, llm=llm, feature_extractor=extractor).to(dtype)
     return LoadedBlsp(model, tokenizer, "training", adapter_trained=False)
@@ -131,8 +132,17 @@ def character_head(section: ModelSection) -> dict[str, Any]:
     return {"ctc_alphabet": section.ctc_alphabet, "speech_readout": "ctc"}
 
 
-def is_adapter_parameter(name: str) -> bool:
-    return name.startswith(WRAPPER_PREFIX) and name[len(WRAPPER_PREFIX):].startswith(TRAINABLE_PREFIXES)
+def adapter_parameters(blsp: BlspModel) -> Callable[[str], bool]:
+    """The objective's parameter names that train: the adapter's and any tuned encoder layers'."""
+    prefixes = blsp.trainable_prefixes
+    return lambda name: name.startswith(WRAPPER_PREFIX) and name[len(WRAPPER_PREFIX):].startswith(prefixes)
+
+
+def learning_rate_scales(section: ModelSection) -> Callable[[str], float]:
+    """The factor on the loop's learning rate of each trainable parameter: the tuned encoder layers take
+    `encoder_learning_rate_scale`, everything fresh 1."""
+    encoder = WRAPPER_PREFIX + ENCODER_PREFIX
+    return lambda name: section.encoder_learning_rate_scale if name.startswith(encoder) else 1.0
 
 
 # --- losses ------------------------------------------------------------------------------------------
@@ -311,7 +321,7 @@ def run(config: AdapterTrainConfig, *, resume: bool = False, loaded=None, callba
         eval_fn = combined(repeat_wer_fn(loaded, eval_examples, config.eval), readout_fn)
     result = train(
         objective, objective_loss, train_set, SpeechCollator(pad_token_id(tokenizer)), config.loop,
-        expected_trainable=is_adapter_parameter,
+        expected_trainable=adapter_parameters(blsp), learning_rate_scale=learning_rate_scales(config.model),
         batch_sampler_fn=lambda replicas, rank: BucketBatchSampler(
             train_set.durations, batch_size, seed=seed, mega_batch_factor=factor, num_replicas=replicas, rank=rank),
         eval_dataset=eval_set if len(eval_set) else None, eval_fn=eval_fn, resume=resume,

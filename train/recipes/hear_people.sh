@@ -13,18 +13,21 @@
 #   MIX=aug bash train/recipes/hear_people.sh train|score|stash SEED ...   the same stages on the aug mix's run
 #   MIX=aug UNITS=chars bash train/recipes/hear_people.sh train|score|stash SEED ...   CTC over characters instead
 #                                                   of word pieces (adapter_base_context_aug_chars_ctc.json)
+#   ENCODER=tuned2 bash train/recipes/hear_people.sh train|score|stash SEED ...   the top two encoder layers train
+#                                                   too (adapter_base_context_tuned2_ctc.json; its own cache)
 # (from the repository root, after `make test` has set up .venv)
 #
 # Record: train/results/base_context_adapter.md. Needs the Debian packages below (about 600 MB).
 set -euo pipefail
-STAGE=${1:?usage: [MIX=aug] [UNITS=chars] hear_people.sh data|natural|augment|train SEED|baselines|score SEED [latest|step-N]|stash SEED}
+STAGE=${1:?usage: [MIX=aug] [UNITS=chars] [ENCODER=tuned2] hear_people.sh data|natural|augment|train SEED|baselines|score SEED [latest|step-N]|stash SEED}
 SEED=${2:-0}
 PY=${PY:-$PWD/.venv/bin/python}
 export PYTHONPATH=$PWD
 MIX=${MIX:-}  # empty: the first mix (13,112 lines); aug: the same plus two augmented copies of every person
 UNITS=${UNITS:-}  # empty: CTC over the LLM's word pieces; chars: over characters (blsp_chat/characters.py)
-NAME=base_ctx${MIX:+_$MIX}${UNITS:+_$UNITS}
-CONFIG=train/configs/adapter_base_context${MIX:+_$MIX}${UNITS:+_$UNITS}_ctc.json
+ENCODER=${ENCODER:-}  # empty: Whisper base frozen; tuned2: its top two layers train with the adapter
+NAME=base_ctx${MIX:+_$MIX}${UNITS:+_$UNITS}${ENCODER:+_$ENCODER}
+CONFIG=train/configs/adapter_base_context${MIX:+_$MIX}${UNITS:+_$UNITS}${ENCODER:+_$ENCODER}_ctc.json
 D=data/base_ctx
 RUN=runs/${NAME}_s$SEED
 STASH=$HOME/.cache/blsp_chat/runs/${NAME}_s$SEED  # outlives the checkout, not a new machine
@@ -142,6 +145,7 @@ evaluate_on_sets() {  # evaluate_on_sets OUT_DIR ARGS...: one system on every se
 out=$1; shift
 for set in $SETS; do
   name=${set%%:*}; manifest=${set#*:}
+  if [ ! -s $manifest ]; then echo "skipping $name: $manifest is not built (the natural stage builds it)" >&2; continue; fi
   [ -s $out/asr.$name.summary.json ] || $PY -m train.evaluate --task asr --manifest $manifest --dataset $name \
       --out $out "$@"
 done
