@@ -154,3 +154,5 @@ def test_a_run_trains_the_top_layer_leaves_the_rest_and_saves_a_loadable_model(c
     assert torch.equal(saved["whisper_model.layers.1.fc1.weight"], after["whisper_model.layers.1.fc1.weight"])
     assert not any(k.startswith("whisper_model.layers.0.") for k in saved)
     assert "Whisper's top 1 layers and final LayerNorm, at 0.1 x" in (tmp_path / "run" / "README.md").read_text()
+    first = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["lr"] == pytest.approx(config.loop.learning_rate)  # the loop's rate, not the encoder's tenth

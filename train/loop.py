@@ -662,8 +662,9 @@ class _Loop:
         return {"loss": float(loss.detach()), **{k: float(v) for k, v in metrics.items()}}
 
     def _optimizer_step(self) -> tuple[float, float]:
-        """One optimizer step; returns (grad norm before clipping, learning rate it used)."""
-        lr = self.scheduler.get_last_lr()[0]
+        """One optimizer step; returns (grad norm before clipping, the loop's learning rate it used: groups
+        with a learning-rate scale used that times their scale)."""
+        lr = self.config.learning_rate * self.scheduler.lr_lambdas[0](self.scheduler.last_epoch)
         params = [p for _, p in self.trainable]
         max_norm = self.config.max_grad_norm if self.config.max_grad_norm is not None else float("inf")
         grad_norm = self.accelerator.clip_grad_norm_(params, max_norm)
