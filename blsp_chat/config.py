@@ -113,13 +113,7 @@ class BlspConfig(PretrainedConfig):
         self._check_tuned_encoder_layers()
 
     def _check_tuned_encoder_layers(self) -> None:
-        depth = self.whisper_config.get("encoder_layers")
-        if self.encoder_tuned_layers < 0 or (depth is not None and self.encoder_tuned_layers > depth):
-            raise ValueError(f"encoder_tuned_layers must be between 0 and the encoder's {depth} layers, "
-                             f"got {self.encoder_tuned_layers}")
-        if self.encoder_tuned_layers and self.encoder_padding != "none":
-            raise ValueError("encoder_tuned_layers needs encoder_padding 'none': the tuned layers run on each "
-                             "window's real frames, which a 30 s padded encoder pass does not keep apart")
+        check_encoder_split(self.encoder_tuned_layers, self.encoder_padding, self.whisper_config.get("encoder_layers"))
 
     def _check_character_readout(self) -> None:
         check_alphabet(self.ctc_alphabet)
@@ -156,6 +150,16 @@ class BlspConfig(PretrainedConfig):
     @classmethod
     def load(cls, directory: str | Path) -> "BlspConfig":
         return cls.from_dict(json.loads((Path(directory) / CONFIG_NAME).read_text()))
+
+
+def check_encoder_split(tuned_layers: int, encoder_padding: str, depth: int | None = None) -> None:
+    """Refuse an encoder split no model can run (BlspConfig's and the training config's one rule)."""
+    if tuned_layers < 0 or (depth is not None and tuned_layers > depth):
+        bound = f"between 0 and the encoder's {depth} layers" if depth is not None else "0 or more"
+        raise ValueError(f"encoder_tuned_layers must be {bound}, got {tuned_layers}")
+    if tuned_layers and encoder_padding != "none":
+        raise ValueError("encoder_tuned_layers needs encoder_padding 'none': the tuned layers run on each "
+                         "window's real frames, which a 30 s padded encoder pass does not keep apart")
 
 
 def llm_config_from_dict(data: dict[str, Any]) -> PretrainedConfig:

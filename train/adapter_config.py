@@ -14,7 +14,7 @@ from typing import Any, Sequence
 import yaml
 
 from blsp_chat.characters import check_alphabet
-from blsp_chat.config import SPEECH_READOUTS
+from blsp_chat.config import SPEECH_READOUTS, check_encoder_split
 from train.config_types import ConfigTypeError, check_field_types, field_annotation, parse_override_value
 from train.loop import LoopConfig
 from train.speech_data import PAPER_REPETITION_RATIO, FrameMasking
@@ -50,12 +50,10 @@ class ModelSection:
 
     def __post_init__(self) -> None:
         check_field_types(self, "model")
-        if self.encoder_tuned_layers < 0 or not self.encoder_learning_rate_scale > 0:
-            raise ValueError(f"model.encoder_tuned_layers must be >= 0 and model.encoder_learning_rate_scale above "
-                             f"0, got {self.encoder_tuned_layers} and {self.encoder_learning_rate_scale}")
-        if self.encoder_tuned_layers and self.encoder_padding != "none":
-            raise ValueError("model.encoder_tuned_layers needs model.encoder_padding 'none': the tuned layers run "
-                             "on each window's real frames")
+        check_encoder_split(self.encoder_tuned_layers, self.encoder_padding)
+        if not self.encoder_learning_rate_scale > 0:
+            raise ValueError("model.encoder_learning_rate_scale must be above 0, "
+                             f"got {self.encoder_learning_rate_scale}")
 
 
 @dataclass
