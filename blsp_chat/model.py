@@ -21,7 +21,7 @@ from transformers.models.whisper.modeling_whisper import WhisperEncoder
 from . import readout
 from .adapter import Bottleneck, ContextEncoder, Conv1dSubsampler, subsampled_lengths, zero_past
 from .audio import split_into_windows
-from .config import MODEL_TYPE, BlspConfig, GenerationOptions
+from .config import MODEL_TYPE, BlspConfig, GenerationOptions, check_encoder_split
 from .constants import HOP_LENGTH, N_FFT, N_SAMPLES, SAMPLE_RATE
 from .prefix_scorer import KvCachedPrefixScorer
 from .prompt import position_ids_from_mask
@@ -146,6 +146,17 @@ class BlspModel(nn.Module, ModelHubMixin):
         """How many of the encoder's layers stay frozen: their output is what `encode_windows` gives and
         a training cache holds."""
         return self.encoder_depth - self.config.encoder_tuned_layers
+
+    def tune_top_encoder_layers(self, count: int) -> None:
+        """Let the encoder's top `count` layers and final LayerNorm train from their present weights: a warm
+        start for an adapter that was trained over the frozen encoder. Until they train, the model hears
+        exactly as before. Layers already tuned stay tuned: their trained weights live only in the adapter."""
+        if count < self.config.encoder_tuned_layers:
+            raise ValueError(f"this model already tunes the encoder's top {self.config.encoder_tuned_layers} "
+                             f"layers; it cannot tune fewer ({count}) without losing their trained weights")
+        check_encoder_split(count, self.config.encoder_padding, self.encoder_depth)
+        self.config.encoder_tuned_layers = count
+        self.freeze_base_models()
 
     def freeze_base_models(self) -> None:
         """Only the adapter (and any tuned encoder layers) trains; Whisper and the LLM are frozen and kept

@@ -15,7 +15,7 @@ from tiny import tiny_blsp, tiny_tokenizer, tone
 from train.adapter_config import ModelSection
 from train.loop import LoopConfig, make_optimizer
 from train.speech_data import EncoderCache
-from train.train_adapter import learning_rate_scales, run
+from train.train_adapter import build_model, learning_rate_scales, run
 
 TOP = {"whisper_model.layers.1.", "whisper_model.layer_norm."}  # the tiny encoder has 2 layers
 
@@ -101,6 +101,48 @@ def test_untuned_checkpoints_keep_their_keys_and_whole_encoder_checkpoints_still
     save_adapter(model, tmp_path / "finetuned", with_encoder=True)  # train.finetune's layout
     loaded = load_pretrained(str(tmp_path / "finetuned"), device="cpu")
     assert loaded.model.encoder_fine_tuned
+
+
+def test_an_adapter_trained_over_the_frozen_encoder_warm_starts_into_tuned_layers(tmp_path):
+    """model.init_adapter + model.encoder_tuned_layers: the same model, hearing the same, whose top layer now
+    trains, and whose cache is the one a fresh tuned run fills."""
+    tokenizer = tiny_tokenizer()
+    _write_base_models(tiny_blsp("none"), tokenizer, tmp_path)
+    bases = dict(whisper=str(tmp_path / "whisper"), llm=str(tmp_path / "llm"), encoder_padding="none")
+    frozen = build_model(ModelSection(**bases, seed=6)).model  # as the frozen run built it
+    save_adapter(frozen, tmp_path / "frozen")
+    warm = build_model(ModelSection(init_adapter=str(tmp_path / "frozen"), **bases, encoder_tuned_layers=1)).model
+    assert warm.config.encoder_tuned_layers == 1
+    trainable = {n for n, p in warm.named_parameters() if p.requires_grad}
+    assert trainable == set(warm.adapter_state_dict()) and any(n.startswith(tuple(TOP)) for n in trainable)
+    audio = tone(1.5)
+    torch.testing.assert_close(_logits(warm, tokenizer, audio), _logits(frozen, tokenizer, audio), atol=1e-5, rtol=1e-5)
+    fresh = build_model(ModelSection(**bases, encoder_tuned_layers=1)).model  # as precompute_encoder builds it
+    clip = tmp_path / "clip.wav"
+    clip.write_bytes(b"not read")
+    assert EncoderCache.for_model(tmp_path, warm).key(clip) == EncoderCache.for_model(tmp_path, fresh).key(clip)
+    with pytest.raises(ValueError, match="cannot tune fewer"):
+        warm.tune_top_encoder_layers(0)
+    with pytest.raises(ValueError, match="between 0 and the encoder's 2 layers"):
+        warm.tune_top_encoder_layers(3)
+
+
+def test_a_warm_started_run_trains_the_top_layer_from_the_frozen_adapter(corpus, tmp_path):  # noqa: F811
+    tokenizer = tiny_tokenizer()
+    _write_base_models(tiny_blsp("none"), tokenizer, tmp_path)
+    bases = dict(whisper=str(tmp_path / "whisper"), llm=str(tmp_path / "llm"), encoder_padding="none")
+    frozen = build_model(ModelSection(**bases, seed=6)).model
+    save_adapter(frozen, tmp_path / "frozen")
+    config = train_config(corpus, tmp_path / "run", per_device_batch_size=16, num_epochs=2)
+    config.model = ModelSection(init_adapter=str(tmp_path / "frozen"), **bases, encoder_tuned_layers=1)
+    config.data.encoder_cache_dir = str(tmp_path / "cache")
+    after = run(config).model.blsp.state_dict()
+    before = frozen.state_dict()
+    for key in ("whisper_model.layers.1.fc1.weight", "speech_ln.weight"):
+        assert not torch.equal(before[key], after[key]), f"{key} did not train"
+    assert torch.equal(before["whisper_model.layers.0.fc1.weight"], after["whisper_model.layers.0.fc1.weight"])
+    card = (tmp_path / "run" / "README.md").read_text()
+    assert f"started from the adapter in `{tmp_path / 'frozen'}`" in card and "Whisper's top 1 layers" in card
 
 
 @pytest.mark.parametrize("bad, match", [

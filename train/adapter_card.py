@@ -104,11 +104,12 @@ def training_description(config: AdapterTrainConfig) -> str:
 
 def trained_parts(model: ModelSection) -> str:
     adapter = "the adapter (subsampler, any context layers, bottleneck, LayerNorm and any character head)"
+    start = f" Training started from the adapter in `{model.init_adapter}`." if model.init_adapter else ""
     if not model.encoder_tuned_layers:
-        return f"Whisper and the LLM are frozen, only {adapter} trains."
+        return f"Whisper and the LLM are frozen, only {adapter} trains.{start}"
     return (f"the LLM and Whisper's lower layers are frozen; {adapter} trains, and so do Whisper's top "
             f"{model.encoder_tuned_layers} layers and final LayerNorm, at {model.encoder_learning_rate_scale} x "
-            "the learning rate, saved with the adapter.")
+            f"the learning rate, saved with the adapter.{start}")
 
 
 def readout_description(model: ModelSection) -> str:

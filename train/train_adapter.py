@@ -109,7 +109,10 @@ def build_model(section: ModelSection):
     """Frozen base models + a fresh (or `init_adapter`) adapter -> LoadedBlsp."""
     dtype = DTYPES[section.dtype]
     if section.init_adapter:
-        return load_blsp_dir(Path(section.init_adapter), dtype)
+        loaded = load_blsp_dir(Path(section.init_adapter), dtype)
+        if section.encoder_tuned_layers:  # a warm start may go on to tune the encoder's top layers too
+            loaded.model.tune_top_encoder_layers(section.encoder_tuned_layers)
+        return loaded
     encoder, extractor = load_whisper_encoder(section.whisper, dtype)
     llm, tokenizer = load_llm(section.llm, dtype)
     config = BlspConfig.from_base_configs(

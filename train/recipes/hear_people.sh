@@ -15,19 +15,25 @@
 #                                                   of word pieces (adapter_base_context_aug_chars_ctc.json)
 #   ENCODER=tuned2 bash train/recipes/hear_people.sh train|score|stash SEED ...   the top two encoder layers train
 #                                                   too (adapter_base_context_tuned2_ctc.json; its own cache)
+#   FROM=step-N MIX=aug ENCODER=tuned2 bash train/recipes/hear_people.sh train|score|stash SEED ...   a warm start:
+#                                                   the frozen-encoder run of the same mix and seed, from its checkpoint
+#                                                   step-N, goes on with the top two layers tuned too
+#                                                   (adapter_base_context_aug_tuned2_warm_ctc.json)
 # (from the repository root, after `make test` has set up .venv)
 #
 # Record: train/results/base_context_adapter.md. Needs the Debian packages below (about 600 MB).
 set -euo pipefail
-STAGE=${1:?usage: [MIX=aug] [UNITS=chars] [ENCODER=tuned2] hear_people.sh data|natural|augment|train SEED|baselines|score SEED [latest|step-N]|stash SEED}
+STAGE=${1:?usage: [MIX=aug] [UNITS=chars] [ENCODER=tuned2] [FROM=step-N] hear_people.sh data|natural|augment|train SEED|baselines|score SEED [latest|step-N]|stash SEED}
 SEED=${2:-0}
 PY=${PY:-$PWD/.venv/bin/python}
 export PYTHONPATH=$PWD
 MIX=${MIX:-}  # empty: the first mix (13,112 lines); aug: the same plus two augmented copies of every person
 UNITS=${UNITS:-}  # empty: CTC over the LLM's word pieces; chars: over characters (blsp_chat/characters.py)
 ENCODER=${ENCODER:-}  # empty: Whisper base frozen; tuned2: its top two layers train with the adapter
-NAME=base_ctx${MIX:+_$MIX}${UNITS:+_$UNITS}${ENCODER:+_$ENCODER}
-CONFIG=train/configs/adapter_base_context${MIX:+_$MIX}${UNITS:+_$UNITS}${ENCODER:+_$ENCODER}_ctc.json
+FROM=${FROM:-}  # empty: train from scratch; step-N: start from the frozen-encoder run's checkpoint step-N
+SOURCE_NAME=base_ctx${MIX:+_$MIX}${UNITS:+_$UNITS}  # the run a warm start starts from
+NAME=$SOURCE_NAME${ENCODER:+_$ENCODER}${FROM:+_from${FROM#step-}}
+CONFIG=train/configs/adapter_base_context${MIX:+_$MIX}${UNITS:+_$UNITS}${ENCODER:+_$ENCODER}${FROM:+_warm}_ctc.json
 D=data/base_ctx
 RUN=runs/${NAME}_s$SEED
 STASH=$HOME/.cache/blsp_chat/runs/${NAME}_s$SEED  # outlives the checkout, not a new machine
@@ -121,7 +127,13 @@ cat $D/train_mix.jsonl $D/rep_people_aug.jsonl > $D/train_mix_aug.jsonl
 train() {
 $PY -m train.precompute_encoder --config $CONFIG --manifest $D/train_mix${MIX:+_$MIX}.jsonl --manifest $D/dev_people_rep.jsonl
 if [ ! -d $RUN ] && [ -d $STASH ]; then mkdir -p runs && cp -r $STASH $RUN && echo "resuming from the stash $STASH"; fi
-$PY -m train.train_adapter --resume --config $CONFIG model.seed=$SEED loop.seed=$SEED loop.output_dir=$RUN
+warm=()
+if [ -n "$FROM" ]; then
+  start=eval_models/${SOURCE_NAME}_s$SEED-$FROM  # the same export `score` makes of the source run
+  [ -s $start/model.safetensors ] || $PY -m train.export_adapter runs/${SOURCE_NAME}_s$SEED $start --checkpoint $FROM
+  warm=(model.init_adapter=$start)
+fi
+$PY -m train.train_adapter --resume --config $CONFIG model.seed=$SEED loop.seed=$SEED loop.output_dir=$RUN "${warm[@]}"
 }
 
 checkpoint_of() {  # checkpoint_of latest|step-N: the name of a complete checkpoint of the run
