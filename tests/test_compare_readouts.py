@@ -41,8 +41,29 @@ def test_both_readouts_are_scored_on_every_clip_with_only_the_search_changed(tmp
     compare_readouts.main(["--model", str(model_dir), "--manifest", str(manifest(tmp_path)), "--lm-weight", "0.3"])
     out = capsys.readouterr().out
     assert out.count("REF ") == 2 and out.count("  greedy ") == 2 and out.count("  fused  ") == 2
-    assert "2 clips: greedy WER" in out and "at LM weight 0.3, bonus 0.0" in out
-    assert searches == [{"ctc_lm_weight": 0.0}, {"ctc_lm_weight": 0.3, "ctc_token_bonus": 0.0}]
+    assert "2 clips: greedy WER" in out and "at LM weight 0.3, bonus 0.0, beam 4" in out
+    assert searches == [{"ctc_lm_weight": 0.0}, {"ctc_lm_weight": 0.3, "ctc_token_bonus": 0.0, "ctc_beam_size": 4}]
+
+
+def test_a_grid_searches_every_combination_and_shows_the_clips_of_the_best(tmp_path, capsys, monkeypatch):
+    model_dir = saved_model(tmp_path, speech_readout="ctc", ctc_alphabet=ENGLISH_ALPHABET)
+    searches = []
+
+    def heard_by(loaded, audios, **search):  # the fused search hears every clip right only at weight 0.5, bonus 1
+        searches.append(search)
+        right = search.get("ctc_lm_weight") == 0.5 and search.get("ctc_token_bonus") == 1.0
+        return (["hello there", "the quick brown fox"] if right else ["hello", "the quick"]), 0.1
+
+    monkeypatch.setattr(compare_readouts, "heard_by", heard_by)
+    compare_readouts.main(["--model", str(model_dir), "--manifest", str(manifest(tmp_path)),
+                           "--lm-weight", "0.2", "0.5", "--token-bonus", "0", "1", "--beam-size", "2"])
+    out = capsys.readouterr().out
+    assert len(searches) == 5 and searches[0] == {"ctc_lm_weight": 0.0}
+    assert {(s["ctc_lm_weight"], s["ctc_token_bonus"], s["ctc_beam_size"]) for s in searches[1:]} == {
+        (0.2, 0.0, 2), (0.2, 1.0, 2), (0.5, 0.0, 2), (0.5, 1.0, 2)}
+    assert out.count("fused WER") == 5 and out.count("REF ") == 2
+    assert "  fused  the quick brown fox" in out
+    assert "fused WER 0.0% (0.1 s) at LM weight 0.5, bonus 1.0, beam 2 (the best of 4)" in out
 
 
 def test_a_model_without_words_or_without_an_lm_weight_is_refused(tmp_path):
@@ -52,3 +73,5 @@ def test_a_model_without_words_or_without_an_lm_weight_is_refused(tmp_path):
     characters = saved_model(tmp_path / "b", speech_readout="ctc", ctc_alphabet=ENGLISH_ALPHABET)
     with pytest.raises(SystemExit, match="give --lm-weight"):
         compare_readouts.main(["--model", str(characters), "--manifest", str(clips)])
+    with pytest.raises(SystemExit, match="every value above 0"):
+        compare_readouts.main(["--model", str(characters), "--manifest", str(clips), "--lm-weight", "0.3", "0"])

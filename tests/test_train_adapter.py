@@ -1,5 +1,6 @@
 """Adapter training (train/train_adapter.py, train/speech_data.py) on tiny in-memory models and short real
 clips (espeak-ng when installed, else tones)."""
+import dataclasses
 import json
 import os
 import shutil
@@ -18,7 +19,8 @@ from blsp_chat.audio import load_audio
 from blsp_chat.characters import ENGLISH_ALPHABET, spell
 from blsp_chat.constants import IGNORE_INDEX, REPEAT_INSTRUCTION, SAMPLE_RATE
 from blsp_chat.ctc_decode import collapse_ctc
-from blsp_chat.prompt import Turn, render
+from blsp_chat.prompt import Turn, render, template_for
+from blsp_chat.readout import ctc_readout
 from blsp_chat.weights import LoadedBlsp
 from tiny import blank_hearing_blsp, tiny_blsp, tiny_tokenizer, tone
 from train import export_adapter, precompute_encoder, train_adapter
@@ -38,6 +40,7 @@ from train.losses import (
     ctc_blank_id,
     distillation_kl,
     embedding_ctc,
+    readout_prompts,
     response_span,
     unalignable_fraction,
 )
@@ -356,19 +359,75 @@ def test_a_run_naming_an_alphabet_its_adapter_lacks_is_refused(corpus, tmp_path)
         AdapterTrainConfig.from_dict(data)
 
 
-def test_ctc_readout_is_refused_for_losses_that_run_the_llm(corpus, tmp_path):
+def test_ctc_readout_needs_the_ctc_loss_which_the_llm_losses_may_join(corpus, tmp_path):
     config = train_config(corpus, tmp_path)
     data = config.to_dict() | {"model": {"speech_readout": "ctc"}}
-    with pytest.raises(ValueError, match="CTC loss alone"):
-        AdapterTrainConfig.from_dict(data)  # CE only
-    data["loss"] = {"ce_weight": 1.0, "ctc_weight": 1.0}
-    with pytest.raises(ValueError, match="CTC loss alone"):
-        AdapterTrainConfig.from_dict(data)
+    with pytest.raises(ValueError, match="set loss.ctc_weight"):
+        AdapterTrainConfig.from_dict(data)  # CE alone collapses the readout's segmentation
     data["loss"] = {"ce_weight": 0.0, "ctc_weight": 1.0}
     assert AdapterTrainConfig.from_dict(data).model.speech_readout == "ctc"
+    data["loss"] = {"ce_weight": 0.5, "ctc_weight": 1.0}
+    assert AdapterTrainConfig.from_dict(data).loss.needs_llm
+    characters = data | {"model": {"speech_readout": "ctc", "ctc_alphabet": ENGLISH_ALPHABET}}
+    with pytest.raises(ValueError, match="cannot train a character head"):
+        AdapterTrainConfig.from_dict(characters)  # the text a head spells passes no gradient
     data["model"] = {"speech_readout": "ctcc"}
     with pytest.raises(ValueError, match="model.speech_readout must be one of .*'ctcc'"):
         AdapterTrainConfig.from_dict(data)
+
+
+def ctc_read_tiny(temperature=1.0):
+    """A sharp tiny model served through the CTC readout, its blank the word piece of a space."""
+    loaded = loaded_tiny(sharp=True)
+    blank = ctc_blank_id(loaded.tokenizer, " ")
+    loaded.model.config = dataclasses.replace(loaded.model.config, speech_readout="ctc", ctc_blank_id=blank,
+                                              ctc_readout_temperature=temperature)
+    return loaded, blank
+
+
+def test_llm_losses_read_speech_as_the_ctc_readout_serves_it_and_train_the_adapter_through_it(corpus):
+    loaded, blank = ctc_read_tiny()
+    model, tokenizer = loaded.model, loaded.tokenizer
+    data = SpeechDataset(read_manifest(corpus)[:3], tokenizer, model.speech_token_count,
+                         ctc_targets=word_piece_targets(tokenizer, blank))
+    batch = SpeechCollator(tokenizer.pad_token_id)([data[i] for i in range(3)])
+    with pytest.raises(ValueError, match="needs the tokenizer"):
+        AdapterObjective(model, LossSection(ce_weight=1.0, ctc_weight=1.0), ctc_blank_id=blank)
+    loss, metrics = AdapterObjective(model, LossSection(ce_weight=1.0, ctc_weight=1.0), ctc_blank_id=blank,
+                                     tokenizer=tokenizer)(batch)
+    assert float(loss.detach()) == pytest.approx(metrics["ce"] + metrics["ctc"], rel=1e-5)
+    # The LLM read one vector per word piece heard, not one per adapter output, in a prompt laid out for it.
+    table = model.llama_model.get_input_embeddings().weight
+    with torch.no_grad():
+        outputs = speech_embeddings(model, batch)
+        reads = [ctc_readout(o, table, blank, 1.0) for o in outputs]
+        served = [Turn("human", instruction=i, speech_tokens=len(r)) for i, r in zip(batch["instructions"], reads)]
+        tokens = readout_prompts(batch, reads, tokenizer, template_for("blsp", tokenizer), tokenizer.pad_token_id)
+        logits = model(tokens["input_ids"], tokens["attention_mask"], tokens["speech_mask"], speech_embeds=reads).logits
+    assert 0 < sum(len(r) for r in reads) < sum(len(o) for o in outputs)
+    assert metrics["speech_positions"] == pytest.approx(sum(len(r) for r in reads) / 3)
+    assert metrics["ce"] == pytest.approx(float(cross_entropy(logits, tokens["labels"])), rel=1e-5)
+    first = render([served[0], Turn("assistant", text=batch["responses"][0])], tokenizer,
+                   template_for("blsp", tokenizer), add_eos=True)
+    assert tokens["input_ids"][0, :len(first.input_ids)].tolist() == first.input_ids
+    # Its cross-entropy alone reaches the adapter through the readout's posteriors, and nothing frozen.
+    ce_only = AdapterObjective(model, LossSection(ce_weight=1.0), tokenizer=tokenizer)
+    ce_only(batch)[0].backward()
+    grads = {name: param.grad for name, param in model.named_parameters() if param.grad is not None}
+    assert set(grads) <= set(model.adapter_state_dict()) and any(float(g.abs().sum()) > 0 for g in grads.values())
+
+
+def test_a_run_trains_ctc_and_the_llm_cross_entropy_together_through_the_readout(corpus, tmp_path):
+    loaded, _ = ctc_read_tiny()
+    config = train_config(corpus, tmp_path, per_device_batch_size=16, num_epochs=2)
+    config.loss = LossSection(ce_weight=0.5, ctc_weight=1.0)
+    config.eval = EvalSection(repeat_wer_examples=0)
+    config.model.speech_readout, config.model.ctc_readout_temperature = "ctc", 1.0
+    run(config, loaded=loaded)
+    metrics = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert {"ce", "ctc", "speech_positions", "unheard_clips"} <= set(metrics[0])
+    assert "0.5 x cross-entropy on the response (speech read through the CTC readout)" in (
+        tmp_path / "README.md").read_text()
 
 
 def test_objective_skips_the_head_on_the_prompt_without_changing_the_losses(corpus):

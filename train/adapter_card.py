@@ -51,7 +51,7 @@ def write_model_card(out: Path, config: AdapterTrainConfig, data_summary: dict[s
         f"- optimiser: AdamW lr {config.loop.learning_rate}, weight decay {config.loop.weight_decay}, "
         f"warmup {config.loop.warmup_steps}, {config.loop.lr_schedule} decay, clip {config.loop.max_grad_norm}, "
         f"mixed precision {config.loop.mixed_precision}",
-        f"- loss: {loss_description(config.loss)}",
+        f"- loss: {loss_description(config.loss, config.model)}",
         f"- trainable parameters: {result.trainable_parameters:,}; encoder padding: {config.model.encoder_padding}; "
         f"prompt template: {config.model.prompt_template}",
         f"- throughput: {result.samples_per_s:.2f} samples/s over this invocation"
@@ -122,12 +122,14 @@ def readout_description(model: ModelSection) -> str:
     return "its outputs as they are, one LLM position per adapter output (the paper's readout)"
 
 
-def loss_description(loss: LossSection) -> str:
+def loss_description(loss: LossSection, model: ModelSection) -> str:
+    # The LLM's losses read speech as it is served: through the CTC readout when the model uses it.
+    read = " (speech read through the CTC readout)" if model.speech_readout == "ctc" else ""
     parts = []
     if loss.ce_weight:
-        parts.append(f"{loss.ce_weight} x cross-entropy on the response")
+        parts.append(f"{loss.ce_weight} x cross-entropy on the response{read}")
     if loss.kd_weight:
-        parts.append(f"{loss.kd_weight} x KL(transcript || speech), T={loss.kd_temperature}")
+        parts.append(f"{loss.kd_weight} x KL(transcript || speech), T={loss.kd_temperature}{read}")
     if loss.ctc_weight:
         parts.append(f"{loss.ctc_weight} x CTC of the adapter outputs against the transcript's tokens "
                      f"(blank {loss.ctc_blank!r}; this term needs no LLM pass)")

@@ -163,10 +163,10 @@ class AdapterTrainConfig:
         if self.model.speech_readout not in SPEECH_READOUTS:  # at config load, not after the model is built
             raise ValueError(f"model.speech_readout must be one of {SPEECH_READOUTS}, "
                              f"got {self.model.speech_readout!r}")
-        if self.model.speech_readout == "ctc" and (self.loss.needs_llm or not self.loss.ctc_weight):
-            raise ValueError("model.speech_readout 'ctc' serves outputs trained by the CTC loss alone: set "
-                             "loss.ctc_weight and leave loss.ce_weight and loss.kd_weight at 0 (those losses "
-                             "lay speech out one position per output, which the readout does not)")
+        if self.model.speech_readout == "ctc" and not self.loss.ctc_weight:
+            raise ValueError("model.speech_readout 'ctc' reads each output as the word CTC taught it: set "
+                             "loss.ctc_weight. loss.ce_weight and loss.kd_weight may join it (they read speech "
+                             "through the same readout); alone they collapse its segmentation (train/finetune.py)")
         if self.model.ctc_alphabet is not None:
             self._check_character_ctc()
 
@@ -177,6 +177,9 @@ class AdapterTrainConfig:
         if self.loss.commit_weight:
             raise ValueError("loss.commit_weight pulls outputs onto word embeddings; a character head has none "
                              "to pull towards (set it to 0)")
+        if self.loss.needs_llm:
+            raise ValueError("loss.ce_weight and loss.kd_weight cannot train a character head: the text it "
+                             "spells passes no gradient back to the adapter (set them to 0)")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "AdapterTrainConfig":

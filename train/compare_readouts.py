@@ -6,6 +6,12 @@ text (before the LLM says anything) and the time each took.
 
 The fused search runs at the given LM weight and piece bonus (the checkpoint's own when not given); every
 other setting is the checkpoint's. Prints one line per clip (reference, greedy, fused) and a summary line.
+Several values of --lm-weight, --token-bonus or --beam-size search every combination (tune them on clips the
+reported scores do not use, e.g. data/base_ctx/tune_people_rep.jsonl): one summary line each, then the clips
+of the setting with the lowest WER.
+
+    python -m train.compare_readouts --model ... --manifest data/base_ctx/tune_people_rep.jsonl \
+        --lm-weight 0.2 0.4 0.8 --token-bonus 0 0.5 1
 """
 from __future__ import annotations
 
@@ -38,33 +44,52 @@ def heard_by(loaded, audios: Sequence, **search) -> tuple[list[str], float]:
         model.config = saved
 
 
+def search_grid(config, lm_weights: Sequence[float] | None, token_bonuses: Sequence[float] | None,
+                beam_sizes: Sequence[int] | None) -> list[dict]:
+    """Every combination of the given search values, the checkpoint's own where a list is not given."""
+    return [{"ctc_lm_weight": lm, "ctc_token_bonus": bonus, "ctc_beam_size": beam}
+            for lm in lm_weights or [config.ctc_lm_weight]
+            for bonus in token_bonuses or [config.ctc_token_bonus]
+            for beam in beam_sizes or [config.ctc_beam_size]]
+
+
+def setting_text(search: dict) -> str:
+    return (f"LM weight {search['ctc_lm_weight']}, bonus {search['ctc_token_bonus']}, "
+            f"beam {search['ctc_beam_size']}")
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, help="a CTC model's directory (or any load_pretrained source)")
     parser.add_argument("--manifest", required=True, help="JSON lines with audio and text")
     parser.add_argument("--limit", type=int, default=None, help="only the first N clips")
-    parser.add_argument("--lm-weight", type=float, default=None)
-    parser.add_argument("--token-bonus", type=float, default=None)
+    parser.add_argument("--lm-weight", type=float, nargs="+", default=None)
+    parser.add_argument("--token-bonus", type=float, nargs="+", default=None)
+    parser.add_argument("--beam-size", type=int, nargs="+", default=None)
     args = parser.parse_args(argv)
     loaded = load_pretrained(args.model, device="cpu")
     if not loaded.model.speech_length_varies:
         raise SystemExit(f"{args.model} reads speech through the paper's readout: it hears no words to compare")
+    grid = search_grid(loaded.model.config, args.lm_weight, args.token_bonus, args.beam_size)
+    if any(search["ctc_lm_weight"] <= 0 for search in grid):
+        raise SystemExit("the checkpoint sets no LM weight: give --lm-weight (every value above 0)")
     examples = read_manifest(args.manifest, limit=args.limit)
     audios = [load_audio(e.audio, max_seconds=None) for e in examples]
-    config = loaded.model.config
-    fused_search = {"ctc_lm_weight": config.ctc_lm_weight if args.lm_weight is None else args.lm_weight,
-                    "ctc_token_bonus": config.ctc_token_bonus if args.token_bonus is None else args.token_bonus}
-    if fused_search["ctc_lm_weight"] <= 0:
-        raise SystemExit("the checkpoint sets no LM weight: give --lm-weight")
-    greedy, greedy_s = heard_by(loaded, audios, ctc_lm_weight=0.0)
-    fused, fused_s = heard_by(loaded, audios, **fused_search)
     references = [e.text for e in examples]
+    normalizer = EnglishNormalizer()
+    greedy, greedy_s = heard_by(loaded, audios, ctc_lm_weight=0.0)
+    greedy_wer = 100 * corpus_wer(references, greedy, normalizer).wer
+    scored = []
+    for search in grid:
+        fused, fused_s = heard_by(loaded, audios, **search)
+        scored.append((100 * corpus_wer(references, fused, normalizer).wer, fused_s, search, fused))
+        if len(grid) > 1:
+            print(f"fused WER {scored[-1][0]:.1f}% ({fused_s:.1f} s) at {setting_text(search)}", flush=True)
+    fused_wer, fused_s, best, fused = min(scored, key=lambda row: row[0])
     for reference, g, f in zip(references, greedy, fused):
         print(f"REF {reference}\n  greedy {g}\n  fused  {f}")
-    normalizer = EnglishNormalizer()
-    print(f"{len(examples)} clips: greedy WER {100 * corpus_wer(references, greedy, normalizer).wer:.1f}% "
-          f"({greedy_s:.1f} s), fused WER {100 * corpus_wer(references, fused, normalizer).wer:.1f}% "
-          f"({fused_s:.1f} s) at LM weight {fused_search['ctc_lm_weight']}, bonus {fused_search['ctc_token_bonus']}")
+    print(f"{len(examples)} clips: greedy WER {greedy_wer:.1f}% ({greedy_s:.1f} s), fused WER {fused_wer:.1f}% "
+          f"({fused_s:.1f} s) at {setting_text(best)}" + (f" (the best of {len(grid)})" if len(grid) > 1 else ""))
 
 
 if __name__ == "__main__":

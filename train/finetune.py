@@ -49,19 +49,17 @@ from torch import nn
 from blsp_chat.constants import IGNORE_INDEX
 from blsp_chat.model import TRAINABLE_PREFIXES, BlspModel
 from blsp_chat.offline import WeightsError
-from blsp_chat.prompt import Turn, pad_token_id, render, template_for
-from blsp_chat.readout import ctc_readout
+from blsp_chat.prompt import pad_token_id, template_for
 from blsp_chat.weights import DTYPES, ENCODER_PREFIX, LLM_PREFIX, LoadedBlsp, load_pretrained, save_adapter
 from train.adapter_config import apply_override
 from train.io import read_jsonl
 from train.loop import METRICS_NAME, LoopConfig, TrainResult, train
-from train.losses import cross_entropy, response_span
+from train.losses import cross_entropy, readout_prompts, response_span, training_readout
 from train.speech_data import (
     BucketBatchSampler,
     EncoderCache,
     SpeechCollator,
     SpeechDataset,
-    collate_tokens,
     read_manifest,
     speech_embeddings,
     summarize,
@@ -223,15 +221,6 @@ def build_model(config: FinetuneConfig) -> LoadedBlsp:
 
 
 # --- the objective -----------------------------------------------------------------------------------
-def training_readout(blsp: BlspModel, speech: torch.Tensor) -> torch.Tensor:
-    """One clip's adapter outputs -> the vectors the LLM reads in training (module doc: the greedy CTC
-    readout for a CTC-trained adapter, whose posteriors pass gradients on)."""
-    if blsp.config.speech_readout == "embeddings":
-        return speech
-    table = blsp.llama_model.get_input_embeddings().weight
-    return ctc_readout(speech, table, blsp.config.ctc_blank_id, blsp.config.ctc_readout_temperature)
-
-
 class FinetuneObjective(nn.Module):
     """forward(batch) -> (loss, metrics): speech -> encoder -> adapter -> readout, each prompt rendered for the
     positions its clip was read into, cross-entropy on the response. Holds the BlspModel as `blsp` so that
@@ -259,19 +248,10 @@ class FinetuneObjective(nn.Module):
             adapted = speech_embeddings(self.blsp, batch, self.cache)
         return [training_readout(self.blsp, s) for s in adapted]
 
-    def render(self, batch: dict[str, Any], reads: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
-        rows = []
-        for instruction, response, read in zip(batch["instructions"], batch["responses"], reads):
-            turns = [Turn("human", instruction=instruction, speech_tokens=read.shape[0]),
-                     Turn("assistant", text=response)]
-            rendered = render(turns, self.tokenizer, self.template, add_eos=True)
-            rows.append({"input_ids": rendered.input_ids, "speech_mask": rendered.speech_mask,
-                         "labels": rendered.labels})
-        return collate_tokens(rows, self.pad_id)
-
     def forward(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
         reads = self.speech(batch)
-        tokens = {k: v.to(self.blsp.device) for k, v in self.render(batch, reads).items()}
+        tokens = readout_prompts(batch, reads, self.tokenizer, self.template, self.pad_id)
+        tokens = {k: v.to(self.blsp.device) for k, v in tokens.items()}
         keep = response_span(tokens["labels"])
         out = self.blsp(tokens["input_ids"], tokens["attention_mask"], tokens["speech_mask"], speech_embeds=reads,
                         logits_to_keep=keep)

@@ -1,7 +1,11 @@
 """The losses of stage 2 (the modality adapter): cross-entropy on the response, distillation from the LLM
 reading the transcript, CTC pre-alignment against the LLM's word embeddings with its commitment term (or
 against the characters a character head spells), and
-`AdapterObjective`, the module that combines them as the config weighs them."""
+`AdapterObjective`, the module that combines them as the config weighs them.
+
+Speech reaches the LLM in training as it does when served: one position per adapter output (the paper's
+"embeddings" readout), or, for a CTC-trained adapter, one vector per word piece its greedy CTC readout hears
+(`training_readout`), each prompt laid out after its clip is read (`readout_prompts`)."""
 from __future__ import annotations
 
 from typing import Any, Sequence
@@ -12,9 +16,10 @@ from torch import nn
 from blsp_chat.characters import BLANK
 from blsp_chat.constants import IGNORE_INDEX
 from blsp_chat.model import BlspModel
-from blsp_chat.readout import embedding_distance_logits
+from blsp_chat.prompt import PromptTemplate, Turn, pad_token_id, render, template_for
+from blsp_chat.readout import ctc_readout, embedding_distance_logits
 from train.adapter_config import LossSection
-from train.speech_data import EncoderCache, FrameMasking, speech_embeddings
+from train.speech_data import EncoderCache, FrameMasking, collate_tokens, speech_embeddings
 
 WRAPPER_PREFIX = "blsp."  # parameter names inside AdapterObjective
 
@@ -94,17 +99,49 @@ def unalignable_fraction(lengths: Sequence[int], targets: Sequence[Sequence[int]
     return sum(n > int(length) for n, length in zip(needed, lengths)) / max(len(needed), 1)
 
 
+def training_readout(blsp: BlspModel, speech: torch.Tensor) -> torch.Tensor:
+    """One clip's adapter outputs -> the vectors the LLM reads in training: the outputs themselves (the
+    paper's readout), or the greedy CTC readout of a CTC-trained adapter, whose posteriors (a softmax at the
+    config's readout temperature over the nearest word embeddings) pass gradients back to the adapter."""
+    if not blsp.speech_length_varies:
+        return speech
+    table = blsp.llama_model.get_input_embeddings().weight
+    return ctc_readout(speech, table, blsp.config.ctc_blank_id, blsp.config.ctc_readout_temperature)
+
+
+def readout_prompts(batch: dict[str, Any], reads: Sequence[torch.Tensor], tokenizer, template: PromptTemplate,
+                    pad_id: int) -> dict[str, torch.Tensor]:
+    """Each example's prompt and response rendered for the positions its clip was read into (`reads`), as
+    serving lays a turn out: the token tensors of `collate_tokens`."""
+    rows = []
+    for instruction, response, read in zip(batch["instructions"], batch["responses"], reads):
+        turns = [Turn("human", instruction=instruction, speech_tokens=read.shape[0]),
+                 Turn("assistant", text=response)]
+        rendered = render(turns, tokenizer, template, add_eos=True)
+        rows.append({"input_ids": rendered.input_ids, "speech_mask": rendered.speech_mask, "labels": rendered.labels})
+    return collate_tokens(rows, pad_id)
+
+
 class AdapterObjective(nn.Module):
     """forward(batch) -> (loss, metrics). Holds the BlspModel as `blsp`, so accelerate can wrap the whole
-    objective (DDP hooks then see every adapter gradient) and the encoder cache stays outside model.py."""
+    objective (DDP hooks then see every adapter gradient) and the encoder cache stays outside model.py.
+    tokenizer: needed when the LLM's losses read speech through a CTC readout (prompts are laid out per batch)."""
 
     def __init__(self, blsp: BlspModel, loss: LossSection, cache: EncoderCache | None = None,
-                 ctc_blank_id: int | None = None, masking: FrameMasking = FrameMasking()):
+                 ctc_blank_id: int | None = None, masking: FrameMasking = FrameMasking(), tokenizer=None):
         super().__init__()
         self.blsp, self.loss, self.cache, self.ctc_blank_id = blsp, loss, cache, ctc_blank_id
-        self.masking = masking
+        self.masking, self.tokenizer = masking, tokenizer
         if loss.ctc_weight and ctc_blank_id is None and blsp.ctc_head is None:
             raise ValueError("loss.ctc_weight is set but no CTC blank token id was given")
+        if loss.needs_llm and blsp.speech_length_varies:
+            if blsp.ctc_head is not None:
+                raise ValueError("the LLM's losses cannot train a character head: the text it spells passes no "
+                                 "gradient back to the adapter")
+            if tokenizer is None:
+                raise ValueError("the LLM's losses read speech through the CTC readout, and laying out each "
+                                 "prompt after its clip is read needs the tokenizer")
+            self.template, self.pad_id = template_for(blsp.config.prompt_template, tokenizer), pad_token_id(tokenizer)
 
     def train(self, mode: bool = True) -> "AdapterObjective":
         super().train(mode)
@@ -133,13 +170,17 @@ class AdapterObjective(nn.Module):
         return self.loss.ctc_weight * ctc + self.loss.commit_weight * commit
 
     def _llm_losses(self, batch: dict[str, Any], embeds: list[torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
-        keep = response_span(batch["labels"])
-        out = self.blsp(batch["input_ids"], batch["attention_mask"], batch["speech_mask"], speech_embeds=embeds,
+        reads, tokens = self._read(batch, embeds)
+        keep = response_span(tokens["labels"])
+        out = self.blsp(tokens["input_ids"], tokens["attention_mask"], tokens["speech_mask"], speech_embeds=reads,
                         logits_to_keep=keep)
-        labels = batch["labels"][:, -keep:]
+        labels = tokens["labels"][:, -keep:]
         ce = cross_entropy(out.logits, labels)
         loss = self.loss.ce_weight * ce
         metrics = {"ce": float(ce.detach()), "response_tokens": float((labels != IGNORE_INDEX).sum())}
+        if self.blsp.speech_length_varies:
+            metrics.update(speech_positions=sum(r.shape[0] for r in reads) / max(len(reads), 1),
+                           unheard_clips=float(sum(r.shape[0] == 0 for r in reads)))
         if self.loss.kd_weight:
             teacher = batch["teacher"]
             teacher_keep = response_span(teacher["labels"])
@@ -151,6 +192,16 @@ class AdapterObjective(nn.Module):
             loss = loss + self.loss.kd_weight * kd
             metrics["kd"] = float(kd.detach())
         return loss, metrics
+
+
+    def _read(self, batch: dict[str, Any], embeds: list[torch.Tensor]) -> tuple[list[torch.Tensor], dict[str, Any]]:
+        """What the LLM reads for each clip, and the batch's prompts laid out for it: the collator's own when
+        every output fills a position, else rendered again for the lengths the CTC readout heard."""
+        if not self.blsp.speech_length_varies:
+            return embeds, batch
+        reads = [training_readout(self.blsp, e) for e in embeds]
+        tokens = readout_prompts(batch, reads, self.tokenizer, self.template, self.pad_id)
+        return reads, {k: v.to(self.blsp.device) for k, v in tokens.items()}
 
 
 def objective_loss(model: nn.Module, batch: dict[str, Any]):

@@ -317,7 +317,8 @@ def run(config: AdapterTrainConfig, *, resume: bool = False, loaded=None, callba
         data_summary["dataset"] = {k: getattr(config.data, k) for k in (
             "dataset_name", "dataset_dir", "dataset_config", "dataset_split", "dataset_eval_split")}
     batch_size, seed, factor = config.loop.per_device_batch_size, config.loop.seed, config.data.mega_batch_factor
-    objective = AdapterObjective(blsp, config.loss, cache, ctc_blank_id=blank_id, masking=config.data.frame_masking())
+    objective = AdapterObjective(blsp, config.loss, cache, ctc_blank_id=blank_id, masking=config.data.frame_masking(),
+                                 tokenizer=tokenizer)
     eval_fn = None
     if config.eval.repeat_wer_examples:
         readout_fn = readout_wer_fn(tokenizer, eval_examples, config.eval, blank_id) if config.loss.ctc_weight else None

@@ -19,21 +19,25 @@
 #                                                   the frozen-encoder run of the same mix and seed, from its checkpoint
 #                                                   step-N, goes on with the top two layers tuned too
 #                                                   (adapter_base_context_aug_tuned2_warm_ctc.json)
+#   FROM=step-N MIX=aug LOSS=ce bash train/recipes/hear_people.sh train|score|stash SEED ...   a warm start that adds
+#                                                   the frozen LLM's cross-entropy, reading speech through the CTC
+#                                                   readout, to the CTC loss (adapter_base_context_aug_ce_warm_ctc.json)
 # (from the repository root, after `make test` has set up .venv)
 #
 # Record: train/results/base_context_adapter.md. Needs the Debian packages below (about 600 MB).
 set -euo pipefail
-STAGE=${1:?usage: [MIX=aug] [UNITS=chars] [ENCODER=tuned2] [FROM=step-N] hear_people.sh data|natural|augment|train SEED|baselines|score SEED [latest|step-N]|stash SEED}
+STAGE=${1:?usage: [MIX=aug] [UNITS=chars] [ENCODER=tuned2] [LOSS=ce] [FROM=step-N] hear_people.sh data|natural|augment|train SEED|baselines|score SEED [latest|step-N]|stash SEED}
 SEED=${2:-0}
 PY=${PY:-$PWD/.venv/bin/python}
 export PYTHONPATH=$PWD
 MIX=${MIX:-}  # empty: the first mix (13,112 lines); aug: the same plus two augmented copies of every person
 UNITS=${UNITS:-}  # empty: CTC over the LLM's word pieces; chars: over characters (blsp_chat/characters.py)
 ENCODER=${ENCODER:-}  # empty: Whisper base frozen; tuned2: its top two layers train with the adapter
+LOSS=${LOSS:-}  # empty: CTC alone; ce: the LLM's cross-entropy through the CTC readout joins it (with FROM)
 FROM=${FROM:-}  # empty: train from scratch; step-N: start from the frozen-encoder run's checkpoint step-N
 SOURCE_NAME=base_ctx${MIX:+_$MIX}${UNITS:+_$UNITS}  # the run a warm start starts from
-NAME=$SOURCE_NAME${ENCODER:+_$ENCODER}${FROM:+_from${FROM#step-}}
-CONFIG=train/configs/adapter_base_context${MIX:+_$MIX}${UNITS:+_$UNITS}${ENCODER:+_$ENCODER}${FROM:+_warm}_ctc.json
+NAME=$SOURCE_NAME${ENCODER:+_$ENCODER}${LOSS:+_$LOSS}${FROM:+_from${FROM#step-}}
+CONFIG=train/configs/adapter_base_context${MIX:+_$MIX}${UNITS:+_$UNITS}${ENCODER:+_$ENCODER}${LOSS:+_$LOSS}${FROM:+_warm}_ctc.json
 D=data/base_ctx
 RUN=runs/${NAME}_s$SEED
 STASH=$HOME/.cache/blsp_chat/runs/${NAME}_s$SEED  # outlives the checkout, not a new machine
