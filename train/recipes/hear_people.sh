@@ -98,13 +98,21 @@ pick = ([r for r in dev if r["source"] in ("librivox", "cards", "jfk")]
 with open("data/base_ctx/dev_people.jsonl", "w") as out:
     for r in pick:
         out.write(json.dumps(dict(r, audio=str(Path("../real_dev") / r["audio"]))) + "\n")
-print(f"synthetic training lines {len(kept)} of {len(rows)}; dev people {len(pick)}")
+# Clips to tune decoding settings on, never scored in the record: the same held-out casts' other lines.
+tune = [r for r in dev if r["source"] == "drascula"][6::12][:25] + [r for r in dev if r["source"] == "queen"][9::18][:25]
+assert not {r["id"] for r in tune} & {r["id"] for r in pick}
+with open("data/base_ctx/tune_people.jsonl", "w") as out:
+    for r in tune:
+        out.write(json.dumps(dict(r, audio=str(Path("../real_dev") / r["audio"]))) + "\n")
+print(f"synthetic training lines {len(kept)} of {len(rows)}; dev people {len(pick)}; tuning clips {len(tune)}")
 PY
 for part in synth_train:../base_ctx/synth_train.jsonl base:../pseudo_base/manifest.jsonl; do
   name=${part%%:*}; src=${part#*:}
   [ -s $D/rep_$name.jsonl ] || (cd $D && $PY -m train.mix_data --asr $src --out rep_$name.jsonl --repetition-only)
 done
-[ -s $D/dev_people_rep.jsonl ] || (cd $D && $PY -m train.mix_data --asr dev_people.jsonl --out dev_people_rep.jsonl --repetition-only)
+for part in dev_people tune_people; do
+  [ -s $D/${part}_rep.jsonl ] || (cd $D && $PY -m train.mix_data --asr $part.jsonl --out ${part}_rep.jsonl --repetition-only)
+done
 cat $D/rep_synth_train.jsonl $D/rep_base.jsonl > $D/train_mix.jsonl
 }
 
