@@ -364,6 +364,8 @@ class TerminalChat:
             say("(empty reply)")
         if last.stopped_by == "max_new_tokens":
             say(f"(reply cut at {self.options.max_new_tokens} tokens: raise --max-new-tokens for longer ones)")
+        if last.stopped_by == "loop":
+            say("(reply stopped: it kept saying the same thing over and over)")
         if last.dropped_turns:
             say(f"(the conversation outgrew the model's context: the oldest {last.dropped_turns} turns "
                 "are no longer seen by the model)")

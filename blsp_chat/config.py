@@ -186,6 +186,10 @@ class GenerationOptions:
     # Applies to whole-reply generation (generate.generate_replies), not to streamed chat replies.
     fallback_temperatures: tuple[float, ...] = ()
     compression_ratio_threshold: float = 2.4
+    # A reply ends when its last tokens are one phrase said three times or more in a row, the copies spanning
+    # at least this many tokens (`generate.loops_at_end`): a greedy small LLM that starts to loop never stops
+    # by itself, and a user would otherwise read it to max_new_tokens. Streamed and whole replies alike. 0: off.
+    loop_stop_tokens: int = 24
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -198,6 +202,8 @@ class GenerationOptions:
             raise ValueError(f"repetition_penalty must be positive, got {self.repetition_penalty}")
         if any(not t > 0 for t in self.fallback_temperatures):
             raise ValueError(f"fallback temperatures must be positive, got {self.fallback_temperatures}")
+        if self.loop_stop_tokens < 0:
+            raise ValueError(f"loop_stop_tokens must be 0 (off) or more, got {self.loop_stop_tokens}")
         if not self.compression_ratio_threshold > 1:
             raise ValueError(f"compression_ratio_threshold must be above 1, got {self.compression_ratio_threshold}")
 

@@ -2,9 +2,10 @@
 manifests, evaluation, data generation), their fallback decoding, and the sampling rule a streamed reply
 takes its steps with (`next_token`).
 
-A reply that loops is decoded again at the temperatures of `GenerationOptions.fallback_temperatures`
-(openai/whisper's fallback), and a clip in which the readout heard no words is refused
-(`NothingHeardError`) rather than handed to the LLM as an empty turn.
+A reply that loops is cut where it starts to say one phrase over and over (`loops_at_end`,
+`GenerationOptions.loop_stop_tokens`) and can be decoded again at the temperatures of
+`GenerationOptions.fallback_temperatures` (openai/whisper's fallback); a clip in which the readout heard no
+words is refused (`NothingHeardError`) rather than handed to the LLM as an empty turn.
 """
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ import torch
 from transformers import (
     LogitsProcessorList,
     RepetitionPenaltyLogitsProcessor,
+    StoppingCriteria,
+    StoppingCriteriaList,
     TemperatureLogitsWarper,
     TopPLogitsWarper,
 )
@@ -163,7 +166,8 @@ def _generate_batch(loaded: LoadedBlsp, conversations: Sequence[Sequence[Turn]],
         batch = _laid_out(loaded, [conversations[i] for i in heard], [speech[i] for i in heard])
         new_ids = model.generate(**batch, speech_embeds=[clip for i in heard for clip in speech[i]], options=options,
                                  eos_token_id=eos, pad_token_id=pad_token_id(tokenizer),
-                                 stop_strings=list(STOP_STRINGS), tokenizer=tokenizer)
+                                 stop_strings=list(STOP_STRINGS), tokenizer=tokenizer,
+                                 stopping_criteria=loop_stopping(options))
     for i, row in zip(heard, new_ids):
         replies[i] = _reply_text(row.tolist(), set(eos), tokenizer)
     return replies
@@ -197,3 +201,39 @@ def next_token(logits: torch.Tensor, previous: Sequence[int], options: Generatio
     if not options.do_sample:
         return int(scores.argmax())
     return int(torch.multinomial(scores.softmax(-1), 1, generator=generator))
+
+
+# --- loops ---------------------------------------------------------------------------------------
+LOOP_REPEATS = 3  # copies of one phrase in a row that make a loop (two can be a figure of speech)
+
+
+def loops_at_end(ids: Sequence[int], min_tokens: int) -> bool:
+    """Whether `ids` end in one phrase said LOOP_REPEATS times or more in a row, the copies spanning at
+    least `min_tokens` tokens ("a secret a secret a secret ..."). min_tokens 0 or less: never."""
+    if min_tokens <= 0:
+        return False
+    ids = list(ids)
+    n = len(ids)
+    for period in range(1, n // LOOP_REPEATS + 1):
+        phrase, copies = ids[n - period:], 1
+        while (copies + 1) * period <= n and ids[n - (copies + 1) * period:n - copies * period] == phrase:
+            copies += 1
+        if copies >= LOOP_REPEATS and copies * period >= min_tokens:
+            return True
+    return False
+
+
+class LoopStop(StoppingCriteria):
+    """transformers' stopping criterion for `loops_at_end`, row by row over the new ids (generation from
+    embeddings passes only those)."""
+
+    def __init__(self, min_tokens: int):
+        self.min_tokens = min_tokens
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
+        return torch.tensor([loops_at_end(row.tolist(), self.min_tokens) for row in input_ids],
+                            dtype=torch.bool, device=input_ids.device)
+
+
+def loop_stopping(options: GenerationOptions) -> StoppingCriteriaList:
+    return StoppingCriteriaList([LoopStop(options.loop_stop_tokens)] if options.loop_stop_tokens else [])

@@ -67,7 +67,7 @@ SSE_DONE = "data: [DONE]\n\n"
 SEED_RANGE = (-(1 << 63), (1 << 63) - 1)  # a signed 64-bit integer, as OpenAI documents `seed`
 HEALTH_ROUTE = "/health"                   # the one route open without the API key (load balancers probe it)
 # How the engine's reply ended -> OpenAI's finish_reason.
-FINISH_REASONS = {"eos": "stop", "stop_string": "stop", "max_new_tokens": "length", "cancelled": "stop"}
+FINISH_REASONS = {"eos": "stop", "stop_string": "stop", "loop": "stop", "max_new_tokens": "length", "cancelled": "stop"}
 NO_SPEECH_HEARD = "no_speech_heard"         # error code of a clip in which the model heard no words
 
 # Spoken output, as OpenAI's API defines it.

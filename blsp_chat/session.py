@@ -40,7 +40,7 @@ from .audio import validate_audio
 from .batcher import step_batcher
 from .config import GenerationOptions
 from .constants import STOP_STRINGS
-from .generate import check_heard, next_token
+from .generate import check_heard, loops_at_end, next_token
 from .lock import model_lock, urgent_model_lock
 from .prompt import RenderedPrompt, Turn, cut_at_stop, eos_token_ids, render, template_for
 from .voice.sentences import SentenceSplitter, SplitterOptions
@@ -68,7 +68,7 @@ PREFILL_CHUNK_TOKENS = 256
 # through a run-on clause (the splitter's max_chars cut is for speaking early, not for completeness).
 WHOLE_SENTENCES = SplitterOptions(max_chars=10**9)
 
-StopReason = Literal["eos", "stop_string", "max_new_tokens", "cancelled"]
+StopReason = Literal["eos", "stop_string", "loop", "max_new_tokens", "cancelled"]
 
 
 # --- streaming text ------------------------------------------------------------------------------
@@ -462,6 +462,9 @@ class ChatSession:
                         delta = stream.push(token)
                         if stream.stop_hit:
                             stopped_by = "stop_string"
+                            break
+                        if loops_at_end(generated, job.options.loop_stop_tokens):
+                            stopped_by = "loop"
                             break
                         if delta:
                             job.chunks.put(ReplyChunk(delta, stream.shown, dropped_turns=job.dropped_turns))

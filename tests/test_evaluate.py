@@ -356,6 +356,18 @@ def test_fallback_flag_turns_on_temperature_fallback_and_is_recorded(tmp_path):
     assert written["settings"]["speech_search"] is None  # the checkpoint's own
 
 
+def test_loops_stop_as_in_the_app_unless_turned_off_and_the_setting_is_recorded(tmp_path):
+    parser = ev.build_parser()
+    default = ev.settings_from_args(parser.parse_args(["--task", "asr", "--manifest", "m.jsonl"]))
+    assert default.options.loop_stop_tokens == GenerationOptions().loop_stop_tokens > 0
+    off = ev.settings_from_args(parser.parse_args(["--task", "asr", "--manifest", "m.jsonl", "--system", "text",
+                                                   "--loop-stop-tokens", "0"]))
+    assert off.options.loop_stop_tokens == 0
+    ev.evaluate(_text_items(2), off, Engines(llm=FakeLlm()), tmp_path, progress=False)
+    written = json.loads(next(tmp_path.glob("*.summary.json")).read_text())
+    assert written["settings"]["generation"]["loop_stop_tokens"] == 0
+
+
 def test_a_speech_search_is_handed_to_the_loader_and_recorded(monkeypatch, tmp_path):
     parser = ev.build_parser()
     settings = ev.settings_from_args(parser.parse_args(["--task", "asr", "--manifest", "m.jsonl", "--system", "text",

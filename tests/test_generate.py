@@ -5,7 +5,7 @@ import torch
 from transformers import RepetitionPenaltyLogitsProcessor, TopPLogitsWarper
 
 from blsp_chat.config import GenerationOptions
-from blsp_chat.generate import compression_ratio, generate_replies, next_token, speech_turn
+from blsp_chat.generate import compression_ratio, generate_replies, loops_at_end, next_token, speech_turn
 from blsp_chat.prompt import Turn
 from blsp_chat.weights import LoadedBlsp
 from tiny import lively_blsp, tiny_tokenizer, tone
@@ -54,6 +54,32 @@ def test_compression_ratio_flags_a_phrase_said_over_and_over():
     assert compression_ratio("") == 0.0
     assert compression_ratio("the weather is lovely today so let us walk to the park by the river") < 2.4
     assert compression_ratio("a period of time " * 12) > 2.4
+
+
+def test_a_loop_is_one_phrase_three_times_at_the_end_spanning_enough_tokens():
+    phrase = [5, 6, 7, 8]
+    assert loops_at_end([1, 2] + phrase * 3, min_tokens=12)
+    assert not loops_at_end([1, 2] + phrase * 3, min_tokens=13)  # too short to be sure
+    assert not loops_at_end(phrase * 2, min_tokens=4)  # twice can be a figure of speech
+    assert not loops_at_end(phrase * 3 + [9], min_tokens=4)  # it has moved on
+    assert loops_at_end([3] * 24, min_tokens=24) and not loops_at_end([3] * 23, min_tokens=24)
+    assert loops_at_end([1, 2, 3, 4, 5, 6] * 3, min_tokens=10)  # the longest phrase counts
+    assert not loops_at_end([3] * 50, min_tokens=0)  # off
+    assert not loops_at_end([], min_tokens=24)
+    with pytest.raises(ValueError, match="loop_stop_tokens"):
+        GenerationOptions(loop_stop_tokens=-1)
+
+
+def test_whole_replies_stop_looping_unless_that_is_turned_off(tok):
+    model = lively_blsp(seed=0)
+    loaded = LoadedBlsp(model, tok, "tiny", adapter_trained=True)
+    conversations, audios = [[Turn("human", text="hello there")], [Turn("human", text="the quick brown fox")]], [[], []]
+    runs_on = generate_replies(loaded, conversations, audios, GenerationOptions(max_new_tokens=64, loop_stop_tokens=0))
+    stopped = generate_replies(loaded, conversations, audios, GenerationOptions(max_new_tokens=64, loop_stop_tokens=8))
+    ids = [tok(r, add_special_tokens=False).input_ids for r in runs_on + stopped]
+    assert compression_ratio(runs_on[1]) > 2.4 and len(ids[1]) > 48  # the tiny model loops on the second prompt
+    assert runs_on[1].startswith(stopped[1]) and len(ids[3]) < len(ids[1]) // 2
+    assert not loops_at_end(ids[0], 8) and stopped[0] == runs_on[0]  # a reply that does not loop is left alone
 
 
 def test_fallback_decodes_only_looping_replies_again_and_keeps_the_less_looping(tok):

@@ -181,7 +181,7 @@ def test_a_long_prefill_does_not_hold_up_another_sessions_reply(tok, monkeypatch
     long, short = ChatSession(model, tok), ChatSession(model, tok)
     long.submit_text("the quick brown fox jumps over the lazy dog " * 12)
     short.submit_text("hello there")
-    short_stream = short.stream_reply(GenerationOptions(max_new_tokens=60))
+    short_stream = short.stream_reply(GenerationOptions(max_new_tokens=60, loop_stop_tokens=0))  # tiny LLMs loop
     next(short_stream)  # the short reply is under way
     long_stream = long.stream_reply(GenerationOptions(max_new_tokens=2))
     list(long_stream)
@@ -690,6 +690,23 @@ def test_eos_and_max_new_tokens_end_a_reply(tok):
     chunks = reply(session, GenerationOptions(max_new_tokens=3))
     assert chunks[-1].stopped_by in ("max_new_tokens", "eos", "stop_string")
     assert len(session.turns[-1].token_ids) <= 3
+
+
+def test_a_reply_that_says_one_phrase_over_and_over_is_stopped_after_the_third_time(tok):
+    model = lively_blsp()
+    session = ChatSession(model, tok)
+    session.submit_text("hello")
+    said = "we are here and we stay here. " * 8
+    phrase = len(tok(said, add_special_tokens=False).input_ids) // 8
+    scripted(model, tok, said)
+    chunks = reply(session, GenerationOptions(max_new_tokens=200, loop_stop_tokens=2 * phrase))
+    assert chunks[-1].stopped_by == "loop"  # the third copy spans more than loop_stop_tokens
+    assert chunks[-1].text.count("we stay here") == 3 and len(session.turns[-1].token_ids) < 4 * phrase
+    session.submit_text("go on")
+    scripted(model, tok, said)
+    chunks = reply(session, GenerationOptions(max_new_tokens=6 * phrase, loop_stop_tokens=0))
+    assert chunks[-1].stopped_by == "max_new_tokens"  # off: it runs on
+    assert chunks[-1].text.count("we stay here") >= 5
 
 
 def test_dtype_follows_the_model_bf16_on_cpu(tok):

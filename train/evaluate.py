@@ -105,6 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--fallback", action="store_true",
                         help="decode a looping LLM reply again at rising temperature (0.2 ... 1.0), as openai/whisper "
                              "does and as the whisper system always does; default: greedy only, as in the paper")
+    parser.add_argument("--loop-stop-tokens", type=int, default=GenerationOptions().loop_stop_tokens,
+                        help="end a reply that says one phrase 3 times in a row over at least this many tokens, "
+                             "as the app does (default %(default)s); 0: let it run to --max-new-tokens")
     parser.add_argument("--speech-search", choices=SPEECH_SEARCHES, default=None,
                         help="blsp: the readout's search, fused or greedy (default: the checkpoint's own)")
     parser.add_argument("--device", default=None)
@@ -126,7 +129,8 @@ def settings_from_args(args: argparse.Namespace) -> EvalSettings:
         dataset=args.dataset or Path(args.manifest).stem, batch_size=args.batch_size,
         target_language=args.target_language, labels=labels, instruction=args.instruction,
         options=GenerationOptions(max_new_tokens=max_new,
-                                  fallback_temperatures=FALLBACK_TEMPERATURES[1:] if args.fallback else ()),
+                                  fallback_temperatures=FALLBACK_TEMPERATURES[1:] if args.fallback else (),
+                                  loop_stop_tokens=args.loop_stop_tokens),
         comet_model=args.comet_model, speech_search=args.speech_search,
     )
 
