@@ -171,6 +171,14 @@ def test_text_sources_clean_and_dedup(tmp_path):
     assert text_sources.clean_sentence(" ".join(["word"] * 31)) is None
 
 
+def test_the_sentence_file_is_written_where_no_folder_is_yet(tmp_path, monkeypatch):
+    """A new machine has no data/: the recipe's first sentence file makes its folder."""
+    monkeypatch.setattr(text_sources, "collect", lambda *args, **kwargs: ["The dog barked all night long."])
+    out = tmp_path / "data" / "offline_v2" / "sentences.txt"
+    assert text_sources.main(["--out", str(out), "--max", "5"]) == 0
+    assert out.read_text() == "The dog barked all night long.\n"
+
+
 def test_entity_sentences_name_what_they_define_and_keep_holdouts_and_earlier_corpora_out(tmp_path):
     (tmp_path / "data.noun").write_text(
         "  1 licence header\n"

@@ -197,6 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     if not sentences:
         print("no sentences found: apt-get install wordnet-base fortunes-min", file=sys.stderr)
         return 1
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)  # a new machine has no data/ yet
     Path(args.out).write_text("\n".join(sentences) + "\n", encoding="utf-8")
     print(f"wrote {len(sentences)} sentences from {', '.join(sources)} to {args.out}", file=sys.stderr)
     return 0
