@@ -53,10 +53,11 @@ class BlspConfig(PretrainedConfig):
     # one position per word piece heard, so a clip's position count depends on what was said.
     speech_readout: str = "embeddings"
     ctc_blank_id: int | None = None       # the LLM token CTC used as its blank ("ctc" readout only)
-    # Set: the adapter has a head that spells characters of this alphabet (characters.py; blank = class 0),
-    # and the "ctc" readout tokenizes the text it heard for the LLM (the search settings below then apply
-    # to characters, the LLM scoring each word as it ends). None: CTC over the LLM's word pieces.
-    ctc_alphabet: str | None = None
+    # Set: the adapter has a head that spells in this alphabet (characters.py; blank = class 0): a string of
+    # characters, or a list of symbols of one or more characters. The "ctc" readout tokenizes the text it
+    # heard for the LLM (the search settings below then apply to its symbols, the LLM scoring each word as
+    # it ends). None: CTC over the LLM's word pieces.
+    ctc_alphabet: str | list[str] | None = None
     ctc_readout_temperature: float = 0.1  # softness of the readout's posteriors; near 0: the nearest word
     # Above 0, the "ctc" readout decodes by prefix beam search with the frozen LLM fused in as a language
     # model at this weight (ctc_decode.py), and hands the LLM the embeddings of the word pieces it found.

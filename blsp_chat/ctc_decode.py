@@ -25,6 +25,7 @@ Prefix = tuple[int, ...]
 LmScorer = Callable[[Sequence[Prefix]], torch.Tensor]
 
 NEG_INF = -math.inf
+BLANK_CLASS = 0  # a character head's blank (characters.BLANK; imported there, so not imported from there)
 # Outputs whose blank probability exceeds this only extend beams by the blank: most outputs of a clip are
 # blank, and skipping them saves the LM calls they would cost without changing any beam's ranking measurably.
 BLANK_SKIP_PROBABILITY = 0.999
@@ -128,21 +129,22 @@ def cached_lm(score_batch: LmScorer) -> LmScorer:
     return score
 
 
-def character_beam_search(log_probs: torch.Tensor, alphabet: str, word_pieces: Callable[[str], list[int]],
+def character_beam_search(log_probs: torch.Tensor, alphabet: Sequence[str], word_pieces: Callable[[str], list[int]],
                           lm: LmScorer | None, *, lm_weight: float = 0.0, token_bonus: float = 0.0,
                           beam_size: int = 4, label_min_log_prob: float = CHARACTER_MIN_LOG_PROB,
                           beam_prune_log_prob: float = NEG_INF) -> str:
     """The best text for a character head's (L, N+1) log-probabilities (blank = class 0, class i the
-    alphabet's character i - 1), by CTC prefix beam search over each output's CHARACTER_BEAM_LABELS best
-    classes, with the LM fused in at word boundaries.
+    alphabet's symbol i - 1: a character, or several), by CTC prefix beam search over each output's
+    CHARACTER_BEAM_LABELS best classes, with the LM fused in at word boundaries.
 
     A word is scored when it is complete (a space follows it, or the clip ends): `lm_weight` times the LM's
     log-probability of its word pieces (`word_pieces(" " + word)`) after those of the words before it, plus
     `token_bonus` per piece, as `prefix_beam_search` scores word pieces. Until then each of its characters
     carries `lm_weight` x CHARACTER_LM_ESTIMATE, which the word's score replaces. A space where no word
     precedes it changes no text, as greedy decoding collapses it. The prunings are `prefix_beam_search`'s.
+    A beam is its text and the last symbol it emitted: that symbol again, with no blank between, is held.
     """
-    space = alphabet.index(" ") + 1
+    space = list(alphabet).index(" ") + 1
     fused = lm is not None and lm_weight > 0
     estimate = lm_weight * CHARACTER_LM_ESTIMATE if fused else 0.0
     word_score = _word_scorer(word_pieces, cached_lm(lm) if fused else None, lm_weight, token_bonus)
@@ -150,32 +152,34 @@ def character_beam_search(log_probs: torch.Tensor, alphabet: str, word_pieces: C
     def score_word(text: str) -> float:  # the word that just ended: its score, less the estimate it carried
         return word_score(text) - estimate * len(text.split()[-1])
 
-    beams: dict[str, tuple[float, float]] = {"": (0.0, NEG_INF)}
+    beams: dict[tuple[str, int], tuple[float, float]] = {("", BLANK_CLASS): (0.0, NEG_INF)}
     blank_skip = math.log(BLANK_SKIP_PROBABILITY)
     for row in log_probs.tolist():
         ranked = sorted(range(len(row)), key=row.__getitem__, reverse=True)[:CHARACTER_BEAM_LABELS]
-        if ranked[0] == 0 and row[0] > blank_skip:
-            candidates = [0]
+        if ranked[0] == BLANK_CLASS and row[BLANK_CLASS] > blank_skip:
+            candidates = [BLANK_CLASS]
         else:
             candidates = [c for n, c in enumerate(ranked) if n == 0 or row[c] >= label_min_log_prob]
         step = _Beams()
-        for text, (p_blank, p_label) in beams.items():
+        for (text, last), (p_blank, p_label) in beams.items():
             total = _logsumexp(p_blank, p_label)
             for label in candidates:
                 log_p = row[label]
-                if label == 0 or (label == space and (not text or text[-1] == " ")):
-                    step.add(text, blank=total + log_p)  # the blank, or a space that adds nothing
+                if label == BLANK_CLASS or (label == space and (not text or text[-1] == " ")):
+                    step.add((text, last), blank=total + log_p)  # the blank, or a space that adds nothing
                     continue
-                character = alphabet[label - 1]
-                extend = score_word(text) if label == space else estimate
-                if text and text[-1] == character:
-                    step.add(text, label=p_label + log_p)                              # held
-                    step.add(text + character, label=p_blank + log_p + extend)         # again, after a blank
+                symbol = alphabet[label - 1]
+                extend = score_word(text) if label == space else estimate * len(symbol)
+                if label == last:
+                    step.add((text, last), label=p_label + log_p)                      # held
+                    step.add((text + symbol, label), label=p_blank + log_p + extend)   # again, after a blank
                 else:
-                    step.add(text + character, label=total + log_p + extend)
+                    step.add((text + symbol, label), label=total + log_p + extend)
         beams = step.best(beam_size, beam_prune_log_prob)
-    finished = {text: _logsumexp(*scores) + (score_word(text) if text and text[-1] != " " else 0.0)
-                for text, scores in beams.items()}
+    finished: dict[str, float] = {}
+    for (text, _), scores in beams.items():
+        score = _logsumexp(*scores) + (score_word(text) if text and text[-1] != " " else 0.0)
+        finished[text] = _logsumexp(finished.get(text, NEG_INF), score)  # one text, several last symbols
     return max(finished, key=finished.__getitem__).strip()
 
 

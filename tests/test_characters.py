@@ -7,7 +7,7 @@ import torch
 from test_weights import _write_base_models
 
 from blsp_chat import weights
-from blsp_chat.characters import BLANK, ENGLISH_ALPHABET, check_alphabet, greedy_characters, spell
+from blsp_chat.characters import BLANK, ENGLISH_ALPHABET, check_alphabet, greedy_characters, learn_symbols, spell
 from blsp_chat.config import BlspConfig
 from blsp_chat.ctc_decode import character_beam_search
 from blsp_chat.heard import heard_text
@@ -50,6 +50,65 @@ def test_greedy_decoding_merges_runs_keeps_doubled_letters_and_drops_blanks():
 def test_alphabets_without_a_space_or_with_repeats_are_refused(alphabet, match):
     with pytest.raises(ValueError, match=match):
         check_alphabet(alphabet)
+
+
+# --- symbols of several characters ------------------------------------------------------------------------
+SYMBOL_TEXTS = ["The cat sat on the mat.", "The theory of the thing", "there, then: the end"]
+
+
+def test_symbols_are_the_letters_then_the_most_frequent_merges_learnt_the_same_every_time():
+    symbols = learn_symbols(SYMBOL_TEXTS, 44)
+    assert symbols[:len(ENGLISH_ALPHABET)] == list(ENGLISH_ALPHABET)
+    # "th" (9 words), then "th"+"e" (8), "at" (cat, sat, mat); then pairs seen once, the first met first
+    assert symbols[len(ENGLISH_ALPHABET):] == ["th", "the", "at", "cat", "sat", "on"]
+    assert learn_symbols(SYMBOL_TEXTS, 44) == symbols
+    whole = learn_symbols(SYMBOL_TEXTS, 10_000)  # merges until every word is one symbol, then stops
+    assert {"the", "theory", "thing", "there", "then", "end", "mat"} <= set(whole) and len(whole) < 70
+    check_alphabet(symbols)
+    with pytest.raises(ValueError, match="cannot hold the 38 letters"):
+        learn_symbols(SYMBOL_TEXTS, 20)
+
+
+def test_words_are_spelled_by_their_longest_symbols_and_read_back_as_they_were():
+    symbols = learn_symbols(SYMBOL_TEXTS, 44)
+    ids = spell("Then THE theatre, Cat!", symbols)
+    assert [symbols[i - 1] for i in ids] == ["the", "n", " ", "the", " ", "the", "at", "r", "e", " ", "cat"]
+    for text in ["then the theatre cat", "zebra's 42 quiche", "the"]:
+        one_hot = torch.nn.functional.one_hot(torch.tensor([c for i in spell(text, symbols) for c in (i, BLANK)]),
+                                              len(symbols) + 1).float()
+        assert greedy_characters(one_hot, symbols) == text
+
+
+def test_the_search_holds_a_symbol_only_where_the_same_symbol_was_heard_last():
+    symbols = [" ", "e", "h", "t", "the"]
+    the, e = symbols.index("the") + 1, symbols.index("e") + 1
+    outputs = torch.nn.functional.one_hot(torch.tensor([the, the, e, e, BLANK]), len(symbols) + 1).float()
+    scores = (outputs * 0.99 + 0.01 / len(symbols)).log()
+    assert character_beam_search(scores, symbols, lambda text: [1] * len(text), None) == \
+        greedy_characters(scores, symbols) == "thee"  # "e" after "the" is new, though the text ends in "e"
+
+
+@pytest.mark.parametrize("symbols, match", [
+    ([" ", "a", "b", "ab", "ab"], r"repeated: \['ab'\]"),
+    ([" ", "a", "b", "a b"], "the space is a symbol of its own"),
+    ([" ", "a", "abc"], r"missing: \['b', 'c'\]"),
+    ([" ", "a", ""], "non-empty strings"),
+])
+def test_symbol_alphabets_that_cannot_spell_every_word_or_name_a_symbol_twice_are_refused(symbols, match):
+    with pytest.raises(ValueError, match=match):
+        check_alphabet(symbols)
+
+
+def test_a_symbol_head_saves_its_symbols_and_loads_hearing_the_same(tmp_path):
+    symbols = learn_symbols(SYMBOL_TEXTS, 44)
+    model, tokenizer = tiny_blsp("none", speech_readout="ctc", ctc_alphabet=symbols), tiny_tokenizer()
+    assert model.ctc_head.weight.shape == (45, 24)
+    _write_base_models(model, tokenizer, tmp_path)
+    save_adapter(model, tmp_path / "adapter")
+    assert json.loads((tmp_path / "adapter" / "config.json").read_text())["ctc_alphabet"] == symbols
+    loaded = load_pretrained(str(tmp_path / "adapter"), device="cpu")
+    assert loaded.model.config.ctc_alphabet == symbols
+    torch.testing.assert_close(loaded.model.ctc_head.weight, model.ctc_head.weight, atol=0, rtol=0)
 
 
 @pytest.mark.parametrize("bad, match", [

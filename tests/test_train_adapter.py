@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from test_weights import _write_base_models
 
 from blsp_chat.audio import load_audio
-from blsp_chat.characters import ENGLISH_ALPHABET, spell
+from blsp_chat.characters import ENGLISH_ALPHABET, learn_symbols, spell
 from blsp_chat.constants import IGNORE_INDEX, REPEAT_INSTRUCTION, SAMPLE_RATE
 from blsp_chat.ctc_decode import collapse_ctc
 from blsp_chat.prompt import Turn, render, template_for
@@ -308,9 +308,12 @@ def test_ctc_prealignment_trains_the_adapter_without_running_the_llm(corpus, tmp
     assert (saved["speech_readout"], saved["ctc_blank_id"]) == ("ctc", ctc_blank_id(loaded.tokenizer, " "))
 
 
-def test_character_ctc_trains_the_head_without_the_llm_and_serves_what_it_spells(corpus, tmp_path, monkeypatch):
+@pytest.mark.parametrize("symbols", [False, True], ids=["characters", "symbols"])
+def test_character_ctc_trains_the_head_without_the_llm_and_serves_what_it_spells(corpus, tmp_path, monkeypatch,
+                                                                                 symbols):
     # one stride-2 layer: 25 outputs a second, room for every character of espeak's fast speech
-    model = tiny_blsp("none", speech_readout="ctc", ctc_alphabet=ENGLISH_ALPHABET, conv_kernel_sizes="5", seed=3)
+    alphabet = learn_symbols(SENTENCES, 60) if symbols else ENGLISH_ALPHABET  # symbols: letters and merges
+    model = tiny_blsp("none", speech_readout="ctc", ctc_alphabet=alphabet, conv_kernel_sizes="5", seed=3)
     loaded = LoadedBlsp(model, tiny_tokenizer(), "tiny", adapter_trained=False)
     head_before = model.ctc_head.weight.clone()
 
@@ -320,7 +323,7 @@ def test_character_ctc_trains_the_head_without_the_llm_and_serves_what_it_spells
     config = train_config(corpus, tmp_path, per_device_batch_size=16, num_epochs=15, learning_rate=3e-2)
     config.loss = LossSection(ce_weight=0.0, ctc_weight=1.0)
     config.eval = EvalSection(repeat_wer_examples=2, max_new_tokens=2)
-    config.model = ModelSection(encoder_padding="none", speech_readout="ctc", ctc_alphabet=ENGLISH_ALPHABET,
+    config.model = ModelSection(encoder_padding="none", speech_readout="ctc", ctc_alphabet=alphabet,
                                 conv_kernel_sizes="5")
     monkeypatch.setattr(loaded.model.llama_model, "forward", no_llm)
     monkeypatch.setattr(train_adapter, "repeat_wer_fn", lambda *args: None)  # the one eval that runs the LLM
@@ -331,10 +334,11 @@ def test_character_ctc_trains_the_head_without_the_llm_and_serves_what_it_spells
     assert "eval_ctc" in evals[-1] and 0.0 <= evals[-1]["readout_wer"]
     assert evals[-1]["eval_ctc_unalignable"] == 0.0  # 25 outputs a second leave room for espeak's letters
     saved = json.loads((tmp_path / "config.json").read_text())
-    assert (saved["speech_readout"], saved["ctc_alphabet"]) == ("ctc", ENGLISH_ALPHABET)
+    assert (saved["speech_readout"], saved["ctc_alphabet"]) == ("ctc", alphabet)
     assert saved.get("ctc_blank_id") is None
-    assert "ctc_head.weight" in load_file(str(tmp_path / "model.safetensors"))
-    assert "CTC over characters alone" in (tmp_path / "README.md").read_text()
+    assert load_file(str(tmp_path / "model.safetensors"))["ctc_head.weight"].shape[0] == len(alphabet) + 1
+    card = (tmp_path / "README.md").read_text()
+    assert ("CTC over symbols of one or more characters alone" if symbols else "CTC over characters alone") in card
 
 
 def test_character_targets_are_the_spelled_transcript(corpus):

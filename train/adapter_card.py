@@ -97,8 +97,10 @@ def training_description(config: AdapterTrainConfig) -> str:
     if config.loss.needs_llm:
         return "behaviour alignment (BLSP)" + (" with CTC pre-alignment terms" if config.loss.ctc_weight else "")
     if config.model.ctc_alphabet is not None:
-        return ("CTC over characters alone (a head on its outputs spells the transcript, "
-                f"{len(config.model.ctc_alphabet)} characters and the blank; no LLM pass)")
+        alphabet = config.model.ctc_alphabet
+        units = "characters" if all(len(symbol) == 1 for symbol in alphabet) else "symbols of one or more characters"
+        return (f"CTC over {units} alone (a head on its outputs spells the transcript, "
+                f"{len(alphabet)} {units.split()[0]} and the blank; no LLM pass)")
     return "CTC pre-alignment alone (its outputs spell the transcript in the LLM's word embeddings; no LLM pass)"
 
 

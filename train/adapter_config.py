@@ -39,9 +39,10 @@ class ModelSection:
     # of a CTC-trained adapter through the CTC-compressed readout, its blank being loss.ctc_blank.
     speech_readout: str = "embeddings"
     ctc_readout_temperature: float = 0.1
-    # CTC over characters (BlspConfig.ctc_alphabet; e.g. blsp_chat.characters.ENGLISH_ALPHABET) instead of
-    # the LLM's word pieces: the adapter gains a character head, and loss.ctc_blank is not used.
-    ctc_alphabet: str | None = None
+    # CTC over characters (BlspConfig.ctc_alphabet; e.g. blsp_chat.characters.ENGLISH_ALPHABET), or over a
+    # list of symbols of one or more characters (`python -m train.ctc_symbols`), instead of the LLM's word
+    # pieces: the adapter gains a character head, and loss.ctc_blank is not used.
+    ctc_alphabet: str | list[str] | None = None
     # The Whisper encoder's top layers that train with the adapter (BlspConfig.encoder_tuned_layers; needs
     # encoder_padding "none"), at the loop's learning rate times this scale: pretrained layers move less
     # than a fresh adapter's. The encoder cache then holds the frozen layers' frames.
