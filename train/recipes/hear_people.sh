@@ -13,6 +13,10 @@
 #   MIX=aug bash train/recipes/hear_people.sh train|score|stash SEED ...   the same stages on the aug mix's run
 #   MIX=aug UNITS=chars bash train/recipes/hear_people.sh train|score|stash SEED ...   CTC over characters instead
 #                                                   of word pieces (adapter_base_context_aug_chars_ctc.json)
+#   UNITS=symbols512 bash train/recipes/hear_people.sh symbols   learn 512 symbols (letters, the space, byte-pair
+#                                                   merges) from the first mix and write their config
+#                                                   (adapter_base_context_symbols512_ctc.json, committed)
+#   UNITS=symbols512 bash train/recipes/hear_people.sh train|score|stash SEED ...   CTC over those symbols
 #   ENCODER=tuned2 bash train/recipes/hear_people.sh train|score|stash SEED ...   the top two encoder layers train
 #                                                   too (adapter_base_context_tuned2_ctc.json; its own cache)
 #   FROM=step-N MIX=aug ENCODER=tuned2 bash train/recipes/hear_people.sh train|score|stash SEED ...   a warm start:
@@ -26,12 +30,12 @@
 #
 # Record: train/results/base_context_adapter.md. Needs the Debian packages below (about 600 MB).
 set -euo pipefail
-STAGE=${1:?usage: [MIX=aug] [UNITS=chars] [ENCODER=tuned2] [LOSS=ce] [FROM=step-N] hear_people.sh data|natural|augment|train SEED|baselines|score SEED [latest|step-N]|stash SEED}
+STAGE=${1:?usage: [MIX=aug] [UNITS=chars] [ENCODER=tuned2] [LOSS=ce] [FROM=step-N] hear_people.sh data|natural|augment|symbols|train SEED|baselines|score SEED [latest|step-N]|stash SEED}
 SEED=${2:-0}
 PY=${PY:-$PWD/.venv/bin/python}
 export PYTHONPATH=$PWD
 MIX=${MIX:-}  # empty: the first mix (13,112 lines); aug: the same plus two augmented copies of every person
-UNITS=${UNITS:-}  # empty: CTC over the LLM's word pieces; chars: over characters (blsp_chat/characters.py)
+UNITS=${UNITS:-}  # empty: CTC over the LLM's word pieces; chars: over characters; symbolsN: N learnt symbols
 ENCODER=${ENCODER:-}  # empty: Whisper base frozen; tuned2: its top two layers train with the adapter
 LOSS=${LOSS:-}  # empty: CTC alone; ce: the LLM's cross-entropy through the CTC readout joins it (with FROM)
 FROM=${FROM:-}  # empty: train from scratch; step-N: start from the frozen-encoder run's checkpoint step-N
@@ -135,6 +139,15 @@ augment() {
 cat $D/train_mix.jsonl $D/rep_people_aug.jsonl > $D/train_mix_aug.jsonl
 }
 
+# 5c. CTC symbols learnt from the mix's transcripts: the config of a UNITS=symbolsN run (the same mix gives the
+#     same symbols; the committed config is what was trained). Its report says which output rate aligns the mix.
+symbols() {
+count=${UNITS#symbols}
+[[ $UNITS == symbols* && $count =~ ^[0-9]+$ ]] || { echo "symbols needs UNITS=symbolsN, e.g. symbols512" >&2; exit 2; }
+$PY -m train.ctc_symbols --manifest $D/train_mix${MIX:+_$MIX}.jsonl --count $count \
+    --base-config train/configs/adapter_base_context${MIX:+_$MIX}_ctc.json --out $CONFIG --output-dir $RUN
+}
+
 # 6. Whisper base's frames for every clip, once (the encoder is frozen), then the run (it resumes by itself).
 train() {
 $PY -m train.precompute_encoder --config $CONFIG --manifest $D/train_mix${MIX:+_$MIX}.jsonl --manifest $D/dev_people_rep.jsonl
@@ -197,6 +210,7 @@ case $STAGE in
   data) data ;;
   natural) natural ;;
   augment) augment ;;
+  symbols) symbols ;;
   train) train ;;
   baselines) baselines ;;
   score) score "$@" ;;
