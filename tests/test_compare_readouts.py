@@ -62,6 +62,7 @@ def test_a_grid_searches_every_combination_and_shows_the_clips_of_the_best(tmp_p
     assert {(s["ctc_lm_weight"], s["ctc_token_bonus"], s["ctc_beam_size"]) for s in searches[1:]} == {
         (0.2, 0.0, 2), (0.2, 1.0, 2), (0.5, 0.0, 2), (0.5, 1.0, 2)}
     assert out.count("fused WER") == 5 and out.count("REF ") == 2
+    assert out.startswith("greedy WER 50.0% (0.1 s)\n")  # printed before the grid runs, for a grid cut short
     assert "  fused  the quick brown fox" in out
     assert "fused WER 0.0% (0.1 s) at LM weight 0.5, bonus 1.0, beam 2 (the best of 4)" in out
 

@@ -79,6 +79,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     normalizer = EnglishNormalizer()
     greedy, greedy_s = heard_by(loaded, audios, ctc_lm_weight=0.0)
     greedy_wer = 100 * corpus_wer(references, greedy, normalizer).wer
+    if len(grid) > 1:  # the baseline first: a grid stopped halfway still has it
+        print(f"greedy WER {greedy_wer:.1f}% ({greedy_s:.1f} s)", flush=True)
     scored = []
     for search in grid:
         fused, fused_s = heard_by(loaded, audios, **search)
