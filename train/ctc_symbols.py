@@ -6,7 +6,7 @@ speech. Symbols learnt by byte-pair merges sit between: the letters, the space a
 joined letters of the mix's own words ("the", "ing"), each seen often (`blsp_chat.characters.learn_symbols`).
 
     python -m train.ctc_symbols --manifest data/base_ctx/train_mix.jsonl --count 512 \\
-        --base-config train/configs/adapter_base_context_aug_chars_ctc.json \\
+        --base-config train/configs/adapter_base_context_ctc.json \\
         --out train/configs/adapter_base_context_symbols512_ctc.json --output-dir runs/base_ctx_symbols512_s0
 
 The config is the base config with `model.ctc_alphabet` set to the symbols (the same transcripts give the
