@@ -25,7 +25,7 @@ Prefix = tuple[int, ...]
 LmScorer = Callable[[Sequence[Prefix]], torch.Tensor]
 
 NEG_INF = -math.inf
-BLANK_CLASS = 0  # a character head's blank (characters.BLANK; imported there, so not imported from there)
+BLANK_CLASS = 0  # a character head's blank; characters.BLANK is this one (characters.py imports this module)
 # Outputs whose blank probability exceeds this only extend beams by the blank: most outputs of a clip are
 # blank, and skipping them saves the LM calls they would cost without changing any beam's ranking measurably.
 BLANK_SKIP_PROBABILITY = 0.999
