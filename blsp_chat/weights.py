@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -292,7 +293,7 @@ def untrained_default(dtype: torch.dtype) -> LoadedBlsp:
     return LoadedBlsp(model.to(dtype).eval(), tokenizer, "offline default (untrained adapter)", adapter_trained=False)
 
 
-def load_pretrained(name_or_path: str | None = None, *, device: str | None = None,
+def load_pretrained(name_or_path: str | os.PathLike | None = None, *, device: str | None = None,
                     dtype: torch.dtype | str | None = None, speech_search: str | None = None,
                     revision: str | None = None, config: BlspConfig | None = None, **hub_kwargs: Any) -> LoadedBlsp:
     """Load a BLSP model: None for the offline default, a local directory, a hub id or `modelscope:ORG/NAME`.
@@ -301,7 +302,8 @@ def load_pretrained(name_or_path: str | None = None, *, device: str | None = Non
     go to the download of a hub id; `config` replaces the checkpoint's own."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = _dtype(dtype) or (torch.bfloat16 if str(device).startswith("cuda") else torch.float32)
-    loaded = _load_any(name_or_path, dtype, config, revision, hub_kwargs)
+    source = None if name_or_path is None else os.fspath(name_or_path)  # a Path, as from_pretrained takes
+    loaded = _load_any(source, dtype, config, revision, hub_kwargs)
     choose_speech_search(loaded.model.config, speech_search)
     loaded.model.to(device)
     return loaded

@@ -6,11 +6,14 @@ import soundfile as sf
 import torch
 from test_weights import _write_base_models
 
+from blsp_chat.audio import load_audio
 from blsp_chat.characters import BLANK, ENGLISH_ALPHABET
 from blsp_chat.constants import SAMPLE_RATE
-from blsp_chat.weights import save_adapter
+from blsp_chat.heard import heard_text
+from blsp_chat.weights import load_pretrained, save_adapter
 from tiny import tiny_blsp, tiny_tokenizer, tone
 from train import compare_readouts
+from train.speech_data import read_manifest
 
 
 def saved_model(tmp_path, **config):
@@ -37,7 +40,8 @@ def test_both_readouts_are_scored_on_every_clip_with_only_the_search_changed(tmp
     searches = []
     heard_by = compare_readouts.heard_by
     monkeypatch.setattr(compare_readouts, "heard_by",
-                        lambda loaded, audios, **search: searches.append(search) or heard_by(loaded, audios, **search))
+                        lambda loaded, outputs, **search: searches.append(search) or heard_by(loaded, outputs,
+                                                                                              **search))
     compare_readouts.main(["--model", str(model_dir), "--manifest", str(manifest(tmp_path)), "--lm-weight", "0.3"])
     out = capsys.readouterr().out
     assert out.count("REF ") == 2 and out.count("  greedy ") == 2 and out.count("  fused  ") == 2
@@ -49,7 +53,7 @@ def test_a_grid_searches_every_combination_and_shows_the_clips_of_the_best(tmp_p
     model_dir = saved_model(tmp_path, speech_readout="ctc", ctc_alphabet=ENGLISH_ALPHABET)
     searches = []
 
-    def heard_by(loaded, audios, **search):  # the fused search hears every clip right only at weight 0.5, bonus 1
+    def heard_by(loaded, adapted, **search):  # the fused search hears every clip right only at weight 0.5, bonus 1
         searches.append(search)
         right = search.get("ctc_lm_weight") == 0.5 and search.get("ctc_token_bonus") == 1.0
         return (["hello there", "the quick brown fox"] if right else ["hello", "the quick"]), 0.1
@@ -62,9 +66,35 @@ def test_a_grid_searches_every_combination_and_shows_the_clips_of_the_best(tmp_p
     assert {(s["ctc_lm_weight"], s["ctc_token_bonus"], s["ctc_beam_size"]) for s in searches[1:]} == {
         (0.2, 0.0, 2), (0.2, 1.0, 2), (0.5, 0.0, 2), (0.5, 1.0, 2)}
     assert out.count("fused WER") == 5 and out.count("REF ") == 2
-    assert out.startswith("greedy WER 50.0% (0.1 s)\n")  # printed before the grid runs, for a grid cut short
+    lines = out.splitlines()  # the greedy figure comes before the grid runs, for a grid cut short
+    assert lines[0].startswith("encoder and adapter: ") and lines[1] == "greedy WER 50.0% (0.1 s)"
     assert "  fused  the quick brown fox" in out
     assert "fused WER 0.0% (0.1 s) at LM weight 0.5, bonus 1.0, beam 2 (the best of 4)" in out
+
+
+def test_a_grid_runs_the_encoder_once_a_clip_and_hears_what_the_served_model_hears(tmp_path, capsys, monkeypatch):
+    model_dir = saved_model(tmp_path, speech_readout="ctc", ctc_alphabet=ENGLISH_ALPHABET)
+    loaded = load_pretrained(model_dir, device="cpu")
+    monkeypatch.setattr(compare_readouts, "load_pretrained", lambda *args, **kwargs: loaded)
+    encoded, served = [], []
+    encode_windows = loaded.model.encode_windows
+    monkeypatch.setattr(loaded.model, "encode_windows",
+                        lambda audios: encoded.append(len(audios)) or encode_windows(audios))
+    real_heard_by = compare_readouts.heard_by
+
+    def heard_by(loaded, adapted, **search):
+        texts, seconds = real_heard_by(loaded, adapted, **search)
+        served.append(texts)
+        return texts, seconds
+
+    monkeypatch.setattr(compare_readouts, "heard_by", heard_by)
+    clips = manifest(tmp_path)
+    compare_readouts.main(["--model", str(model_dir), "--manifest", str(clips), "--lm-weight", "0.2", "0.5"])
+    assert encoded == [1, 1]  # two clips, once each, for the greedy readout and both searches
+    with torch.inference_mode():
+        expected = [heard_text(loaded.model, loaded.tokenizer, loaded.model.encode_speech([load_audio(e.audio)])[0])
+                    for e in read_manifest(clips)]
+    assert served[0] == expected and all(texts for texts in served)
 
 
 def test_a_model_without_words_or_without_an_lm_weight_is_refused(tmp_path):

@@ -51,6 +51,9 @@ def test_adapter_only_round_trip_gives_identical_logits(tmp_path):
     audio = tone(1.5)
     torch.testing.assert_close(_logits(loaded.model, loaded.tokenizer, audio), _logits(model, tokenizer, audio), atol=0,
                                rtol=0)
+    from_path = load_pretrained(tmp_path / "adapter", device="cpu")  # a pathlib.Path names the same directory
+    torch.testing.assert_close(_logits(from_path.model, from_path.tokenizer, audio), _logits(model, tokenizer, audio),
+                               atol=0, rtol=0)
 
 
 def test_exported_float16_adapter_loads_with_its_record(tmp_path):

@@ -1,5 +1,5 @@
 """What a CTC model hears, greedily and by its LLM-fused search, on the same clips: the WER of each readout's
-text (before the LLM says anything) and the time each took.
+text (before the LLM says anything) and the time each search took (the encoder and adapter run once a clip).
 
     python -m train.compare_readouts --model eval_models/base_ctx_aug_chars_s0-step-1000 \
         --manifest data/base_ctx/dev_people_rep.jsonl --limit 12 --lm-weight 0.5 --token-bonus 0.5
@@ -29,16 +29,26 @@ from train.metrics import EnglishNormalizer, corpus_wer
 from train.speech_data import read_manifest
 
 
-def heard_by(loaded, audios: Sequence, **search) -> tuple[list[str], float]:
-    """The text the model's readout hears in each clip with the config's search fields set to `search`,
-    and the seconds it took (encoder, adapter and readout)."""
+def adapter_outputs(loaded, audios: Sequence) -> tuple[list[torch.Tensor], float]:
+    """Each clip's adapter outputs (encoder and adapter, one clip at a time as served) and the seconds they
+    took. Computed once: every search setting reads the same outputs, so a grid costs its searches only."""
+    model = loaded.model
+    started = time.perf_counter()
+    with torch.inference_mode():
+        adapted = [model.adapt_windows(model.encode_windows([audio]))[0] for audio in audios]
+    return adapted, time.perf_counter() - started
+
+
+def heard_by(loaded, adapted: Sequence[torch.Tensor], **search) -> tuple[list[str], float]:
+    """The text the model's readout hears in each clip's adapter outputs with the config's search fields set
+    to `search`, and the seconds the readout took."""
     model = loaded.model
     saved = model.config
     model.config = dataclasses.replace(saved, **search)
     try:
         started = time.perf_counter()
         with torch.inference_mode():
-            texts = [heard_text(model, loaded.tokenizer, model.encode_speech([audio])[0]) for audio in audios]
+            texts = [heard_text(model, loaded.tokenizer, model.read_out(outputs)) for outputs in adapted]
         return texts, time.perf_counter() - started
     finally:
         model.config = saved
@@ -77,13 +87,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     audios = [load_audio(e.audio, max_seconds=None) for e in examples]
     references = [e.text for e in examples]
     normalizer = EnglishNormalizer()
-    greedy, greedy_s = heard_by(loaded, audios, ctc_lm_weight=0.0)
+    adapted, adapter_s = adapter_outputs(loaded, audios)
+    print(f"encoder and adapter: {adapter_s:.1f} s for {len(audios)} clips", flush=True)
+    greedy, greedy_s = heard_by(loaded, adapted, ctc_lm_weight=0.0)
     greedy_wer = 100 * corpus_wer(references, greedy, normalizer).wer
     if len(grid) > 1:  # the baseline first: a grid stopped halfway still has it
         print(f"greedy WER {greedy_wer:.1f}% ({greedy_s:.1f} s)", flush=True)
     scored = []
     for search in grid:
-        fused, fused_s = heard_by(loaded, audios, **search)
+        fused, fused_s = heard_by(loaded, adapted, **search)
         scored.append((100 * corpus_wer(references, fused, normalizer).wer, fused_s, search, fused))
         if len(grid) > 1:
             print(f"fused WER {scored[-1][0]:.1f}% ({fused_s:.1f} s) at {setting_text(search)}", flush=True)
