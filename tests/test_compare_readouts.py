@@ -45,8 +45,10 @@ def test_both_readouts_are_scored_on_every_clip_with_only_the_search_changed(tmp
     compare_readouts.main(["--model", str(model_dir), "--manifest", str(manifest(tmp_path)), "--lm-weight", "0.3"])
     out = capsys.readouterr().out
     assert out.count("REF ") == 2 and out.count("  greedy ") == 2 and out.count("  fused  ") == 2
-    assert "2 clips: greedy WER" in out and "at LM weight 0.3, bonus 0.0, beam 4" in out
-    assert searches == [{"ctc_lm_weight": 0.0}, {"ctc_lm_weight": 0.3, "ctc_token_bonus": 0.0, "ctc_beam_size": 4}]
+    assert "2 clips: greedy WER" in out
+    assert "at LM weight 0.3, bonus 0.0, beam 4, label floor None, beam prune None" in out
+    assert searches == [{"ctc_lm_weight": 0.0}, {"ctc_lm_weight": 0.3, "ctc_token_bonus": 0.0, "ctc_beam_size": 4,
+                                                  "ctc_label_min_log_prob": None, "ctc_beam_prune_log_prob": None}]
 
 
 def test_a_grid_searches_every_combination_and_shows_the_clips_of_the_best(tmp_path, capsys, monkeypatch):
@@ -60,16 +62,18 @@ def test_a_grid_searches_every_combination_and_shows_the_clips_of_the_best(tmp_p
 
     monkeypatch.setattr(compare_readouts, "heard_by", heard_by)
     compare_readouts.main(["--model", str(model_dir), "--manifest", str(manifest(tmp_path)),
-                           "--lm-weight", "0.2", "0.5", "--token-bonus", "0", "1", "--beam-size", "2"])
+                           "--lm-weight", "0.2", "0.5", "--token-bonus", "0", "1", "--beam-size", "2",
+                           "--label-min-log-prob", "-3", "none", "--beam-prune-log-prob", "-5"])
     out = capsys.readouterr().out
-    assert len(searches) == 5 and searches[0] == {"ctc_lm_weight": 0.0}
-    assert {(s["ctc_lm_weight"], s["ctc_token_bonus"], s["ctc_beam_size"]) for s in searches[1:]} == {
-        (0.2, 0.0, 2), (0.2, 1.0, 2), (0.5, 0.0, 2), (0.5, 1.0, 2)}
-    assert out.count("fused WER") == 5 and out.count("REF ") == 2
+    assert len(searches) == 9 and searches[0] == {"ctc_lm_weight": 0.0}
+    assert {tuple(s.values()) for s in searches[1:]} == {
+        (lm, bonus, 2, floor, -5.0) for lm in (0.2, 0.5) for bonus in (0.0, 1.0) for floor in (-3.0, None)}
+    assert out.count("fused WER") == 9 and out.count("REF ") == 2
     lines = out.splitlines()  # the greedy figure comes before the grid runs, for a grid cut short
     assert lines[0].startswith("encoder and adapter: ") and lines[1] == "greedy WER 50.0% (0.1 s)"
     assert "  fused  the quick brown fox" in out
-    assert "fused WER 0.0% (0.1 s) at LM weight 0.5, bonus 1.0, beam 2 (the best of 4)" in out
+    assert ("fused WER 0.0% (0.1 s) at LM weight 0.5, bonus 1.0, beam 2, label floor -3.0, beam prune -5.0 "
+            "(the best of 8)") in out
 
 
 def test_a_grid_runs_the_encoder_once_a_clip_and_hears_what_the_served_model_hears(tmp_path, capsys, monkeypatch):
