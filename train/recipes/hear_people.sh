@@ -11,6 +11,8 @@
 #                                                   where `train SEED` on a fresh checkout resumes it from
 #   bash train/recipes/hear_people.sh augment      two microphone-like copies of every training person (the aug mix)
 #   MIX=aug bash train/recipes/hear_people.sh train|score|stash SEED ...   the same stages on the aug mix's run
+#   bash train/recipes/hear_people.sh more         the rest of offline_v2's sentences (15,000) synthesized (the more mix)
+#   MIX=more bash train/recipes/hear_people.sh train|score|stash SEED ...   the same stages on the more mix's run
 #   MIX=aug UNITS=chars bash train/recipes/hear_people.sh train|score|stash SEED ...   CTC over characters instead
 #                                                   of word pieces (adapter_base_context_aug_chars_ctc.json)
 #   UNITS=symbols512 bash train/recipes/hear_people.sh symbols   learn 512 symbols (letters, the space, byte-pair
@@ -30,11 +32,12 @@
 #
 # Record: train/results/base_context_adapter.md. Needs the Debian packages below (about 600 MB).
 set -euo pipefail
-STAGE=${1:?usage: [MIX=aug] [UNITS=chars] [ENCODER=tuned2] [LOSS=ce] [FROM=step-N] hear_people.sh data|natural|augment|symbols|train SEED|baselines|score SEED [latest|step-N]|stash SEED}
+STAGE=${1:?usage: [MIX=aug|more] [UNITS=chars] [ENCODER=tuned2] [LOSS=ce] [FROM=step-N] hear_people.sh data|natural|augment|more|symbols|train SEED|baselines|score SEED [latest|step-N]|stash SEED}
 SEED=${2:-0}
 PY=${PY:-$PWD/.venv/bin/python}
 export PYTHONPATH=$PWD
-MIX=${MIX:-}  # empty: the first mix (13,112 lines); aug: the same plus two augmented copies of every person
+MIX=${MIX:-}  # empty: the first mix (13,112 lines); aug: the same plus two augmented copies of every person;
+              # more: the same plus the rest of offline_v2's sentences, synthesized
 UNITS=${UNITS:-}  # empty: CTC over the LLM's word pieces; chars: over characters; symbolsN: N learnt symbols
 ENCODER=${ENCODER:-}  # empty: Whisper base frozen; tuned2: its top two layers train with the adapter
 LOSS=${LOSS:-}  # empty: CTC alone; ce: the LLM's cross-entropy through the CTC readout joins it (with FROM)
@@ -45,6 +48,27 @@ CONFIG=train/configs/adapter_base_context${MIX:+_$MIX}${UNITS:+_$UNITS}${ENCODER
 D=data/base_ctx
 RUN=runs/${NAME}_s$SEED
 STASH=$HOME/.cache/blsp_chat/runs/${NAME}_s$SEED  # outlives the checkout, not a new machine
+
+# synthetic_train_lines CORPUS OUT: a synthesized corpus's training lines (data/CORPUS/train.jsonl) less every
+# sentence held out of the full 21,000-sentence plan, its audio paths relative to $D.
+synthetic_train_lines() {
+$PY - "$1" "$2" <<'PY'
+import json
+import sys
+from pathlib import Path
+from train.prepare_data import english_normalizer
+corpus, out_path = sys.argv[1:]
+normalize, _ = english_normalizer()
+held = {normalize(s) for s in Path("data/offline_v2/not_train_of_21000.txt").read_text().splitlines()}
+rows = [json.loads(line) for line in open(f"data/{corpus}/train.jsonl")]
+kept = [r for r in rows if r["text"] not in held]  # a sentence held out of the full plan stays held out
+with open(out_path, "w") as out:
+    for r in kept:
+        r["audio"] = str(Path("..") / corpus / r["audio"])
+        out.write(json.dumps(r) + "\n")
+print(f"{corpus}: synthetic training lines {len(kept)} of {len(rows)}")
+PY
+}
 
 data() {
 need_packages="pocketsphinx-testdata ktuberling-data tuxpaint-stamps-default drascula beneath-a-steel-sky
@@ -84,18 +108,10 @@ PY
 
 # 5. The training mix (repetition lines) and the people-only eval set the run's curve is read on.
 mkdir -p $D
+synthetic_train_lines offline_v2 $D/synth_train.jsonl
 $PY - <<'PY'
 import json
 from pathlib import Path
-from train.prepare_data import english_normalizer
-normalize, _ = english_normalizer()
-held = {normalize(s) for s in Path("data/offline_v2/not_train_of_21000.txt").read_text().splitlines()}
-rows = [json.loads(line) for line in open("data/offline_v2/train.jsonl")]
-kept = [r for r in rows if r["text"] not in held]  # a sentence held out of the full plan stays held out
-with open("data/base_ctx/synth_train.jsonl", "w") as out:
-    for r in kept:
-        r["audio"] = str(Path("../offline_v2") / r["audio"])
-        out.write(json.dumps(r) + "\n")
 dev = [json.loads(line) for line in open("data/real_dev/manifest.jsonl")]
 pick = ([r for r in dev if r["source"] in ("librivox", "cards", "jfk")]
         + [r for r in dev if r["source"] == "drascula"][::12][:25] + [r for r in dev if r["source"] == "queen"][::18][:25])
@@ -108,7 +124,7 @@ assert not {r["id"] for r in tune} & {r["id"] for r in pick}
 with open("data/base_ctx/tune_people.jsonl", "w") as out:
     for r in tune:
         out.write(json.dumps(dict(r, audio=str(Path("../real_dev") / r["audio"]))) + "\n")
-print(f"synthetic training lines {len(kept)} of {len(rows)}; dev people {len(pick)}; tuning clips {len(tune)}")
+print(f"dev people {len(pick)}; tuning clips {len(tune)}")
 PY
 for part in synth_train:../base_ctx/synth_train.jsonl base:../pseudo_base/manifest.jsonl; do
   name=${part%%:*}; src=${part#*:}
@@ -139,7 +155,22 @@ augment() {
 cat $D/train_mix.jsonl $D/rep_people_aug.jsonl > $D/train_mix_aug.jsonl
 }
 
-# 5c. CTC symbols learnt from the mix's transcripts: the config of a UNITS=symbolsN run (the same mix gives the
+# 5c. More sentences for rare words (MIX=more): the rest of offline_v2's 21,000-sentence plan (its sentences
+#     6,001-21,000), spoken by the same engines and voices with the same seed and splits, held-out sentences
+#     dropped as in step 5, added to the first mix.
+more() {
+[ -s $D/train_mix.jsonl ] || { echo "run the data stage first" >&2; exit 2; }
+mkdir -p data/offline_v2_rest
+[ -s data/offline_v2_rest/sentences.txt ] || tail -n +6001 data/offline_v2/sentences.txt > data/offline_v2_rest/sentences.txt
+[ -s data/offline_v2_rest/train.jsonl ] || $PY -m train.synthesize --text-file data/offline_v2_rest/sentences.txt \
+    --out-dir data/offline_v2_rest --jobs ${JOBS:-2} --seed 0 --dev-frac 0.05 --test-frac 0.05
+[ -s $D/synth_rest_train.jsonl ] || synthetic_train_lines offline_v2_rest $D/synth_rest_train.jsonl
+[ -s $D/rep_synth_rest.jsonl ] || (cd $D && $PY -m train.mix_data --asr synth_rest_train.jsonl \
+    --out rep_synth_rest.jsonl --repetition-only)
+cat $D/train_mix.jsonl $D/rep_synth_rest.jsonl > $D/train_mix_more.jsonl
+}
+
+# 5d. CTC symbols learnt from the mix's transcripts: the config of a UNITS=symbolsN run (the same mix gives the
 #     same symbols; the committed config is what was trained). Its report says which output rate aligns the mix.
 symbols() {
 count=${UNITS#symbols}
@@ -210,10 +241,11 @@ case $STAGE in
   data) data ;;
   natural) natural ;;
   augment) augment ;;
+  more) more ;;
   symbols) symbols ;;
   train) train ;;
   baselines) baselines ;;
   score) score "$@" ;;
   stash) stash ;;
-  *) echo "unknown stage $STAGE: data, natural, augment, train, baselines, score or stash" >&2; exit 2 ;;
+  *) echo "unknown stage $STAGE: data, natural, augment, more, symbols, train, baselines, score or stash" >&2; exit 2 ;;
 esac

@@ -1,0 +1,35 @@
+"""train/recipes/hear_people.sh's synthetic training lines: the first mix's and the more mix's synthetic parts are
+built by one shell function, which must drop every sentence held out of the full plan."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+RECIPE = REPO / "train" / "recipes" / "hear_people.sh"
+
+
+def run_recipe_function(cwd: Path, *args: str) -> str:
+    script = (f'eval "$(sed -n \'/^synthetic_train_lines() {{/,/^}}/p\' {RECIPE})"\n'
+              f'synthetic_train_lines {" ".join(args)}')
+    env = dict(os.environ, PY=sys.executable, PYTHONPATH=str(REPO))
+    return subprocess.run(["bash", "-c", script], cwd=cwd, env=env, check=True, capture_output=True,
+                          text=True).stdout
+
+
+def test_held_out_sentences_are_dropped_and_audio_is_found_from_the_mix_folder(tmp_path):
+    corpus = tmp_path / "data" / "offline_v2_rest"
+    corpus.mkdir(parents=True)
+    (tmp_path / "data" / "offline_v2").mkdir()
+    (tmp_path / "data" / "offline_v2" / "not_train_of_21000.txt").write_text("Held out, this one.\n")
+    rows = [{"id": "a-0", "audio": "wav/a/a-0.wav", "text": "kept sentence"},
+            {"id": "b-0", "audio": "wav/b/b-0.wav", "text": "held out this one"}]
+    (corpus / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "data" / "base_ctx").mkdir()
+    out = "data/base_ctx/synth_rest_train.jsonl"
+    printed = run_recipe_function(tmp_path, "offline_v2_rest", out)
+    written = [json.loads(line) for line in (tmp_path / out).read_text().splitlines()]
+    assert [r["id"] for r in written] == ["a-0"]
+    assert (tmp_path / "data" / "base_ctx" / written[0]["audio"]).resolve() == (corpus / "wav/a/a-0.wav").resolve()
+    assert "offline_v2_rest: synthetic training lines 1 of 2" in printed
