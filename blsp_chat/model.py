@@ -311,8 +311,12 @@ class BlspModel(nn.Module, ModelHubMixin):
         as one and each of the LM-fused readout's LLM forwards, so a caller sharing the model can hold
         its lock per forward rather than for the whole clips (by default nothing is entered)."""
         with guard():
-            adapted = self.adapt_windows(self.encode_windows(audios))
+            adapted = self.adapter_outputs(audios)
         return [self.read_out(e, guard) for e in adapted]
+
+    def adapter_outputs(self, audios: Sequence[np.ndarray]) -> list[torch.Tensor]:
+        """16 kHz mono clips -> one (L_i, d_llm) tensor of adapter outputs per clip, before the readout."""
+        return self.adapt_windows(self.encode_windows(audios))
 
     def read_out(self, speech: torch.Tensor,
                  guard: Callable[[], ContextManager] = contextlib.nullcontext) -> torch.Tensor:

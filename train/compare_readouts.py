@@ -35,7 +35,7 @@ def adapter_outputs(loaded, audios: Sequence) -> tuple[list[torch.Tensor], float
     model = loaded.model
     started = time.perf_counter()
     with torch.inference_mode():
-        adapted = [model.adapt_windows(model.encode_windows([audio]))[0] for audio in audios]
+        adapted = [model.adapter_outputs([audio])[0] for audio in audios]
     return adapted, time.perf_counter() - started
 
 
