@@ -2,6 +2,7 @@
 built by one shell function, which must drop every sentence held out of the full plan."""
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -33,3 +34,23 @@ def test_held_out_sentences_are_dropped_and_audio_is_found_from_the_mix_folder(t
     assert [r["id"] for r in written] == ["a-0"]
     assert (tmp_path / "data" / "base_ctx" / written[0]["audio"]).resolve() == (corpus / "wav/a/a-0.wav").resolve()
     assert "offline_v2_rest: synthetic training lines 1 of 2" in printed
+
+
+def recipe_function_output(name: str) -> list[str]:
+    script = f'eval "$(sed -n \'/^{name}() {{/,/^}}/p\' {RECIPE})"\n{name}'
+    env = dict(os.environ, PY=sys.executable, PYTHONPATH=str(REPO))
+    return subprocess.run(["bash", "-c", script], cwd=REPO, env=env, check=True, capture_output=True,
+                          text=True).stdout.splitlines()
+
+
+def test_the_names_mix_holds_out_what_the_example_clips_say_and_every_spoken_question():
+    """The names corpus is built without any sentence about an acceptance prompt: the example clips'
+    sentences, as their README says they were synthesized, and every question train.spoken_questions asks."""
+    from train.spoken_questions import QUESTIONS
+    readme = (REPO / "assets" / "examples" / "README.md").read_text()
+    spoken_by_examples = re.findall(r'-w q\.wav "([^"]+)"', readme)
+    held = recipe_function_output("acceptance_sentences")
+    assert len(spoken_by_examples) == 2
+    assert set(spoken_by_examples) <= set(held)
+    assert {question for question, _ in QUESTIONS} <= set(held)
+    assert len(held) == len(set(held))

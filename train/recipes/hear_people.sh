@@ -13,6 +13,8 @@
 #   MIX=aug bash train/recipes/hear_people.sh train|score|stash SEED ...   the same stages on the aug mix's run
 #   bash train/recipes/hear_people.sh more         the rest of offline_v2's sentences (15,000) synthesized (the more mix)
 #   MIX=more bash train/recipes/hear_people.sh train|score|stash SEED ...   the same stages on the more mix's run
+#   bash train/recipes/hear_people.sh names        WordNet's named entities synthesized (after more: the names mix)
+#   MIX=names bash train/recipes/hear_people.sh train|score|stash SEED ...   the same stages on the names mix's run
 #   MIX=aug UNITS=chars bash train/recipes/hear_people.sh train|score|stash SEED ...   CTC over characters instead
 #                                                   of word pieces (adapter_base_context_aug_chars_ctc.json)
 #   UNITS=symbols512 bash train/recipes/hear_people.sh symbols   learn 512 symbols (letters, the space, byte-pair
@@ -32,12 +34,13 @@
 #
 # Record: train/results/base_context_adapter.md. Needs the Debian packages below (about 600 MB).
 set -euo pipefail
-STAGE=${1:?usage: [MIX=aug|more] [UNITS=chars] [ENCODER=tuned2] [LOSS=ce] [FROM=step-N] hear_people.sh data|natural|augment|more|symbols|train SEED|baselines|score SEED [latest|step-N]|stash SEED}
+STAGE=${1:?usage: [MIX=aug|more|names] [UNITS=chars] [ENCODER=tuned2] [LOSS=ce] [FROM=step-N] hear_people.sh data|natural|augment|more|names|symbols|train SEED|baselines|score SEED [latest|step-N]|stash SEED}
 SEED=${2:-0}
 PY=${PY:-$PWD/.venv/bin/python}
 export PYTHONPATH=$PWD
 MIX=${MIX:-}  # empty: the first mix (13,112 lines); aug: the same plus two augmented copies of every person;
-              # more: the same plus the rest of offline_v2's sentences, synthesized
+              # more: the same plus the rest of offline_v2's sentences, synthesized;
+              # names: the more mix plus WordNet's named entities, synthesized, and the people once more
 UNITS=${UNITS:-}  # empty: CTC over the LLM's word pieces; chars: over characters; symbolsN: N learnt symbols
 ENCODER=${ENCODER:-}  # empty: Whisper base frozen; tuned2: its top two layers train with the adapter
 LOSS=${LOSS:-}  # empty: CTC alone; ce: the LLM's cross-entropy through the CTC readout joins it (with FROM)
@@ -170,6 +173,35 @@ mkdir -p data/offline_v2_rest
 cat $D/train_mix.jsonl $D/rep_synth_rest.jsonl > $D/train_mix_more.jsonl
 }
 
+# 5e. Names (MIX=names): WordNet's named entities read as "<name> is <definition>." (offline_v3's text), for the
+#     places, people and things a spoken question names, which offline_v2 almost never does. Synthesized by the same
+#     engines with offline_v3's seed. Every sentence about an example clip or a spoken question is held out. Added to
+#     the more mix with the people once more, so that they stay about a quarter of it.
+names() {
+[ -s $D/train_mix_more.jsonl ] || { echo "run the more stage first" >&2; exit 2; }
+mkdir -p data/names
+if [ ! -s data/names/sentences.txt ]; then
+  held=()
+  while IFS= read -r sentence; do held+=(--holdout-sentence "$sentence"); done < <(acceptance_sentences)
+  $PY -m train.text_sources --sources entities --out data/names/sentences.txt \
+      --exclude-file data/offline_v2/sentences.txt "${held[@]}"
+fi
+[ -s data/names/train.jsonl ] || $PY -m train.synthesize --text-file data/names/sentences.txt \
+    --out-dir data/names --jobs ${JOBS:-2} --seed 1 --dev-frac 0.05 --test-frac 0.05
+[ -s $D/synth_names_train.jsonl ] || synthetic_train_lines names $D/synth_names_train.jsonl
+[ -s $D/rep_synth_names.jsonl ] || (cd $D && $PY -m train.mix_data --asr synth_names_train.jsonl \
+    --out rep_synth_names.jsonl --repetition-only)
+cat $D/train_mix_more.jsonl $D/rep_synth_names.jsonl $D/rep_base.jsonl > $D/train_mix_names.jsonl
+}
+
+# acceptance_sentences: what the example clips say (assets/examples/README.md) and the spoken questions, once each
+acceptance_sentences() {
+local asked
+asked=$($PY -c "from train.spoken_questions import QUESTIONS; print('\n'.join(question for question, _ in QUESTIONS))")
+printf '%s\n' "What is the capital of France?" "The weather is lovely today, so let us walk to the park by the river." \
+    "$asked" | awk '!seen[$0]++'
+}
+
 # 5d. CTC symbols learnt from the mix's transcripts: the config of a UNITS=symbolsN run (the same mix gives the
 #     same symbols; the committed config is what was trained). Its report says which output rate aligns the mix.
 symbols() {
@@ -242,10 +274,11 @@ case $STAGE in
   natural) natural ;;
   augment) augment ;;
   more) more ;;
+  names) names ;;
   symbols) symbols ;;
   train) train ;;
   baselines) baselines ;;
   score) score "$@" ;;
   stash) stash ;;
-  *) echo "unknown stage $STAGE: data, natural, augment, more, symbols, train, baselines, score or stash" >&2; exit 2 ;;
+  *) echo "unknown stage $STAGE: data, natural, augment, more, names, symbols, train, baselines, score or stash" >&2; exit 2 ;;
 esac
