@@ -194,12 +194,9 @@ fi
 cat $D/train_mix_more.jsonl $D/rep_synth_names.jsonl $D/rep_base.jsonl > $D/train_mix_names.jsonl
 }
 
-# acceptance_sentences: what the example clips say (assets/examples/README.md) and the spoken questions, once each
+# acceptance_sentences: what the example clips say and the spoken questions (train/spoken_questions.py), once each
 acceptance_sentences() {
-local asked
-asked=$($PY -c "from train.spoken_questions import QUESTIONS; print('\n'.join(question for question, _ in QUESTIONS))")
-printf '%s\n' "What is the capital of France?" "The weather is lovely today, so let us walk to the park by the river." \
-    "$asked" | awk '!seen[$0]++'
+$PY -c "from train.spoken_questions import acceptance_sentences; print('\n'.join(acceptance_sentences()))"
 }
 
 # 5d. CTC symbols learnt from the mix's transcripts: the config of a UNITS=symbolsN run (the same mix gives the
