@@ -140,14 +140,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     loaded = load_pretrained(args.model, device=args.device)
     voice = load_voice(VoiceOptions(engine=args.voice))
-    answers = answer_all(loaded, voice.synthesize_16k,
-                         options=GenerationOptions(max_new_tokens=args.max_new_tokens, do_sample=False))
+    options = GenerationOptions(max_new_tokens=args.max_new_tokens, do_sample=False)
+    answers = answer_all(loaded, voice.synthesize_16k, options=options)
     for answer in answers:
         print(f"{answer.question}\n  typed  {'right' if answer.typed_right else 'wrong'}: {answer.typed_reply!r}\n"
               f"  spoken {'right' if answer.spoken_right else 'wrong'}: {answer.spoken_reply!r}")
     typed, spoken = sum(a.typed_right for a in answers), sum(a.spoken_right for a in answers)
     print(f"answered right: typed {typed} of {len(answers)}, spoken ({voice.description}) {spoken} of {len(answers)}")
-    examples = hear_examples(loaded, options=GenerationOptions(max_new_tokens=args.max_new_tokens, do_sample=False))
+    examples = hear_examples(loaded, options=options)
     for example in examples:
         print(f"{example.clip}: {example.said!r}\n  reply {'right' if example.answered else 'wrong'}: "
               f"{example.reply!r}\n  repeat {example.repeat_wer:.0%} WER: {example.repeat!r}")
