@@ -9,8 +9,16 @@ from blsp_chat.audio import load_audio
 from blsp_chat.config import GenerationOptions
 from blsp_chat.weights import LoadedBlsp
 from tiny import blank_hearing_blsp, lively_blsp, tiny_tokenizer, tone
-from train.spoken_questions import (EXAMPLE_CLIPS, EXAMPLES_DIR, QUESTIONS, acceptance_sentences, answer_all, ask,
-                                    hear_examples, main)
+from train.spoken_questions import (
+    EXAMPLE_CLIPS,
+    EXAMPLES_DIR,
+    QUESTIONS,
+    acceptance_sentences,
+    answer_all,
+    ask,
+    hear_examples,
+    main,
+)
 
 OPTIONS = GenerationOptions(max_new_tokens=6, do_sample=False)
 

@@ -110,7 +110,8 @@ class ExampleHeard:
 
 def hear_examples(loaded: LoadedBlsp, clips: Sequence[tuple[str, str, str]] = EXAMPLE_CLIPS,
                   directory: Path = EXAMPLES_DIR,
-                  options: GenerationOptions = GenerationOptions(max_new_tokens=40, do_sample=False)) -> list[ExampleHeard]:
+                  options: GenerationOptions = GenerationOptions(max_new_tokens=40, do_sample=False),
+                  ) -> list[ExampleHeard]:
     """Each example clip answered (a conversation of its own) and repeated, and how far the repeat is from what
     the clip says."""
     heard = []
