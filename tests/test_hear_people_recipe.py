@@ -10,9 +10,9 @@ REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "train" / "recipes" / "hear_people.sh"
 
 
-def run_recipe_function(cwd: Path, *args: str) -> str:
-    script = (f'eval "$(sed -n \'/^synthetic_train_lines() {{/,/^}}/p\' {RECIPE})"\n'
-              f'synthetic_train_lines {" ".join(args)}')
+def run_recipe_function(cwd: Path, name: str, *args: str) -> str:
+    """The stdout of the recipe's shell function `name`, defined alone and called with `args` in `cwd`."""
+    script = f'eval "$(sed -n \'/^{name}() {{/,/^}}/p\' {RECIPE})"\n{name} {" ".join(args)}'
     env = dict(os.environ, PY=sys.executable, PYTHONPATH=str(REPO))
     return subprocess.run(["bash", "-c", script], cwd=cwd, env=env, check=True, capture_output=True,
                           text=True).stdout
@@ -28,24 +28,17 @@ def test_held_out_sentences_are_dropped_and_audio_is_found_from_the_mix_folder(t
     (corpus / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (tmp_path / "data" / "base_ctx").mkdir()
     out = "data/base_ctx/synth_rest_train.jsonl"
-    printed = run_recipe_function(tmp_path, "offline_v2_rest", out)
+    printed = run_recipe_function(tmp_path, "synthetic_train_lines", "offline_v2_rest", out)
     written = [json.loads(line) for line in (tmp_path / out).read_text().splitlines()]
     assert [r["id"] for r in written] == ["a-0"]
     assert (tmp_path / "data" / "base_ctx" / written[0]["audio"]).resolve() == (corpus / "wav/a/a-0.wav").resolve()
     assert "offline_v2_rest: synthetic training lines 1 of 2" in printed
 
 
-def recipe_function_output(name: str) -> list[str]:
-    script = f'eval "$(sed -n \'/^{name}() {{/,/^}}/p\' {RECIPE})"\n{name}'
-    env = dict(os.environ, PY=sys.executable, PYTHONPATH=str(REPO))
-    return subprocess.run(["bash", "-c", script], cwd=REPO, env=env, check=True, capture_output=True,
-                          text=True).stdout.splitlines()
-
-
 def test_the_names_mix_holds_out_every_acceptance_sentence():
     """The names corpus is built without any sentence about what the example clips say or a spoken question asks."""
     from train.spoken_questions import QUESTIONS, acceptance_sentences
-    held = recipe_function_output("acceptance_sentences")
+    held = run_recipe_function(REPO, "acceptance_sentences").splitlines()
     assert held == acceptance_sentences()
     assert {question for question, _ in QUESTIONS} <= set(held)
     assert "The weather is lovely today, so let us walk to the park by the river." in held
