@@ -6,14 +6,17 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "train" / "recipes" / "hear_people.sh"
 
 
-def run_recipe_function(cwd: Path, name: str, *args: str) -> str:
-    """The stdout of the recipe's shell function `name`, defined alone and called with `args` in `cwd`."""
+def run_recipe_function(cwd: Path, name: str, *args: str, **variables: str) -> str:
+    """The stdout of the recipe's shell function `name`, defined alone and called with `args` in `cwd`, with the
+    recipe's global `variables` (D=..., say) set."""
     script = f'eval "$(sed -n \'/^{name}() {{/,/^}}/p\' {RECIPE})"\n{name} {" ".join(args)}'
-    env = dict(os.environ, PY=sys.executable, PYTHONPATH=str(REPO))
+    env = dict(os.environ, PY=sys.executable, PYTHONPATH=str(REPO), **variables)
     return subprocess.run(["bash", "-c", script], cwd=cwd, env=env, check=True, capture_output=True,
                           text=True).stdout
 
@@ -42,3 +45,21 @@ def test_the_names_mix_holds_out_every_acceptance_sentence():
     assert held == acceptance_sentences()
     assert {question for question, _ in QUESTIONS} <= set(held)
     assert "The weather is lovely today, so let us walk to the park by the river." in held
+
+
+def test_the_names_half_mix_makes_the_people_half_its_lines(tmp_path):
+    synthetic = [{"id": f"synth-{i}", "source": "espeak-ng"} for i in range(4)]
+    person = {"id": "queen-0", "source": "queen"}
+    (tmp_path / "rep_base.jsonl").write_text(json.dumps(person) + "\n")
+    (tmp_path / "train_mix_names.jsonl").write_text("".join(json.dumps(r) + "\n" for r in synthetic + [person] * 2))
+    run_recipe_function(tmp_path, "names_half", D=".")
+    lines = [json.loads(line) for line in (tmp_path / "train_mix_names_half.jsonl").read_text().splitlines()]
+    assert lines[:6] == synthetic + [person] * 2  # the names mix whole, then the people twice more
+    assert sum(line["source"] == "queen" for line in lines) == len(lines) / 2 == 4
+
+
+def test_the_names_half_mix_needs_the_names_mix_first(tmp_path):
+    with pytest.raises(subprocess.CalledProcessError) as failed:
+        run_recipe_function(tmp_path, "names_half", D=".")
+    assert "run the names stage first" in failed.value.stderr
+    assert not (tmp_path / "train_mix_names_half.jsonl").exists()

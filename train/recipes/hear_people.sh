@@ -15,6 +15,10 @@
 #   MIX=more bash train/recipes/hear_people.sh train|score|stash SEED ...   the same stages on the more mix's run
 #   bash train/recipes/hear_people.sh names        WordNet's named entities synthesized (after more: the names mix)
 #   MIX=names bash train/recipes/hear_people.sh train|score|stash SEED ...   the same stages on the names mix's run
+#   bash train/recipes/hear_people.sh names_half   the names mix with the people twice more (half its lines)
+#   BRANCH=names:step-N MIX=names_half bash train/recipes/hear_people.sh train|score|stash SEED ...   a branch: the
+#                                                   names run of the same seed goes on from its checkpoint step-N
+#                                                   (weights, optimizer, schedule, data position) on this mix
 #   MIX=aug UNITS=chars bash train/recipes/hear_people.sh train|score|stash SEED ...   CTC over characters instead
 #                                                   of word pieces (adapter_base_context_aug_chars_ctc.json)
 #   UNITS=symbols512 bash train/recipes/hear_people.sh symbols   learn 512 symbols (letters, the space, byte-pair
@@ -34,19 +38,22 @@
 #
 # Record: train/results/base_context_adapter.md. Needs the Debian packages below (about 600 MB).
 set -euo pipefail
-STAGE=${1:?usage: [MIX=aug|more|names] [UNITS=chars] [ENCODER=tuned2] [LOSS=ce] [FROM=step-N] hear_people.sh data|natural|augment|more|names|symbols|train SEED|baselines|score SEED [latest|step-N]|stash SEED}
+STAGE=${1:?usage: [MIX=aug|more|names|names_half] [UNITS=chars] [ENCODER=tuned2] [LOSS=ce] [FROM=step-N] [BRANCH=MIX:step-N] hear_people.sh data|natural|augment|more|names|names_half|symbols|train SEED|baselines|score SEED [latest|step-N]|stash SEED}
 SEED=${2:-0}
 PY=${PY:-$PWD/.venv/bin/python}
 export PYTHONPATH=$PWD
 MIX=${MIX:-}  # empty: the first mix (13,112 lines); aug: the same plus two augmented copies of every person;
               # more: the same plus the rest of offline_v2's sentences, synthesized;
-              # names: the more mix plus WordNet's named entities, synthesized, and the people once more
+              # names: the more mix plus WordNet's named entities, synthesized, and the people once more;
+              # names_half: the names mix with the people twice more, so that they are half its lines
 UNITS=${UNITS:-}  # empty: CTC over the LLM's word pieces; chars: over characters; symbolsN: N learnt symbols
 ENCODER=${ENCODER:-}  # empty: Whisper base frozen; tuned2: its top two layers train with the adapter
 LOSS=${LOSS:-}  # empty: CTC alone; ce: the LLM's cross-entropy through the CTC readout joins it (with FROM)
 FROM=${FROM:-}  # empty: train from scratch; step-N: start from the frozen-encoder run's checkpoint step-N
+BRANCH=${BRANCH:-}  # empty: none; MIX:step-N: go on from that mix's run (same seed) at its checkpoint step-N
 SOURCE_NAME=base_ctx${MIX:+_$MIX}${UNITS:+_$UNITS}  # the run a warm start starts from
 NAME=$SOURCE_NAME${ENCODER:+_$ENCODER}${LOSS:+_$LOSS}${FROM:+_from${FROM#step-}}
+[ -z "$BRANCH" ] || NAME=${NAME}_from_${BRANCH%%:*}${BRANCH##*:step-}
 CONFIG=train/configs/adapter_base_context${MIX:+_$MIX}${UNITS:+_$UNITS}${ENCODER:+_$ENCODER}${LOSS:+_$LOSS}${FROM:+_warm}_ctc.json
 D=data/base_ctx
 RUN=runs/${NAME}_s$SEED
@@ -194,6 +201,14 @@ fi
 cat $D/train_mix_more.jsonl $D/rep_synth_names.jsonl $D/rep_base.jsonl > $D/train_mix_names.jsonl
 }
 
+# 5f. People at half (MIX=names_half): the names mix with the training people twice more (four times in all), so
+#     that they are half its lines (44% of its hours) instead of 36% (28%), for the acted lines that fell as their
+#     share fell. Nothing new is synthesized or labelled.
+names_half() {
+[ -s $D/train_mix_names.jsonl ] || { echo "run the names stage first" >&2; exit 2; }
+cat $D/train_mix_names.jsonl $D/rep_base.jsonl $D/rep_base.jsonl > $D/train_mix_names_half.jsonl
+}
+
 # acceptance_sentences: what the example clips say and the spoken questions (train/spoken_questions.py), once each
 acceptance_sentences() {
 $PY -c "from train.spoken_questions import acceptance_sentences; print('\n'.join(acceptance_sentences()))"
@@ -212,6 +227,9 @@ $PY -m train.ctc_symbols --manifest $D/train_mix${MIX:+_$MIX}.jsonl --count $cou
 train() {
 $PY -m train.precompute_encoder --config $CONFIG --manifest $D/train_mix${MIX:+_$MIX}.jsonl --manifest $D/dev_people_rep.jsonl
 if [ ! -d $RUN ] && [ -d $STASH ]; then mkdir -p runs && cp -r $STASH $RUN && echo "resuming from the stash $STASH"; fi
+if [ -n "$BRANCH" ] && [ ! -d $RUN/checkpoints ]; then
+  $PY -m train.branch_run runs/base_ctx_${BRANCH%%:*}_s$SEED ${BRANCH##*:} $RUN
+fi
 warm=()
 if [ -n "$FROM" ]; then
   start=eval_models/${SOURCE_NAME}_s$SEED-$FROM  # the same export `score` makes of the source run
@@ -272,10 +290,11 @@ case $STAGE in
   augment) augment ;;
   more) more ;;
   names) names ;;
+  names_half) names_half ;;
   symbols) symbols ;;
   train) train ;;
   baselines) baselines ;;
   score) score "$@" ;;
   stash) stash ;;
-  *) echo "unknown stage $STAGE: data, natural, augment, more, names, symbols, train, baselines, score or stash" >&2; exit 2 ;;
+  *) echo "unknown stage $STAGE: data, natural, augment, more, names, names_half, symbols, train, baselines, score or stash" >&2; exit 2 ;;
 esac
