@@ -38,6 +38,7 @@ def test_a_branch_on_other_data_shares_the_history_up_to_the_step_and_leaves_the
     source = source_stopped_at_step_6(tmp_path)
     before = {p.relative_to(source): p.read_bytes() for p in source.rglob("*") if p.is_file()}
     branch_run(source, "6", tmp_path / "branch")
+    assert (tmp_path / "branch" / "train_config.json").read_bytes() == (source / "train_config.json").read_bytes()
     doubled = [(x, 2 * y) for x, y in dataset()]
     other = train(Toy(), loss_fn, doubled, collate, config(tmp_path / "branch", save_every=3),
                   expected_trainable=("body.",), resume=True)

@@ -1,14 +1,16 @@
 """Branch a training run at one of its checkpoints, so that it can go on with other data.
 
-    python -m train.branch_run runs/base_ctx_names_s0 step-1500 runs/base_ctx_half_from_names1500_s0
-    python -m train.train_adapter --resume --config <the other mix's config> loop.output_dir=runs/base_ctx_half_...
+    python -m train.branch_run runs/base_ctx_names_s0 step-1500 runs/base_ctx_names_half_from_names1500_s0
+    python -m train.train_adapter --resume --config OTHER_MIX.json loop.output_dir=runs/base_ctx_names_half_...
 
 The new run directory starts exactly where the source run stood at that step: its trainable weights,
-optimizer, learning-rate schedule, data position and RNG states (the checkpoint, copied), and its metrics and
-eval records up to the step. `--resume` then goes on from there under whatever config it is given; the loop
-accepts any config with the same trainable parameters, process count and total steps. A config with another
-training manifest is the use: the source run going on and the branch are two arms of one comparison from the
-same point, with nothing reset (a warm start, `model.init_adapter`, restarts the optimizer and the schedule).
+optimizer, learning-rate schedule, data position and RNG states (the checkpoint, copied), its metrics and eval
+records up to the step, and its train_config.json (the resumed run rewrites it with its own; until then
+`train.export_adapter` reads the branch point's model from it). `--resume` then goes on from there under
+whatever config it is given; the loop accepts any config with the same trainable parameters, process count
+and total steps. A config with another training manifest is the use: the source run going on and the branch
+are two arms of one comparison from the same point, with nothing reset (a warm start, `model.init_adapter`,
+restarts the optimizer and the schedule).
 
 `branched_from.json` in the new directory names the source run and checkpoint. The source run is not touched.
 """
@@ -23,6 +25,7 @@ from train.io import read_jsonl
 from train.loop import (
     CHECKPOINT_PREFIX,
     CHECKPOINTS_DIR,
+    CONFIG_NAME,
     EVAL_NAME,
     LOOP_STATE_NAME,
     METRICS_NAME,
@@ -51,6 +54,7 @@ def branch_run(source: Path, checkpoint: str, target: Path) -> Path:
     for record in (METRICS_NAME, EVAL_NAME):
         rows = [row for row in read_jsonl(source / record) if row["step"] <= step]
         (target / record).write_text("".join(json.dumps(row) + "\n" for row in rows))
+    shutil.copy2(source / CONFIG_NAME, target / CONFIG_NAME)
     (target / BRANCH_RECORD_NAME).write_text(json.dumps({"source": str(source), "checkpoint": name, "step": step},
                                                         indent=2) + "\n")
     return copied
