@@ -1,5 +1,6 @@
-"""train/recipes/hear_people.sh's synthetic training lines: the first mix's and the more mix's synthetic parts are
-built by one shell function, which must drop every sentence held out of the full plan."""
+"""train/recipes/hear_people.sh's shell functions, run alone: the synthetic training lines (the first mix's and the
+more mix's synthetic parts, which must drop every sentence held out of the full plan), the acceptance sentences the
+names mix holds out, and the names_half mix."""
 import json
 import os
 import subprocess
