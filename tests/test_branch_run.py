@@ -1,5 +1,6 @@
 """train/branch_run.py: a run branched at a checkpoint goes on exactly as the source would, or on other data."""
 import json
+import shutil
 
 import pytest
 import torch
@@ -57,3 +58,23 @@ def test_branching_never_overwrites_a_run_and_names_the_checkpoints_kept(tmp_pat
     assert [d.name for d in checkpoint_dirs(tmp_path / "branch")] == ["step-6"]
     with pytest.raises(FileExistsError, match="already holds checkpoints"):
         branch_run(source, "step-3", tmp_path / "branch")
+
+
+def test_a_branch_killed_while_copying_is_branched_again_and_never_taken_for_a_checkpoint(tmp_path, monkeypatch):
+    source = source_stopped_at_step_6(tmp_path)
+    target = tmp_path / "branch"
+
+    real_copytree = shutil.copytree
+
+    def killed_after_the_files(src, dst, ignore=None):  # the copy stops before the rename and the marker
+        real_copytree(src, dst, ignore=ignore)
+        raise KeyboardInterrupt("killed")
+
+    monkeypatch.setattr("train.branch_run.shutil.copytree", killed_after_the_files)
+    with pytest.raises(KeyboardInterrupt):
+        branch_run(source, "step-6", target)
+    assert checkpoint_dirs(target) == []  # the partial copy holds no complete marker
+    monkeypatch.undo()
+    branch_run(source, "step-6", target)
+    assert [d.name for d in (target / "checkpoints").iterdir()] == ["step-6"]
+    assert [d.name for d in checkpoint_dirs(target)] == ["step-6"]

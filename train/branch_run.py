@@ -25,6 +25,7 @@ from train.io import read_jsonl
 from train.loop import (
     CHECKPOINT_PREFIX,
     CHECKPOINTS_DIR,
+    COMPLETE_MARKER,
     CONFIG_NAME,
     EVAL_NAME,
     LOOP_STATE_NAME,
@@ -47,10 +48,13 @@ def branch_run(source: Path, checkpoint: str, target: Path) -> Path:
     step = json.loads((kept[name] / LOOP_STATE_NAME).read_text())["step"]
     target.mkdir(parents=True, exist_ok=True)
     copied = target / CHECKPOINTS_DIR / name
-    scratch = copied.with_name(name + ".partial")  # the complete marker arrives last, as in a saved checkpoint
-    shutil.rmtree(scratch, ignore_errors=True)
-    shutil.copytree(kept[name], scratch)
+    scratch = copied.with_name(name + ".partial")
+    for leftover in (scratch, copied):  # of a branch killed while copying: neither is marked complete
+        shutil.rmtree(leftover, ignore_errors=True)
+    # The complete marker arrives last, as in a checkpoint the loop saves, so a killed copy is never taken for one.
+    shutil.copytree(kept[name], scratch, ignore=shutil.ignore_patterns(COMPLETE_MARKER))
     scratch.rename(copied)
+    (copied / COMPLETE_MARKER).write_bytes((kept[name] / COMPLETE_MARKER).read_bytes())
     for record in (METRICS_NAME, EVAL_NAME):
         rows = [row for row in read_jsonl(source / record) if row["step"] <= step]
         (target / record).write_text("".join(json.dumps(row) + "\n" for row in rows))

@@ -227,7 +227,8 @@ $PY -m train.ctc_symbols --manifest $D/train_mix${MIX:+_$MIX}.jsonl --count $cou
 train() {
 $PY -m train.precompute_encoder --config $CONFIG --manifest $D/train_mix${MIX:+_$MIX}.jsonl --manifest $D/dev_people_rep.jsonl
 if [ ! -d $RUN ] && [ -d $STASH ]; then mkdir -p runs && cp -r $STASH $RUN && echo "resuming from the stash $STASH"; fi
-if [ -n "$BRANCH" ] && [ ! -d $RUN/checkpoints ]; then
+if [ -n "$BRANCH" ] && ! compgen -G "$RUN/checkpoints/step-*/.complete" > /dev/null; then  # none complete, even
+  # where a killed branch left a partial copy (branch_run copies to step-N.partial first)
   $PY -m train.branch_run runs/base_ctx_${BRANCH%%:*}_s$SEED ${BRANCH##*:} $RUN
 fi
 warm=()
