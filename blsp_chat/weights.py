@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +34,15 @@ from transformers.models.whisper.modeling_whisper import WhisperEncoder
 from . import model_card
 from .config import CONFIG_NAME, BlspConfig
 from .model import ENCODER_PREFIX, BlspModel, Persistence
-from .offline import WeightsError, cache_dir, default_llm_dir, default_whisper_dir, report, whisper_base_dir
+from .offline import (
+    DEFAULT_WHISPER_NAME,
+    OFFLINE_WHISPER_WHEELS,
+    WeightsError,
+    cache_dir,
+    default_llm_dir,
+    report,
+    whisper_dir,
+)
 from .resources import DEFAULT_ADAPTER_DIR, STAGE1_LORA_DIR  # package data, installed or in a checkout
 
 ADAPTER_WEIGHTS_NAME = "model.safetensors"
@@ -45,7 +54,7 @@ LLM_PREFIX = "llama_model."
 OFFLINE_PREFIX = "offline:"
 MODELSCOPE_PREFIX = "modelscope:"
 MODELSCOPE_PACKAGE = "modelscope==1.40.2"  # optional: only `--model modelscope:ORG/NAME` needs it
-DEFAULT_WHISPER = OFFLINE_PREFIX + "whisper-tiny.en"
+DEFAULT_WHISPER = OFFLINE_PREFIX + DEFAULT_WHISPER_NAME  # the encoder the shipped default adapter was trained on
 # The offline default LLM: SmolLM2-135M-Instruct + the stage-1 LoRA of assets/stage1_lora (issue 8),
 # merged at load. `offline:smollm2-135m-instruct` stays resolvable as the plain base.
 DEFAULT_LLM = OFFLINE_PREFIX + "smollm2-135m-instruct-stage1"
@@ -55,7 +64,7 @@ ADAPTER_SEED = 0
 # The hub ids of the models the offline names are built from (a card's base_model): tiny.en and base in
 # CTranslate2 format are conversions of OpenAI's checkpoints, the GGUF LLM of SmolLM2's.
 HUB_IDS = {
-    DEFAULT_WHISPER: "openai/whisper-tiny.en",
+    OFFLINE_PREFIX + "whisper-tiny.en": "openai/whisper-tiny.en",
     OFFLINE_PREFIX + "whisper-base": "openai/whisper-base",
     OFFLINE_PREFIX + "smollm2-135m-instruct": "HuggingFaceTB/SmolLM2-135M-Instruct",
     DEFAULT_LLM: "HuggingFaceTB/SmolLM2-135M-Instruct",  # its stage-1 LoRA is shipped here, not on the Hub
@@ -76,8 +85,8 @@ def resolve_base(name_or_path: str) -> str:
     """`offline:` names -> their directory (cache, or the shipped stage-1 LoRA); local paths and hub ids
     pass through."""
     offline = {
-        DEFAULT_WHISPER: default_whisper_dir,
-        OFFLINE_PREFIX + "whisper-base": whisper_base_dir,  # multilingual, 6 layers, 512-d
+        # tiny.en (4 layers, 384-d) and base (multilingual, 6 layers, 512-d)
+        **{OFFLINE_PREFIX + name: partial(whisper_dir, name) for name in OFFLINE_WHISPER_WHEELS},
         OFFLINE_PREFIX + "smollm2-135m-instruct": default_llm_dir,  # the plain base
         DEFAULT_LLM: stage1_lora_dir,  # a peft LoRA whose adapter_config names the base above
     }

@@ -15,17 +15,17 @@ LIBRIVOX_CLIP = "sense_and_sensibility_01_austen_64kb-0870"  # the longest clip,
 
 
 @pytest.fixture(scope="session")
-def default_whisper_ct2_dir() -> Path:
+def whisper_tiny_en_ct2_dir() -> Path:
     """The faster-whisper-tiny.en directory unpacked from its wheel."""
 
-    return offline.default_whisper_ct2_dir()
+    return offline.whisper_tiny_en_ct2_dir()
 
 
 @pytest.fixture(scope="session")
-def default_whisper_dir() -> Path:
+def whisper_tiny_en_dir() -> Path:
     """Whisper tiny.en converted to a transformers directory, as the app loads it."""
 
-    return offline.default_whisper_dir()
+    return offline.whisper_tiny_en_dir()
 
 
 @pytest.fixture(scope="session")

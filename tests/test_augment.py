@@ -376,8 +376,8 @@ def test_piper_plan_draws_natural_settings_and_is_held_out_by_voice(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def whisper(default_whisper_dir):
-    return WhisperTranscriber(str(default_whisper_dir))
+def whisper(whisper_tiny_en_dir):
+    return WhisperTranscriber(str(whisper_tiny_en_dir))
 
 
 def _heard_right(whisper, audio: np.ndarray, sentence: str) -> tuple[bool, str]:

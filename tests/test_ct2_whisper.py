@@ -322,28 +322,28 @@ def _features(whisper_dir: Path, clip: Path) -> torch.Tensor:
 
 
 @pytest.mark.integration
-def test_converted_tiny_en_transcribes_librivox(default_whisper_dir, librivox_clip):
+def test_converted_tiny_en_transcribes_librivox(whisper_tiny_en_dir, librivox_clip):
     import jiwer
     from transformers import WhisperTokenizerFast
 
     clip, transcript = librivox_clip
-    model = WhisperForConditionalGeneration.from_pretrained(default_whisper_dir).eval()
-    tokenizer = WhisperTokenizerFast.from_pretrained(default_whisper_dir)
+    model = WhisperForConditionalGeneration.from_pretrained(whisper_tiny_en_dir).eval()
+    tokenizer = WhisperTokenizerFast.from_pretrained(whisper_tiny_en_dir)
     assert [tokenizer.convert_tokens_to_ids(t) for t in
             ("<|endoftext|>", "<|startoftranscript|>", "<|notimestamps|>")] == [50256, 50257, 50362]
     with torch.no_grad():
-        ids = model.generate(_features(default_whisper_dir, clip))
+        ids = model.generate(_features(whisper_tiny_en_dir, clip))
     hypothesis = tokenizer.decode(ids[0], skip_special_tokens=True)
     assert jiwer.wer(_words(transcript), _words(hypothesis)) < MAX_WER, hypothesis
 
 
 @pytest.mark.integration
-def test_converted_encoder_matches_ctranslate2(default_whisper_ct2_dir, default_whisper_dir, librivox_clip):
+def test_converted_encoder_matches_ctranslate2(whisper_tiny_en_ct2_dir, whisper_tiny_en_dir, librivox_clip):
     ctranslate2 = pytest.importorskip("ctranslate2", reason="pip install ctranslate2==4.8.5 to compare")
-    features = _features(default_whisper_dir, librivox_clip[0])
-    reference = ctranslate2.models.Whisper(str(default_whisper_ct2_dir), device="cpu", compute_type="float32")
+    features = _features(whisper_tiny_en_dir, librivox_clip[0])
+    reference = ctranslate2.models.Whisper(str(whisper_tiny_en_ct2_dir), device="cpu", compute_type="float32")
     want = np.array(reference.encode(ctranslate2.StorageView.from_array(features.numpy()), to_cpu=True))
-    model = WhisperForConditionalGeneration.from_pretrained(default_whisper_dir).eval()
+    model = WhisperForConditionalGeneration.from_pretrained(whisper_tiny_en_dir).eval()
     with torch.no_grad():
         got = model.model.encoder(features).last_hidden_state.numpy()
     assert np.abs(got - want).max() < MAX_ENCODER_DIFF_VS_CT2

@@ -11,7 +11,7 @@ import torch
 from blsp_chat.audio import load_audio
 from blsp_chat.generate import generate_reply, speech_turn
 from blsp_chat.prompt import Turn
-from blsp_chat.weights import DEFAULT_ADAPTER_DIR
+from blsp_chat.weights import DEFAULT_ADAPTER_DIR, DEFAULT_WHISPER, resolve_base
 from train import real_speech
 from train.metrics import EnglishNormalizer, corpus_wer, word_errors
 
@@ -73,7 +73,7 @@ def test_shipped_adapter_repeats_an_unseen_voice_and_sentence(default_blsp):
 
 def test_default_model_states_whether_its_adapter_is_trained(default_blsp):
     assert default_blsp.adapter_trained == (DEFAULT_ADAPTER_DIR / "config.json").is_file()
-    assert default_blsp.model.config.whisper_name_or_path == "offline:whisper-tiny.en"
+    assert default_blsp.model.config.whisper_name_or_path == DEFAULT_WHISPER
     assert default_blsp.model.num_trainable_parameters() > 0
 
 
@@ -120,6 +120,7 @@ def test_cli_download_reports_the_cached_models():
     lines = dict(line.split(": ", 1) for line in result.stdout.strip().splitlines())
     assert set(lines) == {"whisper", "llm"}
     assert all((Path(p) / "config.json").is_file() for p in lines.values())
+    assert lines["whisper"] == resolve_base(DEFAULT_WHISPER)  # the encoder the default model loads
 
 
 @needs_shipped_adapter

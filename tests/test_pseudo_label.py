@@ -206,9 +206,9 @@ def test_remembered_labels_spare_decoding_heard_audio_and_survive_a_torn_last_li
 
 
 @pytest.mark.integration
-def test_whisper_labels_a_real_recording_close_to_what_was_said(default_whisper_dir, librivox_clip, tmp_path):
+def test_whisper_labels_a_real_recording_close_to_what_was_said(whisper_tiny_en_dir, librivox_clip, tmp_path):
     path, truth = librivox_clip
-    transcribe = pseudo_label.WhisperTranscriber(str(default_whisper_dir))
+    transcribe = pseudo_label.WhisperTranscriber(str(whisper_tiny_en_dir))
     sources = {"librivox": lambda: iter([UnlabelledRecording("librivox", "0870", str(path), path.read_bytes)])}
     records = pseudo_label.build(tmp_path, sources, transcribe)
     assert len(records) == 1
@@ -217,15 +217,15 @@ def test_whisper_labels_a_real_recording_close_to_what_was_said(default_whisper_
 
 
 @pytest.mark.integration
-def test_a_length_cap_stops_decoding_at_the_rate_people_speak(default_whisper_dir, librivox_clip):
+def test_a_length_cap_stops_decoding_at_the_rate_people_speak(whisper_tiny_en_dir, librivox_clip):
     """Decoding stops at `max_tokens_per_second` of the clip: a hallucinated loop cannot run to 448 tokens, and a
     clip spoken at a normal rate is transcribed whole under the cap pseudo_label uses."""
     path, truth = librivox_clip
     audio = load_audio(path)
-    capped = pseudo_label.WhisperTranscriber(str(default_whisper_dir), max_tokens_per_second=0.5)([audio])[0]
+    capped = pseudo_label.WhisperTranscriber(str(whisper_tiny_en_dir), max_tokens_per_second=0.5)([audio])[0]
     seconds = len(audio) / SAMPLE_RATE
     assert len(capped.split()) <= math.ceil(seconds * 0.5) + 4 < len(truth.split())
-    roomy = pseudo_label.WhisperTranscriber(str(default_whisper_dir),
+    roomy = pseudo_label.WhisperTranscriber(str(whisper_tiny_en_dir),
                                             max_tokens_per_second=2 * pseudo_label.MAX_WORDS_PER_SECOND)([audio])[0]
     errors = word_errors(truth, pseudo_label.english_normalizer()[0](roomy))
     assert errors.errors / errors.reference_words < 0.15, roomy

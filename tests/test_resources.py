@@ -1,6 +1,7 @@
 """Where the shipped assets are found: package data of an installed blsp_chat, else the checkout's assets/
 (tests/test_wheel_install.py runs the installed case end to end); a missing stage-1 LoRA is named, not taken
 for a hub id."""
+import json
 import sys
 
 import pytest
@@ -34,3 +35,11 @@ def test_a_missing_stage1_lora_is_named_not_taken_for_a_hub_id(tmp_path, monkeyp
     monkeypatch.setattr(weights, "STAGE1_LORA_DIR", tmp_path / "stage1_lora")
     with pytest.raises(WeightsError, match="stage-1 LoRA is missing from .*stage1_lora"):
         weights.resolve_base(weights.DEFAULT_LLM)
+
+
+def test_the_shipped_adapter_names_the_base_models_download_fetches():
+    """`blsp-chat download` warms the cache for the default model: the encoder and LLM the shipped adapter was
+    trained on, or a first `python app.py` would fetch and convert another Whisper."""
+    config = json.loads((weights.DEFAULT_ADAPTER_DIR / "config.json").read_text())
+    assert config["whisper_name_or_path"] == weights.DEFAULT_WHISPER
+    assert config["llm_name_or_path"] == weights.DEFAULT_LLM

@@ -426,10 +426,10 @@ def test_serve_command_hands_its_voice_to_the_server(monkeypatch, loaded, flags,
 
 # --- heard back by Whisper -----------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def whisper(default_whisper_dir):
+def whisper(whisper_tiny_en_dir):
     from train.eval_run import WhisperTranscriber
 
-    return WhisperTranscriber(str(default_whisper_dir))
+    return WhisperTranscriber(str(whisper_tiny_en_dir))
 
 
 def heard_wer(whisper, samples: np.ndarray, text: str) -> tuple[float, str]:

@@ -264,10 +264,10 @@ REPLY = ("The capital of France is Paris. It is famous for the Eiffel Tower and 
 
 
 @pytest.fixture(scope="module")
-def whisper(default_whisper_dir):
+def whisper(whisper_tiny_en_dir):
     from train.eval_run import WhisperTranscriber
 
-    return WhisperTranscriber(str(default_whisper_dir))
+    return WhisperTranscriber(str(whisper_tiny_en_dir))
 
 
 def heard_wer(whisper, audio: np.ndarray, rate: int, text: str) -> tuple[float, str]:

@@ -58,7 +58,7 @@ import soundfile as sf
 
 from blsp_chat.audio import AudioError, load_audio
 from blsp_chat.constants import SAMPLE_RATE
-from blsp_chat.offline import cache_dir, default_whisper_dir
+from blsp_chat.offline import cache_dir, whisper_tiny_en_dir
 from blsp_chat.voice.vad import TURN_END, TurnOptions, detect_turns
 from blsp_chat.weights import resolve_base
 
@@ -369,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
     if not 1.0 <= args.max_segment_seconds <= 30.0:
         parser.error("--max-segment-seconds must be between 1 and 30 (Whisper hears 30 s at once)")
     # English words average well under two tokens: a transcript longer than this is refused for its rate anyway.
-    whisper = resolve_base(args.whisper) if args.whisper else str(default_whisper_dir())
+    whisper = resolve_base(args.whisper) if args.whisper else str(whisper_tiny_en_dir())
     transcriber = Path(whisper).name
     transcribe = WhisperTranscriber(whisper, device=args.device, max_tokens_per_second=2 * MAX_WORDS_PER_SECOND)
     if args.label_cache:
