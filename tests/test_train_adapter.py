@@ -152,7 +152,8 @@ def test_resume_after_a_kill_reproduces_the_loss_sequence(corpus, tmp_path):
 
 
 def test_a_checkpoint_exports_as_the_model_the_run_would_have_saved_at_that_step(corpus, tmp_path, monkeypatch, capsys):
-    config = train_config(corpus, tmp_path / "run", per_device_batch_size=3, num_epochs=2, save_every=2, keep_last=10)
+    config = train_config(corpus, tmp_path / "run", per_device_batch_size=3, num_epochs=2, save_every=2, keep_last=10,
+                          eval_every=2)
     config.loss = LossSection(ce_weight=0.0, ctc_weight=1.0)
     config.eval = EvalSection(repeat_wer_examples=0)
     config.model.speech_readout = "ctc"
@@ -175,6 +176,13 @@ def test_a_checkpoint_exports_as_the_model_the_run_would_have_saved_at_that_step
     assert export_adapter.main([str(run_dir), str(tmp_path / "early"), "--checkpoint", "step-2"]) == 0
     early = load_file(str(tmp_path / "early" / "model.safetensors"))
     assert not all(torch.equal(early[k].float(), final[k]) for k in final)
+    # An earlier checkpoint's record stops at its step: no later evaluation, no card or curve of the run's end.
+    run_steps = [json.loads(line)["step"] for line in (run_dir / "eval.jsonl").read_text().splitlines()]
+    early_steps = [json.loads(line)["step"] for line in (tmp_path / "early" / "eval.jsonl").read_text().splitlines()]
+    assert min(run_steps) <= 2 < max(run_steps) and early_steps == [step for step in run_steps if step <= 2]
+    assert not (tmp_path / "early" / "loss_curve.png").exists()
+    assert "- steps:" in (run_dir / "README.md").read_text()  # the run's card, of its last step, stays behind
+    assert "- steps:" not in (tmp_path / "early" / "README.md").read_text()
     assert export_adapter.main([str(run_dir), str(tmp_path / "none"), "--checkpoint", "99"]) == 2
     assert "keeps no checkpoint 'step-99'; kept: step-2, step-4" in capsys.readouterr().err
     # The search settings given apply to the run's own CTC readout (they were once dropped without a word).

@@ -5,9 +5,10 @@ record, into a folder such as assets/default_adapter (the folder `python app.py`
     python -m train.export_adapter runs/base_ctx_s0 eval_models/base_ctx_s0_step3000 --checkpoint step-3000
 
 `--checkpoint latest|step-N` takes a kept checkpoint of the run instead of its final adapter, also while the
-run is still going: how a curve's points are evaluated beyond the run's own held-out score.
+run is still going: how a curve's points are evaluated beyond the run's own held-out score. Its record stops
+at that step (eval.jsonl through step N; the card and loss curve the run writes when it ends stay behind).
 
-The weights are stored as --dtype (float16 halves them: 11.5 MB for the tiny default); loading casts them
+The weights are stored as --dtype (float16 halves them: 33.6 MB for the default, v6); loading casts them
 back to the dtype the model runs in. Checkpoints, optimizer state and logs of the run stay behind; a fine-tuned
 run's encoder weights and its LLM LoRA (peft's files) go along. The model card keeps the Hub front matter
 the run wrote, or gets one from the config (blsp_chat.model_card).
@@ -18,6 +19,7 @@ decodes it by beam search with the LLM fused in as a language model (blsp_chat.c
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import sys
 import tempfile
@@ -38,10 +40,13 @@ from blsp_chat.weights import (
     read_state_dict,
     save_adapter,
 )
+from train.loop import checkpoint_step
 from train.losses import ctc_blank_id
 from train.train_adapter import find_checkpoint, save_checkpoint_model
 
-RECORD_FILES = (model_card.CARD_NAME, "loss_curve.png", "train_config.json", "data_summary.json", "eval.jsonl")
+EVAL_RECORD = "eval.jsonl"
+RECORD_FILES = (model_card.CARD_NAME, "loss_curve.png", "train_config.json", "data_summary.json", EVAL_RECORD)
+RUN_END_FILES = (model_card.CARD_NAME, "loss_curve.png")  # written when the run ends: its last step's
 LORA_FILES = (LORA_CONFIG_NAME, LORA_WEIGHTS_NAME)  # a fine-tuned LLM's LoRA, applied on load (weights.llm_source)
 
 
@@ -51,16 +56,20 @@ def export(run_dir: Path, out: Path, dtype: torch.dtype, speech_readout: str | N
     `speech_readout` (with the CTC blank's text and `readout_settings`, BlspConfig's ctc_* fields) replaces
     the run's readout. `checkpoint` ("latest", "step-N"): that kept checkpoint's adapter instead of the final one."""
     if checkpoint:
+        kept = find_checkpoint(run_dir, checkpoint)
         with tempfile.TemporaryDirectory() as scratch:
-            save_checkpoint_model(run_dir, find_checkpoint(run_dir, checkpoint), Path(scratch))
-            return write_export(Path(scratch), run_dir, out, dtype, speech_readout, ctc_blank, **readout_settings)
+            save_checkpoint_model(run_dir, kept, Path(scratch))
+            return write_export(Path(scratch), run_dir, out, dtype, speech_readout, ctc_blank,
+                                through_step=checkpoint_step(kept), **readout_settings)
     return write_export(run_dir, run_dir, out, dtype, speech_readout, ctc_blank, **readout_settings)
 
 
 def write_export(model_dir: Path, run_dir: Path, out: Path, dtype: torch.dtype, speech_readout: str | None,
-                 ctc_blank: str, **readout_settings: Any) -> list[str]:
+                 ctc_blank: str, through_step: int | None = None, **readout_settings: Any) -> list[str]:
     """The model of model_dir written to out, with the record files of run_dir. Readout settings left None keep
-    the run's own; the rest apply to the new readout, or to the run's own when no new one is named."""
+    the run's own; the rest apply to the new readout, or to the run's own when no new one is named.
+    `through_step` (a kept checkpoint's step): the record stops there, so an earlier checkpoint does not carry
+    the evaluations of later steps, nor the card and loss curve written when the run ended."""
     loaded = load_blsp_dir(model_dir, torch.float32)
     settings = {name: value for name, value in readout_settings.items() if value is not None}
     if speech_readout:
@@ -75,15 +84,25 @@ def write_export(model_dir: Path, run_dir: Path, out: Path, dtype: torch.dtype, 
     save_adapter(loaded.model, out, dtype=dtype, with_encoder=fine_tuned_encoder)
     copied = []
     for name in RECORD_FILES + LORA_FILES:
-        if (run_dir / name).is_file():
+        if not (run_dir / name).is_file() or (through_step is not None and name in RUN_END_FILES):
+            continue
+        if through_step is not None and name == EVAL_RECORD:
+            write_records_through(run_dir / name, out / name, through_step)
+        else:
             shutil.copy2(run_dir / name, out / name)
-            copied.append(name)
+        copied.append(name)
     card = out / model_card.CARD_NAME
     if not card.is_file():
         default_model_card(loaded.model.config).save(card)
     elif not model_card.read_card_data(card.read_text()).to_dict():
         model_card.write_front_matter(card, default_model_card(loaded.model.config).data)
     return copied
+
+
+def write_records_through(source: Path, target: Path, step: int) -> None:
+    """The JSON lines of source whose "step" is at most `step`, in their order."""
+    lines = [line for line in source.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    target.write_text("".join(line + "\n" for line in lines))
 
 
 def set_fields(config, **changes: Any) -> None:

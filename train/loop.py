@@ -447,7 +447,12 @@ def checkpoint_dirs(output_dir: Path) -> list[Path]:
     if not root.is_dir():
         return []
     found = [p for p in root.iterdir() if p.name.startswith(CHECKPOINT_PREFIX) and (p / COMPLETE_MARKER).is_file()]
-    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
+    return sorted(found, key=checkpoint_step)
+
+
+def checkpoint_step(checkpoint_dir: Path) -> int:
+    """The optimizer step a checkpoint directory (step-N) was saved at."""
+    return int(checkpoint_dir.name[len(CHECKPOINT_PREFIX):])
 
 
 # --- the loop ----------------------------------------------------------------------------------------
