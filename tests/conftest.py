@@ -23,7 +23,7 @@ def whisper_tiny_en_ct2_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def whisper_tiny_en_dir() -> Path:
-    """Whisper tiny.en converted to a transformers directory, as the app loads it."""
+    """Whisper tiny.en converted to a transformers directory: the quick real Whisper that hears tests back."""
 
     return offline.whisper_tiny_en_dir()
 

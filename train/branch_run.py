@@ -21,7 +21,6 @@ import json
 import shutil
 from pathlib import Path
 
-from train.io import read_jsonl
 from train.loop import (
     CHECKPOINT_PREFIX,
     CHECKPOINTS_DIR,
@@ -31,6 +30,7 @@ from train.loop import (
     LOOP_STATE_NAME,
     METRICS_NAME,
     checkpoint_dirs,
+    copy_records_through,
 )
 
 BRANCH_RECORD_NAME = "branched_from.json"
@@ -56,8 +56,7 @@ def branch_run(source: Path, checkpoint: str, target: Path) -> Path:
     scratch.rename(copied)
     (copied / COMPLETE_MARKER).write_bytes((kept[name] / COMPLETE_MARKER).read_bytes())
     for record in (METRICS_NAME, EVAL_NAME):
-        rows = [row for row in read_jsonl(source / record) if row["step"] <= step]
-        (target / record).write_text("".join(json.dumps(row) + "\n" for row in rows))
+        copy_records_through(source / record, target / record, step)
     shutil.copy2(source / CONFIG_NAME, target / CONFIG_NAME)
     (target / BRANCH_RECORD_NAME).write_text(json.dumps({"source": str(source), "checkpoint": name, "step": step},
                                                         indent=2) + "\n")

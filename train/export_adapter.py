@@ -19,7 +19,6 @@ decodes it by beam search with the LLM fused in as a language model (blsp_chat.c
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 import tempfile
@@ -40,12 +39,11 @@ from blsp_chat.weights import (
     read_state_dict,
     save_adapter,
 )
-from train.loop import checkpoint_step
+from train.loop import EVAL_NAME, checkpoint_step, copy_records_through
 from train.losses import ctc_blank_id
 from train.train_adapter import find_checkpoint, save_checkpoint_model
 
-EVAL_RECORD = "eval.jsonl"
-RECORD_FILES = (model_card.CARD_NAME, "loss_curve.png", "train_config.json", "data_summary.json", EVAL_RECORD)
+RECORD_FILES = (model_card.CARD_NAME, "loss_curve.png", "train_config.json", "data_summary.json", EVAL_NAME)
 RUN_END_FILES = (model_card.CARD_NAME, "loss_curve.png")  # written when the run ends: its last step's
 LORA_FILES = (LORA_CONFIG_NAME, LORA_WEIGHTS_NAME)  # a fine-tuned LLM's LoRA, applied on load (weights.llm_source)
 
@@ -86,8 +84,8 @@ def write_export(model_dir: Path, run_dir: Path, out: Path, dtype: torch.dtype, 
     for name in RECORD_FILES + LORA_FILES:
         if not (run_dir / name).is_file() or (through_step is not None and name in RUN_END_FILES):
             continue
-        if through_step is not None and name == EVAL_RECORD:
-            write_records_through(run_dir / name, out / name, through_step)
+        if through_step is not None and name == EVAL_NAME:
+            copy_records_through(run_dir / name, out / name, through_step)
         else:
             shutil.copy2(run_dir / name, out / name)
         copied.append(name)
@@ -97,12 +95,6 @@ def write_export(model_dir: Path, run_dir: Path, out: Path, dtype: torch.dtype, 
     elif not model_card.read_card_data(card.read_text()).to_dict():
         model_card.write_front_matter(card, default_model_card(loaded.model.config).data)
     return copied
-
-
-def write_records_through(source: Path, target: Path, step: int) -> None:
-    """The JSON lines of source whose "step" is at most `step`, in their order."""
-    lines = [line for line in source.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-    target.write_text("".join(line + "\n" for line in lines))
 
 
 def set_fields(config, **changes: Any) -> None:

@@ -455,6 +455,12 @@ def checkpoint_step(checkpoint_dir: Path) -> int:
     return int(checkpoint_dir.name[len(CHECKPOINT_PREFIX):])
 
 
+def copy_records_through(source: Path, target: Path, step: int) -> None:
+    """A run's JSON-lines record (metrics, eval) as it stood at `step`: its rows of steps up to `step`, in order."""
+    rows = [row for row in read_jsonl(source) if row["step"] <= step]
+    target.write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+
 # --- the loop ----------------------------------------------------------------------------------------
 LossFn = Callable[[nn.Module, Any], "tuple[torch.Tensor, dict[str, float]]"]
 Callback = Callable[[LoopState, dict[str, Any]], None]
